@@ -1,0 +1,450 @@
+"""``ProjectedAccumulator``: layer-wise PROMA inside one backward pass per microbatch.
+
+Index conventions: b sequences of a microbatch, m microbatches, P flattened size of one parameter tensor.
+
+For every trainable parameter tensor (block) and microbatch m, with g_i the gradient of sequence i's total
+log-probability restricted to the block and w_i its loss weight::
+
+    pg_m = sum_i w_i g_i
+    G_m  = G_{m-1} - shrinkage * R_m + pg_m          (G_0 = 0, G lives in p.grad)
+
+``variant="proma"``: R_m is the component of G_{m-1} in span{g_i : i in m} (``solver="exact"``) or the
+published approximations (``"gram_schmidt"``, ``"ridge"``), capped by ``relative_bound``; see
+:mod:`proma.projection`. ``variant="none"``: R_m = 0 (it runs ``(weights * seq_logp).sum().backward()``).
+``variant="intra"``: every ``nn.Linear`` weight adds its microbatch gradient projected against the dominant
+subspaces of its own activations and output gradients (:func:`proma.projection.intra_project`); every other
+parameter adds pg_m.
+
+The g_i are never formed for the whole model. One backward pass of ``seq_logp.sum()`` delivers each hooked
+call's output gradients D (:mod:`proma.capture`); as soon as all uses of a parameter have arrived its
+:class:`~proma.layers.Block` gives the b x b Gram, the inner products with G and a single weighted update,
+and its captured factors are released. Parameter gradients are not computed by autograd at all.
+
+Shared parameters (tied embedding / output head) and modules called several times: the block's g_i sum
+every use, and its Gram holds every cross term. Intra variant: a Linear weight used several times stacks
+the tokens of all its uses (X rows and D rows together); a weight that also has a non-Linear use (a tied
+embedding) gets plain accumulation.
+
+Precision: the per-layer algebra runs in the parameter dtype (float32 for bf16/fp16 parameters), the b x b
+solves in float64. For 16-bit parameters the running gradient lives in a float32 buffer owned by the
+accumulator; after every ``backward`` each ``p.grad`` is set to that buffer rounded to the parameter dtype.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .capture import Capture, Use, hookable_modules
+from .layers import STRATEGIES, Block, OuterFactors, find_rule, work_dtype_for
+from .layers.block import DEFAULT_MAX_TRANSIENT
+from .projection import SOLVERS, intra_project, solve
+
+VARIANTS = ("proma", "none", "intra")
+INTRA_FORMS = ("two_sided", "kron")
+
+
+@dataclass
+class _Param:
+    """Bookkeeping of one trainable parameter (state owned by the accumulator, never set on the tensor)."""
+
+    name: str
+    param: nn.Parameter
+    owners: list                 # [(module name, attribute)] holding the parameter
+    rule: str                    # rule name(s), "excluded"
+    excluded: bool = False
+    pending: int = 0             # uses still expected in the running backward
+    contribs: list = field(default_factory=list)
+    intra_X: list = field(default_factory=list)
+    intra_D: list = field(default_factory=list)
+    intra_ok: bool = True        # every use is an nn.Linear weight use
+
+
+class ProjectedAccumulator:
+    """Accumulate microbatch policy gradients into ``p.grad`` with layer-wise PROMA.
+
+    Parameters
+    ----------
+    model : nn.Module
+        The model; dim 0 of its activations indexes sequences.
+    variant : {"proma", "none", "intra"}
+    solver : {"exact", "gram_schmidt", "ridge"}
+        Projection of ``variant="proma"`` (see :mod:`proma.projection`).
+    passes : int >= 1, Gram-Schmidt sweeps.  ridge : float > 0, ridge regulariser.
+    relative_bound : float >= 0 or None
+        Cap ``||R_m|| <= relative_bound * ||pg_m||`` per parameter tensor.
+    shrinkage : float, multiplier of the removed component.
+    intra_rank : int >= 0, intra_form : {"two_sided", "kron"}
+        Options of ``variant="intra"``.
+    strategy : {"auto", "materialize", "ghost"}
+        Route for the per-layer Gram (see :mod:`proma.layers.block`); "auto" picks per layer by cost.
+    exclude : iterable of str
+        Names (as in ``model.named_parameters()``) of trainable parameters that get plain accumulation.
+        A parameter without a layer rule must be listed here; without a rule its microbatch gradient costs
+        one extra backward pass restricted to the path to those parameters.
+    max_transient : int
+        Largest number of elements of a materialised per-sequence gradient chunk.
+
+    Examples
+    --------
+    >>> acc = ProjectedAccumulator(model, variant="proma", solver="exact")     # doctest: +SKIP
+    >>> acc.zero_grad()
+    >>> for batch, weights in microbatches:
+    ...     acc.backward(seq_logprobs(model, batch), weights)
+    >>> optimizer.step()
+    """
+
+    def __init__(self, model: nn.Module, variant: str = "proma", solver: str = "exact", passes: int = 2,
+                 ridge: float = 1e-2, relative_bound: float | None = None, shrinkage: float = 1.0,
+                 intra_rank: int = 1, intra_form: str = "two_sided", strategy: str = "auto",
+                 exclude=(), max_transient: int = DEFAULT_MAX_TRANSIENT):
+        if not isinstance(model, nn.Module):
+            raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
+        if variant not in VARIANTS:
+            raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
+        if solver not in SOLVERS:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        if intra_form not in INTRA_FORMS:
+            raise ValueError(f"intra_form must be one of {INTRA_FORMS}; got {intra_form!r}")
+        if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
+            raise ValueError(f"passes must be an int >= 1; got {passes!r}")
+        if isinstance(intra_rank, bool) or not isinstance(intra_rank, int) or intra_rank < 0:
+            raise ValueError(f"intra_rank must be an int >= 0; got {intra_rank!r}")
+        if not (math.isfinite(float(ridge)) and float(ridge) > 0):
+            raise ValueError(f"ridge must be a finite float > 0; got {ridge!r}")
+        if relative_bound is not None and not (math.isfinite(float(relative_bound)) and relative_bound >= 0):
+            raise ValueError(f"relative_bound must be None or a finite float >= 0; got {relative_bound!r}")
+        if not math.isfinite(float(shrinkage)):
+            raise ValueError(f"shrinkage must be a finite float; got {shrinkage!r}")
+        if isinstance(exclude, str):
+            exclude = (exclude,)
+        self.model = model
+        self.variant, self.solver, self.passes, self.ridge = variant, solver, passes, float(ridge)
+        self.relative_bound = None if relative_bound is None else float(relative_bound)
+        self.shrinkage, self.intra_rank, self.intra_form = float(shrinkage), intra_rank, intra_form
+        self.strategy, self.max_transient = strategy, int(max_transient)
+        self.exclude = frozenset(exclude)
+        self._params = self._inventory()
+        self._buffers: dict = {}          # fp32 running gradient of 16-bit parameters
+        self._written: dict = {}          # p.grad tensor we last wrote for a 16-bit parameter
+        self._stats: dict = {}
+        self._microbatches = 0
+        self._weights = None
+        self._error = None
+        self._capture = None
+        self._by_module: dict = {}
+        if variant != "none":
+            hooked = {mname: self._modules[mname] for p in self._params.values() if p.rule != "excluded"
+                      for mname, _ in p.owners}
+            self._capture = Capture(hooked, on_grad=self._on_grad)
+
+    # -- setup ---------------------------------------------------------------------------------------
+    def _inventory(self) -> dict:
+        """Trainable parameters, their owning modules and rules; raises for a parameter without a rule.
+
+        Modules are identified by their first qualified name (a module registered under several names is
+        hooked once); a parameter held by several modules (tied weights) lists every owner.
+        """
+        self._modules = {}
+        canonical = {}
+        for mname, module in self.model.named_modules():
+            canonical[id(module)] = mname
+            self._modules[mname] = module
+        owners: dict = {}
+        for module in self._modules.values():
+            for attr, p in module.named_parameters(recurse=False):
+                if p.requires_grad:
+                    owners.setdefault(id(p), []).append((canonical[id(module)], attr, module))
+        names, tensors = {}, {}
+        for n, p in self.model.named_parameters():
+            if p.requires_grad:
+                names[id(p)], tensors[id(p)] = n, p
+        unknown = self.exclude - set(names.values())
+        if unknown:
+            raise ValueError(f"exclude names no trainable parameter: {sorted(unknown)}")
+        params = {}
+        for pid, name in names.items():
+            own = sorted(set((m, a) for m, a, _ in owners[pid]))
+            rules, covered = set(), True
+            for mname, attr in own:
+                module = self._modules[mname]
+                rule = find_rule(module)
+                if rule is None or attr not in rule.param_names(module):
+                    covered = False
+                else:
+                    rules.add(rule.name)
+            excluded = name in self.exclude
+            if not covered and not excluded:
+                where = ", ".join(f"{m or '<model>'}.{a} ({type(self._modules[m]).__name__})" for m, a in own)
+                raise ValueError(
+                    f"trainable parameter {name!r} has no PROMA layer rule (used as {where}); register a "
+                    "rule (proma.layers.register) or pass it in exclude= for plain accumulation")
+            params[pid] = _Param(name=name, param=tensors[pid], owners=own,
+                                 rule="+".join(sorted(rules)) if covered else "excluded", excluded=excluded)
+        return params
+
+    # -- public API ----------------------------------------------------------------------------------
+    def zero_grad(self) -> None:
+        """Start a new accumulation: every trainable parameter's ``.grad`` is set to None."""
+        for p in self._params.values():
+            p.param.grad = None
+        self._buffers.clear()
+        self._written.clear()
+        self._microbatches = 0
+        if self._capture is not None:
+            self._capture.discard()
+
+    @contextlib.contextmanager
+    def paused(self):
+        """Forwards run inside this context are not captured (evaluation with gradients enabled)."""
+        if self._capture is None:
+            yield
+        else:
+            with self._capture.paused():
+                yield
+
+    def backward(self, seq_logp: torch.Tensor, weights) -> None:
+        """Accumulate one microbatch.
+
+        Parameters
+        ----------
+        seq_logp : (b,) tensor with grad: total log-probability of each sequence's scored tokens, from a
+            forward of the model run since the last ``backward``.
+        weights : (b,) per-sequence loss weights w_i (tensor, array or sequence): the microbatch's loss is
+            ``sum_i w_i * seq_logp_i``.
+        """
+        seq_logp, w = self._check_inputs(seq_logp, weights)
+        if self.variant == "none":
+            (w.to(seq_logp.dtype) * seq_logp).sum().backward()
+            self._stats = {p.name: {"rule": p.rule, "strategy": "plain", "mode": "plain"}
+                           for p in self._params.values()}
+            self._microbatches += 1
+            return
+        b = seq_logp.shape[0]
+        cap = self._capture
+        uses = list(cap.uses)
+        if not uses:
+            raise ValueError("backward: no hooked module call was captured since the last backward; run the "
+                             "model forward with gradients enabled (and not inside paused()) first")
+        for u in uses:
+            if u.b != b:
+                cap.discard()
+                raise ValueError(f"seq_logp has {b} sequences but module {u.name!r} was called with dim 0 = "
+                                 f"{u.b}; dim 0 of every activation must index the sequences")
+        self._weights = w.double()
+        self._stats = {}
+        self._error = None
+        by_module = {}
+        for p in self._params.values():
+            p.pending, p.contribs, p.intra_X, p.intra_D, p.intra_ok = 0, [], [], [], True
+            if p.rule == "excluded":
+                continue
+            for mname, attr in p.owners:
+                by_module.setdefault(mname, []).append((attr, p))
+        self._by_module = by_module
+        for u in uses:
+            for attr, p in by_module.get(u.name, ()):
+                p.pending += 1
+        plain_grads = self._excluded_grads(seq_logp, w)
+        try:
+            cap.backward(seq_logp)
+            if self._error is not None:
+                raise self._error
+            for p in self._params.values():
+                if p.contribs or p.intra_X:
+                    self._process(p)
+        finally:
+            for p in self._params.values():
+                p.contribs, p.intra_X, p.intra_D, p.pending = [], [], [], 0
+            self._by_module = {}
+        for p, g in plain_grads:
+            self._add_to_grad(p, g, mode="plain (no rule)")
+        self._microbatches += 1
+
+    def stats(self) -> dict:
+        """Diagnostics of the last microbatch.
+
+        Returns
+        -------
+        dict with
+            ``"params"``: {parameter name: {"rule", "strategy", "mode", "removed_norm", "incoming_norm",
+            "removed_ratio", "gram_rank", "uses"}} (norms as floats; ``removed_norm`` is ||R|| after the
+            cap, before shrinkage; ``incoming_norm`` is ||pg||; ``gram_rank`` is None when G was zero and no
+            Gram was needed), and
+            ``"summary"``: {"removed_norm", "incoming_norm", "removed_ratio" (over all projected
+            parameters, norms combined as the norm of the concatenation), "projected", "plain",
+            "excluded", "microbatches"}.
+        """
+        params = {}
+        for name, s in self._stats.items():
+            d = dict(s)
+            for k in ("removed_norm", "incoming_norm"):
+                if k in d and isinstance(d[k], torch.Tensor):
+                    d[k] = float(d[k])
+            if "removed_norm" in d:
+                d["removed_ratio"] = d["removed_norm"] / d["incoming_norm"] if d["incoming_norm"] > 0 else 0.0
+            params[name] = d
+        proj = [d for d in params.values() if d.get("mode") in ("proma", "intra")]
+        rem = math.sqrt(sum(d["removed_norm"] ** 2 for d in proj))
+        inc = math.sqrt(sum(d["incoming_norm"] ** 2 for d in proj))
+        summary = {
+            "removed_norm": rem, "incoming_norm": inc, "removed_ratio": rem / inc if inc > 0 else 0.0,
+            "projected": len(proj),
+            "plain": sum(1 for d in params.values() if d.get("mode", "").startswith("plain")),
+            "excluded": sum(1 for p in self._params.values() if p.excluded),
+            "microbatches": self._microbatches,
+        }
+        return {"params": params, "summary": summary}
+
+    def close(self) -> None:
+        """Remove every hook; the model is left as it was. Idempotent."""
+        if self._capture is not None:
+            self._capture.close()
+            self._capture = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+        return False
+
+    def __del__(self):
+        with contextlib.suppress(Exception):
+            self.close()
+
+    # -- internals -----------------------------------------------------------------------------------
+    def _check_inputs(self, seq_logp, weights):
+        if self.variant != "none" and self._capture is None:
+            raise ValueError("backward: the accumulator is closed")
+        if not isinstance(seq_logp, torch.Tensor):
+            raise ValueError(f"seq_logp must be a torch.Tensor of shape (b,); got {type(seq_logp).__name__}")
+        if seq_logp.dim() != 1:
+            raise ValueError(f"seq_logp must have shape (b,) (one value per sequence); got {tuple(seq_logp.shape)}")
+        if not seq_logp.requires_grad:
+            raise ValueError("seq_logp does not require grad; compute it from the model with gradients enabled")
+        w = torch.as_tensor(weights)
+        if w.dim() != 1 or w.shape[0] != seq_logp.shape[0]:
+            raise ValueError(f"weights must have shape ({seq_logp.shape[0]},) to match seq_logp; got {tuple(w.shape)}")
+        if not w.is_floating_point():
+            w = w.double()
+        w = w.detach().to(seq_logp.device)
+        if not bool(torch.isfinite(w).all()):
+            raise ValueError("weights contain NaN or inf")
+        if not bool(torch.isfinite(seq_logp.detach()).all()):
+            raise ValueError("seq_logp contains NaN or inf")
+        return seq_logp, w
+
+    def _excluded_grads(self, seq_logp, w):
+        """Weighted gradients of excluded parameters without a rule (one extra, restricted, backward)."""
+        todo = [p for p in self._params.values() if p.rule == "excluded"]
+        if not todo:
+            return []
+        grads = torch.autograd.grad(seq_logp, [p.param for p in todo], grad_outputs=w.to(seq_logp.dtype),
+                                    retain_graph=True, allow_unused=True)
+        return [(p, g) for p, g in zip(todo, grads) if g is not None]
+
+    def _on_grad(self, use: Use) -> None:
+        """Called inside the backward pass when a use's D arrives; processes completed parameters."""
+        if self._error is not None:
+            return
+        try:
+            entries = self._by_module.get(use.name, ())
+            names = tuple(attr for attr, _ in entries)
+            contribs = use.rule.contributions(use.module, use.saved, use.grad_output, names) if names else {}
+            for attr, p in entries:
+                c = contribs[attr]
+                p.contribs.append(c)
+                if self.variant == "intra":
+                    if isinstance(c, OuterFactors) and c.is_linear_weight:
+                        p.intra_X.append(c.B.reshape(-1, c.B.shape[-1]))
+                        p.intra_D.append(c.A.reshape(-1, c.A.shape[-1]))
+                    else:
+                        p.intra_ok = False
+                p.pending -= 1
+                if p.pending == 0:
+                    self._process(p)
+        except Exception as exc:  # re-raised after the backward pass, with the engine unwound
+            self._error = exc
+        finally:
+            use.saved = use.grad_output = None
+
+    def _running(self, p: _Param):
+        """The running gradient G of p (work dtype) or None when it is zero / unset."""
+        g = p.param.grad
+        if g is None:
+            self._buffers.pop(id(p.param), None)
+            return None
+        if p.param.dtype in (torch.float16, torch.bfloat16):
+            buf = self._buffers.get(id(p.param))
+            if buf is None or self._written.get(id(p.param)) is not g:
+                buf = g.float()  # p.grad was set outside the accumulator: take it as G
+                self._buffers[id(p.param)] = buf
+            return buf
+        return g
+
+    def _store(self, p: _Param, G: torch.Tensor) -> None:
+        if p.param.dtype in (torch.float16, torch.bfloat16):
+            self._buffers[id(p.param)] = G
+            p.param.grad = G.to(p.param.dtype)
+            self._written[id(p.param)] = p.param.grad
+        elif p.param.grad is not G:
+            p.param.grad = G
+
+    def _add_to_grad(self, p: _Param, g: torch.Tensor, *, mode: str) -> None:
+        G = self._running(p)
+        work = work_dtype_for(p.param.dtype)
+        G = g.to(work).clone() if G is None else G.add_(g.to(G.dtype))
+        self._store(p, G)
+        self._stats[p.name] = {"rule": p.rule, "strategy": "autograd", "mode": mode,
+                               "incoming_norm": g.double().norm(), "removed_norm": torch.zeros((), dtype=torch.float64),
+                               "gram_rank": None, "uses": 0}
+
+    def _process(self, p: _Param) -> None:
+        """All uses of p have arrived: apply this microbatch's update to its running gradient."""
+        contribs, p.contribs = p.contribs, []
+        if not contribs:
+            return
+        work = work_dtype_for(p.param.dtype)
+        block = Block(contribs, strategy=self.strategy, work_dtype=work, max_transient=self.max_transient)
+        w = self._weights.to(p.param.device)
+        G = self._running(p)
+        stat = {"rule": p.rule, "strategy": block.strategy, "gram_rank": None, "uses": len(contribs)}
+        try:
+            if p.excluded or self.variant == "intra":
+                if self.variant == "intra" and not p.excluded and p.intra_ok and p.intra_X:
+                    X, D = torch.cat(p.intra_X), torch.cat(p.intra_D)
+                    keep = (D != 0).any(dim=1)   # tokens without output gradient (padding) carry nothing
+                    pg = block.weighted_sum(w)
+                    new = intra_project(pg, X[keep].to(work), D[keep].to(work), rank=self.intra_rank,
+                                        form=self.intra_form)
+                    stat.update(mode="intra", strategy="factored", incoming_norm=pg.double().norm(),
+                                removed_norm=(pg - new).double().norm())
+                else:
+                    new = block.weighted_sum(w)
+                    why = "plain (excluded)" if p.excluded else "plain (intra projects nn.Linear weights only)"
+                    stat.update(mode=why, strategy="factored", incoming_norm=new.double().norm(),
+                                removed_norm=torch.zeros((), dtype=torch.float64))
+                G = new if G is None else G.add_(new)
+            elif G is None:
+                # G = 0 removes nothing: the update is pg alone and no Gram is needed
+                G = block.weighted_sum(w)
+                stat.update(mode="proma", incoming_norm=G.double().norm(),
+                            removed_norm=torch.zeros((), dtype=torch.float64))
+            else:
+                K, h = block.gram_and_inner(G)
+                sol = solve(K, h, w, solver=self.solver, passes=self.passes, ridge=self.ridge,
+                            relative_bound=self.relative_bound, P=block.P, work_dtype=work)
+                block.add_weighted_(G, w - self.shrinkage * sol.coef)
+                stat.update(mode="proma", incoming_norm=sol.incoming_norm, removed_norm=sol.removed_norm,
+                            gram_rank=sol.rank)
+            self._store(p, G)
+            self._stats[p.name] = stat
+        finally:
+            block.release()
+            p.intra_X, p.intra_D = [], []

@@ -1,0 +1,214 @@
+"""One parameter tensor (a block): its uses combined, and the three operations PROMA needs.
+
+Index conventions: b sequences, n tokens per sequence, o x i parameter (P = o * i elements).
+
+``g_i = sum_use g_i^use``. A :class:`Block` offers
+
+- :meth:`Block.gram`           the b x b Gram ``K_ij = <g_i, g_j>``,
+- :meth:`Block.inner`          the b inner products ``h_i = <g_i, G>`` with the running gradient G,
+- :meth:`Block.add_weighted_`  ``out += sum_i a_i g_i`` (with a = w this is the microbatch gradient pg; with
+                               a = w - shrinkage * c it applies ``G <- G - shrinkage R + pg`` in one pass),
+
+as separate steps so that a caller can reduce K and h across processes between them. Two strategies:
+
+``"materialize"``  form the b per-sequence gradients of this one parameter, (b, P), by rows in chunks of
+                   at most ``max_transient`` elements. K = g g^T (b^2 P), h = g G (b P); with one chunk the
+                   update is ``a^T g`` (b P), otherwise it goes through the factors (as plain backprop does).
+``"ghost"``        never form them: K from token Grams ``sum_{t in i, s in j} (A_t.A_s)(B_t.B_s)``
+                   ((b n)^2 (o + i)), h and the update through the factors (b n o i each).
+
+``"auto"`` compares the multiply-adds of the two routes (including the chunking penalty) and takes the
+cheaper; for blocks made only of vector contributions (norms, biases) and for embedding-only blocks
+(sparse rows: the per-sequence gradients are formed on the rows the microbatch touches) it materialises.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .base import Contribution, IdsFactors, OuterFactors, SeqGrads, token_gram, token_gram_flops
+
+STRATEGIES = ("auto", "materialize", "ghost")
+DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
+
+
+def work_dtype_for(dtype: torch.dtype) -> torch.dtype:
+    """Dtype the per-layer algebra runs in: the parameter's own, float32 for 16-bit parameters."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class Block:
+    """The uses of one parameter in a microbatch, with the chosen strategy.
+
+    Parameters
+    ----------
+    contribs : list of Contribution, all with the same ``b`` and the parameter's ``shape``.
+    strategy : {"auto", "materialize", "ghost"}
+    work_dtype : dtype of the per-layer algebra (Grams, inner products, updates).
+    max_transient : int, largest number of elements of a materialised chunk.
+    """
+
+    def __init__(self, contribs: list[Contribution], *, strategy: str = "auto", work_dtype: torch.dtype,
+                 max_transient: int = DEFAULT_MAX_TRANSIENT):
+        if not contribs:
+            raise ValueError("a block needs at least one contribution")
+        self.contribs = contribs
+        self.b = contribs[0].b
+        self.shape = torch.Size(contribs[0].shape)
+        for c in contribs:
+            if c.b != self.b or torch.Size(c.shape) != self.shape:
+                raise ValueError(f"uses of one parameter disagree: (b={c.b}, {tuple(c.shape)}) vs "
+                                 f"(b={self.b}, {tuple(self.shape)})")
+        self.P = math.prod(self.shape)
+        self.dtype = work_dtype
+        self.max_transient = max(1, int(max_transient))
+        self.factored = all(isinstance(c, (OuterFactors, IdsFactors)) for c in contribs) and len(self.shape) == 2
+        self.ids_only = all(isinstance(c, IdsFactors) for c in contribs)
+        self.strategy = self._choose(strategy)
+        self._g = None      # (b, P) per-sequence gradients when materialised in one chunk
+        self._rows = None   # compact rows of an embedding-only block
+        self._K = None
+        self._h = None
+
+    # -- cost model ----------------------------------------------------------------------------------
+    def _row_size(self) -> int:
+        return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
+
+    def _chunk_rows(self) -> int:
+        return max(1, self.max_transient // max(1, self.b * self._row_size()))
+
+    def costs(self) -> dict[str, float]:
+        """Multiply-adds of one Gram + inner product + update by each route (ghost: inf if not possible)."""
+        b, P = self.b, self.P
+        single = self._chunk_rows() >= self.shape[0]
+        factored = sum(c.factored_flops() for c in self.contribs)
+        mat = sum(c.materialize_flops() for c in self.contribs) + b * b * P + b * P
+        mat += b * P if single else factored
+        ghost = math.inf
+        if self.factored:
+            k = len(self.contribs)
+            ghost = sum(token_gram_flops(self.contribs[u], self.contribs[v]) for u in range(k) for v in range(u, k))
+            ghost += 2 * factored
+        return {"materialize": mat, "ghost": ghost}
+
+    def _choose(self, strategy: str) -> str:
+        if strategy not in STRATEGIES:
+            raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        if not self.factored:
+            return "materialize"  # vector contributions: per-sequence gradients are b x P, tiny
+        if self.ids_only and strategy == "auto":
+            return "materialize"
+        if strategy != "auto":
+            return strategy
+        cost = self.costs()
+        return "ghost" if cost["ghost"] < cost["materialize"] else "materialize"
+
+    # -- materialisation -----------------------------------------------------------------------------
+    def _materialize_chunks(self):
+        """Yield (r0, r1, g_chunk (b, (r1-r0) * row_size)) over the parameter's rows."""
+        rows = self.shape[0]
+        step = self._chunk_rows()
+        for r0 in range(0, rows, step):
+            r1 = min(rows, r0 + step)
+            g = None
+            for c in self.contribs:
+                part = c.materialize(r0, r1, self.dtype)
+                if g is None:
+                    # a contribution may hand out a view of its own data: never accumulate into it
+                    g = part.clone() if len(self.contribs) > 1 else part
+                else:
+                    g.add_(part)
+            yield r0, r1, g.reshape(self.b, -1)
+
+    def _materialize_compact(self) -> torch.Tensor:
+        """Embedding-only block: per-sequence gradients on the rows the microbatch touches, (b, rows_u * e)."""
+        ids = torch.cat([c.ids.reshape(-1) for c in self.contribs])
+        self._rows = torch.unique(ids)
+        u = self._rows.numel()
+        e = self.shape[1]
+        g = torch.zeros(self.b * u, e, dtype=self.dtype, device=ids.device)
+        for c in self.contribs:
+            pos = torch.searchsorted(self._rows, c.ids)
+            seq = torch.arange(self.b, device=ids.device)[:, None].expand_as(c.ids)
+            g.index_add_(0, (seq * u + pos).reshape(-1), c.B.reshape(-1, e).to(self.dtype))
+        return g.view(self.b, u * e)
+
+    # -- the three operations ------------------------------------------------------------------------
+    def gram_and_inner(self, G: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """K (b, b) and, when G is given, h (b,) in the work dtype, sharing one materialisation pass."""
+        Gw = None if G is None else G.to(self.dtype)
+        if self.strategy == "ghost":
+            return self.gram(), (None if Gw is None else self.inner(Gw))
+        if self.ids_only:
+            g = self._materialize_compact()
+            K = g @ g.T
+            h = None if Gw is None else g @ Gw[self._rows].reshape(-1)
+            self._K, self._h = K, h
+            return K, h
+        K = torch.zeros(self.b, self.b, dtype=self.dtype, device=self._device())
+        h = None if Gw is None else torch.zeros(self.b, dtype=self.dtype, device=K.device)
+        Gf = None if Gw is None else Gw.reshape(self.shape[0], -1)
+        single = self._chunk_rows() >= self.shape[0]
+        for r0, r1, g in self._materialize_chunks():
+            K.addmm_(g, g.T)
+            if h is not None:
+                h.addmv_(g, Gf[r0:r1].reshape(-1))
+            if single:
+                self._g = g
+        self._K, self._h = K, h
+        return K, h
+
+    def gram(self) -> torch.Tensor:
+        """The b x b Gram ``K_ij = <g_i, g_j>`` in the work dtype."""
+        if self._K is not None:
+            return self._K
+        if self.strategy == "ghost":
+            k = len(self.contribs)
+            K = None
+            for u in range(k):
+                for v in range(u, k):
+                    part = token_gram(self.contribs[u], self.contribs[v], self.dtype, max_elems=self.max_transient)
+                    part = part if u == v else part + part.T
+                    K = part if K is None else K + part
+            self._K = K
+            return K
+        return self.gram_and_inner(None)[0]
+
+    def inner(self, G: torch.Tensor) -> torch.Tensor:
+        """``h_i = <g_i, G>`` (b,) in the work dtype."""
+        Gw = G.to(self.dtype)
+        if self._g is not None:
+            return self._g @ Gw.reshape(-1)
+        if self._rows is not None:
+            g = self._materialize_compact()
+            return g @ Gw[self._rows].reshape(-1)
+        h = None
+        for c in self.contribs:
+            part = c.inner(Gw, self.dtype)
+            h = part if h is None else h + part
+        return h
+
+    def add_weighted_(self, out: torch.Tensor, a: torch.Tensor) -> None:
+        """``out += sum_i a_i g_i`` in place; ``out`` has the parameter's shape and the work dtype."""
+        a = a.to(device=out.device, dtype=out.dtype)
+        if self._g is not None:
+            out.view(-1).addmv_(self._g.T, a)
+            return
+        for c in self.contribs:
+            c.add_weighted_(out, a)
+
+    def weighted_sum(self, a: torch.Tensor) -> torch.Tensor:
+        """``sum_i a_i g_i`` as a new tensor of the parameter's shape (work dtype)."""
+        out = torch.zeros(self.shape, dtype=self.dtype, device=self._device())
+        self.add_weighted_(out, a)
+        return out
+
+    def release(self) -> None:
+        """Drop every reference to captured factors and materialised gradients."""
+        self.contribs = []
+        self._g = self._K = self._h = self._rows = None
+
+    def _device(self) -> torch.device:
+        c = self.contribs[0]
+        return (c.g if isinstance(c, SeqGrads) else c.B).device

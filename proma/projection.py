@@ -1,0 +1,270 @@
+"""Solvers on a Gram system: which combination of the sequence gradients to remove from G.
+
+Index conventions: b sequences of the microbatch, P flattened size of one parameter tensor (a block).
+
+Everything here works on b x b quantities only, in float64, so it is the same for every layer rule and
+strategy (and for a distributed caller that all-reduced them first):
+
+- ``K`` (b, b): the Gram ``K_ij = <g_i, g_j>`` of the per-sequence gradients restricted to the block;
+- ``h`` (b,):   inner products ``h_i = <g_i, G>`` with the running gradient G of the block;
+- ``w`` (b,):   the per-sequence loss weights, so ``pg = sum_i w_i g_i``.
+
+A solver returns coefficients ``c`` with ``R = sum_i c_i g_i`` (the removed component, before the cap
+and the shrinkage), which the layer rule turns into a tensor with a single weighted sum
+``G <- G + sum_i (w_i - shrinkage * scale * c_i) g_i``. The solvers match :mod:`reference.accumulate`:
+
+``"exact"``         R = orthogonal projection of G onto span{g_i}.
+``"gram_schmidt"``  n_i = g_i / ||g_i|| (zero rows skipped), ``passes`` sweeps of G <- G - <G, n_i> n_i;
+                    the sweeps run on coefficients: with R = sum_j a_j n_j, <G - R, n_i> = h'_i - (N a)_i,
+                    N the normalised Gram, h'_i = h_i / ||g_i||.
+``"ridge"``         normalised rows, a = (N + ridge I)^{-1} h', R = sum_i a_i n_i.
+
+Rank decisions (exact solver and the intra subspaces). The reference takes the SVD of the basis and
+keeps singular values above ``max(b, P) * eps64 * s_max``. Here only the Gram is known, and a Gram formed
+in a working dtype with machine epsilon ``eps_w`` carries rounding of order ``eps_w`` relative to its
+largest eigenvalue, so an eigenvalue of the (Jacobi-normalised) Gram counts as zero when it is at most
+``max((max(b, P) eps64)^2, GRAM_NOISE * b * eps_w) * lambda_max``. The two agree except for directions
+whose relative singular value lies between the two cutoffs (about 1e-13 and 1e-7 in float64): such
+nearly dependent sequence gradients are resolved by the reference and dropped here.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SOLVERS = ("exact", "gram_schmidt", "ridge")
+EPS64 = float(torch.finfo(torch.float64).eps)
+# Multiplier of b * eps_w in the eigenvalue cutoff: rounding in a Gram of b rows formed in the working
+# dtype stays below ~b * eps_w * lambda_max for the sizes we meet; 10x headroom.
+GRAM_NOISE = 10.0
+
+
+@dataclass
+class Solution:
+    """Coefficients of the removed component and diagnostics, all float64 tensors.
+
+    Attributes
+    ----------
+    coef : (b,) ``R = sum_i coef_i g_i`` after the relative-bound cap (before shrinkage).
+    removed_norm : () ``||R||`` after the cap.
+    incoming_norm : () ``||pg||``.
+    rank : int, numerical rank of the Gram (number of directions the exact solver used; for the
+        normalised solvers the number of non-zero sequence gradients).
+    """
+
+    coef: torch.Tensor
+    removed_norm: torch.Tensor
+    incoming_norm: torch.Tensor
+    rank: int
+
+
+def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
+    """Relative eigenvalue cutoff of a Gram of ``b`` gradients of size ``P`` formed in ``work_dtype``."""
+    ref = (max(b, P, 1) * EPS64) ** 2
+    noise = GRAM_NOISE * max(b, 1) * float(torch.finfo(work_dtype).eps)
+    return max(ref, noise)
+
+
+def _norms_and_keep(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row norms ||g_i|| = sqrt(K_ii) and the rows that count as non-zero.
+
+    A row is dropped when its norm is at most ``max(b, P) * eps64`` times the largest row norm, the
+    reference's singular-value cutoff (a lone row's singular value is its norm).
+    """
+    norms = K.diagonal().clamp_min(0.0).sqrt()
+    top = norms.max() if norms.numel() else norms.new_zeros(())
+    keep = norms > max(K.shape[0], P, 1) * EPS64 * top
+    return norms, keep & (norms > 0)
+
+
+def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+    """Coefficients c of the orthogonal projection of G onto span{g_i}: R = sum_i c_i g_i.
+
+    Parameters
+    ----------
+    K : (b, b) float64 Gram of the g_i.
+    h : (b,) float64, h_i = <g_i, G>.
+    P : int, block size (for the reference's cutoff).
+    work_dtype : dtype the Gram was formed in (for the rounding cutoff).
+
+    Returns
+    -------
+    c : (b,) float64, rank : int
+
+    Notes
+    -----
+    With n_i = g_i / ||g_i||, N = diag(1/||g||) K diag(1/||g||) = Q diag(lam) Q^T and lam > cutoff,
+    the projection is ``sum_ij n_i (N^+)_ij <n_j, G>``; c_i = (N^+ h')_i / ||g_i||. The Jacobi scaling makes
+    the rank decision independent of how long each g_i is, as the SVD of the basis is.
+    """
+    b = K.shape[0]
+    c = torch.zeros(b, dtype=torch.float64, device=K.device)
+    norms, keep = _norms_and_keep(K, P)
+    idx = keep.nonzero().flatten()
+    if idx.numel() == 0:
+        return c, 0
+    s = norms[idx]
+    N = K[idx][:, idx] / (s[:, None] * s[None, :])
+    lam, Q = torch.linalg.eigh(N)
+    use = lam > eigen_cutoff(b, P, work_dtype) * lam[-1]
+    Q, lam = Q[:, use], lam[use]
+    hn = h[idx] / s
+    a = Q @ ((Q.T @ hn) / lam)
+    c[idx] = a / s
+    return c, int(use.sum())
+
+
+def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, P: int) -> tuple[torch.Tensor, int]:
+    """Coefficients of the published Gram-Schmidt mode: ``passes`` sweeps over the unit-normalised g_i in order.
+
+    Parameters and returns as :func:`exact_coefficients` (``rank`` = number of non-zero g_i).
+    """
+    b = K.shape[0]
+    c = torch.zeros(b, dtype=torch.float64, device=K.device)
+    norms, keep = _norms_and_keep(K, P)
+    idx = keep.nonzero().flatten()
+    if idx.numel() == 0:
+        return c, 0
+    s = norms[idx]
+    N = (K[idx][:, idx] / (s[:, None] * s[None, :])).cpu()
+    hn = (h[idx] / s).cpu()
+    a = torch.zeros_like(hn)
+    # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
+    Nl, hl, al = N.tolist(), hn.tolist(), a.tolist()
+    k = len(hl)
+    for _ in range(passes):
+        for i in range(k):
+            row = Nl[i]
+            r = hl[i] - sum(row[j] * al[j] for j in range(k))
+            al[i] += r
+    a = torch.tensor(al, dtype=torch.float64, device=K.device)
+    c[idx] = a / s
+    return c, int(idx.numel())
+
+
+def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, *, ridge: float, P: int) -> tuple[torch.Tensor, int]:
+    """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i."""
+    b = K.shape[0]
+    c = torch.zeros(b, dtype=torch.float64, device=K.device)
+    norms, keep = _norms_and_keep(K, P)
+    idx = keep.nonzero().flatten()
+    if idx.numel() == 0:
+        return c, 0
+    s = norms[idx]
+    N = K[idx][:, idx] / (s[:, None] * s[None, :])
+    A = N + ridge * torch.eye(idx.numel(), dtype=torch.float64, device=K.device)
+    a = torch.linalg.solve(A, h[idx] / s)
+    c[idx] = a / s
+    return c, int(idx.numel())
+
+
+def quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``||sum_i v_i g_i|| = sqrt(v^T K v)`` (clamped at 0 against rounding)."""
+    return (v @ (K @ v)).clamp_min(0.0).sqrt()
+
+
+def solve(
+    K: torch.Tensor,
+    h: torch.Tensor,
+    w: torch.Tensor,
+    *,
+    solver: str,
+    passes: int = 2,
+    ridge: float = 1e-2,
+    relative_bound: float | None = None,
+    P: int,
+    work_dtype: torch.dtype = torch.float64,
+) -> Solution:
+    """Removed-component coefficients for one block, with the relative-bound cap.
+
+    Parameters
+    ----------
+    K : (b, b) Gram, h : (b,) inner products with G, w : (b,) weights; any float dtype (promoted to float64).
+    solver : {"exact", "gram_schmidt", "ridge"}
+    passes, ridge : solver options (see module docstring).
+    relative_bound : cap ``||R|| <= relative_bound * ||pg||`` (None: no cap).
+    P : block size.  work_dtype : dtype the Gram was formed in.
+
+    Returns
+    -------
+    Solution
+    """
+    K, h, w = K.double(), h.double(), w.double()
+    K = 0.5 * (K + K.T)
+    if solver == "exact":
+        c, rank = exact_coefficients(K, h, P=P, work_dtype=work_dtype)
+    elif solver == "gram_schmidt":
+        c, rank = gram_schmidt_coefficients(K, h, passes=passes, P=P)
+    elif solver == "ridge":
+        c, rank = ridge_coefficients(K, h, ridge=ridge, P=P)
+    else:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    removed = quad_norm(K, c)
+    incoming = quad_norm(K, w)
+    if relative_bound is not None:
+        cap = relative_bound * incoming
+        if removed > cap:
+            scale = cap / removed
+            c = c * scale
+            removed = removed * scale
+    return Solution(coef=c, removed_norm=removed, incoming_norm=incoming, rank=rank)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Intra-microbatch variant: dominant subspaces of the factors.
+# ---------------------------------------------------------------------------------------------------
+
+def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank.
+
+    Formed from the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t), computed in M's dtype
+    and decomposed in float64. A singular value counts as zero when ``s <= cut * s_max`` with
+    ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE * min(t, d) * eps_M))``: the reference's cutoff, raised to the
+    rounding level of a Gram in M's dtype (see the module docstring).
+    """
+    t, d = M.shape
+    if rank == 0 or t == 0 or d == 0:
+        return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
+    small = min(t, d)
+    cut = max(max(t, d) * EPS64, (GRAM_NOISE * small * float(torch.finfo(M.dtype).eps)) ** 0.5)
+    if d <= t:
+        lam, Q = torch.linalg.eigh((M.T @ M).double())
+        lam, Q = lam.flip(0), Q.flip(1)
+        if lam[0] <= 0:
+            return Q[:, :0]
+        r = min(rank, int((lam.clamp_min(0).sqrt() > cut * lam[0].sqrt()).sum()))
+        return Q[:, :r]
+    lam, W = torch.linalg.eigh((M @ M.T).double())
+    lam, W = lam.flip(0), W.flip(1)
+    if lam[0] <= 0:
+        return W.new_zeros(d, 0)
+    s = lam.clamp_min(0).sqrt()
+    r = min(rank, int((s > cut * s[0]).sum()))
+    V = M.double().T @ (W[:, :r] / s[:r])
+    # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2
+    V, _ = torch.linalg.qr(V)
+    return V
+
+
+def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank: int, form: str) -> torch.Tensor:
+    """Factored projection of one linear layer's microbatch gradient (as :func:`reference.intra_project`).
+
+    Parameters
+    ----------
+    grad : (o, i) microbatch weight gradient.
+    X : (t, i) activations, D : (t, o) output gradients of the tokens that carry gradient.
+    rank : number of dominant directions on each side; form : "two_sided" or "kron".
+
+    Returns
+    -------
+    (o, i) tensor in grad's dtype: ``(I - UU^T) grad (I - VV^T)`` or ``grad - UU^T grad VV^T``.
+    """
+    U = top_right_singular_vectors(D, rank).to(grad.dtype)
+    V = top_right_singular_vectors(X, rank).to(grad.dtype)
+    if form == "kron":
+        return grad - U @ ((U.T @ grad) @ V) @ V.T
+    if form != "two_sided":
+        raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
+    left = grad - U @ (U.T @ grad)
+    return left - (left @ V) @ V.T

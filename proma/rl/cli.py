@@ -1,0 +1,81 @@
+"""``proma`` command line: ``proma train [--preset smoke|small] [--<option> VALUE ...]``.
+
+Every ``TrainConfig`` field is an option (underscores become dashes: ``--prompts-per-step 16``; booleans take
+``--kl-metrics false``). The preset is applied first, then the options given. Bad options exit with status 2
+and a one-line message naming the option.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import typing
+from dataclasses import fields
+
+from .config import PRESETS, TrainConfig
+
+
+def _parse_bool(text: str) -> bool:
+    t = text.strip().lower()
+    if t in ("1", "true", "yes", "on"):
+        return True
+    if t in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
+
+
+def _optional(conv):
+    def parse(text: str):
+        return None if text.strip().lower() in ("none", "") else conv(text)
+
+    return parse
+
+
+def _field_parser(f):
+    hint = typing.get_type_hints(TrainConfig)[f.name]
+    args = typing.get_args(hint)
+    base = next((a for a in args if a is not type(None)), hint) if args else hint
+    conv = {bool: _parse_bool, int: int, float: float, str: str}[base]
+    return _optional(conv) if type(None) in args else conv
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="proma", description="PROMA RL harness on GSM8K")
+    sub = parser.add_subparsers(dest="command", required=True)
+    tr = sub.add_parser("train", help="train a policy with one method; writes <out>/metrics.jsonl",
+                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    tr.add_argument("--preset", choices=sorted(PRESETS), default="small", help="base configuration")
+    tr.add_argument("--smoke", action="store_true", help="shorthand for --preset smoke")
+    defaults = TrainConfig()
+    for f in fields(TrainConfig):
+        if f.name == "preset":
+            continue
+        tr.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_parser(f), default=None,
+                        metavar=f.name.upper(), help=f"(small preset: {getattr(defaults, f.name)!r})")
+    return parser
+
+
+def config_from_args(ns: argparse.Namespace) -> TrainConfig:
+    preset = "smoke" if ns.smoke else ns.preset
+    overrides = {f.name: getattr(ns, f.name) for f in fields(TrainConfig)
+                 if f.name != "preset" and getattr(ns, f.name) is not None}
+    return TrainConfig.from_preset(preset, **overrides)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    ns = parser.parse_args(argv)
+    if ns.command == "train":
+        from .train import train
+
+        try:
+            cfg = config_from_args(ns)
+            run_dir = train(cfg)
+        except ValueError as e:
+            parser.exit(2, f"proma train: error: {e}\n")
+        print(f"run directory: {run_dir}")
+        return 0
+    return 2  # pragma: no cover - argparse rejects unknown commands
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,202 @@
+"""``TrainConfig``: one frozen dataclass holds every option of a run; presets and CLI overrides build it.
+
+``TrainConfig()`` is the default ``small`` configuration; ``TrainConfig.from_preset("smoke", steps=3)`` starts
+from a preset and overrides fields. Invalid combinations raise ``ValueError`` naming the option.
+
+Units: a *step* is one rollout (``prompts_per_step`` prompts x ``group_size`` samples); it is split into
+``minibatches`` optimizer steps, each split into microbatches of ``microbatch_size`` sequences. ``metrics.jsonl``
+has one record per optimizer step.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field, fields
+
+from .data import TASKS
+from .losses import ADVANTAGES, AGGREGATIONS
+
+METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
+
+# How each method accumulates microbatch gradients: ProjectedAccumulator keyword arguments (None = plain
+# backward of a token-level loss). proma-paper = the published run's settings.
+METHOD_ACCUMULATOR = {
+    "reinforce": {"variant": "none"},
+    "grpo": None,
+    "proma": {"variant": "proma", "solver": "exact"},
+    "proma-paper": {"variant": "proma", "solver": "gram_schmidt", "passes": 2, "relative_bound": 0.5,
+                    "shrinkage": 1.0},
+    "intra": {"variant": "intra"},
+}
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    # run
+    preset: str = "small"
+    task: str = "gsm8k-calc"
+    method: str = "reinforce"
+    steps: int = 150                 # rollout steps (each = `minibatches` optimizer steps)
+    out: str = "runs/default"
+    seed: int = 0
+    device: str = "auto"             # auto | cpu | cuda | cuda:N
+    dtype: str = "float32"           # float32 | float64 | bfloat16
+    num_threads: int = 0             # torch.set_num_threads when > 0
+    progress: bool = True            # tqdm bars
+    # data
+    data_dir: str | None = None      # default: data/gsm8k in the repo, or $PROMA_GSM8K_DIR
+    cache_dir: str | None = None     # tokenizer + warm-start cache; default <out>/cache; share it across runs
+    # policy
+    model: str | None = None         # local HF checkpoint dir; None = the small Qwen3 below
+    vocab_size: int = 512
+    hidden_size: int = 192
+    intermediate_size: int = 512
+    num_layers: int = 4
+    num_heads: int = 4
+    num_kv_heads: int = 2
+    max_positions: int = 1024
+    # supervised warm-start (skipped with --model or warmstart_steps=0)
+    warmstart_steps: int = 1200
+    warmstart_batch: int = 64
+    warmstart_lr: float = 2e-3
+    # rollout
+    prompts_per_step: int = 16
+    group_size: int = 8
+    max_new_tokens: int = 0          # 0 = task default (10 for gsm8k-calc, 256 for gsm8k)
+    temperature: float = 1.0
+    format_reward: float = 0.0       # gsm8k: reward for a parsable but wrong "#### N"
+    # optimisation
+    lr: float = 1e-4
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    weight_decay: float = 0.0
+    grad_clip: float = 0.0           # 0 = no clipping (grad_norm is logged either way)
+    warmup_steps: int = 0            # linear lr warm-up in optimizer steps; constant afterwards
+    minibatches: int = 2             # optimizer steps per rollout (>= 2 so GRPO clipping acts)
+    microbatch_size: int = 16
+    shuffle: bool = True             # shuffle sequences before splitting into minibatches
+    aggregation: str = "token-mean"
+    advantage: str = "grpo"          # grpo (mean/std) | drgrpo (mean only)
+    adv_eps: float = 1e-6
+    clip_eps: float = 0.2
+    # projection methods
+    intra_rank: int = 1
+    intra_form: str = "two_sided"
+    strategy: str = "auto"
+    # evaluation, checkpoints, diagnostics
+    eval_every: int = 25             # rollout steps between greedy evaluations (also at start and end)
+    eval_size: int = 256             # fixed test subset
+    ckpt_every: int = 25
+    kl_metrics: bool = True          # exact local KL / KL to rollout policy / entropy
+    second_order: bool = True        # 0.5 mean_i (g_i . dtheta)^2 (one forward-mode pass per microbatch)
+    save_microbatch: bool = False    # save step 0's first microbatch to <out>/microbatch.pt
+
+    # ----------------------------------------------------------------------------------------------------
+    def __post_init__(self):
+        def bad(name, msg):
+            raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
+
+        if self.preset not in PRESETS:
+            bad("preset", f"unknown preset (choose from {', '.join(PRESETS)})")
+        if self.method not in METHODS:
+            bad("method", f"unknown method (choose from {', '.join(METHODS)})")
+        if self.task not in TASKS:
+            bad("task", f"unknown task (choose from {', '.join(TASKS)})")
+        if self.aggregation not in AGGREGATIONS:
+            bad("aggregation", f"choose from {', '.join(AGGREGATIONS)}")
+        if self.advantage not in ADVANTAGES:
+            bad("advantage", f"choose from {', '.join(ADVANTAGES)}")
+        if self.dtype not in ("float32", "float64", "bfloat16"):
+            bad("dtype", "choose from float32, float64, bfloat16")
+        if self.intra_form not in ("two_sided", "kron"):
+            bad("intra_form", "choose from two_sided, kron")
+        if self.strategy not in ("auto", "materialize", "ghost"):
+            bad("strategy", "choose from auto, materialize, ghost")
+        for name in ("steps", "eval_every", "ckpt_every", "eval_size", "warmstart_batch", "intra_rank",
+                     "prompts_per_step", "minibatches", "microbatch_size"):
+            if getattr(self, name) < 1:
+                bad(name, "must be >= 1")
+        for name in ("warmstart_steps", "max_new_tokens", "warmup_steps", "num_threads"):
+            if getattr(self, name) < 0:
+                bad(name, "must be >= 0")
+        if self.group_size < 2:
+            bad("group_size", "must be >= 2 (group-relative advantages)")
+        if not self.lr > 0:
+            bad("lr", "must be > 0")
+        if not self.temperature > 0:
+            bad("temperature", "must be > 0")
+        if not 0 < self.clip_eps < 1:
+            bad("clip_eps", "must be in (0, 1)")
+        if self.vocab_size < 258:
+            bad("vocab_size", "must be >= 258 (2 special tokens + 256 bytes)")
+        n = self.rollout_size
+        if n % self.minibatches:
+            bad("minibatches", f"does not divide the rollout batch prompts_per_step * group_size = {n}")
+        if self.minibatch_size % self.microbatch_size:
+            bad("microbatch_size", f"does not divide the minibatch size {self.minibatch_size} "
+                                   f"(= prompts_per_step * group_size / minibatches)")
+
+    @property
+    def rollout_size(self) -> int:
+        return self.prompts_per_step * self.group_size
+
+    @property
+    def minibatch_size(self) -> int:
+        return self.rollout_size // self.minibatches
+
+    @property
+    def new_tokens(self) -> int:
+        if self.max_new_tokens:
+            return self.max_new_tokens
+        return 10 if self.task == "gsm8k-calc" else 256
+
+    @property
+    def accumulator_kwargs(self) -> dict | None:
+        """``ProjectedAccumulator`` keyword arguments of this method (None for grpo)."""
+        kw = METHOD_ACCUMULATOR[self.method]
+        if kw is None:
+            return None
+        kw = dict(kw, strategy=self.strategy)
+        if self.method == "intra":
+            kw.update(intra_rank=self.intra_rank, intra_form=self.intra_form)
+        return kw
+
+    # ----------------------------------------------------------------------------------------------------
+    @classmethod
+    def from_preset(cls, name: str = "small", **overrides) -> "TrainConfig":
+        if name not in PRESETS:
+            raise ValueError(f"preset={name!r}: unknown preset (choose from {', '.join(PRESETS)})")
+        unknown = set(overrides) - {f.name for f in fields(cls)}
+        if unknown:
+            raise ValueError(f"unknown option(s): {', '.join(sorted(unknown))}")
+        return cls(**{**PRESETS[name], "preset": name, **overrides})
+
+    def replace(self, **changes) -> "TrainConfig":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+
+# Fields that may differ between a run and its resumption (they do not change what is computed).
+RESUMABLE_CHANGES = frozenset({"steps", "progress", "num_threads", "cache_dir", "out", "device", "save_microbatch"})
+
+PRESETS: dict[str, dict] = {
+    # the default: ~1.7M-parameter Qwen3, minutes on 2 CPU cores
+    "small": {},
+    # CI: a tiny model and a few tiny steps, seconds
+    "smoke": dict(
+        steps=2, vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
+        num_kv_heads=1, max_positions=64, warmstart_steps=4, warmstart_batch=8, prompts_per_step=4,
+        group_size=4, minibatches=2, microbatch_size=4, max_new_tokens=5, eval_every=2, eval_size=8,
+        ckpt_every=1, lr=1e-3, progress=False,
+    ),
+}

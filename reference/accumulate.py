@@ -1,0 +1,270 @@
+"""PROMA accumulation over microbatches: exact and the published approximations.
+
+Index conventions: b_m sequences in microbatch m, n flattened parameter size (P).
+
+With ``pg_m = weights_m @ seq_grads_m`` (the microbatch's policy gradient, g_i the gradient of sequence
+i's total log-probability and w_i its loss weight), per block B (one parameter tensor)::
+
+    G_0 = 0
+    G_m[B] = G_{m-1}[B] - shrinkage * R_m[B] + pg_m[B]
+
+where ``R_m[B]`` is the component of ``G_{m-1}[B]`` that the solver removes against
+``{g_i[B] : i in microbatch m}``; with ``relative_bound`` it is scaled down so that
+``||R_m[B]|| <= relative_bound * ||pg_m[B]||`` (so ``pg_m[B] = 0`` removes nothing).
+
+Solvers
+-------
+``"none"``          R = 0 (plain accumulation).
+``"exact"``         R = orthogonal projection of G onto span{g_i[B]} (:func:`reference.project_out`).
+``"gram_schmidt"``  the published quick mode: n_i = g_i[B] / ||g_i[B]||, then ``passes`` sweeps of
+                    ``G <- G - <G, n_i> n_i`` over i in order; R = G_before - G_after.
+``"ridge"``         the published regularised mode: N rows n_i, K = N N^T,
+                    c = (K + ridge I)^{-1} N G, R = c^T N.
+
+Zero rows: the normalised solvers skip sequences with ``g_i[B] = 0`` exactly (they carry no direction).
+This is the same as treating their n_i as the zero vector: a zero n_i does nothing in a Gram-Schmidt
+sweep, and in the ridge system it gets c_i = 0 without changing the other coefficients. Implementations
+that normalise with ``g / max(||g||, tiny)`` therefore agree with the reference.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.linalg
+
+from ._validate import as_array, as_int, as_real
+from .blocks import normalize_blocks
+from .projection import project_out
+
+SOLVERS = ("none", "exact", "gram_schmidt", "ridge")
+
+
+@dataclass(frozen=True)
+class AccumulationStep:
+    """One microbatch of PROMA accumulation; every field has shape (n,).
+
+    Attributes
+    ----------
+    before : running gradient G_{m-1} entering the microbatch.
+    pg : microbatch policy gradient pg_m = weights @ seq_grads.
+    removed : R_m, the component removed by the solver, after the relative-bound cap and before shrinkage.
+    after : G_m = before - shrinkage * removed + pg.
+    """
+
+    before: np.ndarray
+    pg: np.ndarray
+    removed: np.ndarray
+    after: np.ndarray
+
+
+def _check_options(solver, passes, ridge, relative_bound, shrinkage, rcond):
+    if solver not in SOLVERS:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    passes = as_int(passes, "passes", minimum=1)
+    ridge = as_real(ridge, "ridge", minimum=0.0, strict=True)
+    if relative_bound is not None:
+        relative_bound = as_real(relative_bound, "relative_bound", minimum=0.0)
+    shrinkage = as_real(shrinkage, "shrinkage")
+    if rcond is not None:
+        rcond = as_real(rcond, "rcond", minimum=0.0)
+    return solver, passes, ridge, relative_bound, shrinkage, rcond
+
+
+def _check_microbatch(seq_grads, weights, n, where: str):
+    seq_grads = as_array(seq_grads, f"seq_grads of {where}", ndim=2)
+    weights = as_array(weights, f"weights of {where}", ndim=1)
+    if n is not None and seq_grads.shape[1] != n:
+        raise ValueError(f"seq_grads of {where} must have shape (b, {n}); got {seq_grads.shape}")
+    if weights.shape[0] != seq_grads.shape[0]:
+        raise ValueError(
+            f"weights of {where} must have shape ({seq_grads.shape[0]},) to match seq_grads "
+            f"{seq_grads.shape}; got {weights.shape}"
+        )
+    return seq_grads, weights
+
+
+def _norm(x: np.ndarray) -> float:
+    """Euclidean norm without underflow (numpy's 1-D norm squares first, so 1e-200 would give 0)."""
+    peak = float(np.abs(x).max(initial=0.0))
+    return peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
+
+
+def _unit_rows(g: np.ndarray) -> np.ndarray:
+    """Non-zero rows of g scaled to unit norm (divided by their max first, so tiny rows do not underflow)."""
+    peak = np.abs(g).max(axis=1) if g.size else np.zeros(g.shape[0])
+    keep = peak > 0.0
+    rows = g[keep] / peak[keep, None]
+    return rows / np.linalg.norm(rows, axis=1)[:, None]
+
+
+def removed_component(G, seq_grads, *, solver="exact", passes=2, ridge=1e-2, rcond=None) -> np.ndarray:
+    """The part R of ``G`` (shape (n,)) that ``solver`` removes against the rows of ``seq_grads`` (b, n).
+
+    One block, no cap, no shrinkage; see the module docstring for the solvers.
+    """
+    if solver == "none" or seq_grads.shape[0] == 0:
+        return np.zeros_like(G)
+    if solver == "exact":
+        return G - project_out(G, seq_grads, rcond=rcond)
+    units = _unit_rows(seq_grads)
+    if units.shape[0] == 0:
+        return np.zeros_like(G)
+    if solver == "gram_schmidt":
+        out = G.copy()
+        for _ in range(passes):
+            for u in units:
+                out -= (out @ u) * u
+        return G - out
+    # ridge: K + ridge I is symmetric positive definite for ridge > 0
+    gram = units @ units.T
+    coef = scipy.linalg.solve(gram + ridge * np.eye(units.shape[0]), units @ G, assume_a="pos")
+    return coef @ units
+
+
+def accumulate_step(
+    G,
+    seq_grads,
+    weights,
+    *,
+    blocks=None,
+    solver="exact",
+    passes=2,
+    ridge=1e-2,
+    relative_bound=None,
+    shrinkage=1.0,
+    rcond=None,
+) -> AccumulationStep:
+    """One PROMA update ``G_m = G_{m-1} - shrinkage * R_m + pg_m``, block by block.
+
+    Parameters
+    ----------
+    G : array_like, shape (n,)
+        Running gradient G_{m-1} before this microbatch.
+    seq_grads : array_like, shape (b_m, n)
+        Per-sequence gradients g_i of the microbatch (flattened over all parameters).
+    weights : array_like, shape (b_m,)
+        Per-sequence loss weights w_i.
+    blocks, solver, passes, ridge, relative_bound, shrinkage, rcond
+        As in :func:`accumulate`.
+
+    Returns
+    -------
+    AccumulationStep
+    """
+    solver, passes, ridge, relative_bound, shrinkage, rcond = _check_options(
+        solver, passes, ridge, relative_bound, shrinkage, rcond
+    )
+    G = as_array(G, "G", ndim=1)
+    seq_grads, weights = _check_microbatch(seq_grads, weights, G.shape[0], "the microbatch")
+    return _step(G, seq_grads, weights, normalize_blocks(blocks, G.shape[0]),
+                 solver, passes, ridge, relative_bound, shrinkage, rcond)
+
+
+def _step(G, seq_grads, weights, blocks, solver, passes, ridge, relative_bound, shrinkage, rcond):
+    pg = weights @ seq_grads
+    removed = np.zeros_like(G)
+    for blk in blocks:
+        r = removed_component(G[blk], seq_grads[:, blk], solver=solver, passes=passes, ridge=ridge, rcond=rcond)
+        if relative_bound is not None:
+            cap = relative_bound * _norm(pg[blk])
+            norm = _norm(r)
+            if norm > cap:
+                r = r * (cap / norm) if cap > 0 else np.zeros_like(r)
+        removed[blk] = r
+    return AccumulationStep(before=G.copy(), pg=pg, removed=removed, after=G - shrinkage * removed + pg)
+
+
+def accumulate_history(
+    microbatches,
+    *,
+    blocks=None,
+    solver="exact",
+    passes=2,
+    ridge=1e-2,
+    relative_bound=None,
+    shrinkage=1.0,
+    rcond=None,
+) -> list[AccumulationStep]:
+    """PROMA accumulation, returning one :class:`AccumulationStep` per microbatch (G_0 = 0).
+
+    ``steps[m].before`` is the running gradient entering microbatch m and ``steps[m].after`` the one
+    leaving it (what oracle case files store); ``steps[-1].after`` is :func:`accumulate`'s result.
+    Arguments as in :func:`accumulate`.
+    """
+    solver, passes, ridge, relative_bound, shrinkage, rcond = _check_options(
+        solver, passes, ridge, relative_bound, shrinkage, rcond
+    )
+    if isinstance(microbatches, (str, bytes)) or not hasattr(microbatches, "__iter__"):
+        raise ValueError("microbatches must be a sequence of (seq_grads, weights) pairs")
+    checked, n = [], None
+    for m, pair in enumerate(microbatches):
+        try:
+            seq_grads, weights = pair
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"microbatches[{m}] must be a (seq_grads, weights) pair") from exc
+        seq_grads, weights = _check_microbatch(seq_grads, weights, n, f"microbatches[{m}]")
+        n = seq_grads.shape[1]
+        checked.append((seq_grads, weights))
+    if not checked:
+        raise ValueError("microbatches must hold at least one (seq_grads, weights) pair")
+    parts = normalize_blocks(blocks, n)
+    G = np.zeros(n)
+    steps = []
+    for seq_grads, weights in checked:
+        step = _step(G, seq_grads, weights, parts, solver, passes, ridge, relative_bound, shrinkage, rcond)
+        steps.append(step)
+        G = step.after
+    return steps
+
+
+def accumulate(
+    microbatches,
+    *,
+    blocks=None,
+    solver="exact",
+    passes=2,
+    ridge=1e-2,
+    relative_bound=None,
+    shrinkage=1.0,
+    rcond=None,
+) -> np.ndarray:
+    """PROMA accumulation of microbatch policy gradients; returns the final G, shape (n,).
+
+    Parameters
+    ----------
+    microbatches : sequence of (seq_grads, weights)
+        ``seq_grads`` shape (b_m, n): gradients g_i of each sequence's total log-probability, flattened
+        over all parameters (same n for every microbatch; b_m may differ, and may be 0). ``weights``
+        shape (b_m,): per-sequence loss weights w_i, so ``pg_m = weights @ seq_grads``.
+    blocks : None or sequence of slices or sizes, optional
+        Partition of ``range(n)``, one block per parameter tensor (layer-wise PROMA); ``None`` is one
+        block, the exact global projection.
+    solver : {"exact", "none", "gram_schmidt", "ridge"}
+    passes : int >= 1
+        Sweeps of the Gram-Schmidt solver.
+    ridge : float > 0
+        Regulariser of the ridge solver.
+    relative_bound : float >= 0, optional
+        Cap ``||R_m[B]|| <= relative_bound * ||pg_m[B]||`` per block.
+    shrinkage : float
+        Multiplier of the removed component.
+    rcond : float, optional
+        Singular-value cutoff of the exact solver (see :func:`reference.project_out`).
+
+    Returns
+    -------
+    ndarray, shape (n,)
+        G_M after the last microbatch.
+
+    Raises
+    ------
+    ValueError
+        Empty ``microbatches``, mismatched shapes, NaN/inf, ``blocks`` not partitioning n, unknown
+        ``solver``, ``passes < 1``, ``ridge <= 0``, negative ``relative_bound``.
+    """
+    steps = accumulate_history(
+        microbatches, blocks=blocks, solver=solver, passes=passes, ridge=ridge,
+        relative_bound=relative_bound, shrinkage=shrinkage, rcond=rcond,
+    )
+    return steps[-1].after

@@ -1,0 +1,108 @@
+"""The intra-microbatch variant: a factored projection of one linear layer's microbatch gradient.
+
+Index conventions: t tokens of the microbatch, i in-features, o out-features.
+
+This is *our reading* of the paper's description of its intra-microbatch variant ("a factored projection
+using dominant subspaces of activations and gradient outputs, applied independently within each
+microbatch"). For a linear layer with activations ``X`` (t, i), output gradients ``D`` (t, o) and
+microbatch weight gradient ``grad = D^T X`` (o, i) (or any (o, i) matrix):
+
+- ``U`` (o, r_U): the top-``rank`` left singular vectors of ``D^T`` (the dominant out-space directions);
+- ``V`` (i, r_V): the top-``rank`` right singular vectors of ``X`` (the dominant in-space directions);
+- ``"two_sided"``: ``(I - U U^T) grad (I - V V^T)``, which removes every rank-one direction that touches
+  U on the left or V on the right;
+- ``"kron"``: ``grad - U U^T grad V V^T``, which removes only the (U x V) block, i.e. projects the
+  vectorised gradient against span{u_a (x) v_b} (the Kronecker-factored subspace).
+
+The projected gradient is then added to the running gradient with no cross-microbatch projection.
+Only singular vectors whose singular value exceeds ``rcond * s_max`` (default ``max(t, dim) * eps``) are
+used, so r_U = min(rank, numerical rank of D) and likewise for V; a zero D or X removes nothing. When the
+rank-th and (rank+1)-th singular values tie the top-rank subspace is not unique (the SVD picks one).
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from ._validate import as_array, as_int, as_real
+from .projection import default_rcond
+
+FORMS = ("two_sided", "kron")
+
+
+def _top_right_singular(A: np.ndarray, rank: int, rcond) -> np.ndarray:
+    """Top-``rank`` right singular vectors of A (t, d) above the cutoff, as columns (d, r)."""
+    t, d = A.shape
+    if rank == 0 or t == 0 or d == 0:
+        return np.zeros((d, 0))
+    _, s, vt = np.linalg.svd(A, full_matrices=False)
+    cut = (default_rcond(t, d) if rcond is None else rcond) * s[0]
+    r = min(rank, int(np.count_nonzero(s > cut)) if s[0] > 0 else 0)
+    return vt[:r].T
+
+
+def _flatten_tokens(X, D):
+    X = as_array(X, "X")
+    D = as_array(D, "D")
+    if X.ndim < 2 or D.ndim < 2:
+        raise ValueError(f"X and D must be at least 2-D (tokens..., features); got X {X.shape}, D {D.shape}")
+    if X.shape[:-1] != D.shape[:-1]:
+        raise ValueError(f"X {X.shape} and D {D.shape} must share their leading (token) dimensions")
+    return X.reshape(-1, X.shape[-1]), D.reshape(-1, D.shape[-1])
+
+
+def intra_subspaces(X, D, *, rank, rcond=None):
+    """Dominant subspaces ``(U, V)`` of the output gradients and the activations.
+
+    Parameters
+    ----------
+    X : array_like, shape (t, i) or (..., i)
+        Activations (leading dimensions are flattened into tokens).
+    D : array_like, shape (t, o) or (..., o)
+        Output gradients, same leading dimensions as X.
+    rank : int >= 0
+    rcond : float, optional
+        Relative singular-value cutoff.
+
+    Returns
+    -------
+    U : ndarray, shape (o, r_U), orthonormal columns
+    V : ndarray, shape (i, r_V), orthonormal columns
+    """
+    X, D = _flatten_tokens(X, D)
+    rank = as_int(rank, "rank", minimum=0)
+    if rcond is not None:
+        rcond = as_real(rcond, "rcond", minimum=0.0)
+    # left singular vectors of D^T == right singular vectors of D
+    return _top_right_singular(D, rank, rcond), _top_right_singular(X, rank, rcond)
+
+
+def intra_project(grad, X, D, *, rank, form="two_sided", rcond=None) -> np.ndarray:
+    """Project one linear layer's microbatch gradient against dominant factor subspaces.
+
+    Parameters
+    ----------
+    grad : array_like, shape (o, i)
+        The microbatch's weight gradient (typically ``D^T X`` weighted per sequence).
+    X : array_like, shape (t, i) or (..., i)
+    D : array_like, shape (t, o) or (..., o)
+    rank : int >= 0
+        Number of dominant directions on each side (0 returns ``grad`` unchanged).
+    form : {"two_sided", "kron"}
+        ``"two_sided"``: ``(I - U U^T) grad (I - V V^T)``; ``"kron"``: ``grad - U U^T grad V V^T``.
+    rcond : float, optional
+        Relative singular-value cutoff for U and V.
+
+    Returns
+    -------
+    ndarray, shape (o, i)
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+    grad = as_array(grad, "grad", ndim=2)
+    U, V = intra_subspaces(X, D, rank=rank, rcond=rcond)
+    if grad.shape != (U.shape[0], V.shape[0]):
+        raise ValueError(f"grad must have shape (o, i) = ({U.shape[0]}, {V.shape[0]}) from D and X; got {grad.shape}")
+    if form == "kron":
+        return grad - U @ (U.T @ grad @ V) @ V.T
+    left = grad - U @ (U.T @ grad)
+    return left - (left @ V) @ V.T

@@ -1,0 +1,183 @@
+"""Layer rules and blocks: per-sequence gradients from factors, ghost == materialize, the registry."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+from torch import nn
+
+import reference
+from proma.layers import Block, IdsFactors, OuterFactors, SeqGrads, find_rule, register, unregister
+from proma.layers.norm import NormRule
+from verification.tolerances import FLOAT64_RTOL
+
+
+def _seq_index(b, n):
+    return np.repeat(np.arange(b), n)
+
+
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), n=st.integers(1, 4), o=st.integers(1, 5),
+       i=st.integers(1, 5))
+def test_outer_and_ids_materialize_match_reference(seed, b, n, o, i):
+    gen = torch.Generator().manual_seed(seed)
+    D = torch.randn(b, n, o, generator=gen, dtype=torch.float64)
+    X = torch.randn(b, n, i, generator=gen, dtype=torch.float64)
+    seq = _seq_index(b, n)
+    got = OuterFactors(D, X).materialize(0, o, torch.float64).numpy()
+    want = reference.linear_seq_grads(X.reshape(-1, i).numpy(), D.reshape(-1, o).numpy(), seq, b)
+    np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=1e-12)
+    V = o + 2
+    ids = torch.randint(0, V, (b, n), generator=gen)
+    got = IdsFactors(ids, X, V).materialize(0, V, torch.float64).numpy()
+    want = reference.embedding_seq_grads(ids.reshape(-1).numpy(), X.reshape(-1, i).numpy(), seq, b, V)
+    np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=1e-12)
+    # a row range is the matching slice of the full gradient
+    np.testing.assert_allclose(IdsFactors(ids, X, V).materialize(1, V - 1, torch.float64).numpy(), want[:, 1:V - 1],
+                               atol=1e-12)
+
+
+@st.composite
+def factor_sets(draw):
+    """Uses of one (o, i) parameter: 1-3 dense and/or ids factor pairs with their own token counts."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    gen = torch.Generator().manual_seed(seed)
+    b, o, i = draw(st.integers(1, 4)), draw(st.integers(1, 6)), draw(st.integers(1, 5))
+    kinds = draw(st.lists(st.sampled_from(["dense", "ids"]), min_size=1, max_size=3))
+    uses = []
+    for kind in kinds:
+        n = draw(st.integers(1, 4))
+        B = torch.randn(b, n, i, generator=gen, dtype=torch.float64)
+        if kind == "dense":
+            A = torch.randn(b, n, o, generator=gen, dtype=torch.float64)
+            A[:, -1] *= draw(st.sampled_from([0.0, 1.0]))  # padded tokens: zero output gradient
+            uses.append(OuterFactors(A, B))
+        else:
+            uses.append(IdsFactors(torch.randint(0, o, (b, n), generator=gen), B, o))
+    return uses, torch.randn(o, i, generator=gen, dtype=torch.float64), torch.randn(b, generator=gen, dtype=torch.float64)
+
+
+def _dense_seq_grads(uses):
+    return sum(u.materialize(0, u.shape[0], torch.float64) for u in uses).reshape(uses[0].b, -1)
+
+
+@given(problem=factor_sets(), max_transient=st.sampled_from([1, 7, 1 << 20]))
+def test_block_strategies_agree_with_dense(problem, max_transient):
+    uses, G, a = problem
+    g = _dense_seq_grads(uses)
+    K, h, upd = g @ g.T, g @ G.reshape(-1), (a @ g).reshape(G.shape)
+    scale = float(g.norm() ** 2 + g.norm() * G.norm()) + 1e-30
+    for strategy in ("materialize", "ghost"):
+        blk = Block(uses, strategy=strategy, work_dtype=torch.float64, max_transient=max_transient)
+        Kb, hb = blk.gram_and_inner(G)
+        out = G.clone()
+        blk.add_weighted_(out, a)
+        assert blk.strategy == strategy or blk.ids_only
+        assert float((Kb - K).abs().max()) <= FLOAT64_RTOL * scale
+        assert float((hb - h).abs().max()) <= FLOAT64_RTOL * scale
+        assert float((out - G - upd).abs().max()) <= FLOAT64_RTOL * scale
+        fresh = Block(uses, strategy=strategy, work_dtype=torch.float64, max_transient=max_transient)
+        assert float((fresh.gram() - K).abs().max()) <= FLOAT64_RTOL * scale
+        assert float((fresh.inner(G) - h).abs().max()) <= FLOAT64_RTOL * scale
+
+
+def test_cost_model_prefers_ghost_for_few_tokens_and_materialize_for_many():
+    few = OuterFactors(torch.randn(2, 1, 512), torch.randn(2, 1, 512))
+    many = OuterFactors(torch.randn(8, 256, 64), torch.randn(8, 256, 64))
+    assert Block([few], work_dtype=torch.float32).strategy == "ghost"
+    assert Block([many], work_dtype=torch.float32).strategy == "materialize"
+
+
+def test_seq_grads_block():
+    g = torch.randn(3, 4, dtype=torch.float64)
+    blk = Block([SeqGrads(g), SeqGrads(2 * g)], strategy="ghost", work_dtype=torch.float64)
+    assert blk.strategy == "materialize"  # vector contributions are always materialised
+    torch.testing.assert_close(blk.gram(), 9 * g @ g.T)
+
+
+def test_block_rejects_mismatched_uses():
+    with pytest.raises(ValueError, match="disagree"):
+        Block([SeqGrads(torch.zeros(2, 3)), SeqGrads(torch.zeros(3, 3))], work_dtype=torch.float32)
+
+
+class GemmaLikeRMSNorm(nn.Module):
+    """Looks like an RMSNorm by name, but scales by (1 + weight): the norm rule must refuse it."""
+
+    def __init__(self, d):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d))
+        self.eps = 1e-6
+
+    def forward(self, x):
+        return (1 + self.weight) * x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+
+
+def test_registry_matches_by_structure():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    assert find_rule(nn.Linear(2, 3)).name == "linear"
+    assert find_rule(nn.Embedding(4, 2)).name == "embedding"
+    assert find_rule(nn.Embedding(4, 2, max_norm=1.0)) is None
+    assert find_rule(nn.LayerNorm(3)).name == "norm"
+    assert find_rule(nn.RMSNorm(3)).name == "norm"
+    assert find_rule(Qwen3RMSNorm(3)).name == "norm"
+    assert find_rule(nn.Conv1d(2, 2, 3)) is None
+    assert find_rule(GemmaLikeRMSNorm(3)).name == "norm"  # by name; validation rejects it at first call
+
+
+def test_norm_validation_rejects_other_forms():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    x = torch.randn(2, 3, 4, dtype=torch.float64)
+    for module in (nn.LayerNorm(4).double(), nn.RMSNorm(4).double(), Qwen3RMSNorm(4).double()):
+        with torch.no_grad():
+            module.weight.normal_()
+        NormRule().validate(module, (x,), module(x))
+    bad = GemmaLikeRMSNorm(4).double()
+    with torch.no_grad():
+        bad.weight.normal_()
+    with pytest.raises(ValueError, match="does not compute"):
+        NormRule().validate(bad, (x,), bad(x))
+
+
+def test_norm_contributions_match_reference():
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    b, n, f = 3, 4, 5
+    x = torch.randn(b, n, f, dtype=torch.float64)
+    D = torch.randn(b, n, f, dtype=torch.float64)
+    for module in (nn.LayerNorm(f).double(), Qwen3RMSNorm(f).double()):
+        names = NormRule().param_names(module)
+        out = NormRule().contributions(module, x, D, names)
+        xhat = NormRule.normalized(module, x)
+        want = reference.scale_seq_grads(xhat.reshape(-1, f).numpy(), D.reshape(-1, f).numpy(), _seq_index(b, n), b)
+        np.testing.assert_allclose(out["weight"].g.numpy(), want, rtol=FLOAT64_RTOL, atol=1e-12)
+        if "bias" in names:
+            np.testing.assert_allclose(out["bias"].g.numpy(), D.sum(1).numpy(), rtol=FLOAT64_RTOL)
+
+
+def test_user_rule_takes_precedence():
+    class ScaleRule:
+        name = "scale"
+
+        def matches(self, module):
+            return isinstance(module, nn.Linear)
+
+        def param_names(self, module):
+            return ("weight",)
+
+        def save(self, module, args, output):
+            return args[0]
+
+        def contributions(self, module, saved, grad_output, names):
+            return {}
+
+    rule = ScaleRule()
+    register(rule)
+    try:
+        assert find_rule(nn.Linear(2, 2)) is rule
+    finally:
+        unregister(rule)
+    assert find_rule(nn.Linear(2, 2)).name == "linear"
+    with pytest.raises(ValueError, match="must define"):
+        register(object())

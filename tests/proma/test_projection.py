@@ -1,0 +1,107 @@
+"""Solvers on the Gram system against ``reference.removed_component`` and the intra projection."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given, strategies as st
+
+import reference
+from proma.projection import eigen_cutoff, intra_project, solve, top_right_singular_vectors
+from verification.tolerances import FLOAT64_RTOL
+
+
+@st.composite
+def gram_problems(draw):
+    """Sequence gradients (b, P) with duplicated / zero / scaled rows, a running gradient and weights."""
+    seed = draw(st.integers(0, 2**31 - 1))
+    rng = np.random.default_rng(seed)
+    b = draw(st.integers(1, 6))
+    P = draw(st.integers(1, 12))
+    g = rng.standard_normal((b, P)) * rng.choice([1e-3, 1.0, 50.0], size=(b, 1))
+    kind = draw(st.sampled_from(["generic", "duplicate", "zero_row", "scaled_copy", "low_rank"]))
+    if kind == "duplicate" and b > 1:
+        g[-1] = g[0]
+    elif kind == "zero_row":
+        g[draw(st.integers(0, b - 1))] = 0.0
+    elif kind == "scaled_copy" and b > 1:
+        g[-1] = -3.0 * g[0]
+    elif kind == "low_rank" and b > 2:
+        g = rng.standard_normal((b, 2)) @ rng.standard_normal((2, P))
+    G = rng.standard_normal(P)
+    w = rng.standard_normal(b)
+    return g, G, w
+
+
+def _removed(g, G, w, solver, **kw):
+    K, h = torch.tensor(g @ g.T), torch.tensor(g @ G)
+    sol = solve(K, h, torch.tensor(w), solver=solver, P=g.shape[1], work_dtype=torch.float64, **kw)
+    return sol, sol.coef.numpy() @ g
+
+
+@pytest.mark.parametrize("solver", ["exact", "gram_schmidt", "ridge"])
+@given(problem=gram_problems(), passes=st.integers(1, 3))
+def test_solvers_match_reference(problem, passes, solver):
+    g, G, w = problem
+    sol, R = _removed(g, G, w, solver, passes=passes, ridge=0.05)
+    expect = reference.removed_component(G, g, solver=solver, passes=passes, ridge=0.05)
+    scale = np.linalg.norm(G)
+    assert np.linalg.norm(R - expect) <= FLOAT64_RTOL * 1e2 * scale
+    assert float(sol.removed_norm) == pytest.approx(np.linalg.norm(expect), rel=1e-7, abs=1e-9 * scale)
+    assert float(sol.incoming_norm) == pytest.approx(np.linalg.norm(w @ g), rel=1e-7, abs=1e-9 * scale)
+
+
+@given(problem=gram_problems(), bound=st.floats(0.0, 2.0))
+def test_relative_bound_caps_removed_norm(problem, bound):
+    g, G, w = problem
+    sol, R = _removed(g, G, w, "exact", relative_bound=bound)
+    uncapped = reference.removed_component(G, g, solver="exact")
+    cap = bound * np.linalg.norm(w @ g)
+    assert np.linalg.norm(R) <= cap * (1 + 1e-9) + 1e-12
+    assert np.linalg.norm(R) == pytest.approx(min(cap, np.linalg.norm(uncapped)), rel=1e-7, abs=1e-10)
+
+
+def test_exact_rank_of_duplicated_rows():
+    rng = np.random.default_rng(0)
+    g = rng.standard_normal((4, 9))
+    g[2] = g[0]
+    g[3] = 0.0
+    sol, R = _removed(g, rng.standard_normal(9), np.ones(4), "exact")
+    assert sol.rank == 2
+
+
+def test_eigen_cutoff_is_above_working_precision():
+    assert eigen_cutoff(8, 100, torch.float32) >= 8 * torch.finfo(torch.float32).eps
+    assert eigen_cutoff(8, 100, torch.float64) < 1e-12
+
+
+@given(seed=st.integers(0, 2**31 - 1), t=st.integers(1, 9), d=st.integers(1, 9), rank=st.integers(0, 3),
+       form=st.sampled_from(["two_sided", "kron"]))
+def test_intra_project_matches_reference(seed, t, d, rank, form):
+    rng = np.random.default_rng(seed)
+    o = d + 1
+    X, D = rng.standard_normal((t, d)), rng.standard_normal((t, o))
+    grad = rng.standard_normal((o, d))
+    got = intra_project(torch.tensor(grad), torch.tensor(X), torch.tensor(D), rank=rank, form=form).numpy()
+    expect = reference.intra_project(grad, X, D, rank=rank, form=form)
+    assert np.linalg.norm(got - expect) <= FLOAT64_RTOL * np.linalg.norm(grad) * 10
+
+
+def test_top_singular_vectors_span_matches_svd():
+    rng = np.random.default_rng(1)
+    for t, d in [(20, 5), (5, 20)]:
+        M = rng.standard_normal((t, d)) * np.array([10.0, 5.0] + [1.0] * (d - 2))[None, :]
+        V = top_right_singular_vectors(torch.tensor(M), 2).numpy()
+        _, _, vt = np.linalg.svd(M)
+        np.testing.assert_allclose(V @ V.T, vt[:2].T @ vt[:2], atol=1e-10)
+
+
+def test_top_singular_vectors_respect_numerical_rank():
+    M = torch.tensor(np.outer(np.arange(1.0, 6.0), np.ones(4)))  # rank 1
+    assert top_right_singular_vectors(M, 3).shape == (4, 1)
+    assert top_right_singular_vectors(torch.zeros(3, 4, dtype=torch.float64), 2).shape == (4, 0)
+
+
+def test_unknown_solver():
+    with pytest.raises(ValueError, match="solver"):
+        solve(torch.eye(2), torch.ones(2), torch.ones(2), solver="qr", P=2)

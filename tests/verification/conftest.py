@@ -1,0 +1,12 @@
+"""Fixtures shared by the verification tests: one synthetic case directory per session."""
+import pytest
+
+from verification.cases import generator_info, synthetic_cases
+from verification.format import save_cases
+
+
+@pytest.fixture(scope="session")
+def cases_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("cases")
+    save_cases(path, synthetic_cases(0), generator=generator_info(0))
+    return path

@@ -1,0 +1,247 @@
+"""Golden oracle cases: synthetic factors with fixed seeds, expected results from the NumPy reference.
+
+Index conventions: b sequences of a microbatch, t tokens, i in-features, o out-features, P parameter size.
+A case's per-sequence gradient of layer k in microbatch m is the sum over the layer's uses (FORMAT.md):
+``g_j = sum_{t in j} D_t^T X_t`` for a linear use, ``seq_grads[j]`` for a dense use.
+"""
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, replace
+
+import numpy as np
+
+import reference
+
+from .format import Case, Layer, Settings, layer_key, use_key, weights_key
+
+
+# ------------------------------------------------------------------------------------- expected values
+def layer_seq_grads(case: Case, m: int, k: int) -> np.ndarray:
+    """Per-sequence gradients of layer k in microbatch m, shape (b_m, *layer.shape): the sum over uses."""
+    layer, b = case.layers[k], case.batch_size(m)
+    total = np.zeros((b, *layer.shape))
+    for u, kind in enumerate(layer.uses):
+        arrays = case.use(m, k, u)
+        if kind == "linear":
+            total += reference.linear_seq_grads(arrays["X"], arrays["D"], arrays["seq"], b)
+        else:
+            total += arrays["seq_grads"]
+    return total
+
+
+def microbatch_seq_grads(case: Case, m: int) -> np.ndarray:
+    """All layers' per-sequence gradients of microbatch m, flattened and concatenated: (b_m, sum_k P_k)."""
+    b = case.batch_size(m)
+    return np.concatenate([layer_seq_grads(case, m, k).reshape(b, -1) for k in range(len(case.layers))], axis=1)
+
+
+def layer_factors(case: Case, m: int, k: int):
+    """Intra-variant factors of layer k: the tokens of every linear use stacked, ``X`` (t, i), ``D`` (t, o),
+    keeping only tokens whose output gradient is non-zero; None when the layer has a dense use."""
+    layer = case.layers[k]
+    if any(kind != "linear" for kind in layer.uses):
+        return None
+    uses = [case.use(m, k, u) for u in range(len(layer.uses))]
+    X, D = np.concatenate([a["X"] for a in uses]), np.concatenate([a["D"] for a in uses])
+    # tokens with no output gradient (padding, unscored positions) contribute nothing and define no direction
+    keep = np.any(D != 0, axis=1)
+    return X[keep], D[keep]
+
+
+def _split(flat: np.ndarray, layers) -> list:
+    out, start = [], 0
+    for layer in layers:
+        out.append(flat[start:start + layer.size].reshape(layer.shape))
+        start += layer.size
+    return out
+
+
+def reference_history(case: Case) -> list:
+    """Per microbatch a dict ``{"G_in", "pg", "G_out"}`` of per-layer lists, from the NumPy reference."""
+    s, layers = case.settings, case.layers
+    history = []
+    if s.variant == "intra":
+        G = [np.zeros(layer.shape) for layer in layers]
+        for m in range(case.n_microbatches):
+            w = case.weights(m)
+            pg = [np.tensordot(w, layer_seq_grads(case, m, k), axes=1) for k in range(len(layers))]
+            out = []
+            for k, layer in enumerate(layers):
+                factors = layer_factors(case, m, k)
+                step = pg[k] if factors is None else reference.intra_project(
+                    pg[k], *factors, rank=s.intra_rank, form=s.intra_form)
+                out.append(G[k] + step)
+            history.append({"G_in": G, "pg": pg, "G_out": out})
+            G = out
+        return history
+    microbatches = [(microbatch_seq_grads(case, m), case.weights(m)) for m in range(case.n_microbatches)]
+    steps = reference.accumulate_history(
+        microbatches, blocks=[layer.size for layer in layers],
+        solver="none" if s.variant == "none" else s.solver, passes=s.passes, ridge=s.ridge,
+        relative_bound=s.relative_bound, shrinkage=s.shrinkage,
+    )
+    return [{"G_in": _split(st.before, layers), "pg": _split(st.pg, layers), "G_out": _split(st.after, layers)}
+            for st in steps]
+
+
+def compute_expected(case: Case) -> Case:
+    """Fill ``G_in``, ``pg`` and ``G_out`` of every microbatch and layer from the reference (in place)."""
+    for m, record in enumerate(reference_history(case)):
+        for name, per_layer in record.items():
+            for k, value in enumerate(per_layer):
+                case.arrays[layer_key(m, k, name)] = np.ascontiguousarray(value, dtype=np.float64)
+    return case
+
+
+# ---------------------------------------------------------------------------------- synthetic factors
+BASIC_LAYERS = (
+    Layer("fc1.weight", (5, 4), ("linear",)),
+    Layer("fc1.bias", (5,), ("dense",)),
+    Layer("norm.weight", (4,), ("dense",)),
+)
+TIED_LAYERS = (
+    # an output head tied to an input embedding (as Qwen3-0.6B): head use + embedding use
+    Layer("embed.weight", (6, 3), ("linear", "dense")),
+    # one linear module called twice per forward (or two modules sharing a weight)
+    Layer("shared.weight", (3, 3), ("linear", "linear")),
+)
+# fewer parameters than sequences per microbatch: the Gram has full column rank, exact removes all of G
+TINY_LAYER = Layer("gate.scale", (2,), ("dense",))
+FULL_LAYERS = BASIC_LAYERS + TIED_LAYERS + (TINY_LAYER,)
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How to draw one synthetic case.
+
+    sizes: sequences per microbatch. duplicates: (m, j, m_src, j_src) copies sequence j_src of microbatch
+    m_src onto sequence j of microbatch m (all layers, all uses; rank-deficient Grams). empty: (m, j)
+    sequences with no tokens and zero dense gradients (zero rows). zero_weights: (m, j) with j = None for
+    the whole microbatch. shuffle: token rows in random order instead of sequence order.
+    """
+
+    id: str
+    description: str
+    settings: Settings
+    layers: tuple = FULL_LAYERS
+    sizes: tuple = (3, 2, 4)
+    duplicates: tuple = ()
+    empty: tuple = ()
+    zero_weights: tuple = ()
+    shuffle: bool = False
+    max_tokens: int = 4
+    tags: tuple = ()
+
+
+def _draw_case(recipe: Recipe, seed: int) -> Case:
+    rng = np.random.default_rng([seed, zlib.crc32(recipe.id.encode())])
+    bounds = [0] + list(np.cumsum(recipe.sizes).tolist())
+    case = Case(id=recipe.id, description=recipe.description, settings=recipe.settings,
+                layers=list(recipe.layers), boundaries=bounds, tags=list(recipe.tags))
+    # per sequence and use: (X rows, D rows) for linear uses, a gradient for dense uses
+    seqs = {}
+    for m, b in enumerate(recipe.sizes):
+        for j in range(b):
+            per_layer = []
+            for layer in recipe.layers:
+                per_use = []
+                for kind in layer.uses:
+                    if kind == "linear":
+                        o, i = layer.shape
+                        t = int(rng.integers(1, recipe.max_tokens + 1))
+                        per_use.append((rng.standard_normal((t, i)), rng.standard_normal((t, o))))
+                    else:
+                        per_use.append(rng.standard_normal(layer.shape))
+                per_layer.append(per_use)
+            seqs[m, j] = per_layer
+    for m, j, m_src, j_src in recipe.duplicates:
+        seqs[m, j] = seqs[m_src, j_src]
+    for m, j in recipe.empty:
+        seqs[m, j] = [[(x[0][:0], x[1][:0]) if isinstance(x, tuple) else np.zeros_like(x) for x in per_use]
+                      for per_use in seqs[m, j]]
+    for m, b in enumerate(recipe.sizes):
+        w = rng.standard_normal(b)
+        for mz, jz in recipe.zero_weights:
+            if mz == m:
+                w[slice(None) if jz is None else jz] = 0.0
+        case.arrays[weights_key(m)] = w
+        for k, layer in enumerate(recipe.layers):
+            for u, kind in enumerate(layer.uses):
+                if kind == "linear":
+                    X = np.concatenate([seqs[m, j][k][u][0] for j in range(b)])
+                    D = np.concatenate([seqs[m, j][k][u][1] for j in range(b)])
+                    seq = np.concatenate([np.full(len(seqs[m, j][k][u][0]), j, dtype=np.int64) for j in range(b)])
+                    if recipe.shuffle:
+                        order = rng.permutation(len(seq))
+                        X, D, seq = X[order], D[order], seq[order]
+                    case.arrays[use_key(m, k, u, "X")] = X
+                    case.arrays[use_key(m, k, u, "D")] = D
+                    case.arrays[use_key(m, k, u, "seq")] = seq.astype(np.int64)
+                else:
+                    case.arrays[use_key(m, k, u, "seq_grads")] = np.stack([seqs[m, j][k][u] for j in range(b)])
+    return compute_expected(case)
+
+
+def _recipes() -> list:
+    exact = Settings(variant="proma", solver="exact")
+    rank_def = dict(duplicates=((0, 2, 0, 0), (1, 1, 0, 1), (2, 3, 2, 1)), empty=((2, 0),), sizes=(3, 2, 4, 3))
+    R = Recipe
+    return [
+        R("none_plain", "plain accumulation (variant none): G_m = G_{m-1} + pg_m", Settings(variant="none"),
+          sizes=(3, 1, 4, 2), tags=("none", "many-microbatches", "tied")),
+        R("exact_single_microbatch", "exact PROMA with one microbatch: G_1 = pg_1 (nothing to project)", exact,
+          layers=BASIC_LAYERS, sizes=(4,), tags=("single-microbatch",)),
+        R("exact_many_microbatches", "exact PROMA over 6 microbatches of 1-4 sequences; token rows shuffled",
+          exact, sizes=(1, 3, 2, 4, 1, 3), shuffle=True, tags=("many-microbatches", "tied")),
+        R("exact_rank_deficient", "exact PROMA; duplicated sequences within and across microbatches and a "
+          "sequence with no tokens: rank-deficient Grams", exact, tags=("rank-deficient", "tied"), **rank_def),
+        R("exact_zero_weights", "exact PROMA; microbatch 1 has two zero weights, microbatch 2 all zero",
+          exact, sizes=(3, 4, 3, 2), zero_weights=((1, 0), (1, 2), (2, None)), tags=("zero-weights", "tied")),
+        R("exact_tied_only", "exact PROMA on tied parameters only: a head tied to an embedding and a linear "
+          "weight used twice; per-sequence gradients sum the uses", exact, layers=TIED_LAYERS,
+          sizes=(2, 3, 3), tags=("tied",)),
+        R("exact_shrinkage_0.5", "exact PROMA with shrinkage 0.5", replace(exact, shrinkage=0.5),
+          tags=("shrinkage", "tied")),
+        R("exact_relative_bound_0.5", "exact PROMA capped by relative_bound 0.5 (an all-zero-weight "
+          "microbatch removes nothing)", replace(exact, relative_bound=0.5), sizes=(3, 2, 4, 3),
+          zero_weights=((2, None),), tags=("relative-bound", "zero-weights", "tied")),
+        R("gram_schmidt_passes1", "Gram-Schmidt solver, 1 pass, on rank-deficient microbatches",
+          Settings(solver="gram_schmidt", passes=1), tags=("gram_schmidt", "rank-deficient", "tied"), **rank_def),
+        R("gram_schmidt_passes2", "Gram-Schmidt solver, 2 passes, on rank-deficient microbatches",
+          Settings(solver="gram_schmidt", passes=2), tags=("gram_schmidt", "rank-deficient", "tied"), **rank_def),
+        R("gram_schmidt_passes4", "Gram-Schmidt solver, 4 passes", Settings(solver="gram_schmidt", passes=4),
+          sizes=(2, 4, 3), tags=("gram_schmidt", "tied")),
+        R("ridge_1e-2", "ridge solver, ridge 1e-2, on rank-deficient microbatches",
+          Settings(solver="ridge", ridge=1e-2), tags=("ridge", "rank-deficient", "tied"), **rank_def),
+        R("ridge_1", "ridge solver, ridge 1.0", Settings(solver="ridge", ridge=1.0), tags=("ridge", "tied")),
+        R("paper_settings", "the published run's settings: Gram-Schmidt 2 passes, relative_bound 0.5, "
+          "shrinkage 1", Settings(solver="gram_schmidt", passes=2, relative_bound=0.5),
+          sizes=(3, 3, 2, 4), zero_weights=((1, 1),), tags=("gram_schmidt", "relative-bound", "tied")),
+        R("ridge_bound_shrinkage", "ridge 1e-1 with relative_bound 0.25 and shrinkage 0.8",
+          Settings(solver="ridge", ridge=0.1, relative_bound=0.25, shrinkage=0.8),
+          tags=("ridge", "relative-bound", "shrinkage", "tied")),
+        R("intra_two_sided_rank1", "intra-microbatch projection, two-sided, rank 1",
+          Settings(variant="intra", intra_rank=1, intra_form="two_sided"), tags=("intra", "tied")),
+        R("intra_two_sided_rank2", "intra-microbatch projection, two-sided, rank 2; duplicated sequences",
+          Settings(variant="intra", intra_rank=2, intra_form="two_sided"), tags=("intra", "rank-deficient", "tied"),
+          **rank_def),
+        R("intra_kron_rank1", "intra-microbatch projection, Kronecker form, rank 1",
+          Settings(variant="intra", intra_rank=1, intra_form="kron"), tags=("intra", "tied")),
+        R("intra_kron_rank3", "intra-microbatch projection, Kronecker form, rank 3 (>= some layer dims)",
+          Settings(variant="intra", intra_rank=3, intra_form="kron"), sizes=(2, 3), tags=("intra", "tied")),
+    ]
+
+
+def synthetic_cases(seed: int = 0) -> list:
+    """Every synthetic case (random factors with fixed seeds, expected results from the reference)."""
+    return [_draw_case(r, seed) for r in _recipes()]
+
+
+def generator_info(seed: int) -> dict:
+    import platform
+
+    from . import __version__
+
+    return {"name": "proma-verify cases", "version": __version__, "numpy": np.__version__,
+            "python": platform.python_version(), "seed": seed, "reference": "reference.accumulate_history"}

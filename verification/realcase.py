@@ -1,0 +1,138 @@
+"""Oracle cases taken from a real Qwen3-architecture policy on a real GSM8K microbatch.
+
+The policy is ``proma.rl``'s small ``Qwen3ForCausalLM`` (tied input/output embeddings, like Qwen3-0.6B),
+shrunk so that the case files stay small, warm-started on GSM8K calculator steps; the rollout is sampled by
+``proma.rl`` exactly as in training (prompts, G completions each, rewards, group advantages, shuffled
+minibatch, per-sequence weights of the token-mean aggregation). The first rollout step whose minibatch has
+non-zero weights in the most microbatches is used (groups whose samples all got the same reward have zero
+advantage, and a case whose weights are all zero would test nothing).
+
+The factors are captured from a float64 copy of the policy with this package's own hooks
+(:mod:`verification.capture`): every ``nn.Linear`` call is a ``"linear"`` use, and every parameter with any
+other owner (the embedding tied to the head, norm weights) gets a ``"dense"`` use holding its per-sequence
+gradients from b backward passes minus what its linear uses contribute. Expected results: the NumPy
+reference (:func:`verification.cases.compute_expected`).
+"""
+from __future__ import annotations
+
+import copy
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+import reference
+
+from .cases import compute_expected
+from .format import Case, Layer, Settings, use_key, weights_key
+
+# The policy and rollout of the real cases: a shrunk Qwen3 (about 56k parameters) with a short warm-start.
+REAL_POLICY = dict(
+    task="gsm8k-calc", vocab_size=300, hidden_size=48, intermediate_size=96, num_layers=2, num_heads=4,
+    num_kv_heads=2, warmstart_steps=600, warmstart_batch=32, warmstart_lr=3e-3, prompts_per_step=6,
+    group_size=8, minibatches=2, microbatch_size=8, max_new_tokens=8, progress=False,
+)
+REAL_SETTINGS = (
+    ("qwen3_gsm8k_exact", "exact PROMA", Settings(variant="proma", solver="exact")),
+    ("qwen3_gsm8k_paper", "the published settings (Gram-Schmidt 2 passes, relative_bound 0.5)",
+     Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)),
+    ("qwen3_gsm8k_intra", "intra-microbatch projection, two-sided, rank 1",
+     Settings(variant="intra", intra_rank=1, intra_form="two_sided")),
+)
+# Relative agreement required between autograd per-sequence gradients and those from the captured linear
+# factors (float64 model; both are exact up to rounding).
+CAPTURE_RTOL = 1e-9
+
+
+def real_rollout(*, seed: int = 0, cache_dir=None, max_scan: int = 60, log=None, **overrides):
+    """Build the policy and pick a real minibatch: ``(setup, batches, weights)``, one entry per microbatch.
+
+    ``batches[m]`` is a ``proma.rl`` sequence batch (``input_ids``, ``attention_mask``, ``score_mask``),
+    ``weights[m]`` (b_m,) float64 the per-sequence loss weights.
+    """
+    from proma.rl import train as T
+    from proma.rl.config import TrainConfig
+
+    quiet = log or (lambda *a, **k: None)
+    with tempfile.TemporaryDirectory() as tmp:
+        cfg = TrainConfig.from_preset("smoke", **{**REAL_POLICY, **overrides, "seed": seed, "out": tmp,
+                                                  "cache_dir": str(cache_dir or Path(tmp) / "cache")})
+        s = T.setup(cfg, log=quiet)
+    best = None
+    for step in range(max_scan):
+        ro = T.do_rollout(s, step)
+        order = T.minibatch_order(cfg, step)
+        for mb_index in range(cfg.minibatches):
+            rows = [int(r) for r in order[mb_index * cfg.minibatch_size:(mb_index + 1) * cfg.minibatch_size]]
+            w, _ = T.minibatch_weights(cfg, ro, rows)
+            pos = {r: k for k, r in enumerate(rows)}
+            mbs = T.microbatches(cfg, rows)
+            ws = [w[[pos[r] for r in mb]].double().numpy() for mb in mbs]
+            score = (sum(bool(np.any(x)) for x in ws), sum(int(np.count_nonzero(x)) for x in ws))
+            if best is None or score > best[0]:
+                best = (score, step, [T.select(ro.batch, mb) for mb in mbs], ws)
+        if best[0][0] == len(mbs):
+            break
+    (n_mb_nonzero, _), step, batches, ws = best
+    if n_mb_nonzero == 0:
+        raise RuntimeError(f"no rollout step in 0..{max_scan - 1} gave a non-zero advantage; warm-start too weak")
+    quiet(f"real case: rollout step {step}, {n_mb_nonzero}/{len(batches)} microbatches with non-zero weights")
+    return s, step, batches, ws
+
+
+def capture_case_arrays(model, seq_logp_fn, batches, weights) -> tuple:
+    """Layers and arrays (FORMAT.md keys, no expected arrays) of ``model`` on the given microbatches.
+
+    ``model`` should be float64 (a copy); it is put in eval mode.
+    """
+    from .capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
+
+    model.eval()
+    named = trainable_parameters(model)
+    other_owner = linear_weight_owners(model)
+    arrays, layers = {}, None
+    for m, (batch, w) in enumerate(zip(batches, weights)):
+        b = batch["input_ids"].shape[0]
+        _, factors = linear_factors(model, seq_logp_fn, batch, batch["attention_mask"])
+        grads = per_sequence_grads(model, seq_logp_fn, batch, [p for _, p in named])
+        arrays[weights_key(m)] = np.asarray(w, dtype=np.float64)
+        mb_layers = []
+        for k, ((name, p), total) in enumerate(zip(named, grads)):
+            calls = factors.get(id(p), [])
+            linear_part = np.zeros_like(total)
+            for u, (X, D, seq) in enumerate(calls):
+                arrays[use_key(m, k, u, "X")], arrays[use_key(m, k, u, "D")] = X, D
+                arrays[use_key(m, k, u, "seq")] = seq
+                linear_part += reference.linear_seq_grads(X, D, seq, b)
+            uses = ["linear"] * len(calls)
+            if other_owner.get(id(p), True):
+                arrays[use_key(m, k, len(calls), "seq_grads")] = total - linear_part
+                uses.append("dense")
+            else:
+                err = np.linalg.norm(total - linear_part) / max(np.linalg.norm(total), 1e-300)
+                if err > CAPTURE_RTOL:
+                    raise RuntimeError(f"captured factors of {name} disagree with autograd (rel err {err:.2e})")
+            mb_layers.append(Layer(name, tuple(p.shape), tuple(uses)))
+        if layers is not None and mb_layers != layers:
+            raise RuntimeError(f"microbatch {m} has different layer uses than microbatch 0")
+        layers = mb_layers
+    return layers, arrays
+
+
+def real_cases(*, seed: int = 0, cache_dir=None, log=print) -> list:
+    """The real Qwen3 / GSM8K cases (one per setting of :data:`REAL_SETTINGS`), expected from the reference."""
+    from proma.rl.train import sequence_logprobs
+
+    s, step, batches, weights = real_rollout(seed=seed, cache_dir=cache_dir, log=log)
+    model = copy.deepcopy(s.model).double()
+    layers, arrays = capture_case_arrays(model, sequence_logprobs, batches, weights)
+    bounds = [0] + np.cumsum([len(w) for w in weights]).tolist()
+    n_params = sum(layer.size for layer in layers)
+    cases = []
+    for case_id, what, settings in REAL_SETTINGS:
+        description = (f"{what} on a real GSM8K-calc minibatch (rollout step {step}, seed {seed}) of a "
+                       f"{len(layers)}-tensor, {n_params:,}-parameter Qwen3 policy with tied embeddings")
+        case = Case(id=case_id, description=description, settings=settings, layers=list(layers),
+                    boundaries=bounds, arrays=dict(arrays), tags=["real", "tied", "many-microbatches"])
+        cases.append(compute_expected(case))
+    return cases

@@ -105,8 +105,8 @@ class ProjectedAccumulator:
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}; got {variant!r}")
-        if solver not in SOLVERS:
-            raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+        if solver not in SOLVERS + ("none",):
+            raise ValueError(f"solver must be one of {SOLVERS + ('none',)}; got {solver!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
         if intra_form not in INTRA_FORMS:
@@ -179,7 +179,7 @@ class ProjectedAccumulator:
                 else:
                     rules.add(rule.name)
             excluded = name in self.exclude
-            if not covered and not excluded:
+            if not covered and not excluded and self.variant != "none":  # plain backward needs no rule
                 where = ", ".join(f"{m or '<model>'}.{a} ({type(self._modules[m]).__name__})" for m, a in own)
                 raise ValueError(
                     f"trainable parameter {name!r} has no PROMA layer rule (used as {where}); register a "
@@ -431,11 +431,12 @@ class ProjectedAccumulator:
                     stat.update(mode=why, strategy="factored", incoming_norm=new.double().norm(),
                                 removed_norm=torch.zeros((), dtype=torch.float64))
                 G = new if G is None else G.add_(new)
-            elif G is None:
-                # G = 0 removes nothing: the update is pg alone and no Gram is needed
-                G = block.weighted_sum(w)
-                stat.update(mode="proma", incoming_norm=G.double().norm(),
+            elif G is None or self.solver == "none":
+                # G = 0 (or solver "none") removes nothing: the update is pg alone and no Gram is needed
+                pg = block.weighted_sum(w)
+                stat.update(mode="proma", incoming_norm=pg.double().norm(),
                             removed_norm=torch.zeros((), dtype=torch.float64))
+                G = pg if G is None else G.add_(pg)
             else:
                 K, h = block.gram_and_inner(G)
                 sol = solve(K, h, w, solver=self.solver, passes=self.passes, ridge=self.ridge,

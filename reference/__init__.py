@@ -7,7 +7,7 @@ i in-features, o out-features, n (= P) flattened parameter size.
 Modules
 -------
 projection   ``project_out``: exact projection onto the complement of a row span (global or per block).
-accumulate   ``accumulate`` / ``accumulate_history`` / ``accumulate_step``: PROMA over microbatches with
+accumulation ``accumulate`` / ``accumulate_history`` / ``accumulate_step``: PROMA over microbatches with
              the solvers "none", "exact", "gram_schmidt", "ridge", relative bound and shrinkage.
 intra        ``intra_project``: the intra-microbatch factored projection (our reading of the paper).
 factors      per-sequence gradients of linear (weight, bias, ghost Gram), elementwise scale and
@@ -16,7 +16,7 @@ policy       ``group_advantages`` (GRPO, Dr. GRPO), ``categorical_kl``, ``catego
 diagnostics  ``second_order_kl``, ``residual_overlap``.
 blocks       ``normalize_blocks``: block partitions (one block per parameter tensor).
 """
-from .accumulate import SOLVERS, AccumulationStep, accumulate, accumulate_history, accumulate_step, removed_component
+from .accumulation import SOLVERS, AccumulationStep, accumulate, accumulate_history, accumulate_step, removed_component
 from .blocks import normalize_blocks
 from .diagnostics import residual_overlap, second_order_kl
 from .factors import (

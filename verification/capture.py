@@ -109,3 +109,4 @@ def linear_weight_owners(model: nn.Module) -> dict:
             linear_weight = isinstance(module, nn.Linear) and pname == "weight"
             other[id(p)] = other.get(id(p), False) or not linear_weight
     return other
+

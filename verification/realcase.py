@@ -44,12 +44,37 @@ REAL_SETTINGS = (
 CAPTURE_RTOL = 1e-9
 
 
-def real_rollout(*, seed: int = 0, cache_dir=None, max_scan: int = 60, log=None, **overrides):
-    """Build the policy and pick a real minibatch: ``(setup, batches, weights)``, one entry per microbatch.
+def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
+    """First rollout step >= ``start_step`` whose minibatch has non-zero weights in the most microbatches.
 
-    ``batches[m]`` is a ``proma.rl`` sequence batch (``input_ids``, ``attention_mask``, ``score_mask``),
-    ``weights[m]`` (b_m,) float64 the per-sequence loss weights.
+    ``s`` is a ``proma.rl.train.Setup``. Rollouts are drawn exactly as training draws them (step-seeded).
+    Returns ``(step, batches, weights)``: per microbatch a sequence batch and its (b_m,) float64 weights.
     """
+    from proma.rl import train as T
+
+    cfg, best = s.cfg, None
+    for step in range(start_step, start_step + max_scan):
+        ro = T.do_rollout(s, step)
+        order = T.minibatch_order(cfg, step)
+        for mb_index in range(cfg.minibatches):
+            rows = [int(r) for r in order[mb_index * cfg.minibatch_size:(mb_index + 1) * cfg.minibatch_size]]
+            w, _ = T.minibatch_weights(cfg, ro, rows)
+            pos = {r: k for k, r in enumerate(rows)}
+            mbs = T.microbatches(cfg, rows)
+            ws = [w[[pos[r] for r in mb]].double().cpu().numpy() for mb in mbs]
+            score = (sum(bool(np.any(x)) for x in ws), sum(int(np.count_nonzero(x)) for x in ws))
+            if best is None or score > best[0]:
+                best = (score, step, [T.select(ro.batch, mb) for mb in mbs], ws)
+        if best[0][0] == len(mbs):
+            break
+    if best[0][0] == 0:
+        raise RuntimeError(f"no rollout step in {start_step}..{start_step + max_scan - 1} gave a non-zero "
+                           "advantage (every group's samples got the same reward)")
+    return best[1], best[2], best[3]
+
+
+def real_rollout(*, seed: int = 0, cache_dir=None, log=None, **overrides):
+    """Build the real-case policy (:data:`REAL_POLICY`) and pick a real minibatch: ``(setup, step, batches, weights)``."""
     from proma.rl import train as T
     from proma.rl.config import TrainConfig
 
@@ -58,25 +83,9 @@ def real_rollout(*, seed: int = 0, cache_dir=None, max_scan: int = 60, log=None,
         cfg = TrainConfig.from_preset("smoke", **{**REAL_POLICY, **overrides, "seed": seed, "out": tmp,
                                                   "cache_dir": str(cache_dir or Path(tmp) / "cache")})
         s = T.setup(cfg, log=quiet)
-    best = None
-    for step in range(max_scan):
-        ro = T.do_rollout(s, step)
-        order = T.minibatch_order(cfg, step)
-        for mb_index in range(cfg.minibatches):
-            rows = [int(r) for r in order[mb_index * cfg.minibatch_size:(mb_index + 1) * cfg.minibatch_size]]
-            w, _ = T.minibatch_weights(cfg, ro, rows)
-            pos = {r: k for k, r in enumerate(rows)}
-            mbs = T.microbatches(cfg, rows)
-            ws = [w[[pos[r] for r in mb]].double().numpy() for mb in mbs]
-            score = (sum(bool(np.any(x)) for x in ws), sum(int(np.count_nonzero(x)) for x in ws))
-            if best is None or score > best[0]:
-                best = (score, step, [T.select(ro.batch, mb) for mb in mbs], ws)
-        if best[0][0] == len(mbs):
-            break
-    (n_mb_nonzero, _), step, batches, ws = best
-    if n_mb_nonzero == 0:
-        raise RuntimeError(f"no rollout step in 0..{max_scan - 1} gave a non-zero advantage; warm-start too weak")
-    quiet(f"real case: rollout step {step}, {n_mb_nonzero}/{len(batches)} microbatches with non-zero weights")
+    step, batches, ws = pick_minibatch(s)
+    quiet(f"real case: rollout step {step}, {sum(bool(np.any(w)) for w in ws)}/{len(ws)} microbatches "
+          "with non-zero weights")
     return s, step, batches, ws
 
 

@@ -17,9 +17,10 @@ as separate steps so that a caller can reduce K and h across processes between t
 ``"ghost"``        never form them: K from token Grams ``sum_{t in i, s in j} (A_t.A_s)(B_t.B_s)``
                    ((b n)^2 (o + i)), h and the update through the factors (b n o i each).
 
-``"auto"`` compares the multiply-adds of the two routes (including the chunking penalty) and takes the
-cheaper; for blocks made only of vector contributions (norms, biases) and for embedding-only blocks
-(sparse rows: the per-sequence gradients are formed on the rows the microbatch touches) it materialises.
+``"auto"`` compares the multiply-adds of the two routes (including the chunking penalty and a memory-traffic
+charge of ``MEMORY_WEIGHT`` per materialised element) and takes the cheaper; for blocks made only of
+vector contributions (norms, biases) and for embedding-only blocks (sparse rows: the per-sequence
+gradients are formed on the rows the microbatch touches) it materialises.
 """
 from __future__ import annotations
 
@@ -31,6 +32,11 @@ from .base import Contribution, IdsFactors, OuterFactors, SeqGrads, token_gram, 
 
 STRATEGIES = ("auto", "materialize", "ghost")
 DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
+# Multiply-add equivalents charged per element of materialised per-sequence gradients: the (b, P) tensor is
+# written once and read by the Gram, the inner products and the update, which is memory-bound; calibrated
+# on CPU with Qwen3-0.6B layer shapes (benchmarks/bench_accumulator.py), where it makes "auto" pick the
+# route that was measured faster (ghost, which needs far less memory, for 1024 x 3072 and larger).
+MEMORY_WEIGHT = 96.0
 
 
 def work_dtype_for(dtype: torch.dtype) -> torch.dtype:
@@ -83,7 +89,7 @@ class Block:
         b, P = self.b, self.P
         single = self._chunk_rows() >= self.shape[0]
         factored = sum(c.factored_flops() for c in self.contribs)
-        mat = sum(c.materialize_flops() for c in self.contribs) + b * b * P + b * P
+        mat = sum(c.materialize_flops() for c in self.contribs) + b * b * P + b * P + MEMORY_WEIGHT * b * P
         mat += b * P if single else factored
         ghost = math.inf
         if self.factored:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 
 from .data import TASKS
 from .losses import ADVANTAGES, AGGREGATIONS
@@ -36,7 +36,7 @@ class TrainConfig:
     preset: str = "small"
     task: str = "gsm8k-calc"
     method: str = "reinforce"
-    steps: int = 150                 # rollout steps (each = `minibatches` optimizer steps)
+    steps: int = 200                 # rollout steps (each = `minibatches` optimizer steps)
     out: str = "runs/default"
     seed: int = 0
     device: str = "auto"             # auto | cpu | cuda | cuda:N
@@ -58,7 +58,7 @@ class TrainConfig:
     # supervised warm-start (skipped with --model or warmstart_steps=0)
     warmstart_steps: int = 1200
     warmstart_batch: int = 64
-    warmstart_lr: float = 2e-3
+    warmstart_lr: float = 3e-3
     # rollout
     prompts_per_step: int = 16
     group_size: int = 8

@@ -35,8 +35,6 @@ GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer 
 # part, or a bare fractional part (".25" appears in calculator annotations).
 _NUMBER = r"-?(?:\d+(?:\.\d*)?|\.\d+)"
 _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
-# Strict final-answer extraction: the LAST "#### " marker; its number is the first token after it.
-_FINAL_RE = re.compile(r"####\s*([^\n]*)")
 _CALC_RE = re.compile(r"<<([^<>]*)>>")
 # Calculator steps kept for gsm8k-calc: arithmetic only (no "%", no words), numeric result.
 _CALC_STEP_RE = re.compile(rf"^([0-9+\-*/(). ]+)=({_NUMBER})$")
@@ -110,10 +108,9 @@ def extract_final_answer(text: str) -> str | None:
     """
     if not isinstance(text, str):
         return None
-    matches = _FINAL_RE.findall(text)
-    if not matches:
+    if "####" not in text:
         return None
-    tokens = matches[-1].strip().split()
+    tokens = text.rsplit("####", 1)[1].split("\n", 1)[0].split()
     if not tokens:
         return None
     # "$ 1,000" writes the currency sign as a separate token.
@@ -210,8 +207,8 @@ def make_examples(
     """Examples of ``task`` on ``split`` (GSM8K train -> task train, GSM8K test -> task test).
 
     For ``gsm8k-calc`` the expression and result lengths are capped (``max_prompt_chars``,
-    ``max_answer_chars``: 90% of steps have expressions of <= 8 characters and results of <= 4) and exact
-    duplicate (prompt, answer) pairs within the split are kept once, attributed to their first problem.
+    ``max_answer_chars``: 90% of steps have expressions of <= 8 characters and results of <= 4). Repeated
+    expressions (``2*3``) are kept: their frequency is part of the task's distribution.
     """
     problems = load_gsm8k(split, data_dir)
     if task == "gsm8k":
@@ -219,16 +216,14 @@ def make_examples(
             Example(gsm8k_prompt(p.question), p.answer.strip(), p.final, p.index) for p in problems
         ]
     if task == "gsm8k-calc":
-        seen: set[str] = set()
         out = []
         for p in problems:
             for expr, result in calc_steps(p):
                 if len(expr) + 1 > max_prompt_chars or len(result) > max_answer_chars:
                     continue
                 ans = normalize_number(result)
-                if ans is None or expr in seen:
+                if ans is None:
                     continue
-                seen.add(expr)
                 out.append(Example(expr + "=", result, ans, p.index))
         return out
     raise ValueError(f"task={task!r}: unknown task (choose from {', '.join(TASKS)})")

@@ -20,8 +20,8 @@ Notation: n scored tokens (rows), V vocabulary, b sequences, P parameters; logp 
                         g_i . dtheta is computed EXACTLY as a forward-mode directional derivative
                         (``torch.func.jvp`` of the (b,) sequence log-probs, through ``functional_call`` at
                         theta_before, tangent dtheta), one forward-mode pass per microbatch, never forming g_i.
-                        Forward-mode AD is not implemented for PyTorch's fused CPU attention, so the model runs
-                        its "eager" attention inside the jvp (same numbers, restored afterwards).
+                        Forward-mode AD is not implemented for PyTorch's fused SDPA kernels, so SDPA runs its
+                        "math" backend inside the jvp (same function; see ``forward_ad_attention``).
 """
 from __future__ import annotations
 
@@ -43,14 +43,19 @@ def categorical_kl(logp_p: torch.Tensor, logp_q: torch.Tensor) -> torch.Tensor:
 
 
 @contextlib.contextmanager
-def eager_attention(model):
-    """Temporarily switch a transformers model to eager attention (forward-mode AD needs it on CPU)."""
+def forward_ad_attention(model):
+    """Attention that forward-mode AD can differentiate: PyTorch's fused SDPA kernels have no forward-mode
+    derivative, so SDPA runs its "math" backend (the same function composed of differentiable ops); eager
+    attention needs nothing; other implementations (flash-attention) are swapped for SDPA meanwhile."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     impl = getattr(getattr(model, "config", None), "_attn_implementation", None)
-    switch = impl is not None and impl != "eager" and hasattr(model, "set_attn_implementation")
+    switch = impl not in (None, "eager", "sdpa") and hasattr(model, "set_attn_implementation")
     if switch:
-        model.set_attn_implementation("eager")
+        model.set_attn_implementation("sdpa")
     try:
-        yield
+        with sdpa_kernel(SDPBackend.MATH):
+            yield
     finally:
         if switch:
             model.set_attn_implementation(impl)
@@ -68,7 +73,7 @@ def directional_derivatives(model, batch: dict, params_before: dict, direction: 
     was_training = model.training
     model.eval()  # no dropout in the directional derivative
     try:
-        with eager_attention(model):
+        with forward_ad_attention(model):
             _, tangent = torch.func.jvp(seq_logp, (params_before,), (direction,))
     finally:
         model.train(was_training)

@@ -85,6 +85,8 @@ def count_parameters(model) -> int:
 
 def warmstart_key(cfg, tokenizer) -> str:
     """Hash of everything that determines the warm-start weights."""
+    from .tokenizer import fingerprint
+
     fields = {
         "task": cfg.task,
         "model": cfg.model,
@@ -94,7 +96,7 @@ def warmstart_key(cfg, tokenizer) -> str:
         "num_heads": cfg.num_heads,
         "num_kv_heads": cfg.num_kv_heads,
         "max_positions": cfg.max_positions,
-        "vocab": tokenizer.backend_tokenizer.to_str() if hasattr(tokenizer, "backend_tokenizer") else None,
+        "tokenizer": fingerprint(tokenizer),
         "warmstart_steps": cfg.warmstart_steps,
         "warmstart_batch": cfg.warmstart_batch,
         "warmstart_lr": cfg.warmstart_lr,

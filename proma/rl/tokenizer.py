@@ -10,6 +10,7 @@ interface.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 from pathlib import Path
 
@@ -48,6 +49,19 @@ def corpus_key(texts: list[str], vocab_size: int) -> str:
         h.update(t.encode("utf-8"))
         h.update(b"\0")
     return h.hexdigest()[:16]
+
+
+def fingerprint(tokenizer) -> str:
+    """Hash of what defines a tokenizer's ids (vocabulary, merges, pre-tokenizer, special tokens), ignoring
+    mutable state such as padding settings. Accepts a ``PreTrainedTokenizerFast`` or a ``tokenizers.Tokenizer``."""
+    backend = getattr(tokenizer, "backend_tokenizer", tokenizer)
+    if hasattr(backend, "to_str"):
+        d = json.loads(backend.to_str())
+        d = {k: d.get(k) for k in ("model", "pre_tokenizer", "normalizer", "added_tokens")}
+        text = json.dumps(d, sort_keys=True)
+    else:  # a slow tokenizer: its vocabulary
+        text = json.dumps(sorted(tokenizer.get_vocab().items()))
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 def wrap(tok):

@@ -22,7 +22,6 @@ checkpoint produces the same records as an uninterrupted one, and the same seed 
 from __future__ import annotations
 
 import json
-import math
 import os
 import time
 from dataclasses import dataclass
@@ -60,10 +59,8 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _accumulator_class():
-    try:
-        from proma import ProjectedAccumulator
-    except ImportError:  # TEMPORARY until proma.ProjectedAccumulator lands: plain accumulation only
-        from ._plain_accumulator import PlainAccumulator as ProjectedAccumulator
+    from proma import ProjectedAccumulator  # the method's public API, nothing else of proma/
+
     return ProjectedAccumulator
 
 
@@ -101,7 +98,8 @@ def setup(cfg: TrainConfig, *, log=print) -> Setup:
     else:
         tokenizer = get_tokenizer(cfg.vocab_size, cache_dir, cfg.data_dir)
         model = build_policy(cfg, tokenizer)
-        model.set_attn_implementation("eager")  # faster than SDPA at these sizes on CPU; jvp needs it anyway
+        if cfg.dtype != "float64":  # HF eager attention gives NaN on left-padded float64 batches
+            model.set_attn_implementation("eager")  # ~20% faster than SDPA at these sizes on CPU
     model.to(device=device, dtype=DTYPES[cfg.dtype])
     if cfg.model is None and cfg.warmstart_steps > 0:
         warm_dir = get_warmstarted(cfg, model, tokenizer, train_examples, device, cache_dir, log=log)
@@ -253,6 +251,7 @@ def accumulate_gradient(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[in
     weights, coef = minibatch_weights(cfg, ro, rows)
     pos = {r: k for k, r in enumerate(rows)}
     out = {"loss": 0.0, "n_clipped": 0.0, "pre_logp": [], "pre_tok_logp": [], "proj": {}}
+    summaries = []
     acc_kwargs = cfg.accumulator_kwargs
     acc = _accumulator_class()(model, **acc_kwargs) if acc_kwargs is not None else None
     try:
@@ -270,17 +269,17 @@ def accumulate_gradient(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[in
                 seq_logp = sequence_logprob(logp, mask)
                 w = weights[k].to(device=seq_logp.device, dtype=seq_logp.dtype)
                 acc.backward(seq_logp, w)
+                summaries.append(acc.stats().get("summary", {}))
                 loss = (w * seq_logp.detach()).sum()
                 n_clipped = clipped_fraction_tokens(logp.detach(), mb["old_logp"], adv, mask, cfg.clip_eps)
             if on_microbatch is not None:
                 on_microbatch(mb, weights[k], adv)
-            out["loss"] += float(loss)
+            out["loss"] += float(loss.detach())
             out["n_clipped"] += float(n_clipped)
             if cfg.kl_metrics:
                 out["pre_logp"].append(full.detach())
                 out["pre_tok_logp"].append(logp.detach())
-        if acc is not None:
-            out["proj"] = summarize_stats(acc.stats())
+        out["proj"] = summarize_stats(summaries)
     finally:
         if acc is not None:
             acc.close()
@@ -288,18 +287,25 @@ def accumulate_gradient(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[in
     return out
 
 
-def summarize_stats(stats) -> dict:
-    """Flatten the accumulator's ``stats()['summary']`` (or top-level scalars) into ``proj/<name>`` floats."""
-    if not isinstance(stats, dict):
-        return {}
-    summary = stats.get("summary", stats)
+_COUNT_KEYS = ("projected", "plain", "excluded", "microbatches")
+
+
+def summarize_stats(summaries: list[dict]) -> dict:
+    """``proj/<name>`` floats from the accumulator's per-microbatch ``stats()["summary"]`` dicts.
+
+    ``stats()`` describes the last microbatch only, so it is read after every microbatch: norms and ratios are
+    averaged over the minibatch's microbatches (``proj/removed_ratio``; for ``proma`` the first microbatch
+    has nothing to project against and contributes 0), ``proj/removed_ratio_max`` is the largest, counts are
+    the last microbatch's.
+    """
     out = {}
-    if isinstance(summary, dict):
-        for k, v in summary.items():
-            if isinstance(v, bool):
-                continue
-            if isinstance(v, (int, float)) or (torch.is_tensor(v) and v.numel() == 1):
-                out[f"proj/{k}"] = float(v)
+    for key in summaries[0] if summaries else ():
+        values = [s.get(key) for s in summaries]
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+            continue
+        out[f"proj/{key}"] = float(values[-1]) if key in _COUNT_KEYS else float(np.mean(values))
+        if key == "removed_ratio":
+            out["proj/removed_ratio_max"] = float(np.max(values))
     return out
 
 
@@ -359,6 +365,8 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         opt.load_state_dict(ck["optimizer"])
         start, opt_step = ck["next_step"], ck["opt_step"]
         log(f"resume: {run_dir / 'ckpt.pt'} at step {start}")
+        if start >= cfg.steps:  # already complete: leave its logs as they are
+            return run_dir
     _truncate_jsonl(metrics_path, start)
     _truncate_jsonl(eval_path, start)
     (run_dir / "config.json").write_text(cfg.to_json())
@@ -427,10 +435,9 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
             bar.set_postfix(reward=f"{common['reward']:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
 
     # final eval and checkpoint
-    if start < cfg.steps or not eval_path.exists():
-        val_acc = evaluate(s)
-        _append_jsonl(eval_path, {"step": cfg.steps, "opt_step": opt_step, "val/accuracy": val_acc})
-        save_checkpoint(run_dir, model, opt, cfg.steps, opt_step)
+    val_acc = evaluate(s)
+    _append_jsonl(eval_path, {"step": cfg.steps, "opt_step": opt_step, "val/accuracy": val_acc})
+    save_checkpoint(run_dir, model, opt, cfg.steps, opt_step)
     return run_dir
 
 

@@ -7,6 +7,7 @@ fed to ``reference.accumulate`` with one block per parameter tensor.
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from torch import nn
 
@@ -105,3 +106,12 @@ def qwen_seq_logp(model, ids, mask):
     tok = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     m = (mask[:, 1:] * mask[:, :-1]).to(tok.dtype)
     return (tok * m).sum(dim=1)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """Tiny tensors: intra-op threads only add synchronisation cost on a loaded 2-core machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

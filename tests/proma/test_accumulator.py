@@ -17,10 +17,11 @@ import reference
 from proma import ProjectedAccumulator
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
-from proma_testkit import (SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, seq_logp,
+from proma_testkit import (one_thread, SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, seq_logp,
                       tiny_qwen3, trainable)
 
 RTOL = {torch.float64: FLOAT64_RTOL, torch.float32: FLOAT32_RTOL}
+ORACLE_RCOND_F32 = 1e-5
 
 
 def _weights(gen, b, kind):
@@ -58,7 +59,10 @@ def _run(model, microbatches, forward, acc_kwargs, *, intra_oracle=False):
         return got, intra_total
     opts = {k: acc_kwargs[k] for k in ("passes", "ridge", "relative_bound", "shrinkage") if k in acc_kwargs}
     solver = acc_kwargs.get("solver", "exact") if variant == "proma" else "none"
-    want = reference.accumulate(oracle, blocks=[p.numel() for _, p in params], solver=solver, **opts)
+    # float32 per-sequence gradients carry ~1e-7 relative rounding (two copies of one sequence differ by
+    # that much), so their span is only defined above it: the oracle gets a float32-level rcond
+    rcond = None if params[0][1].dtype == torch.float64 else ORACLE_RCOND_F32
+    want = reference.accumulate(oracle, blocks=[p.numel() for _, p in params], solver=solver, rcond=rcond, **opts)
     return got, want
 
 
@@ -106,7 +110,7 @@ def mlp_cases(draw):
     variant = draw(st.sampled_from(["proma", "proma", "none", "intra"]))
     acc = dict(variant=variant, strategy=draw(st.sampled_from(["auto", "materialize", "ghost"])))
     if variant == "proma":
-        acc["solver"] = draw(st.sampled_from(["exact", "gram_schmidt", "ridge"]))
+        acc["solver"] = draw(st.sampled_from(["exact", "gram_schmidt", "ridge", "none"]))
         acc["passes"] = draw(st.integers(1, 3))
         acc["ridge"] = draw(st.sampled_from([1e-3, 0.1]))
         acc["relative_bound"] = draw(st.sampled_from([None, None, 0.0, 0.3]))
@@ -186,29 +190,6 @@ def test_tiny_qwen3_matches_reference(dtype, acc_kwargs):
     got, want = _run(model, mbs, _qwen_forward, acc_kwargs, intra_oracle=acc_kwargs.get("variant") == "intra")
     rtol = FLOAT32_RTOL if acc_kwargs.get("variant") == "none" else RTOL[dtype]
     assert rel_err(got, want) <= rtol, rel_err(got, want)
-
-
-@pytest.mark.slow
-def test_tiny_qwen3_left_padding_and_stats():
-    """Left padding (generation layout) and the stats of the last microbatch."""
-    model = tiny_qwen3(torch.float64, seed=1)
-    gen = torch.Generator().manual_seed(5)
-    mbs = []
-    for b in (2, 3):
-        ids = torch.randint(0, 50, (b, 6), generator=gen)
-        mask = torch.ones(b, 6, dtype=torch.long)
-        mask[0, :2] = 0  # left-padded first sequence
-        mbs.append(((ids, mask), torch.randn(b, generator=gen, dtype=torch.float64)))
-
-    def forward(model, batch):
-        ids, mask = batch
-        pos = (mask.cumsum(1) - 1).clamp_min(0)
-        logits = model(input_ids=ids, attention_mask=mask, position_ids=pos).logits
-        lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None]).squeeze(-1)
-        return (lp * (mask[:, 1:] * mask[:, :-1])).sum(1)
-
-    got, want = _run(model, mbs, forward, dict(solver="exact"))
-    assert rel_err(got, want) <= FLOAT64_RTOL
 
 
 def test_none_variant_is_plain_backward_exactly():
@@ -312,6 +293,7 @@ def test_unsupported_parameter_raises_or_is_excluded():
     conv = nn.Sequential(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="0.weight"):
         ProjectedAccumulator(conv)
+    ProjectedAccumulator(conv, variant="none").close()  # plain accumulation needs no rule
     with pytest.raises(ValueError, match="exclude"):
         ProjectedAccumulator(RawParamModel(), exclude=["nope"])
     torch.manual_seed(0)

@@ -15,7 +15,7 @@ MODULES = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem != "__init__")
 
 
 def test_modules_are_all_found():
-    assert {"projection", "accumulate", "intra", "factors", "policy", "diagnostics", "blocks"} <= set(MODULES)
+    assert {"projection", "accumulation", "intra", "factors", "policy", "diagnostics", "blocks"} <= set(MODULES)
 
 
 def test_importing_every_module_does_not_import_torch():

@@ -10,3 +10,9 @@ def cases_dir(tmp_path_factory):
     path = tmp_path_factory.mktemp("cases")
     save_cases(path, synthetic_cases(0), generator=generator_info(0))
     return path
+
+
+@pytest.fixture(scope="session")
+def realcase_cache(tmp_path_factory):
+    """Warm-start cache of the real-case policy, shared by the real-case and report tests."""
+    return tmp_path_factory.mktemp("realcase-cache")

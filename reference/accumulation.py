@@ -40,7 +40,7 @@ from .projection import project_out
 SOLVERS = ("none", "exact", "gram_schmidt", "ridge")
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class AccumulationStep:
     """One microbatch of PROMA accumulation; every field has shape (n,).
 

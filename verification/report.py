@@ -1,0 +1,222 @@
+"""``proma-verify report``: train every method on GSM8K, measure, and write ``REPORT.md`` with PNGs and JSON.
+
+Phases (each shows progress): 1. the oracle cases checked against the reference and the torch
+implementation; 2. the grid of training runs (every method x learning rate, one shared warm-start);
+3. the projection study on real microbatches of the runs (start and end policy); 4. summaries, plots and
+the report text, generated from the measured values (``verification.reading``).
+
+Modes: ``full`` (the default small configuration of the harness, the committed report), ``quick`` (a
+reduced warm-start and few steps: a few minutes), ``smoke`` (the harness's smoke preset: seconds, for CI).
+"""
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .runs import METHODS, GridConfig, run_dir, run_grid
+
+MODES = {
+    # the committed report: harness defaults (small Qwen3, 1200-step warm-start), fewer rollout steps than a
+    # training run so that 10 runs fit the time budget on 2 CPU cores
+    "full": dict(grid=GridConfig(preset="small", steps=60, lrs=(1e-4, 3e-4), overrides=dict(eval_every=10)),
+                 snapshots=("start", "end"), real_cases=True, intra_ranks=(1, 2, 4)),
+    # README main command: same model, short warm-start, a few steps
+    "quick": dict(grid=GridConfig(preset="small", steps=6, lrs=(1e-4, 3e-4),
+                                  overrides=dict(warmstart_steps=300, eval_every=3, eval_size=64)),
+                  snapshots=("end",), real_cases=True, intra_ranks=(1, 2, 4)),
+    # CI: the harness's smoke preset
+    # CI: the harness's smoke preset (its policy earns no reward: the projection study falls back to the
+    # real-case policy)
+    "smoke": dict(grid=GridConfig(preset="smoke", steps=2, lrs=(1e-3, 3e-3)),
+                  snapshots=("end",), real_cases=True, intra_ranks=(1, 2)),
+}
+PROJECTED = ("proma", "proma-paper", "intra")
+SECTION_HEADINGS = (
+    "## Headline numbers",
+    "## Configuration",
+    "## 1. Oracle: implementations against the golden cases",
+    "## 2. Projection error on real GSM8K microbatches",
+    "### 2.1 torch vs reference",
+    "### 2.2 Published approximations vs exact projection",
+    "### 2.3 Layer-wise vs global exact projection",
+    "### 2.4 Intra-microbatch variant",
+    "## 3. KL control",
+    "### 3.1 Local KL per optimizer step",
+    "### 3.2 Exact KL vs second-order estimate",
+    "### 3.3 KL to the rollout policy",
+    "### 3.4 PROMA vs GRPO",
+    "## 4. Entropy and learning",
+    "## 5. Reading against the paper's claims",
+    "## 6. Raw data",
+)
+
+
+def _jsonable(obj):
+    if isinstance(obj, dict):
+        return {str(k): _jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_jsonable(v) for v in obj]
+    if isinstance(obj, (np.floating, float)):
+        return None if not math.isfinite(float(obj)) else float(obj)
+    if isinstance(obj, np.integer):
+        return int(obj)
+    return obj
+
+
+def _write_json(path: Path, obj) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(_jsonable(obj), indent=1) + "\n")
+    return path
+
+
+# ---------------------------------------------------------------------------------------------- phases
+def oracle_phase(work_dir: Path, *, real: bool, seed: int, realcase_cache, log) -> dict:
+    """Write the golden cases and check this project's implementations against them."""
+    from .cases import generator_info, synthetic_cases
+    from .check import check_callable
+    from .format import save_cases
+    from .impls import IMPLEMENTATIONS
+
+    cases = synthetic_cases(seed)
+    if real:
+        from .realcase import real_cases
+
+        cases += real_cases(seed=seed, cache_dir=realcase_cache, log=log)
+    cases_dir = work_dir / "cases"
+    save_cases(cases_dir, cases, generator=generator_info(seed))
+    results = {}
+    for impl in ("reference", "torch", "torch-float32"):
+        res = check_callable(cases_dir, IMPLEMENTATIONS[impl], progress=True)
+        results[impl] = [r.to_json() for r in res.results]
+    return {"cases_dir": str(cases_dir), "n_cases": len(cases), "results": results}
+
+
+def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks, realcase_cache, log) -> dict:
+    """Projection study on real microbatches of the ``proma`` run at the first learning rate.
+
+    ``start``: the warm-start policy on the run's first rollout steps; ``end``: the run's final checkpoint on
+    rollouts after its last step (steps it never trained on).
+    """
+    import torch
+
+    from proma.rl.train import sequence_logprobs, setup
+
+    from .realcase import pick_minibatch
+    from .study_projection import projection_study
+
+    cfg = grid.train_config("proma", grid.lrs[0], runs_dir)
+    s = setup(cfg, log=lambda *a, **k: None)
+    start = 0
+    if snapshot == "end":
+        ckpt = torch.load(run_dir(runs_dir, "proma", grid.lrs[0]) / "ckpt.pt", map_location="cpu", weights_only=True)
+        s.model.load_state_dict(ckpt["model"])
+        start = grid.steps
+    policy = "warm-start" if snapshot == "start" else f"proma lr={grid.lrs[0]:g} after {grid.steps} steps"
+    try:
+        step, batches, weights = pick_minibatch(s, start_step=start)
+        model = s.model
+    except RuntimeError as exc:
+        # every group got equal rewards (a policy too weak for the task): study the real-case policy instead
+        from .realcase import real_rollout
+
+        log(f"projection study ({snapshot}): {exc}; using the real-case policy instead")
+        rs, step, batches, weights = real_rollout(seed=grid.seed, cache_dir=realcase_cache)
+        model = rs.model
+        policy = (f"FALLBACK: the real-case policy of `verification.realcase` (the runs' {snapshot} policy had no "
+                  "rollout with a non-zero advantage)")
+    log(f"projection study ({snapshot}): rollout step {step}, {len(batches)} microbatches")
+    out = projection_study(model, sequence_logprobs, batches, weights, intra_ranks=intra_ranks)
+    out.update(snapshot=snapshot, rollout_step=step, policy=policy,
+               nonzero_weights=[int(np.count_nonzero(w)) for w in weights])
+    return out
+
+
+# --------------------------------------------------------------------------------------------- report
+def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jobs: int | None = None,
+                    realcase_cache=None, log=print) -> Path:
+    """Run everything for ``mode`` and write ``out/REPORT.md``; returns its path.
+
+    ``runs_dir`` (default ``out/runs``, git-ignored) keeps the training runs, their checkpoints and the
+    warm-start caches; ``realcase_cache`` (default ``runs_dir/cache-realcase``) the real-case policy's.
+    """
+    from . import plots, reading
+    from .study_metrics import read_jsonl, summarize_run
+
+    if mode not in MODES:
+        raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
+    spec = MODES[mode]
+    grid = GridConfig(**{**asdict(spec["grid"]), "seed": seed})
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs_dir = Path(runs_dir) if runs_dir else out / "runs"
+    data = out / "data"
+    realcase_cache = Path(realcase_cache) if realcase_cache else runs_dir / "cache-realcase"
+    timings = {}
+
+    t = time.perf_counter()
+    log("1/4 oracle cases: reference and torch against the golden files")
+    oracle = oracle_phase(runs_dir, real=spec["real_cases"], seed=seed, realcase_cache=realcase_cache, log=log)
+    timings["oracle"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log(f"2/4 training {len(grid.methods)} methods x {len(grid.lrs)} learning rates, {grid.steps} steps each")
+    dirs = run_grid(grid, runs_dir, jobs=jobs, log=log)
+    timings["training"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("3/4 projection study on real microbatches")
+    studies = {snap: study_phase(grid, runs_dir, snap, intra_ranks=spec["intra_ranks"],
+                                 realcase_cache=realcase_cache, log=log) for snap in spec["snapshots"]}
+    timings["projection_study"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("4/4 summaries, plots and REPORT.md")
+    runs, summaries = [], []
+    for method in grid.methods:
+        for lr in grid.lrs:
+            d = dirs[(method, lr)]
+            records, evals = read_jsonl(d / "metrics.jsonl"), read_jsonl(d / "eval.jsonl")
+            runs.append({"method": method, "lr": lr, "records": records, "evals": evals})
+            summaries.append(summarize_run(d))
+            _write_json(data / "runs" / f"{method}_lr{lr:g}.json",
+                        {"config": json.loads((d / "config.json").read_text()), "metrics": records, "eval": evals})
+    cfg0 = json.loads((dirs[(grid.methods[0], grid.lrs[0])] / "config.json").read_text())
+    figures = {
+        "local_kl": plots.metric_curves(runs, "local_kl", out / "local_kl.png", ylabel="local KL (per token)", log=True),
+        "kl_rollout": plots.metric_curves(runs, "kl", out / "kl_rollout.png", ylabel="KL to rollout policy", log=True),
+        "second_order": plots.second_order_scatter(runs, out / "kl_second_order.png"),
+        "kl_vs_gain": plots.kl_vs_gain(summaries, out / "kl_vs_gain.png"),
+        "reward": plots.metric_curves(runs, "reward", out / "reward.png", ylabel="reward (rollout mean)",
+                                      per_rollout_step=True, smooth=max(1, grid.steps // 15)),
+        "entropy": plots.metric_curves(runs, "entropy", out / "entropy.png", ylabel="token entropy (nats)",
+                                       per_rollout_step=True),
+        "val": plots.val_curves(runs, out / "val_accuracy.png"),
+    }
+    for snap, study in studies.items():
+        figures[f"projection_{snap}"] = plots.projection_bars(study, out / f"projection_{snap}.png")
+        figures[f"intra_{snap}"] = plots.intra_bars(study, out / f"intra_{snap}.png")
+    timings["report"] = time.perf_counter() - t
+
+    meta = {
+        "mode": mode, "grid": asdict(grid), "harness_config": cfg0, "timings_s": timings,
+        "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                    "processor": platform.processor() or platform.machine()},
+        "command": f"proma-verify report --out {out}" + ("" if mode == "full" else f" --{mode}"),
+    }
+    _write_json(data / "oracle.json", oracle)
+    for snap, study in studies.items():
+        _write_json(data / f"projection_{snap}.json", study)
+    _write_json(data / "summaries.json", summaries)
+    _write_json(data / "meta.json", meta)
+    text = reading.render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
+                          figures={k: p.name for k, p in figures.items()}, data_files=sorted(
+                              str(p.relative_to(out)) for p in data.rglob("*.json")))
+    path = out / "REPORT.md"
+    path.write_text(text)
+    return path

@@ -1,0 +1,198 @@
+"""Projection error on real microbatches: torch vs reference, published approximations vs exact, layer-wise
+vs global, and the intra variant.
+
+Index conventions: b sequences of a microbatch, P total parameter size, P_k the size of parameter tensor k.
+
+On a run's real microbatches (the policy and rollout of a training run), the per-sequence gradients g_i of
+every parameter are computed by brute force (b backward passes of a float64 copy of the policy) and the NumPy
+reference accumulates them under each setting, microbatch by microbatch. Reported per setting:
+
+- ``rel_dist``: ``||G - G_exact|| / ||G_exact||`` after the last microbatch, G_exact the exact layer-wise result;
+- ``overlap``: the residual overlap ``max_i |g_i . G'| / (||g_i|| ||G'||)`` of the projected running gradient
+  ``G' = G_m - pg_m`` with microbatch m's sequences (max over microbatches m >= 1), over the whole parameter
+  vector (``overlap_global``) and block by block (``overlap_layer``, max over parameter tensors);
+- for the intra variant, the fraction of each microbatch gradient it removes and its distance from plain
+  accumulation and from exact PROMA.
+
+``ProjectedAccumulator`` (float64 and float32 copies of the policy, the accumulator's own hooks on the real
+model) is run on the same microbatches for each solver; its ``p.grad`` after every microbatch is compared
+with the reference state, per parameter tensor, with the oracle's scale ``max(||G_out||, ||G_in||, ||pg||)``.
+"""
+from __future__ import annotations
+
+import copy
+import math
+
+import numpy as np
+
+import reference
+
+from .capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
+
+# name -> (reference.accumulate_step keyword arguments, layer-wise?)
+REFERENCE_SETTINGS = {
+    "exact (layer-wise)": (dict(solver="exact"), True),
+    "exact (global)": (dict(solver="exact"), False),
+    "gram_schmidt, 1 pass": (dict(solver="gram_schmidt", passes=1), True),
+    "gram_schmidt, 2 passes": (dict(solver="gram_schmidt", passes=2), True),
+    "gram_schmidt, 4 passes": (dict(solver="gram_schmidt", passes=4), True),
+    "ridge 1e-2": (dict(solver="ridge", ridge=1e-2), True),
+    "exact, relative_bound 0.5": (dict(solver="exact", relative_bound=0.5), True),
+    "paper: gram_schmidt 2 passes, relative_bound 0.5": (
+        dict(solver="gram_schmidt", passes=2, relative_bound=0.5), True),
+    "none (plain accumulation)": (dict(solver="none"), True),
+}
+EXACT = "exact (layer-wise)"
+# name -> (ProjectedAccumulator keyword arguments, reference setting name or ("intra", rank, form))
+TORCH_SETTINGS = {
+    "none": (dict(variant="none"), "none (plain accumulation)"),
+    "exact": (dict(variant="proma", solver="exact"), EXACT),
+    "gram_schmidt (2 passes)": (dict(variant="proma", solver="gram_schmidt", passes=2), "gram_schmidt, 2 passes"),
+    "ridge 1e-2": (dict(variant="proma", solver="ridge", ridge=1e-2), "ridge 1e-2"),
+    "paper (gram_schmidt 2, bound 0.5)": (
+        dict(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5),
+        "paper: gram_schmidt 2 passes, relative_bound 0.5"),
+    "intra (two_sided, rank 1)": (dict(variant="intra", intra_rank=1, intra_form="two_sided"),
+                                  ("intra", 1, "two_sided")),
+}
+
+
+def _overlaps(g: np.ndarray, v: np.ndarray, blocks: list) -> tuple:
+    glob = reference.residual_overlap(g, v)
+    per = max((reference.residual_overlap(g[:, blk], v[blk]) for blk in blocks), default=0.0)
+    return glob, per
+
+
+def _rel(a: np.ndarray, b: np.ndarray) -> float:
+    nb = np.linalg.norm(b)
+    return float(np.linalg.norm(a - b) / nb) if nb > 0 else (0.0 if not np.any(a) else math.inf)
+
+
+def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2, 4), torch_dtypes=("float64", "float32"),
+                     progress=True) -> dict:
+    """Run every setting on the microbatches ``batches`` with weights ``weights``; returns a JSON-able dict.
+
+    Parameters
+    ----------
+    model : torch.nn.Module
+        The policy as trained (left untouched; copies are made).
+    seq_logp_fn : callable ``(model, batch) -> (b,)``
+    batches : list of sequence batches (one per microbatch); weights : list of (b_m,) arrays
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from proma import ProjectedAccumulator
+
+    model64 = copy.deepcopy(model).double().eval()
+    named = trainable_parameters(model64)
+    sizes = [p.numel() for _, p in named]
+    edges = np.concatenate([[0], np.cumsum(sizes)])
+    blocks = [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+    P = int(edges[-1])
+    owners = linear_weight_owners(model64)
+
+    G = {name: np.zeros(P) for name in REFERENCE_SETTINGS}
+    track = {name: {"overlap_global": 0.0, "overlap_layer": 0.0, "removed_frac": []} for name in REFERENCE_SETTINGS}
+    intra_keys = [(r, f) for r in intra_ranks for f in ("two_sided", "kron")]
+    G_intra = {key: np.zeros(P) for key in intra_keys}
+    intra_removed = {key: [] for key in intra_keys}
+    plain_total = np.zeros(P)
+
+    # torch accumulators, one model copy each, alive across the microbatches
+    runs = []
+    for dtype in torch_dtypes:
+        tdtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
+        for label, (kwargs, ref_name) in TORCH_SETTINGS.items():
+            m_copy = copy.deepcopy(model).to(tdtype).eval()
+            acc = ProjectedAccumulator(m_copy, **kwargs)
+            acc.zero_grad()
+            runs.append({"dtype": dtype, "label": label, "model": m_copy, "acc": acc, "ref": ref_name,
+                         "params": [p for _, p in trainable_parameters(m_copy)], "max_rel_err": 0.0, "worst": ""})
+
+    bar = tqdm(total=len(batches), desc="projection study", unit="mb", disable=not progress, leave=False)
+    try:
+        for m, (batch, w) in enumerate(zip(batches, weights)):
+            w = np.asarray(w, dtype=np.float64)
+            per_param = per_sequence_grads(model64, seq_logp_fn, batch, [p for _, p in named])
+            b = len(w)
+            g = np.concatenate([x.reshape(b, -1) for x in per_param], axis=1)
+            del per_param
+            pg = w @ g
+            plain_total += pg
+            states = {}
+            for name, (kw, layerwise) in REFERENCE_SETTINGS.items():
+                step = reference.accumulate_step(G[name], g, w, blocks=blocks if layerwise else None, **kw)
+                if m >= 1:
+                    og, ol = _overlaps(g, step.after - step.pg, blocks)
+                    track[name]["overlap_global"] = max(track[name]["overlap_global"], og)
+                    track[name]["overlap_layer"] = max(track[name]["overlap_layer"], ol)
+                    nin = np.linalg.norm(step.before)
+                    track[name]["removed_frac"].append(float(np.linalg.norm(step.removed) / nin) if nin > 0 else 0.0)
+                states[name] = step
+                G[name] = step.after
+            # intra: linear weights only (every use an nn.Linear), tokens with non-zero output gradient
+            _, factors = linear_factors(model64, seq_logp_fn, batch, batch["attention_mask"])
+            intra_states = {}
+            for key in intra_keys:
+                rank, form = key
+                new = pg.copy()
+                for k, (_, p) in enumerate(named):
+                    calls = factors.get(id(p))
+                    if not calls or owners.get(id(p), True):
+                        continue
+                    X = np.concatenate([c[0] for c in calls])
+                    D = np.concatenate([c[1] for c in calls])
+                    keep = np.any(D != 0, axis=1)
+                    new[blocks[k]] = reference.intra_project(pg[blocks[k]].reshape(p.shape), X[keep], D[keep],
+                                                             rank=rank, form=form).ravel()
+                npg = np.linalg.norm(pg)
+                intra_removed[key].append(float(np.linalg.norm(pg - new) / npg) if npg > 0 else 0.0)
+                intra_states[key] = (G_intra[key].copy(), pg, G_intra[key] + new)
+                G_intra[key] = G_intra[key] + new
+            # torch on the same microbatch
+            for run in runs:
+                tdtype = next(run["model"].parameters()).dtype
+                seq_logp = seq_logp_fn(run["model"], batch)
+                run["acc"].backward(seq_logp, torch.as_tensor(w, dtype=tdtype))
+                ref = run["ref"]
+                if isinstance(ref, tuple):
+                    before, pg_ref, after = intra_states[ref[1:]]
+                else:
+                    st = states[ref]
+                    before, pg_ref, after = st.before, st.pg, st.after
+                for k, p in enumerate(run["params"]):
+                    blk = blocks[k]
+                    got = np.zeros(sizes[k]) if p.grad is None else p.grad.detach().double().cpu().numpy().ravel()
+                    scale = max(np.linalg.norm(after[blk]), np.linalg.norm(before[blk]), np.linalg.norm(pg_ref[blk]))
+                    err = float(np.linalg.norm(got - after[blk]) / scale) if scale > 0 else float(np.linalg.norm(got))
+                    if err > run["max_rel_err"]:
+                        run["max_rel_err"], run["worst"] = err, f"mb{m} {named[k][0]}"
+            bar.update(1)
+    finally:
+        bar.close()
+        for run in runs:
+            run["acc"].close()
+
+    exact = G[EXACT]
+    out = {
+        "n_microbatches": len(batches), "sequences": [len(w) for w in weights], "n_parameters": P,
+        "n_tensors": len(named), "plain_vs_exact_rel_dist": _rel(plain_total, exact),
+        "settings": {}, "intra": {}, "torch_vs_reference": [],
+    }
+    for name in REFERENCE_SETTINGS:
+        fr = track[name]["removed_frac"]
+        out["settings"][name] = {
+            "rel_dist_to_exact": _rel(G[name], exact), "overlap_global": track[name]["overlap_global"],
+            "overlap_layer": track[name]["overlap_layer"],
+            "removed_frac_mean": float(np.mean(fr)) if fr else math.nan,
+        }
+    for (rank, form), Gi in G_intra.items():
+        out["intra"][f"{form}, rank {rank}"] = {
+            "rank": rank, "form": form, "removed_frac_mean": float(np.mean(intra_removed[(rank, form)])),
+            "rel_dist_to_plain": _rel(Gi, plain_total), "rel_dist_to_exact": _rel(Gi, exact),
+        }
+    for run in runs:
+        out["torch_vs_reference"].append({"setting": run["label"], "dtype": run["dtype"],
+                                          "max_rel_err": run["max_rel_err"], "worst": run["worst"]})
+    return out

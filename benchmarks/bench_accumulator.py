@@ -21,7 +21,8 @@ Methods: ``plain`` = ``ProjectedAccumulator(variant="none")`` (i.e. ``(w * seq_l
 microbatch, b per-sequence backward passes of the whole model (``torch.autograd.grad(seq_logp[i],
 params)``), gradients flattened per parameter (b, P) and G projected densely (QR of the b x P block).
 
-Step time: median over ``--repeats`` interleaved repetitions (methods alternate, so load drift hits all).
+Step time: minimum (and median) over ``--repeats`` interleaved repetitions (methods alternate, so load
+drift hits all; the minimum is the least disturbed by other processes on a shared machine).
 Peak memory: each method runs in a fresh subprocess; after a warm-up step and ``zero_grad`` the kernel's
 peak-RSS counter is reset (``/proc/self/clear_refs`` = 5), then one step runs and the peak is
 ``VmHWM - VmRSS`` (bytes above the resting state: activations, gradients, transients). glibc is told to
@@ -172,7 +173,8 @@ def time_methods(case, methods, args):
             if m.startswith("proma"):
                 strategies[m] = sorted({d["strategy"] for d in acc.stats()["params"].values()})
             acc.close()
-    return {m: statistics.median(v) for m, v in times.items()}, strategies
+    return ({m: min(v) for m, v in times.items()}, {m: statistics.median(v) for m, v in times.items()},
+            strategies)
 
 
 def _status_kib(field):
@@ -232,23 +234,24 @@ def measure_memory(case, method, args):
 
 # -- report --------------------------------------------------------------------------------------------
 def table(case, methods, args, title):
-    times, strategies = time_methods(case, methods, args)
+    times, medians, strategies = time_methods(case, methods, args)
     mem = {m: measure_memory(case, m, args) for m in methods}
     plain_t, plain_m = times["plain"], mem["plain"]["extra_bytes"]
     lines = [f"### {title}", "",
              f"b = {args.b} sequences x T = {args.T} tokens per microbatch, {args.microbatches} microbatches per "
              f"step, float32, {args.device}, {args.threads} CPU thread(s); parameters {mem['plain']['param_bytes'] / 2**20:.1f} MiB.",
              "",
-             "| method | step time (ms) | x plain | naive / method | peak memory above rest (MiB) | "
-             "extra vs plain / plain peak | strategies |",
-             "|---|---:|---:|---:|---:|---:|---|"]
+             "| method | step time (ms), min | x plain | median x plain | naive / method | "
+             "peak memory above rest (MiB) | extra vs plain / plain peak | strategies |",
+             "|---|---:|---:|---:|---:|---:|---:|---|"]
     naive_t = times.get("naive")
     for m in methods:
         t, b_ = times[m], mem[m]["extra_bytes"]
         speed = f"{naive_t / t:.1f}" if naive_t else "-"
         extra = (b_ - plain_m) / plain_m if plain_m > 0 else float("nan")
-        lines.append(f"| {m} | {1e3 * t:.1f} | {t / plain_t:.2f} | {speed} | {b_ / 2**20:.1f} | {extra:+.2f} | "
-                     f"{', '.join(strategies.get(m, [])) or '-'} |")
+        med = medians[m] / medians["plain"]
+        lines.append(f"| {m} | {1e3 * t:.1f} | {t / plain_t:.2f} | {med:.2f} | {speed} | {b_ / 2**20:.1f} | "
+                     f"{extra:+.2f} | {', '.join(strategies.get(m, [])) or '-'} |")
     lines.append("")
     return "\n".join(lines), times, mem
 

@@ -439,9 +439,11 @@ class ProjectedAccumulator:
                 G = pg if G is None else G.add_(pg)
             else:
                 K, h = block.gram_and_inner(G)
-                sol = solve(K, h, w, solver=self.solver, passes=self.passes, ridge=self.ridge,
+                # the b x b solve is tiny and full of data-dependent branches: run it on the CPU in float64
+                # (one device->host copy per block instead of many small kernels and synchronisations)
+                sol = solve(K.cpu(), h.cpu(), w.cpu(), solver=self.solver, passes=self.passes, ridge=self.ridge,
                             relative_bound=self.relative_bound, P=block.P, work_dtype=work)
-                block.add_weighted_(G, w - self.shrinkage * sol.coef)
+                block.add_weighted_(G, (w.cpu() - self.shrinkage * sol.coef).to(G.device))
                 stat.update(mode="proma", incoming_norm=sol.incoming_norm, removed_norm=sol.removed_norm,
                             gram_rank=sol.rank)
             self._store(p, G)

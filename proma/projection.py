@@ -215,28 +215,6 @@ def solve(
 # Intra-microbatch variant: dominant subspaces of the factors.
 # ---------------------------------------------------------------------------------------------------
 
-def _dense_top_right(M: torch.Tensor, rank: int, cut: float) -> torch.Tensor:
-    """Top right singular vectors from a full eigendecomposition of the smaller Gram of M."""
-    t, d = M.shape
-    if d <= t:
-        lam, Q = torch.linalg.eigh(M.T @ M)
-        lam, Q = lam.double().flip(0), Q.double().flip(1)
-        if lam[0] <= 0:
-            return Q[:, :0]
-        r = min(rank, int((lam.clamp_min(0).sqrt() > cut * lam[0].sqrt()).sum()))
-        return Q[:, :r]
-    lam, W = torch.linalg.eigh(M @ M.T)
-    lam, W = lam.double().flip(0), W.double().flip(1)
-    if lam[0] <= 0:
-        return W.new_zeros(d, 0)
-    s = lam.clamp_min(0).sqrt()
-    r = min(rank, int((s > cut * s[0]).sum()))
-    V = M.double().T @ (W[:, :r] / s[:r])
-    # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2
-    V, _ = torch.linalg.qr(V)
-    return V
-
-
 def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank.
 
@@ -251,14 +229,14 @@ def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
         return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
     cut = max(max(t, d) * EPS64, (GRAM_NOISE * min(t, d) * float(torch.finfo(M.dtype).eps)) ** 0.5)
     if d <= t:
-        lam, Q = torch.linalg.eigh(M.T @ M)
-        lam, Q = lam.double().flip(0), Q.double().flip(1)
+        lam, Q = torch.linalg.eigh((M.T @ M).cpu())  # dense eigh of a few hundred rows: faster on the CPU
+        lam, Q = lam.double().flip(0), Q.double().flip(1).to(M.device)
         if lam[0] <= 0:
             return Q[:, :0]
         r = min(rank, int((lam.clamp_min(0).sqrt() > cut * lam[0].sqrt()).sum()))
         return Q[:, :r]
-    lam, W = torch.linalg.eigh(M @ M.T)
-    lam, W = lam.double().flip(0), W.double().flip(1)
+    lam, W = torch.linalg.eigh((M @ M.T).cpu())
+    lam, W = lam.double().flip(0), W.double().flip(1).to(M.device)
     if lam[0] <= 0:
         return W.new_zeros(d, 0)
     s = lam.clamp_min(0).sqrt()

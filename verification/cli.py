@@ -3,7 +3,7 @@
     proma-verify cases --out DIR [--seed 0] [--no-real]
     proma-verify check --cases DIR --candidate FILE [--only ID ...] [--dtype float32] [--rtol R] [--atol A]
     proma-verify check --cases DIR --impl reference|torch|torch-float32
-    proma-verify report --out reports/ [--quick | --smoke]
+    proma-verify report --out reports/ [--quick | --smoke] [--steps N] [--lrs 1e-4,3e-4] [--jobs 2]
 
 Exit status of ``check``: 0 every case passes, 1 some case fails, 2 malformed input (the message names the
 file, case and array).
@@ -61,7 +61,15 @@ def _cmd_report(args) -> int:
     from .report import generate_report
 
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
-    path = generate_report(args.out, mode=mode, runs_dir=args.runs, seed=args.seed)
+    lrs = None
+    if args.lrs:
+        try:
+            lrs = tuple(float(x) for x in args.lrs.split(","))
+        except ValueError:
+            print(f"error: --lrs must be comma-separated numbers; got {args.lrs!r}", file=sys.stderr)
+            return 2
+    path = generate_report(args.out, mode=mode, runs_dir=args.runs, seed=args.seed, jobs=args.jobs,
+                           steps=args.steps, lrs=lrs)
     print(f"report written to {path}")
     return 0
 
@@ -98,6 +106,9 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--smoke", action="store_true", help="tiny runs for CI (seconds)")
     p.add_argument("--runs", type=Path, default=None, help="where training runs are kept (default OUT/runs)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--steps", type=int, default=None, help="rollout steps per run (overrides the mode's)")
+    p.add_argument("--lrs", default=None, help="comma-separated learning rates (overrides the mode's), e.g. 1e-4,3e-4")
+    p.add_argument("--jobs", type=int, default=None, help="training runs in parallel (default: min(2, CPUs))")
     p.set_defaults(fn=_cmd_report)
     return parser
 
@@ -106,7 +117,7 @@ def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.fn(args)
-    except FormatError as exc:
+    except (FormatError, ValueError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
 

@@ -39,7 +39,7 @@ def _smooth(x: np.ndarray, k: int) -> np.ndarray:
 def _save(fig, path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
     plt.close(fig)
     return path
 

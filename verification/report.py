@@ -19,12 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
-from .runs import METHODS, GridConfig, run_dir, run_grid
+from .runs import GridConfig, quiet_transformers, run_dir, run_grid
 
 MODES = {
     # the committed report: harness defaults (small Qwen3, 1200-step warm-start), fewer rollout steps than a
     # training run so that 10 runs fit the time budget on 2 CPU cores
-    "full": dict(grid=GridConfig(preset="small", steps=60, lrs=(1e-4, 3e-4), overrides=dict(eval_every=10)),
+    "full": dict(grid=GridConfig(preset="small", steps=80, lrs=(1e-4, 3e-4), overrides=dict(eval_every=10)),
                  snapshots=("start", "end"), real_cases=True, intra_ranks=(1, 2, 4)),
     # README main command: same model, short warm-start, a few steps
     "quick": dict(grid=GridConfig(preset="small", steps=6, lrs=(1e-4, 3e-4),
@@ -36,7 +36,6 @@ MODES = {
     "smoke": dict(grid=GridConfig(preset="smoke", steps=2, lrs=(1e-3, 3e-3)),
                   snapshots=("end",), real_cases=True, intra_ranks=(1, 2)),
 }
-PROJECTED = ("proma", "proma-paper", "intra")
 SECTION_HEADINGS = (
     "## Headline numbers",
     "## Configuration",
@@ -139,7 +138,7 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
 
 # --------------------------------------------------------------------------------------------- report
 def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jobs: int | None = None,
-                    realcase_cache=None, log=print) -> Path:
+                    steps: int | None = None, lrs=None, realcase_cache=None, log=print) -> Path:
     """Run everything for ``mode`` and write ``out/REPORT.md``; returns its path.
 
     ``runs_dir`` (default ``out/runs``, git-ignored) keeps the training runs, their checkpoints and the
@@ -151,7 +150,12 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
     spec = MODES[mode]
-    grid = GridConfig(**{**asdict(spec["grid"]), "seed": seed})
+    quiet_transformers()
+    grid = asdict(spec["grid"])
+    grid.update(seed=seed, **({"steps": int(steps)} if steps else {}), **({"lrs": tuple(lrs)} if lrs else {}))
+    if grid["steps"] < 1 or len(grid["lrs"]) < 1 or any(not lr > 0 for lr in grid["lrs"]):
+        raise ValueError(f"steps must be >= 1 and learning rates > 0; got steps={grid['steps']}, lrs={grid['lrs']}")
+    grid = GridConfig(**grid)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(runs_dir) if runs_dir else out / "runs"
@@ -207,7 +211,8 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
         "mode": mode, "grid": asdict(grid), "harness_config": cfg0, "timings_s": timings,
         "machine": {"python": platform.python_version(), "platform": platform.platform(),
                     "processor": platform.processor() or platform.machine()},
-        "command": f"proma-verify report --out {out}" + ("" if mode == "full" else f" --{mode}"),
+        "command": f"proma-verify report --out {out}" + ("" if mode == "full" else f" --{mode}")
+                   + (f" --steps {steps}" if steps else "") + (f" --lrs {','.join(f'{x:g}' for x in lrs)}" if lrs else ""),
     }
     _write_json(data / "oracle.json", oracle)
     for snap, study in studies.items():

@@ -40,12 +40,23 @@ def run_dir(runs_dir, method: str, lr: float) -> Path:
     return Path(runs_dir) / f"{method}_lr{lr:g}"
 
 
+def quiet_transformers() -> None:
+    """Silence transformers' per-checkpoint progress bars (they would interleave with the report's)."""
+    try:
+        from transformers.utils import logging
+
+        logging.disable_progress_bar()
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        pass
+
+
 def _train_one(cfg_dict: dict) -> str:
     import torch
 
     from proma.rl.config import TrainConfig
     from proma.rl.train import train
 
+    quiet_transformers()
     if cfg_dict.get("num_threads"):
         torch.set_num_threads(cfg_dict["num_threads"])
     return str(train(TrainConfig(**cfg_dict), log=lambda *a, **k: None))
@@ -63,6 +74,7 @@ def run_grid(grid: GridConfig, runs_dir, *, jobs: int | None = None, log=print) 
     """Train every (method, lr) of ``grid``; returns ``{(method, lr): run directory}``."""
     from tqdm.auto import tqdm
 
+    quiet_transformers()
     runs_dir = Path(runs_dir)
     runs_dir.mkdir(parents=True, exist_ok=True)
     (runs_dir / ".gitignore").write_text("# training runs and checkpoints of the report: not committed\n*\n")

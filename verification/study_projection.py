@@ -11,6 +11,9 @@ reference accumulates them under each setting, microbatch by microbatch. Reporte
 - ``overlap``: the residual overlap ``max_i |g_i . G'| / (||g_i|| ||G'||)`` of the projected running gradient
   ``G' = G_m - pg_m`` with microbatch m's sequences (max over microbatches m >= 1), over the whole parameter
   vector (``overlap_global``) and block by block (``overlap_layer``, max over parameter tensors);
+- ``conditioning``: the smallest relative singular value of each tensor's g_i per microbatch (above the
+  float64 cutoff), and the fraction of (tensor, microbatch) pairs with one below the float32 rank cutoff of
+  the torch exact solver (a Gram formed in float32 cannot resolve such directions, so it drops them);
 - for the intra variant, the fraction of each microbatch gradient it removes and its distance from plain
   accumulation and from exact PROMA.
 
@@ -38,7 +41,7 @@ REFERENCE_SETTINGS = {
     "gram_schmidt, 4 passes": (dict(solver="gram_schmidt", passes=4), True),
     "ridge 1e-2": (dict(solver="ridge", ridge=1e-2), True),
     "exact, relative_bound 0.5": (dict(solver="exact", relative_bound=0.5), True),
-    "paper: gram_schmidt 2 passes, relative_bound 0.5": (
+    "paper: gram_schmidt 2, bound 0.5": (
         dict(solver="gram_schmidt", passes=2, relative_bound=0.5), True),
     "none (plain accumulation)": (dict(solver="none"), True),
 }
@@ -51,10 +54,23 @@ TORCH_SETTINGS = {
     "ridge 1e-2": (dict(variant="proma", solver="ridge", ridge=1e-2), "ridge 1e-2"),
     "paper (gram_schmidt 2, bound 0.5)": (
         dict(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5),
-        "paper: gram_schmidt 2 passes, relative_bound 0.5"),
+        "paper: gram_schmidt 2, bound 0.5"),
     "intra (two_sided, rank 1)": (dict(variant="intra", intra_rank=1, intra_form="two_sided"),
                                   ("intra", 1, "two_sided")),
 }
+
+
+def float32_cutoff(b: int) -> float:
+    """Relative singular value below which the torch exact solver, on a float32 Gram of b rows, drops a
+    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule); NaN if unavailable."""
+    try:
+        import torch
+
+        from proma.projection import eigen_cutoff
+
+        return math.sqrt(eigen_cutoff(b, 10**9, torch.float32))
+    except (ImportError, AttributeError, TypeError):
+        return math.nan
 
 
 def _overlaps(g: np.ndarray, v: np.ndarray, blocks: list) -> tuple:
@@ -110,6 +126,7 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
             runs.append({"dtype": dtype, "label": label, "model": m_copy, "acc": acc, "ref": ref_name,
                          "params": [p for _, p in trainable_parameters(m_copy)], "max_rel_err": 0.0, "worst": ""})
 
+    smallest = {}  # (m, k) -> smallest relative singular value of the tensor's g_i above the float64 cutoff
     bar = tqdm(total=len(batches), desc="projection study", unit="mb", disable=not progress, leave=False)
     try:
         for m, (batch, w) in enumerate(zip(batches, weights)):
@@ -120,6 +137,10 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
             del per_param
             pg = w @ g
             plain_total += pg
+            for k, blk in enumerate(blocks):
+                sv = np.linalg.svd(g[:, blk], compute_uv=False)
+                keep = sv > reference.default_rcond(*g[:, blk].shape) * sv[0] if sv.size and sv[0] > 0 else sv[:0] > 0
+                smallest[m, k] = float(sv[keep][-1] / sv[0]) if np.any(keep) else math.nan
             states = {}
             for name, (kw, layerwise) in REFERENCE_SETTINGS.items():
                 step = reference.accumulate_step(G[name], g, w, blocks=blocks if layerwise else None, **kw)
@@ -168,6 +189,7 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
                     err = float(np.linalg.norm(got - after[blk]) / scale) if scale > 0 else float(np.linalg.norm(got))
                     if err > run["max_rel_err"]:
                         run["max_rel_err"], run["worst"] = err, f"mb{m} {named[k][0]}"
+                        run["worst_smallest_sv"] = smallest[m, k]
             bar.update(1)
     finally:
         bar.close()
@@ -194,5 +216,14 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
         }
     for run in runs:
         out["torch_vs_reference"].append({"setting": run["label"], "dtype": run["dtype"],
-                                          "max_rel_err": run["max_rel_err"], "worst": run["worst"]})
+                                          "max_rel_err": run["max_rel_err"], "worst": run["worst"],
+                                          "worst_smallest_rel_sv": run.get("worst_smallest_sv", math.nan)})
+    sv = np.array([v for v in smallest.values() if math.isfinite(v)])
+    cut32 = float32_cutoff(max(len(w) for w in weights))
+    out["conditioning"] = {
+        "min_rel_sv": float(sv.min()) if sv.size else math.nan,
+        "float32_cutoff_rel_sv": cut32,
+        "frac_below_float32_cutoff": float(np.mean(sv < cut32)) if sv.size and math.isfinite(cut32) else math.nan,
+        "n_blocks": int(sv.size),
+    }
     return out

@@ -1,4 +1,5 @@
-"""``proma`` command line: ``proma train [--preset smoke|small] [--<option> VALUE ...]``.
+"""``proma`` command line: ``proma train [--preset smoke|small] [--<option> VALUE ...]`` and
+``proma summary RUN_DIR...``.
 
 Every ``TrainConfig`` field is an option (underscores become dashes: ``--prompts-per-step 16``; booleans take
 ``--kl-metrics false``). The preset is applied first, then the options given. Bad options exit with status 2
@@ -51,6 +52,8 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         tr.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_parser(f), default=None,
                         metavar=f.name.upper(), help=f"(small preset: {getattr(defaults, f.name)!r})")
+    sm = sub.add_parser("summary", help="markdown table of finished runs (reward, accuracy, local KL)")
+    sm.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     return parser
 
 
@@ -73,6 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             parser.exit(2, f"proma train: error: {e}\n")
         print(f"run directory: {run_dir}")
+        return 0
+    if ns.command == "summary":
+        from .summary import markdown_table
+
+        try:
+            print(markdown_table(ns.run_dirs))
+        except (ValueError, OSError) as e:
+            parser.exit(2, f"proma summary: error: {e}\n")
         return 0
     return 2  # pragma: no cover - argparse rejects unknown commands
 

@@ -72,7 +72,7 @@ def per_sequence_grads(model, logp, params):
         gs = torch.autograd.grad(logp[i], [p for _, p in params], retain_graph=True, allow_unused=True)
         rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
                                for g, (_, p) in zip(gs, params)]))
-    return torch.stack(rows).numpy()
+    return torch.stack(rows).cpu().numpy()
 
 
 def flat_grad(params):

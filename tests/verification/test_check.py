@@ -107,3 +107,14 @@ def test_callable_exceptions_and_bad_outputs_are_case_errors(cases_dir):
     assert errors == {"ridge_1": "RuntimeError: boom", "none_plain": "expected outputs for 4 microbatches; got 3"}
     with pytest.raises(AssertionError, match="PROMA oracle check failed"):
         result.raise_if_failed()
+
+
+def test_cli_cases_then_check_torch(tmp_path, capsys):
+    out = tmp_path / "cases"
+    assert main(["cases", "--out", str(out), "--no-real"]) == 0
+    assert (out / "manifest.json").is_file() and len(list(out.glob("*.npz"))) == 19
+    assert main(["check", "--cases", str(out), "--impl", "torch", "--only", "exact_tied_only",
+                 "--only", "intra_kron_rank1", "--json", str(tmp_path / "r.json")]) == 0
+    assert "2/2 cases pass" in capsys.readouterr().out
+    assert main(["check", "--cases", str(out)]) == 2
+    assert "exactly one of --candidate FILE or --impl NAME" in capsys.readouterr().err

@@ -2,7 +2,7 @@
 
 Usage: ``python benchmarks/check_device.py --device cuda``. Runs the tiny tied-embedding Qwen3 of the test
 suite on the device in float64 and float32 for every variant / solver / strategy, with per-sequence
-gradients from autograd as the oracle (as ``tests/proma/test_accumulator.py`` does on CPU).
+gradients from autograd as the oracle (as ``tests/proma/test_proma_accumulator.py`` does on CPU).
 """
 from __future__ import annotations
 

@@ -38,7 +38,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .capture import Capture, Use, hookable_modules
+from .capture import Capture, Use
 from .layers import STRATEGIES, Block, OuterFactors, find_rule, work_dtype_for
 from .layers.block import DEFAULT_MAX_TRANSIENT
 from .projection import SOLVERS, intra_project, solve

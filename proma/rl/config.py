@@ -85,7 +85,7 @@ class TrainConfig:
     strategy: str = "auto"
     # evaluation, checkpoints, diagnostics
     eval_every: int = 25             # rollout steps between greedy evaluations (also at start and end)
-    eval_size: int = 256             # fixed test subset
+    eval_size: int = 512             # fixed test subset
     ckpt_every: int = 25
     kl_metrics: bool = True          # exact local KL / KL to rollout policy / entropy
     second_order: bool = True        # 0.5 mean_i (g_i . dtheta)^2 (one forward-mode pass per microbatch)

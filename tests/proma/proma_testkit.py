@@ -11,7 +11,6 @@ import pytest
 import torch
 from torch import nn
 
-import reference
 
 
 class SeqMLP(nn.Module):

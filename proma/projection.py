@@ -20,12 +20,17 @@ and the shrinkage), which the layer rule turns into a tensor with a single weigh
 ``"ridge"``         normalised rows, a = (N + ridge I)^{-1} h', R = sum_i a_i n_i.
 
 Rank decisions (exact solver and the intra subspaces). The reference takes the SVD of the basis and
-keeps singular values above ``max(b, P) * eps64 * s_max``. Here only the Gram is known, and a Gram formed
-in a working dtype with machine epsilon ``eps_w`` carries rounding of order ``eps_w`` relative to its
-largest eigenvalue, so an eigenvalue of the (Jacobi-normalised) Gram counts as zero when it is at most
-``max((max(b, P) eps64)^2, GRAM_NOISE * b * eps_w) * lambda_max``. The two agree except for directions
-whose relative singular value lies between the two cutoffs (about 1e-13 and 1e-7 in float64): such
-nearly dependent sequence gradients are resolved by the reference and dropped here.
+keeps singular values above ``max(b, P) * eps64 * s_max``. Here only the Gram is known. The per-sequence
+gradients are computed in a working dtype with machine epsilon ``eps_w`` (float32 for a float32 or 16-bit
+model), so their singular values are uncertain by about ``b * eps_w * s_max``; the Gram itself is formed
+in float64 (:data:`proma.layers.block.GRAM_DTYPE`), which adds nothing comparable. An eigenvalue of the
+(Jacobi-normalised) Gram therefore counts as zero when it is at most
+``max((max(b, P) eps64)^2, (GRAM_NOISE * b * eps_w)^2, GRAM_NOISE * b * eps64) * lambda_max``: a
+float64 ``eigh`` resolves eigenvalues only to ~b eps64 lambda_max, so in float64 a direction whose
+relative singular value lies between ~1e-13 and ~1e-7 is resolved by the reference (SVD of the basis) and
+dropped here; in float32 the bound is a relative singular value of ``GRAM_NOISE * b * eps32`` (about 1e-5
+for b = 8), below which a direction is indistinguishable from the gradients' own rounding (two float32
+copies of one sequence differ by ~1e-8).
 """
 from __future__ import annotations
 
@@ -35,8 +40,8 @@ import torch
 
 SOLVERS = ("exact", "gram_schmidt", "ridge")
 EPS64 = float(torch.finfo(torch.float64).eps)
-# Multiplier of b * eps_w in the eigenvalue cutoff: rounding in a Gram of b rows formed in the working
-# dtype stays below ~b * eps_w * lambda_max for the sizes we meet; 10x headroom.
+# Multiplier of b * eps_w in the singular-value cutoff: rounding of b per-sequence gradients computed in the
+# working dtype stays below ~b * eps_w * s_max for the sizes we meet; 10x headroom.
 GRAM_NOISE = 10.0
 
 
@@ -60,10 +65,16 @@ class Solution:
 
 
 def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
-    """Relative eigenvalue cutoff of a Gram of ``b`` gradients of size ``P`` formed in ``work_dtype``."""
+    """Relative eigenvalue cutoff of a float64 Gram of ``b`` gradients of size ``P`` computed in ``work_dtype``.
+
+    ``max((max(b, P) eps64)^2, (GRAM_NOISE * b * eps_w)^2, GRAM_NOISE * b * eps64)``: the square of the
+    relative singular-value resolution of the gradients, floored by the rounding of a float64 ``eigh``
+    (see the module docstring).
+    """
     ref = (max(b, P, 1) * EPS64) ** 2
-    noise = GRAM_NOISE * max(b, 1) * float(torch.finfo(work_dtype).eps)
-    return max(ref, noise)
+    gradients = (GRAM_NOISE * max(b, 1) * float(torch.finfo(work_dtype).eps)) ** 2
+    gram = GRAM_NOISE * max(b, 1) * EPS64  # the float64 eigendecomposition's own rounding
+    return max(ref, gradients, gram)
 
 
 def _norms_and_keep(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:

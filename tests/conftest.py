@@ -22,3 +22,9 @@ settings.register_profile(
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+# The suite's tensors are tiny: intra-op threads cost more in synchronisation than they save, and CI has
+# 2 cores. (reference/ never imports torch; its own contract test checks that in a fresh subprocess.)
+import torch  # noqa: E402
+
+torch.set_num_threads(1)

@@ -31,6 +31,9 @@ import torch
 from .base import Contribution, IdsFactors, OuterFactors, SeqGrads, token_gram, token_gram_flops
 
 STRATEGIES = ("auto", "materialize", "ghost")
+# Grams and inner products are accumulated in float64 whatever the model dtype: their rounding then stays
+# far below that of the per-sequence gradients themselves, which sets the resolvable rank.
+GRAM_DTYPE = torch.float64
 DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
 # Multiply-add equivalents charged per element of materialised per-sequence gradients: the (b, P) tensor is
 # written once and read by the Gram, the inner products and the update, which is memory-bound; calibrated
@@ -142,31 +145,38 @@ class Block:
 
     # -- the three operations ------------------------------------------------------------------------
     def gram_and_inner(self, G: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """K (b, b) and, when G is given, h (b,) in the work dtype, sharing one materialisation pass."""
+        """K (b, b) and, when G is given, h (b,), both float64, sharing one materialisation pass.
+
+        The per-sequence gradients stay in the work dtype; only their products are formed in float64,
+        so a float32 model's Gram resolves directions down to ~eps32 (not sqrt(eps32)) of the largest
+        singular value (see :func:`proma.projection.eigen_cutoff`).
+        """
         Gw = None if G is None else G.to(self.dtype)
         if self.strategy == "ghost":
             return self.gram(), (None if Gw is None else self.inner(Gw))
         if self.ids_only:
             g = self._materialize_compact()
-            K = g @ g.T
-            h = None if Gw is None else g @ Gw[self._rows].reshape(-1)
+            gd = g.to(GRAM_DTYPE)
+            K = gd @ gd.T
+            h = None if Gw is None else gd @ Gw[self._rows].reshape(-1).to(GRAM_DTYPE)
             self._K, self._h = K, h
             return K, h
-        K = torch.zeros(self.b, self.b, dtype=self.dtype, device=self._device())
-        h = None if Gw is None else torch.zeros(self.b, dtype=self.dtype, device=K.device)
+        K = torch.zeros(self.b, self.b, dtype=GRAM_DTYPE, device=self._device())
+        h = None if Gw is None else torch.zeros(self.b, dtype=GRAM_DTYPE, device=K.device)
         Gf = None if Gw is None else Gw.reshape(self.shape[0], -1)
         single = self._chunk_rows() >= self.shape[0]
         for r0, r1, g in self._materialize_chunks():
-            K.addmm_(g, g.T)
+            gd = g.to(GRAM_DTYPE)
+            K.addmm_(gd, gd.T)
             if h is not None:
-                h.addmv_(g, Gf[r0:r1].reshape(-1))
+                h.addmv_(gd, Gf[r0:r1].reshape(-1).to(GRAM_DTYPE))
             if single:
                 self._g = g
         self._K, self._h = K, h
         return K, h
 
     def gram(self) -> torch.Tensor:
-        """The b x b Gram ``K_ij = <g_i, g_j>`` in the work dtype."""
+        """The b x b Gram ``K_ij = <g_i, g_j>`` in float64 (token Grams of work-dtype factors, formed in float64)."""
         if self._K is not None:
             return self._K
         if self.strategy == "ghost":
@@ -174,7 +184,7 @@ class Block:
             K = None
             for u in range(k):
                 for v in range(u, k):
-                    part = token_gram(self.contribs[u], self.contribs[v], self.dtype, max_elems=self.max_transient)
+                    part = token_gram(self.contribs[u], self.contribs[v], GRAM_DTYPE, max_elems=self.max_transient)
                     part = part if u == v else part + part.T
                     K = part if K is None else K + part
             self._K = K

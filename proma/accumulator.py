@@ -28,6 +28,25 @@ embedding) gets plain accumulation.
 Precision: the per-layer algebra runs in the parameter dtype (float32 for bf16/fp16 parameters), the b x b
 solves in float64. For 16-bit parameters the running gradient lives in a float32 buffer owned by the
 accumulator; after every ``backward`` each ``p.grad`` is set to that buffer rounded to the parameter dtype.
+
+Data parallelism (torch.distributed; ``process_group``, default the world group when initialised; W ranks).
+Convention: every mode gives the *mean over ranks*, as DDP does, so each rank passes the weights it would
+use alone (e.g. ``-A_i / N_rank``), and with ``sync="global"`` the result is (1/W) x single-process PROMA
+on the union microbatches (PROMA is homogeneous in the weights, so this equals PROMA with weights w / W).
+
+- ``variant="none"`` / ``"intra"``: each rank accumulates its own microbatches; :meth:`synchronize`
+  averages p.grad over the ranks (one all-reduce). Intra equals single-process intra over all ranks'
+  microbatches (as separate microbatches) with weights w / W.
+- ``variant="proma", sync="local"``: each rank runs PROMA over its own microbatches, then
+  :meth:`synchronize` averages (no extra communication; not single-process PROMA on the unions).
+- ``variant="proma", sync="global"``: lockstep; at microbatch k every rank sends its per-layer factors
+  (:mod:`proma.distributed`) and every rank projects the replicated global G against the union of the
+  k-th microbatches. Equals ``reference.accumulate`` on the unions with weights w / W. :meth:`synchronize`
+  then only averages the excluded parameters and checks that every rank ran as many microbatches.
+
+Call :meth:`synchronize` after the last microbatch, before ``optimizer.step()`` (it is a no-op in one
+process). With ``DistributedDataParallel`` run the forwards and ``backward`` inside ``model.no_sync()``
+(or :func:`proma.distributed.no_sync`) so that gradients are not reduced twice.
 """
 from __future__ import annotations
 
@@ -38,12 +57,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from . import distributed as pdist
 from .capture import Capture, Use
 from .layers import STRATEGIES, Block, OuterFactors, find_rule, work_dtype_for
 from .layers.block import DEFAULT_MAX_TRANSIENT
 from .projection import SOLVERS, intra_project, solve
 
 VARIANTS = ("proma", "none", "intra")
+SYNCS = ("local", "global")
 INTRA_FORMS = ("two_sided", "kron")
 
 
@@ -87,6 +108,12 @@ class ProjectedAccumulator:
         one extra backward pass restricted to the path to those parameters.
     max_transient : int
         Largest number of elements of a materialised per-sequence gradient chunk.
+    process_group : torch.distributed process group or None
+        Ranks to average over; default the world group when torch.distributed is initialised (else one
+        process, and :meth:`synchronize` does nothing).
+    sync : {"local", "global"}
+        ``variant="proma"`` across ranks: project against each rank's own microbatches ("local") or
+        against the union of every rank's k-th microbatch ("global"; see the module docstring).
 
     Examples
     --------
@@ -94,13 +121,15 @@ class ProjectedAccumulator:
     >>> acc.zero_grad()
     >>> for batch, weights in microbatches:
     ...     acc.backward(seq_logprobs(model, batch), weights)
+    >>> acc.synchronize()                  # across ranks; a no-op in one process
     >>> optimizer.step()
     """
 
     def __init__(self, model: nn.Module, variant: str = "proma", solver: str = "exact", passes: int = 2,
                  ridge: float = 1e-2, relative_bound: float | None = None, shrinkage: float = 1.0,
                  intra_rank: int = 1, intra_form: str = "two_sided", strategy: str = "auto",
-                 exclude=(), max_transient: int = DEFAULT_MAX_TRANSIENT):
+                 exclude=(), max_transient: int = DEFAULT_MAX_TRANSIENT, process_group=None,
+                 sync: str = "local"):
         if not isinstance(model, nn.Module):
             raise ValueError(f"model must be a torch.nn.Module; got {type(model).__name__}")
         if variant not in VARIANTS:
@@ -109,6 +138,11 @@ class ProjectedAccumulator:
             raise ValueError(f"solver must be one of {SOLVERS + ('none',)}; got {solver!r}")
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
+        if sync not in SYNCS:
+            raise ValueError(f"sync must be one of {SYNCS}; got {sync!r}")
+        if sync == "global" and variant == "intra":
+            raise ValueError("sync='global' is defined for variant='proma' (intra projects each microbatch on its "
+                             "own, so each rank projects its own microbatches); use sync='local'")
         if intra_form not in INTRA_FORMS:
             raise ValueError(f"intra_form must be one of {INTRA_FORMS}; got {intra_form!r}")
         if isinstance(passes, bool) or not isinstance(passes, int) or passes < 1:
@@ -130,6 +164,16 @@ class ProjectedAccumulator:
         self.strategy, self.max_transient = strategy, int(max_transient)
         self.exclude = frozenset(exclude)
         self._params = self._inventory()
+        self.sync = sync
+        self._group = pdist.default_group(process_group)
+        self.world_size = pdist.world_size(self._group)
+        # lockstep exchange only when it changes anything: PROMA across several ranks
+        self._global = sync == "global" and variant == "proma" and self.world_size > 1
+        self._ledger = pdist.CommLedger()
+        self._model_sig = pdist.signature([(p.name, tuple(p.param.shape), str(p.param.dtype))
+                                           for p in self._params.values()])
+        self._options_sig = pdist.signature(variant, sync, solver, passes, self.ridge, self.relative_bound,
+                                            self.shrinkage, intra_rank, intra_form, sorted(self.exclude))
         self._buffers: dict = {}          # fp32 running gradient of 16-bit parameters
         self._written: dict = {}          # p.grad tensor we last wrote for a 16-bit parameter
         self._stats: dict = {}
@@ -196,6 +240,7 @@ class ProjectedAccumulator:
         self._buffers.clear()
         self._written.clear()
         self._microbatches = 0
+        self._ledger.reset()
         if self._capture is not None:
             self._capture.discard()
 
@@ -217,8 +262,39 @@ class ProjectedAccumulator:
             forward of the model run since the last ``backward``.
         weights : (b,) per-sequence loss weights w_i (tensor, array or sequence): the microbatch's loss is
             ``sum_i w_i * seq_logp_i``.
+
+        A microbatch without sequences (b = 0; ``seq_logp`` need not require grad) adds nothing. With
+        ``sync="global"`` on several ranks this is a collective: every rank must call it once per microbatch,
+        so a rank without sequences at step k calls ``acc.backward(torch.zeros(0), torch.zeros(0))``.
         """
+        if not self._global:
+            self._backward(seq_logp, weights)
+            return
+        self._exchanged = False
+        try:
+            self._backward(seq_logp, weights)
+        except BaseException:
+            if not self._exchanged:  # let the other ranks raise too instead of waiting in the exchange
+                with contextlib.suppress(Exception):
+                    pdist.exchange_header([pdist.PHASE_ERROR, self._microbatches, self._model_sig,
+                                           self._options_sig], self._group, pdist.comm_device(self._group),
+                                          self._ledger)
+            raise
+
+    def _backward(self, seq_logp, weights) -> None:
         seq_logp, w = self._check_inputs(seq_logp, weights)
+        if seq_logp.shape[0] == 0:
+            # nothing to add; the layer rules need not handle empty activations
+            if self._capture is not None:
+                self._capture.discard()
+            self._stats = {}
+            if self._global:
+                self._weights = w.double()
+                for p in self._params.values():
+                    p.contribs = []
+                self._exchange_and_process(0)
+            self._microbatches += 1
+            return
         if self.variant == "none":
             (w.to(seq_logp.dtype) * seq_logp).sum().backward()
             self._stats = {p.name: {"rule": p.rule, "strategy": "plain", "mode": "plain"}
@@ -255,9 +331,12 @@ class ProjectedAccumulator:
             cap.backward(seq_logp)
             if self._error is not None:
                 raise self._error
-            for p in self._params.values():
-                if p.contribs or p.intra_X:
-                    self._process(p)
+            if self._global:
+                self._exchange_and_process(b)
+            else:
+                for p in self._params.values():
+                    if p.contribs or p.intra_X:
+                        self._process(p)
         finally:
             for p in self._params.values():
                 p.contribs, p.intra_X, p.intra_D, p.pending = [], [], [], 0
@@ -301,6 +380,57 @@ class ProjectedAccumulator:
         }
         return {"params": params, "summary": summary}
 
+    def synchronize(self) -> None:
+        """Finish the step across ranks: call once after the last microbatch, before ``optimizer.step()``.
+
+        Averages ``p.grad`` over the ranks (one all-reduce per dtype): every parameter for ``sync="local"``
+        and the variants "none" and "intra"; with ``sync="global"`` only the excluded parameters (the
+        projected ones are already global and equal on every rank). First checks, with one small
+        all-gather, that the ranks agree on the model and the options (and, for ``sync="global"``, on the
+        number of microbatches); raises the same ValueError on every rank otherwise. A parameter without a
+        gradient on every rank keeps ``grad = None``. No-op in a single process. A collective: every rank
+        must call it.
+        """
+        if self.world_size == 1:
+            return
+        device = pdist.comm_device(self._group)
+        headers = pdist.exchange_header([pdist.PHASE_SYNC, self._microbatches, self._model_sig, self._options_sig],
+                                        self._group, device, self._ledger)
+        pdist.check_headers(headers, require_same_count=self._global)
+        todo = [p for p in self._params.values()
+                if not self._global or p.excluded or p.rule == "excluded"]
+        if not todo:
+            return
+        pairs = []
+        for p in todo:
+            G = self._running(p)
+            if G is None:
+                G = torch.zeros(p.param.shape, dtype=work_dtype_for(p.param.dtype), device=p.param.device)
+            pairs.append((p, G))
+        # how many ranks hold a gradient, so that a parameter no rank touched keeps grad None (optimizers skip it)
+        has = torch.tensor([float(p.param.grad is not None) for p in todo], dtype=pairs[0][1].dtype,
+                           device=pairs[0][1].device)
+        pdist.all_reduce_mean_([G for _, G in pairs] + [has], self._group, self._ledger)
+        for (p, G), h in zip(pairs, has.tolist()):
+            if h > 0:
+                self._store(p, G)
+            else:
+                p.param.grad = None
+
+    def comm_stats(self) -> dict:
+        """Communication by this rank since ``zero_grad``, next to a plain gradient all-reduce.
+
+        Returns
+        -------
+        dict with ``world_size``, ``collectives``, ``payload_bytes`` (input tensors, padding included),
+        ``wire_bytes`` (bytes sent with ring algorithms), ``allreduce_payload_bytes`` / ``allreduce_wire_bytes``
+        (one all-reduce of every trainable parameter's gradient in its dtype, what DDP sends per step).
+        """
+        grad_bytes = sum(p.param.numel() * p.param.element_size() for p in self._params.values())
+        out = {"world_size": self.world_size, **self._ledger.as_dict(), "allreduce_payload_bytes": grad_bytes,
+               "allreduce_wire_bytes": pdist.all_reduce_wire_bytes(grad_bytes, self.world_size)}
+        return out
+
     def close(self) -> None:
         """Remove every hook; the model is left as it was. Idempotent."""
         if self._capture is not None:
@@ -326,7 +456,7 @@ class ProjectedAccumulator:
             raise ValueError(f"seq_logp must be a torch.Tensor of shape (b,); got {type(seq_logp).__name__}")
         if seq_logp.dim() != 1:
             raise ValueError(f"seq_logp must have shape (b,) (one value per sequence); got {tuple(seq_logp.shape)}")
-        if not seq_logp.requires_grad:
+        if not seq_logp.requires_grad and seq_logp.shape[0] > 0:
             raise ValueError("seq_logp does not require grad; compute it from the model with gradients enabled")
         w = torch.as_tensor(weights)
         if w.dim() != 1 or w.shape[0] != seq_logp.shape[0]:
@@ -367,12 +497,56 @@ class ProjectedAccumulator:
                     else:
                         p.intra_ok = False
                 p.pending -= 1
-                if p.pending == 0:
+                # sync="global" keeps the contributions until every rank's have been exchanged
+                if p.pending == 0 and (not self._global or p.excluded):
                     self._process(p)
         except Exception as exc:  # re-raised after the backward pass, with the engine unwound
             self._error = exc
         finally:
             use.saved = use.grad_output = None
+
+    def _exchange_and_process(self, b: int) -> None:
+        """sync="global": send this rank's factors, receive every rank's, apply the global microbatch's update.
+
+        Every rank builds the same blocks over the B = sum_r b_r sequences (ranks in order) and runs the
+        same solve on them, so the running gradients stay equal on every rank without an all-reduce.
+        """
+        device = pdist.comm_device(self._group)
+        order = [p for p in self._params.values() if p.rule != "excluded" and not p.excluded]
+        packer = pdist.Packer()
+        packer.add(-1, 0, pdist.KIND_WEIGHTS, b, 0, 0, self._weights)
+        for k, p in enumerate(order):
+            for u, c in enumerate(p.contribs):
+                pdist.pack_contribution(packer, k, u, c, work_dtype_for(p.param.dtype))
+            p.contribs = []  # the buffer holds a copy
+        buf = packer.finish(device)
+        headers = pdist.exchange_header([pdist.PHASE_BACKWARD, self._microbatches, self._model_sig, self._options_sig,
+                                         b, len(packer.meta), buf.numel()], self._group, device, self._ledger)
+        self._exchanged = True
+        pdist.check_headers(headers, require_same_count=True)
+        bufs = pdist.all_gather_bytes(buf, [h[6] for h in headers], self._group, self._ledger)
+        del buf, packer
+        weights, pieces = [], {}
+        for r, (rbuf, h) in enumerate(zip(bufs, headers)):
+            for k, u, piece in pdist.unpack(rbuf, h[5]):
+                if k < 0:
+                    weights.append(piece.tensors[0].to(device=self._weights.device, dtype=torch.float64))
+                elif piece.b > 0:
+                    pieces.setdefault(k, {}).setdefault(u, {})[r] = piece
+        w = torch.cat(weights) / self.world_size
+        with_seqs = [r for r, h in enumerate(headers) if h[4] > 0]
+        for k, p in enumerate(order):
+            uses = pieces.get(k)
+            if not uses:
+                continue
+            for u, by_rank in uses.items():
+                if sorted(by_rank) != with_seqs:
+                    raise ValueError(f"ranks disagree on the calls of parameter {p.name!r}: use {u} arrived on ranks "
+                                     f"{sorted(by_rank)} of the ranks with sequences {with_seqs}")
+            work = work_dtype_for(p.param.dtype)
+            contribs = [pdist.merge_pieces([uses[u][r] for r in with_seqs], p.param.shape, work, p.param.device)
+                        for u in sorted(uses)]
+            self._process(p, contribs, w)
 
     def _running(self, p: _Param):
         """The running gradient G of p (work dtype) or None when it is zero / unset."""
@@ -405,14 +579,18 @@ class ProjectedAccumulator:
                                "incoming_norm": g.double().norm(), "removed_norm": torch.zeros((), dtype=torch.float64),
                                "gram_rank": None, "uses": 0}
 
-    def _process(self, p: _Param) -> None:
-        """All uses of p have arrived: apply this microbatch's update to its running gradient."""
-        contribs, p.contribs = p.contribs, []
+    def _process(self, p: _Param, contribs=None, weights=None) -> None:
+        """All uses of p have arrived: apply this microbatch's update to its running gradient.
+
+        ``contribs`` and ``weights`` default to this rank's (the global microbatch's with sync="global").
+        """
+        if contribs is None:
+            contribs, p.contribs = p.contribs, []
         if not contribs:
             return
         work = work_dtype_for(p.param.dtype)
         block = Block(contribs, strategy=self.strategy, work_dtype=work, max_transient=self.max_transient)
-        w = self._weights.to(p.param.device)
+        w = (self._weights if weights is None else weights).to(p.param.device)
         G = self._running(p)
         stat = {"rule": p.rule, "strategy": block.strategy, "gram_rank": None, "uses": len(contribs)}
         try:

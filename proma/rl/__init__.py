@@ -3,5 +3,5 @@
 ``from proma.rl.config import TrainConfig`` and ``from proma.rl.train import train``; command line
 ``proma train --task gsm8k-calc --method proma --steps N --out runs/NAME``. The methods use PROMA only through
 the public ``proma.ProjectedAccumulator`` API. Modules: data (GSM8K, tasks, rewards), tokenizer, policy
-(model + supervised warm-start), rollout, losses, metrics, config, train, cli.
+(model + supervised warm-start), rollout, losses, metrics, config, train, summary, cli.
 """

@@ -3,6 +3,12 @@
 ``TrainConfig()`` is the default ``small`` configuration; ``TrainConfig.from_preset("smoke", steps=3)`` starts
 from a preset and overrides fields. Invalid combinations raise ``ValueError`` naming the option.
 
+RL prompts are drawn from ``train_pool`` examples of the task's train split (a fixed, seed-independent
+subset; 0 = the whole split): with the small model, RL on the whole split barely moves the reward in a few
+hundred steps (measured: +1 point per 100 steps, within noise), while a pool of 1024 prompts, each seen ~3
+times per run, shows the reward rising. The warm-start always uses the whole train split; evaluation uses the
+test split.
+
 Units: a *step* is one rollout (``prompts_per_step`` prompts x ``group_size`` samples); it is split into
 ``minibatches`` optimizer steps, each split into microbatches of ``microbatch_size`` sequences. ``metrics.jsonl``
 has one record per optimizer step.
@@ -60,6 +66,7 @@ class TrainConfig:
     warmstart_batch: int = 64
     warmstart_lr: float = 3e-3
     # rollout
+    train_pool: int = 1024           # RL prompts come from this fixed subset of the train split (0 = all of it)
     prompts_per_step: int = 16
     group_size: int = 8
     max_new_tokens: int = 0          # 0 = task default (10 for gsm8k-calc, 256 for gsm8k)
@@ -116,9 +123,11 @@ class TrainConfig:
                      "prompts_per_step", "minibatches", "microbatch_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("warmstart_steps", "max_new_tokens", "warmup_steps", "num_threads"):
+        for name in ("warmstart_steps", "max_new_tokens", "warmup_steps", "num_threads", "train_pool"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
+        if 0 < self.train_pool < self.prompts_per_step:
+            bad("train_pool", f"must be 0 (all) or >= prompts_per_step={self.prompts_per_step}")
         if self.group_size < 2:
             bad("group_size", "must be >= 2 (group-relative advantages)")
         if not self.lr > 0:
@@ -195,8 +204,8 @@ PRESETS: dict[str, dict] = {
     # CI: a tiny model and a few tiny steps, seconds
     "smoke": dict(
         steps=2, vocab_size=300, hidden_size=32, intermediate_size=64, num_layers=2, num_heads=2,
-        num_kv_heads=1, max_positions=64, warmstart_steps=4, warmstart_batch=8, prompts_per_step=4,
+        num_kv_heads=1, warmstart_steps=4, warmstart_batch=8, prompts_per_step=4,
         group_size=4, minibatches=2, microbatch_size=4, max_new_tokens=5, eval_every=2, eval_size=8,
-        ckpt_every=1, lr=1e-3, progress=False,
+        ckpt_every=1, lr=1e-3, progress=False, train_pool=0,
     ),
 }

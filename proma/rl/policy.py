@@ -8,6 +8,7 @@ one warm-start; the directory is also loadable with ``--model``.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import math
@@ -71,8 +72,24 @@ def load_policy(path, *, dtype=None):
     kwargs = {"local_files_only": True}
     if dtype is not None:
         kwargs["dtype"] = dtype
-    model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
+    with quiet_hf():
+        model = AutoModelForCausalLM.from_pretrained(p, **kwargs)
     return model, tokenizer
+
+
+@contextlib.contextmanager
+def quiet_hf(quiet: bool = True):
+    """Silence transformers' own progress bars ("Loading weights", "Writing model shards") meanwhile."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    if quiet:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()
 
 
 def count_parameters(model) -> int:
@@ -158,7 +175,8 @@ def get_warmstarted(cfg, model, tokenizer, examples, device, cache_dir, *, log=p
     key = warmstart_key(cfg, tokenizer)
     path = Path(cache_dir) / f"warmstart-{key}"
     if (path / "warmstart.json").is_file():
-        cached = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
+        with quiet_hf():
+            cached = AutoModelForCausalLM.from_pretrained(path, local_files_only=True)
         model.load_state_dict(cached.state_dict())
         log(f"warm-start: loaded {path}")
         return path
@@ -170,8 +188,9 @@ def get_warmstarted(cfg, model, tokenizer, examples, device, cache_dir, *, log=p
     seconds = time.perf_counter() - t0
     tmp = path.with_name(path.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
-    tokenizer.save_pretrained(tmp)
+    with quiet_hf():
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
     (tmp / "warmstart.json").write_text(
         json.dumps({"key": key, "steps": cfg.warmstart_steps, "final_loss": final_loss, "seconds": seconds}, indent=1)
     )

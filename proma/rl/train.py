@@ -75,7 +75,7 @@ class Setup:
     run_dir: Path
     tokenizer: object
     model: torch.nn.Module
-    train_examples: list
+    train_examples: list        # the RL prompt pool (cfg.train_pool of the train split)
     eval_examples: list
     warmstart_dir: Path | None
 
@@ -88,6 +88,12 @@ def setup(cfg: TrainConfig, *, log=print) -> Setup:
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
     train_examples = make_examples(cfg.task, "train", cfg.data_dir)
     test_examples = make_examples(cfg.task, "test", cfg.data_dir)
+    # RL prompt pool: a fixed (seed-independent) subset of the train split, so every run of a grid trains on the
+    # same prompts and each is revisited a few times within a short run; the warm-start uses the whole split.
+    rl_examples = train_examples
+    if cfg.train_pool and cfg.train_pool < len(train_examples):
+        pool = np.random.default_rng(54321).permutation(len(train_examples))[: cfg.train_pool]
+        rl_examples = [train_examples[i] for i in sorted(pool)]
     # Fixed evaluation subset: a seed-independent shuffle, so every run of a task is scored on the same items.
     order = np.random.default_rng(12345).permutation(len(test_examples))[: cfg.eval_size]
     eval_examples = [test_examples[i] for i in order]
@@ -104,7 +110,7 @@ def setup(cfg: TrainConfig, *, log=print) -> Setup:
     if cfg.model is None and cfg.warmstart_steps > 0:
         warm_dir = get_warmstarted(cfg, model, tokenizer, train_examples, device, cache_dir, log=log)
     log(f"policy: {count_parameters(model):,} parameters, vocab {len(tokenizer)}, device {device}")
-    return Setup(cfg, device, run_dir, tokenizer, model, train_examples, eval_examples, warm_dir)
+    return Setup(cfg, device, run_dir, tokenizer, model, rl_examples, eval_examples, warm_dir)
 
 
 # --------------------------------------------------------------------------------------------------------------

@@ -135,3 +135,24 @@ def test_sample_microbatch(tmp_path, cache):
     seq_logp = seq_logp_fn(model, batch)
     assert seq_logp.shape == (cfg.microbatch_size,) and bool((seq_logp < 0).all())
     assert type(model).__name__ == "Qwen3ForCausalLM" and model.config.tie_word_embeddings
+
+
+@pytest.mark.slow
+def test_train_pool_is_a_fixed_subset_shared_by_seeds(tmp_path, cache):
+    from proma.rl.train import setup
+
+    quiet = dict(log=lambda *a: None)
+    a = setup(smoke(tmp_path, cache, "a", train_pool=16, seed=0), **quiet).train_examples
+    b = setup(smoke(tmp_path, cache, "b", train_pool=16, seed=1), **quiet).train_examples
+    full = setup(smoke(tmp_path, cache, "c", train_pool=0), **quiet).train_examples
+    assert a == b and len(a) == 16 and set(a) <= set(full) and len(full) > 20000
+    with pytest.raises(ValueError, match="train_pool=2"):
+        smoke(tmp_path, cache, train_pool=2)
+
+
+@pytest.mark.slow
+def test_summary_command(tmp_path, cache, capsys):
+    run_dir = train(smoke(tmp_path, cache, method="grpo"))
+    assert main(["summary", str(run_dir)]) == 0
+    out = capsys.readouterr().out
+    assert "| run |" in out and "| grpo |" in out

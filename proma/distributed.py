@@ -1,0 +1,368 @@
+"""Data-parallel PROMA: process groups, the wire format of contributions, collectives and byte accounting.
+
+Index conventions: W ranks, b_r sequences of rank r's microbatch, B = sum_r b_r sequences of the global
+microbatch, n tokens per sequence, o x i parameter (P elements).
+
+Everything here is plumbing for :class:`proma.ProjectedAccumulator` (``process_group=``, ``sync=``); the
+maths stays in :mod:`proma.layers` and :mod:`proma.projection`.
+
+``sync="global"`` needs, at microbatch k and for every parameter, the B x B Gram of the union of every
+rank's k-th microbatch. Its cross blocks ``<g_i^r, g_j^s>`` (r != s) cannot be formed from Grams or inner
+products computed on one rank, so each rank sends, per use of a parameter, the cheaper of
+
+- its token factors: X (b_r, n, i) and D (b_r, n, o), ``b_r n (i + o)`` numbers (ids and the rows B for an
+  embedding), or
+- the materialised per-sequence gradients of that one parameter, ``b_r P`` numbers (norm scales, biases,
+  and linear weights whose ``n (i + o) > P``, i.e. long sequences through a small layer),
+
+never a per-sequence copy of the whole model's gradient. Every rank then holds the same global block and
+computes the same K, h, solve and update (G stays replicated, so no gradient all-reduce is needed at all).
+A microbatch costs two collectives: an all-gather of a fixed 8-integer header (which also checks that the
+ranks agree on the model, the options and the microbatch count) and one all-gather of one flat byte buffer
+holding every parameter's pieces (padded to the largest rank's buffer).
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from .layers import IdsFactors, OuterFactors, SeqGrads
+
+# -- process groups ------------------------------------------------------------------------------------
+
+def default_group(process_group=None):
+    """The group to use: ``process_group``, else the world group when torch.distributed is initialised, else None."""
+    if process_group is not None:
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError("process_group was given but torch.distributed is not initialised")
+        return process_group
+    if dist.is_available() and dist.is_initialized():
+        return dist.group.WORLD
+    return None
+
+
+def world_size(group) -> int:
+    """Number of ranks of ``group`` (1 for None)."""
+    return 1 if group is None else dist.get_world_size(group)
+
+
+def comm_device(group) -> torch.device:
+    """Device the collectives' tensors live on: the current CUDA device for NCCL, the CPU otherwise."""
+    if group is not None and dist.get_backend(group) == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def signature(*items) -> int:
+    """A 63-bit hash of ``repr(items)``, equal on every rank for equal items (Python's ``hash`` is salted)."""
+    digest = hashlib.blake2b(repr(items).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextlib.contextmanager
+def no_sync(model):
+    """``model.no_sync()`` for a ``DistributedDataParallel`` model, a no-op context for any other module.
+
+    Run every microbatch's forward and ``acc.backward`` inside it: the accumulator reduces gradients itself
+    (in :meth:`~proma.ProjectedAccumulator.synchronize`, or through the global projection), and DDP would
+    otherwise expect parameter gradients from a backward pass that does not produce them.
+    """
+    sync = getattr(model, "no_sync", None)
+    if isinstance(model, torch.nn.parallel.DistributedDataParallel) and sync is not None:
+        with sync():
+            yield
+    else:
+        yield
+
+
+# -- byte accounting -----------------------------------------------------------------------------------
+
+def all_reduce_wire_bytes(nbytes: int, world: int) -> float:
+    """Bytes one rank sends in a ring all-reduce of ``nbytes``: ``2 (W - 1) / W * nbytes``."""
+    return 2.0 * (world - 1) / world * nbytes if world > 1 else 0.0
+
+
+def all_gather_wire_bytes(nbytes_each: int, world: int) -> float:
+    """Bytes one rank sends in a ring all-gather of ``nbytes_each`` per rank: ``(W - 1) * nbytes_each``."""
+    return float((world - 1) * nbytes_each)
+
+
+@dataclass
+class CommLedger:
+    """What this rank put into collectives since the last :meth:`reset`.
+
+    ``payload_bytes`` counts the input tensors (padding included); ``wire_bytes`` estimates what the rank
+    sends with ring algorithms (the standard cost model for gloo and NCCL on W ranks).
+    """
+
+    collectives: int = 0
+    payload_bytes: int = 0
+    wire_bytes: float = 0.0
+
+    def all_gather(self, nbytes_each: int, world: int) -> None:
+        self.collectives += 1
+        self.payload_bytes += nbytes_each
+        self.wire_bytes += all_gather_wire_bytes(nbytes_each, world)
+
+    def all_reduce(self, nbytes: int, world: int) -> None:
+        self.collectives += 1
+        self.payload_bytes += nbytes
+        self.wire_bytes += all_reduce_wire_bytes(nbytes, world)
+
+    def reset(self) -> None:
+        self.collectives, self.payload_bytes, self.wire_bytes = 0, 0, 0.0
+
+    def as_dict(self) -> dict:
+        return {"collectives": self.collectives, "payload_bytes": self.payload_bytes, "wire_bytes": self.wire_bytes}
+
+
+# -- the header: a small all-gather that also checks agreement ---------------------------------------
+
+PHASE_BACKWARD, PHASE_SYNC, PHASE_ERROR = 1, 2, 3
+PHASE_NAMES = {PHASE_BACKWARD: "backward", PHASE_SYNC: "synchronize", PHASE_ERROR: "an error"}
+HEADER_LEN = 8  # phase, microbatches so far, model signature, options signature, b, pieces, bytes, spare
+
+
+def exchange_header(values, group, device, ledger: CommLedger) -> list[list[int]]:
+    """All-gather ``values`` (at most HEADER_LEN ints, zero padded); returns one list per rank."""
+    world = world_size(group)
+    mine = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
+    mine[:len(values)] = torch.tensor(list(values), dtype=torch.int64)
+    out = [torch.empty_like(mine) for _ in range(world)]
+    dist.all_gather(out, mine, group=group)
+    ledger.all_gather(mine.numel() * mine.element_size(), world)
+    return [t.cpu().tolist() for t in out]
+
+
+def check_headers(headers: list[list[int]], *, require_same_count: bool) -> None:
+    """Raise the same ValueError on every rank when the ranks disagree (every rank sees every header)."""
+    for r, h in enumerate(headers):
+        if h[0] == PHASE_ERROR:
+            raise ValueError(f"rank {r} failed in ProjectedAccumulator.backward (see its own traceback); "
+                             "every rank stops")
+    first = headers[0]
+    for r, h in enumerate(headers[1:], start=1):
+        if h[2] != first[2]:
+            raise ValueError(f"ranks disagree on the model: trainable parameter names, shapes or dtypes of "
+                             f"rank {r} differ from rank 0's")
+        if h[3] != first[3]:
+            raise ValueError(f"ranks disagree on the accumulator options (variant, sync, solver, passes, ridge, "
+                             f"relative_bound, shrinkage, exclude): rank {r} differs from rank 0")
+    phases = {h[0] for h in headers}
+    counts = {h[1] for h in headers}
+    if len(phases) > 1 or (require_same_count and len(counts) > 1):
+        where = ", ".join(f"rank {r}: {PHASE_NAMES.get(h[0], h[0])} after {h[1]} microbatches"
+                          for r, h in enumerate(headers))
+        raise ValueError("ranks disagree on the number of microbatches (sync='global' steps through "
+                         f"microbatches in lockstep: every rank must call backward equally often): {where}")
+
+
+# -- collectives ---------------------------------------------------------------------------------------
+
+def all_gather_bytes(buf: torch.Tensor, sizes: list[int], group, ledger: CommLedger) -> list[torch.Tensor]:
+    """All-gather a 1-D uint8 buffer whose length on rank r is ``sizes[r]`` (padded to the largest)."""
+    world = world_size(group)
+    top = max(sizes)
+    padded = torch.zeros(top, dtype=torch.uint8, device=buf.device)
+    padded[:buf.numel()] = buf
+    out = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(out, padded, group=group)
+    ledger.all_gather(top, world)
+    return [t[:s] for t, s in zip(out, sizes)]
+
+
+def all_reduce_mean_(tensors: list[torch.Tensor], group, ledger: CommLedger) -> None:
+    """Replace every tensor by its mean over the ranks, with one all-reduce per (dtype, device)."""
+    world = world_size(group)
+    buckets: dict = {}
+    for t in tensors:
+        buckets.setdefault((t.dtype, t.device), []).append(t)
+    for ts in buckets.values():
+        flat = torch.cat([t.reshape(-1) for t in ts])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
+        ledger.all_reduce(flat.numel() * flat.element_size(), world)
+        flat.div_(world)
+        start = 0
+        for t in ts:
+            t.copy_(flat[start:start + t.numel()].view_as(t))
+            start += t.numel()
+
+
+# -- wire format of contributions ----------------------------------------------------------------------
+
+DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool)
+KIND_FACTORS, KIND_IDS, KIND_DENSE, KIND_WEIGHTS = 0, 1, 2, 3
+_SLOTS = 3
+META_LEN = 6 + 3 * _SLOTS  # param, use, kind, b, n, flag, (dtype, offset, numel) per tensor slot
+_ALIGN = 8
+
+
+class Packer:
+    """Collects tensors into one flat byte buffer (each piece aligned to 8 bytes) plus integer metadata.
+
+    A tensor put twice (the same storage, offset, shape and strides: e.g. the input X shared by the q, k
+    and v projections, or by gate and up, selected by the same token mask) is stored once and referenced
+    twice. Callers keep every tensor alive until :meth:`finish`, so an address cannot be reused meanwhile.
+    """
+
+    def __init__(self):
+        self.parts: list[torch.Tensor] = []
+        self.size = 0
+        self.meta: list[list[int]] = []
+        self._seen: dict = {}
+
+    def put(self, t: torch.Tensor, key=None) -> tuple[int, int, int]:
+        """Store ``t`` (or find it stored under ``key``, default its memory layout); ``(dtype, offset, numel)``."""
+        key = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride(), t.device) if key is None else key
+        if key not in self._seen:
+            self._seen[key] = self._copy(t)
+        return self._seen[key]
+
+    def _copy(self, t: torch.Tensor) -> tuple[int, int, int]:
+        t = t.detach().contiguous().reshape(-1)
+        raw = t.view(torch.uint8)
+        offset = self.size
+        pad = (-raw.numel()) % _ALIGN
+        self.parts.append(raw)
+        if pad:
+            self.parts.append(torch.zeros(pad, dtype=torch.uint8, device=raw.device))
+        self.size += raw.numel() + pad
+        return DTYPES.index(t.dtype), offset, t.numel()
+
+    def add(self, param: int, use: int, kind: int, b: int, n: int, flag: int, *slots) -> None:
+        """One piece; ``slots`` are tensors or ``(dtype, offset, numel)`` locations from :meth:`put`."""
+        row = [param, use, kind, b, n, flag]
+        for t in slots:
+            row += list(self.put(t) if isinstance(t, torch.Tensor) else t)
+        row += [0, 0, 0] * (_SLOTS - len(slots))
+        self.meta.append(row)
+
+    def finish(self, device) -> torch.Tensor:
+        """``[meta (int64, pieces x META_LEN)] [pieces]`` as one uint8 tensor on ``device``."""
+        meta = torch.tensor(self.meta, dtype=torch.int64).reshape(-1)
+        head = meta.view(torch.uint8).to(device)
+        return torch.cat([head] + [p.to(device) for p in self.parts])
+
+
+def _token_keep(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Tokens whose output gradient row is non-zero, (b, n) bool, and their count per sequence (b,).
+
+    Tokens with D_t = 0 (padding, and positions the loss does not reach) contribute nothing to g_i, K or h,
+    so only the others travel; the receiver packs each sequence's tokens to the front (token order within a
+    sequence does not matter for sums over tokens).
+    """
+    keep = (A != 0).any(dim=-1)
+    return keep, keep.sum(dim=1)
+
+
+def pack_contribution(packer: Packer, param: int, use: int, c, work_dtype: torch.dtype) -> int:
+    """Add one use's contribution in its cheaper wire form; returns the number of elements sent."""
+    if isinstance(c, (OuterFactors, IdsFactors)):
+        rows_factor = c.A if isinstance(c, OuterFactors) else c.B
+        keep, counts = _token_keep(rows_factor)
+        t = int(counts.sum())
+        n = int(counts.max()) if c.b else 0
+        if isinstance(c, IdsFactors):
+            ids = c.ids if c.shape[0] >= 2 ** 31 else c.ids.to(torch.int32)
+            packer.add(param, use, KIND_IDS, c.b, n, 0, counts.to(torch.int32), ids[keep], c.B[keep])
+            return c.b + t * (1 + c.shape[1])
+        o, i = c.shape
+        if t * (o + i) <= c.b * o * i:
+            # X is shared by several projections (q, k, v; gate, up): store it once per token selection
+            loc = packer.put(c.B[keep], key=("X", c.B.data_ptr(), tuple(c.B.shape), c.B.stride(),
+                                             keep.cpu().numpy().tobytes()))
+            packer.add(param, use, KIND_FACTORS, c.b, n, int(c.is_linear_weight), counts.to(torch.int32),
+                       c.A[keep], loc)
+            return c.b + t * (o + i)
+        g = c.materialize(0, o, work_dtype)
+        packer.add(param, use, KIND_DENSE, c.b, 0, 0, g)
+        return g.numel()
+    if isinstance(c, SeqGrads):
+        packer.add(param, use, KIND_DENSE, c.b, 0, 0, c.g)
+        return c.g.numel()
+    raise ValueError(f"sync='global' cannot send a contribution of type {type(c).__name__}; the layer rule must "
+                     "return OuterFactors, IdsFactors or SeqGrads")
+
+
+@dataclass
+class Piece:
+    """One rank's wire form of one use: ``kind``, ``b``, ``n`` (longest kept sequence), ``flag``, tensors."""
+
+    kind: int
+    b: int
+    n: int
+    flag: int
+    tensors: list
+
+
+def unpack(buf: torch.Tensor, pieces: int) -> list[tuple[int, int, Piece]]:
+    """Inverse of :class:`Packer` for one rank's buffer: ``[(param, use, Piece)]`` (views into ``buf``)."""
+    nmeta = pieces * META_LEN * 8
+    meta = buf[:nmeta].clone().view(torch.int64).reshape(pieces, META_LEN).tolist() if pieces else []
+    body = buf[nmeta:]
+    used = {KIND_FACTORS: 3, KIND_IDS: 3, KIND_DENSE: 1, KIND_WEIGHTS: 1}
+    out = []
+    for row in meta:
+        param, use, kind, b, n, flag = row[:6]
+        tensors = []
+        for k in range(used[kind]):
+            code, offset, numel = row[6 + 3 * k: 9 + 3 * k]
+            dtype = DTYPES[code]
+            nbytes = numel * torch.empty((), dtype=dtype).element_size()
+            tensors.append(body[offset:offset + nbytes].view(dtype))
+        out.append((param, use, Piece(kind, b, n, flag, tensors)))
+    return out
+
+
+def _unpack_tokens(counts: torch.Tensor, rows: torch.Tensor, n: int, device) -> torch.Tensor:
+    """Kept token rows (t, d) of b sequences with ``counts`` -> (b, n, d), each sequence's rows at the front."""
+    counts = counts.to(device=device, dtype=torch.int64)
+    b = counts.numel()
+    out = torch.zeros((b, n) + tuple(rows.shape[1:]), dtype=rows.dtype, device=device)
+    seq = torch.repeat_interleave(torch.arange(b, device=device), counts)
+    starts = torch.cumsum(counts, 0) - counts
+    pos = torch.arange(seq.numel(), device=device) - starts[seq]
+    out[seq, pos] = rows.to(device)
+    return out
+
+
+def merge_pieces(pieces: list[Piece], shape: torch.Size, work_dtype: torch.dtype, device):
+    """One use's contribution over the B sequences of the global microbatch, ranks in order.
+
+    Ranks that sent factors are concatenated along the sequence dimension (tokens zero-padded to the longest
+    kept sequence of any rank); when some rank sent materialised gradients, the others' factors are
+    materialised too.
+    """
+    shape = torch.Size(shape)
+    pieces = [p for p in pieces if p.b > 0]
+    if not pieces:
+        raise ValueError("merge_pieces needs at least one rank with sequences")
+    kinds = {p.kind for p in pieces}
+    n = max(p.n for p in pieces)
+
+    def tokens(p, k, width):
+        return _unpack_tokens(p.tensors[0], p.tensors[k].reshape(-1, *width), n, device)
+
+    if kinds == {KIND_IDS}:
+        ids = torch.cat([tokens(p, 1, ()).to(torch.int64) for p in pieces])
+        B = torch.cat([tokens(p, 2, (shape[1],)) for p in pieces])
+        return IdsFactors(ids, B, shape[0])
+    if kinds == {KIND_FACTORS}:
+        A = torch.cat([tokens(p, 1, (shape[0],)) for p in pieces])
+        B = torch.cat([tokens(p, 2, (shape[1],)) for p in pieces])
+        return OuterFactors(A, B, is_linear_weight=bool(pieces[0].flag))
+    if kinds <= {KIND_FACTORS, KIND_DENSE}:
+        dense = []
+        for p in pieces:
+            if p.kind == KIND_DENSE:
+                dense.append(p.tensors[0].reshape(p.b, *shape).to(device=device, dtype=work_dtype))
+            else:
+                f = OuterFactors(tokens(p, 1, (shape[0],)), tokens(p, 2, (shape[1],)))
+                dense.append(f.materialize(0, shape[0], work_dtype))
+        return SeqGrads(torch.cat(dense))
+    raise ValueError(f"ranks sent incompatible contributions for one use of a parameter (wire kinds {sorted(kinds)}); "
+                     "do the ranks run the same model code?")

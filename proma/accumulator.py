@@ -43,6 +43,8 @@ on the union microbatches (PROMA is homogeneous in the weights, so this equals P
   (:mod:`proma.distributed`) and every rank projects the replicated global G against the union of the
   k-th microbatches. Equals ``reference.accumulate`` on the unions with weights w / W. :meth:`synchronize`
   then only averages the excluded parameters and checks that every rank ran as many microbatches.
+  Memory: the factors of every layer are kept to the end of the backward pass (not freed layer by layer)
+  and the exchanged buffer exists W + 1 times; every rank computes the blocks of all B sequences.
 
 Call :meth:`synchronize` after the last microbatch, before ``optimizer.step()`` (it is a no-op in one
 process). With ``DistributedDataParallel`` run the forwards and ``backward`` inside ``model.no_sync()``

@@ -100,8 +100,33 @@ def intra_project(grad, X, D, *, rank, form="two_sided", rcond=None) -> np.ndarr
         raise ValueError(f"form must be one of {FORMS}; got {form!r}")
     grad = as_array(grad, "grad", ndim=2)
     U, V = intra_subspaces(X, D, rank=rank, rcond=rcond)
+    return intra_apply(grad, U, V, form=form)
+
+
+def intra_apply(grad, U, V, *, form="two_sided") -> np.ndarray:
+    """Apply the intra projection with given subspaces (as :func:`intra_project` does after finding them).
+
+    The top-r subspaces for r < rank are the first r columns of the rank-``rank`` ones, so a study of several
+    ranks finds them once (:func:`intra_subspaces`) and slices.
+
+    Parameters
+    ----------
+    grad : array_like, shape (o, i)
+    U : array_like, shape (o, r_U), orthonormal columns (output-gradient subspace)
+    V : array_like, shape (i, r_V), orthonormal columns (activation subspace)
+    form : {"two_sided", "kron"}
+
+    Returns
+    -------
+    ndarray, shape (o, i): ``(I - U U^T) grad (I - V V^T)`` or ``grad - U U^T grad V V^T``.
+    """
+    if form not in FORMS:
+        raise ValueError(f"form must be one of {FORMS}; got {form!r}")
+    grad = as_array(grad, "grad", ndim=2)
+    U = as_array(U, "U", ndim=2)
+    V = as_array(V, "V", ndim=2)
     if grad.shape != (U.shape[0], V.shape[0]):
-        raise ValueError(f"grad must have shape (o, i) = ({U.shape[0]}, {V.shape[0]}) from D and X; got {grad.shape}")
+        raise ValueError(f"grad must have shape (o, i) = ({U.shape[0]}, {V.shape[0]}) from U and V; got {grad.shape}")
     if form == "kron":
         return grad - U @ (U.T @ grad @ V) @ V.T
     left = grad - U @ (U.T @ grad)

@@ -155,18 +155,22 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
             # intra: linear weights only (every use an nn.Linear), tokens with non-zero output gradient
             _, factors = linear_factors(model64, seq_logp_fn, batch, batch["attention_mask"])
             intra_states = {}
+            # the rank-r subspaces are the first r columns of the largest rank's: one SVD pair per layer
+            subspaces = {}
+            for k, (_, p) in enumerate(named):
+                calls = factors.get(id(p))
+                if not calls or owners.get(id(p), True):
+                    continue
+                X = np.concatenate([c[0] for c in calls])
+                D = np.concatenate([c[1] for c in calls])
+                keep = np.any(D != 0, axis=1)
+                subspaces[k] = reference.intra_subspaces(X[keep], D[keep], rank=max(intra_ranks))
             for key in intra_keys:
                 rank, form = key
                 new = pg.copy()
-                for k, (_, p) in enumerate(named):
-                    calls = factors.get(id(p))
-                    if not calls or owners.get(id(p), True):
-                        continue
-                    X = np.concatenate([c[0] for c in calls])
-                    D = np.concatenate([c[1] for c in calls])
-                    keep = np.any(D != 0, axis=1)
-                    new[blocks[k]] = reference.intra_project(pg[blocks[k]].reshape(p.shape), X[keep], D[keep],
-                                                             rank=rank, form=form).ravel()
+                for k, (U, V) in subspaces.items():
+                    new[blocks[k]] = reference.intra_apply(pg[blocks[k]].reshape(named[k][1].shape), U[:, :rank],
+                                                           V[:, :rank], form=form).ravel()
                 npg = np.linalg.norm(pg)
                 intra_removed[key].append(float(np.linalg.norm(pg - new) / npg) if npg > 0 else 0.0)
                 intra_states[key] = (G_intra[key].copy(), pg, G_intra[key] + new)

@@ -5,6 +5,7 @@ from hypothesis import assume, given
 from hypothesis import strategies as st
 from ref_strategies import matrices
 
+import reference
 from reference import FORMS, intra_project, intra_subspaces
 from verification.tolerances import FLOAT64_RTOL, REFERENCE_ATOL
 
@@ -157,3 +158,16 @@ def test_bad_shapes_raise():
         intra_project(np.ones((2, 3)), np.ones((4, 3)), np.ones((5, 2)), rank=1)
     with pytest.raises(ValueError, match="X"):
         intra_project(np.ones((2, 3)), np.full((4, 3), np.nan), np.ones((4, 2)), rank=1)
+
+
+def test_intra_apply_with_sliced_subspaces_equals_intra_project():
+    # the report finds the largest rank's subspaces once and slices them for smaller ranks
+    rng = np.random.default_rng(3)
+    X, D = rng.standard_normal((30, 7)), rng.standard_normal((30, 5))
+    grad = rng.standard_normal((5, 7))
+    U, V = reference.intra_subspaces(X, D, rank=4)
+    for rank in (1, 2, 4):
+        for form in ("two_sided", "kron"):
+            expect = reference.intra_project(grad, X, D, rank=rank, form=form)
+            got = reference.intra_apply(grad, U[:, :rank], V[:, :rank], form=form)
+            np.testing.assert_allclose(got, expect, rtol=0, atol=1e-12 * np.linalg.norm(grad))

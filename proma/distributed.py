@@ -10,8 +10,9 @@ maths stays in :mod:`proma.layers` and :mod:`proma.projection`.
 rank's k-th microbatch. Its cross blocks ``<g_i^r, g_j^s>`` (r != s) cannot be formed from Grams or inner
 products computed on one rank, so each rank sends, per use of a parameter, the cheaper of
 
-- its token factors: X (b_r, n, i) and D (b_r, n, o), ``b_r n (i + o)`` numbers (ids and the rows B for an
-  embedding), or
+- its token factors: the rows of X (b_r, n, i) and D (b_r, n, o) of the tokens whose D row is non-zero
+  (padding and unreached positions carry nothing), at most ``b_r n (i + o)`` numbers, with an X shared by
+  several layers (q, k, v; gate, up) sent once; for an embedding the ids and the rows of D, or
 - the materialised per-sequence gradients of that one parameter, ``b_r P`` numbers (norm scales, biases,
   and linear weights whose ``n (i + o) > P``, i.e. long sequences through a small layer),
 

@@ -119,7 +119,7 @@ def kl_vs_gain(summaries, path) -> Path:
         ax.plot([p[1] for p in pts], [p[2] for p in pts], marker="o", color=_color(method), label=method)
         for lr, g, k in pts:
             ax.annotate(f"{lr:g}", (g, k), fontsize=7, xytext=(3, 3), textcoords="offset points")
-    ax.set_xlabel("reward gain (last quarter mean - step 0)")
+    ax.set_xlabel("reward gain (last quarter mean - first quarter mean)")
     ax.set_ylabel("mean local KL per optimizer step")
     if all(s["local_kl"]["mean"] > 0 for s in summaries if math.isfinite(s["local_kl"]["mean"])):
         ax.set_yscale("log")

@@ -47,6 +47,11 @@ def tail_mean(x: np.ndarray, frac: float = 0.25) -> float:
     return float(x[-max(1, int(round(frac * x.size))):].mean())
 
 
+def head_mean(x: np.ndarray, frac: float = 0.25) -> float:
+    """Mean over the first ``frac`` of the finite values (at least one): a one-step reward is too noisy."""
+    return tail_mean(x[::-1], frac)
+
+
 def second_order_agreement(exact: np.ndarray, estimate: np.ndarray) -> dict:
     """How well the second-order estimate tracks the exact sequence-level KL, step by step.
 
@@ -82,7 +87,7 @@ def summarize_run(run_dir) -> dict:
         "removed_ratio": _stats(series(records, "proj/removed_ratio")),
         "grad_norm": _stats(series(records, "grad_norm")),
         "clip_ratio": _stats(series(records, "clip_ratio")),
-        "reward_start": float(reward[0]) if reward.size else math.nan,
+        "reward_start": head_mean(reward),
         "reward_end": tail_mean(reward),
         "entropy_start": float(entropy[0]) if entropy.size else math.nan,
         "entropy_end": tail_mean(entropy),

@@ -61,7 +61,7 @@ TORCH_SETTINGS = {
 
 
 def float32_cutoff(b: int) -> float:
-    """Relative singular value below which the torch exact solver, on a float32 Gram of b rows, drops a
+    """Relative singular value below which the torch exact solver, given b float32 sequence gradients, drops a
     direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule); NaN if unavailable."""
     try:
         import torch

@@ -8,6 +8,7 @@ and a one-line message naming the option.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import typing
 from dataclasses import fields
@@ -75,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             run_dir = train(cfg)
         except ValueError as e:
             parser.exit(2, f"proma train: error: {e}\n")
-        print(f"run directory: {run_dir}")
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run
+            print(f"run directory: {run_dir}")
         return 0
     if ns.command == "summary":
         from .summary import markdown_table

@@ -90,6 +90,7 @@ class TrainConfig:
     intra_rank: int = 1
     intra_form: str = "two_sided"
     strategy: str = "auto"
+    sync: str = "global"             # several processes: PROMA against the union of the ranks' microbatches | local
     # evaluation, checkpoints, diagnostics
     eval_every: int = 25             # rollout steps between greedy evaluations (also at start and end)
     eval_size: int = 512             # fixed test subset
@@ -119,6 +120,8 @@ class TrainConfig:
             bad("intra_form", "choose from two_sided, kron")
         if self.strategy not in ("auto", "materialize", "ghost"):
             bad("strategy", "choose from auto, materialize, ghost")
+        if self.sync not in ("global", "local"):
+            bad("sync", "choose from global, local")
         for name in ("steps", "eval_every", "ckpt_every", "eval_size", "warmstart_batch", "intra_rank",
                      "prompts_per_step", "minibatches", "microbatch_size"):
             if getattr(self, name) < 1:
@@ -168,6 +171,8 @@ class TrainConfig:
         kw = dict(kw, strategy=self.strategy)
         if self.method == "intra":
             kw.update(intra_rank=self.intra_rank, intra_form=self.intra_form)
+        if kw["variant"] == "proma":
+            kw["sync"] = self.sync
         return kw
 
     # ----------------------------------------------------------------------------------------------------

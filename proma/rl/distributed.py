@@ -8,7 +8,7 @@ Layout: ``cfg.prompts_per_step``, ``cfg.minibatches`` and ``cfg.microbatch_size`
 rank r takes prompts ``[r * P / W, (r + 1) * P / W)`` of each step's draw (whole GRPO groups, so advantages
 stay rank-local), and every local minibatch and microbatch holds 1/W of the global one. The gradient is the
 mean over ranks (DDP's convention), so every rank's loss weights are W times the global minibatch's (see
-:meth:`Ranks.weight_scale`); with ``sync="global"`` PROMA projects against the union of the ranks'
+:meth:`Ranks.token_mean_factor`); with ``sync="global"`` PROMA projects against the union of the ranks'
 microbatches, i.e. against the same global microbatches as a single process with the same configuration.
 """
 from __future__ import annotations
@@ -43,15 +43,35 @@ class Ranks:
         k = n // self.world
         return slice(self.rank * k, (self.rank + 1) * k)
 
-    def weight_scale(self) -> float:
-        """Factor of the local loss weights: the ranks' gradients are averaged, so each carries W x its share."""
-        return float(self.world)
+    def token_mean_factor(self, n_local: float) -> float:
+        """Turns a token-mean coefficient 1/N_local into W / N_global (N: scored tokens of the minibatch).
 
-    def sum(self, values, device=None) -> list[float]:
+        The ranks' gradients are averaged, so each rank's loss carries W times its share of the global
+        minibatch loss. (The per-sequence aggregation needs no factor: 1/(B_local n_i) = W/(B_global n_i).)
+        """
+        if not self.active:
+            return 1.0
+        n_global = self.sum([n_local])[0]
+        return self.world * max(n_local, 1.0) / max(n_global, 1.0)
+
+    def local_config(self, cfg):
+        """This rank's share of ``cfg``: ``prompts_per_step`` and ``microbatch_size`` divided by W.
+
+        The local minibatches and microbatches are then 1/W of the global ones, so the union of the ranks'
+        k-th microbatches is a global microbatch of ``cfg.microbatch_size`` sequences.
+        """
+        if not self.active:
+            return cfg
+        for name in ("prompts_per_step", "microbatch_size"):
+            self.split(getattr(cfg, name), name)
+        return cfg.replace(prompts_per_step=cfg.prompts_per_step // self.world,
+                           microbatch_size=cfg.microbatch_size // self.world)
+
+    def sum(self, values) -> list[float]:
         """Element-wise sum of a list of floats over the ranks (one all-reduce)."""
         if not self.active:
             return [float(v) for v in values]
-        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_device(device))
+        t = torch.tensor([float(v) for v in values], dtype=torch.float64, device=_comm_device())
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         return t.tolist()
 
@@ -59,19 +79,66 @@ class Ranks:
         """Concatenation over the ranks (rank order) of equally shaped tensors, on every rank."""
         if not self.active:
             return t
-        parts = [torch.empty_like(t) for _ in range(self.world)]
-        dist.all_gather(parts, t.contiguous())
-        return torch.cat(parts)
+        x = t.contiguous().to(_comm_device())
+        parts = [torch.empty_like(x) for _ in range(self.world)]
+        dist.all_gather(parts, x)
+        return torch.cat(parts).to(t.device)
+
+    def combine(self, rec: dict, *, keep=(), token_keys=(), tokens: float = 0.0) -> dict:
+        """One metrics record from every rank's: the same on every rank.
+
+        ``keep``: keys already global (taken as they are); ``token_keys``: token means, weighted by this
+        rank's ``tokens``; ``time/*`` and ``step_time``: the slowest rank; every other number: the mean over
+        ranks (per-sequence means and sums of per-rank shares; every rank holds as many sequences).
+        """
+        if not self.active:
+            return rec
+        nums = sorted(k for k, v in rec.items() if k not in keep and isinstance(v, (int, float))
+                      and not isinstance(v, bool))
+        slow = [k for k in nums if k.startswith("time/") or k == "step_time"]
+        mean = [k for k in nums if k not in slow]
+        sums = self.sum([rec[k] * (tokens if k in token_keys else 1.0) for k in mean] + [tokens])
+        total = max(sums[-1], 1e-300)
+        out = dict(rec)
+        for k, v in zip(mean, sums):
+            out[k] = v / total if k in token_keys else v / self.world
+        if slow:
+            t = torch.tensor([float(rec[k]) for k in slow], dtype=torch.float64, device=_comm_device())
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            out.update(zip(slow, t.tolist()))
+        return out
+
+    def average_gradients(self, model) -> None:
+        """``p.grad`` <- its mean over the ranks (one all-reduce; for the plain-backward method, grpo)."""
+        if not self.active:
+            return
+        params = [p for p in model.parameters() if p.requires_grad]
+        for p in params:
+            if p.grad is None:
+                p.grad = torch.zeros_like(p)
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat /= self.world
+        start = 0
+        for p in params:
+            p.grad.copy_(flat[start:start + p.numel()].view_as(p))
+            start += p.numel()
+
+    def broadcast_(self, model) -> None:
+        """Every rank starts from rank 0's parameters and buffers."""
+        if self.active:
+            for t in model.state_dict().values():
+                dist.broadcast(t, src=0)
 
     def barrier(self) -> None:
         if self.active:
             dist.barrier()
 
 
-def _device(device):
-    if dist.is_initialized() and dist.get_backend() == "nccl":
+def _comm_device() -> torch.device:
+    if dist.get_backend() == "nccl":
         return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu") if device is None else torch.device("cpu")
+    return torch.device("cpu")
 
 
 def init(device: torch.device) -> Ranks:

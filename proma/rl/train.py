@@ -18,6 +18,11 @@ hand each microbatch's (b,) sequence log-probs and per-sequence weights (see ``l
 
 Reproducibility: all randomness of step s is drawn from generators seeded by (seed, s), so a run resumed from a
 checkpoint produces the same records as an uninterrupted one, and the same seed gives the same metrics.
+
+Several processes (``torchrun --nproc_per_node W -m proma.rl.cli train ...``; see ``distributed``): each rank
+rolls out its 1/W of the step's prompts and trains on local minibatches and microbatches of 1/W of the global
+ones; the accumulator (or, for grpo, one all-reduce) averages the gradients, with PROMA projecting against the
+union of the ranks' microbatches (``sync="global"``). Rank 0 writes the run directory; every record is global.
 """
 from __future__ import annotations
 
@@ -32,6 +37,8 @@ import torch
 
 from .config import RESUMABLE_CHANGES, TrainConfig
 from .data import make_examples, reward
+from .distributed import Ranks
+from .distributed import init as init_ranks
 from .losses import (
     aggregation_coefficients,
     clipped_fraction_tokens,
@@ -141,11 +148,12 @@ def minibatch_order(cfg: TrainConfig, step: int) -> np.ndarray:
     return step_rng(cfg, step, 2).permutation(cfg.rollout_size)
 
 
-def do_rollout(s: Setup, step: int) -> RolloutBatch:
+def do_rollout(s: Setup, step: int, ranks: Ranks = Ranks()) -> RolloutBatch:
     cfg, model, tok = s.cfg, s.model, s.tokenizer
     idx = step_rng(cfg, step, 0).choice(len(s.train_examples), size=cfg.prompts_per_step, replace=False)
-    examples = [s.train_examples[i] for i in idx]
-    torch.manual_seed(int(step_rng(cfg, step, 1).integers(2**62)))  # generate() samples from the global RNG
+    examples = [s.train_examples[i] for i in idx[ranks.split(cfg.prompts_per_step, "prompts_per_step")]]
+    # generate() samples from the global RNG; each rank draws its own stream
+    torch.manual_seed(int(step_rng(cfg, step, 1).integers(2**62)) + ranks.rank)
     ro = generate(model, tok, [e.prompt for e in examples], group_size=cfg.group_size,
                   max_new_tokens=cfg.new_tokens, temperature=cfg.temperature, device=s.device)
     answers = [e.answer for e in examples for _ in range(cfg.group_size)]
@@ -187,15 +195,16 @@ def reward_stats(cfg: TrainConfig, rewards: torch.Tensor) -> dict:
 # Evaluation
 # --------------------------------------------------------------------------------------------------------------
 
-def evaluate(s: Setup, batch_size: int = 128) -> float:
-    """Greedy exact-match accuracy on the fixed test subset."""
+def evaluate(s: Setup, batch_size: int = 128, ranks: Ranks = Ranks()) -> float:
+    """Greedy exact-match accuracy on the fixed test subset (each rank scores every W-th example)."""
     cfg, hits = s.cfg, 0.0
-    for lo in range(0, len(s.eval_examples), batch_size):
-        chunk = s.eval_examples[lo: lo + batch_size]
+    mine = s.eval_examples[ranks.rank::ranks.world]
+    for lo in range(0, len(mine), batch_size):
+        chunk = mine[lo: lo + batch_size]
         ro = generate(s.model, s.tokenizer, [e.prompt for e in chunk], group_size=1,
                       max_new_tokens=cfg.new_tokens, greedy=True, device=s.device)
         hits += sum(reward(cfg.task, t, e.answer) for t, e in zip(ro.texts, chunk))
-    return hits / max(1, len(s.eval_examples))
+    return ranks.sum([hits])[0] / max(1, len(s.eval_examples))
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -218,7 +227,9 @@ def _truncate_jsonl(path: Path, before_step: int):
 def _check_same_config(run_dir: Path, cfg: TrainConfig):
     old = json.loads((run_dir / "config.json").read_text())
     new = cfg.to_dict()
-    diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k) != new[k]]
+    defaults = TrainConfig.from_preset(cfg.preset).to_dict()
+    # a field missing from the saved config was added later: it matches when it keeps its default
+    diff = [k for k in new if k not in RESUMABLE_CHANGES and old.get(k, defaults.get(k)) != new[k]]
     if diff:
         k = diff[0]
         raise ValueError(
@@ -242,19 +253,24 @@ def microbatches(cfg: TrainConfig, rows: list[int]) -> list[list[int]]:
     return [rows[i: i + cfg.microbatch_size] for i in range(0, len(rows), cfg.microbatch_size)]
 
 
-def minibatch_weights(cfg: TrainConfig, ro: RolloutBatch, rows: list[int]):
+def minibatch_weights(cfg: TrainConfig, ro: RolloutBatch, rows: list[int], ranks: Ranks = Ranks()):
     """(per-sequence weights w_i, per-token coefficients c_i) of the minibatch ``rows`` (losses.py)."""
     adv, n_tok = ro.advantages[rows], ro.n_tokens[rows].cpu()
-    return sequence_weights(adv, n_tok, cfg.aggregation), aggregation_coefficients(n_tok, cfg.aggregation)
+    w, c = sequence_weights(adv, n_tok, cfg.aggregation), aggregation_coefficients(n_tok, cfg.aggregation)
+    if cfg.aggregation == "token-mean":  # N is the global minibatch's token count (1 in one process)
+        f = ranks.token_mean_factor(float(n_tok.sum()))
+        w, c = w * f, c * f
+    return w, c
 
 
-def accumulate_gradient(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[int], *, on_microbatch=None):
-    """Run the micro-step loop of minibatch ``rows``; leaves the gradient in p.grad.
+def accumulate_gradient(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[int], *, on_microbatch=None,
+                        ranks: Ranks = Ranks()):
+    """Run the micro-step loop of minibatch ``rows``; leaves the gradient (averaged over ranks) in p.grad.
 
     Returns a dict with ``loss`` (the minibatch loss), ``clip_ratio``, ``pre_logp`` (per microbatch, the
     pre-step (n_scored, V) log-softmax rows, when ``cfg.kl_metrics``) and ``proj`` (accumulator stats).
     """
-    weights, coef = minibatch_weights(cfg, ro, rows)
+    weights, coef = minibatch_weights(cfg, ro, rows, ranks)
     pos = {r: k for k, r in enumerate(rows)}
     out = {"loss": 0.0, "n_clipped": 0.0, "pre_logp": [], "pre_tok_logp": [], "proj": {}}
     summaries = []
@@ -285,6 +301,10 @@ def accumulate_gradient(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[in
             if cfg.kl_metrics:
                 out["pre_logp"].append(full.detach())
                 out["pre_tok_logp"].append(logp.detach())
+        if acc is not None:
+            acc.synchronize()  # the mean over ranks (no-op in one process)
+        else:
+            ranks.average_gradients(model)
         out["proj"] = summarize_stats(summaries)
     finally:
         if acc is not None:
@@ -350,14 +370,29 @@ def step_diagnostics(cfg: TrainConfig, model, ro: RolloutBatch, rows: list[int],
 # The loop
 # --------------------------------------------------------------------------------------------------------------
 
+# Metrics already equal on every rank, and the token means among the others (see Ranks.combine).
+GLOBAL_KEYS = ("step", "opt_step", "minibatch", "lr", "grad_norm", "reward", "reward_std", "zero_var_frac",
+               "completion_len", "truncated_frac", "entropy")
+TOKEN_MEAN_KEYS = ("local_kl", "local_kl_k1", "kl", "clip_ratio")
+
+
 def train(cfg: TrainConfig, *, log=print) -> Path:
     from tqdm.auto import tqdm
 
+    ranks = init_ranks(resolve_device(cfg.device))  # one process without torchrun
+    lcfg = ranks.local_config(cfg)                  # this rank's share of the prompts and of each microbatch
+    if not ranks.is_main:
+        log = lambda *a, **k: None  # noqa: E731
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if (run_dir / "config.json").exists():
         _check_same_config(run_dir, cfg)
+    # rank 0 builds (and caches) the tokenizer and warm-start first; the others then load them from the cache
+    if not ranks.is_main:
+        ranks.barrier()
     s = setup(cfg, log=log)
+    if ranks.is_main:
+        ranks.barrier()
     model = s.model
     if cfg.method != "grpo":
         _accumulator_class()  # fail now, not after the first rollout, if the method's API is missing
@@ -373,9 +408,15 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
         log(f"resume: {run_dir / 'ckpt.pt'} at step {start}")
         if start >= cfg.steps:  # already complete: leave its logs as they are
             return run_dir
-    _truncate_jsonl(metrics_path, start)
-    _truncate_jsonl(eval_path, start)
-    (run_dir / "config.json").write_text(cfg.to_json())
+    ranks.broadcast_(model)
+    if ranks.is_main:
+        _truncate_jsonl(metrics_path, start)
+        _truncate_jsonl(eval_path, start)
+        (run_dir / "config.json").write_text(cfg.to_json())
+
+    def write(path, record):
+        if ranks.is_main:
+            _append_jsonl(path, record)
 
     def lr_at(k):
         return cfg.lr * min(1.0, (k + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
@@ -388,35 +429,37 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
                         "method": cfg.method, "aggregation": cfg.aggregation, "config": cfg.to_dict(),
                         "model_dir": str(s.warmstart_dir) if s.warmstart_dir else cfg.model}, path)
 
-    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.method}", disable=not cfg.progress, initial=start,
-               total=cfg.steps)
+    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.method}", disable=not (cfg.progress and ranks.is_main),
+               initial=start, total=cfg.steps)
     val_acc = None
     for step in bar:
         # eval / checkpoint (before the step: the record of step s describes the policy that starts it)
         if step % cfg.eval_every == 0:
-            val_acc = evaluate(s)
-            _append_jsonl(eval_path, {"step": step, "opt_step": opt_step, "val/accuracy": val_acc})
-        if step % cfg.ckpt_every == 0 and step > start:
+            val_acc = evaluate(s, ranks=ranks)
+            write(eval_path, {"step": step, "opt_step": opt_step, "val/accuracy": val_acc})
+        if step % cfg.ckpt_every == 0 and step > start and ranks.is_main:
             save_checkpoint(run_dir, model, opt, step, opt_step)
 
         # rollout
         t0 = time.perf_counter()
-        ro = do_rollout(s, step)
+        ro = do_rollout(s, step, ranks)
         t_rollout = time.perf_counter() - t0
-        common = {"step": step, **reward_stats(cfg, ro.rewards),
-                  "completion_len": float(ro.n_tokens.float().mean()), "truncated_frac": ro.truncated_frac,
-                  "entropy": ro.entropy}
-        order = minibatch_order(cfg, step)
+        common = {"step": step, **reward_stats(cfg, ranks.gather(ro.rewards)),
+                  "completion_len": float(ranks.gather(ro.n_tokens.float()).mean()),
+                  **ranks.combine({"truncated_frac": ro.truncated_frac, "entropy": ro.entropy},
+                                  token_keys=("entropy",), tokens=float(ro.n_tokens.sum()))}
+        order = minibatch_order(lcfg, step)
 
         for m in range(cfg.minibatches):
-            rows = [int(r) for r in order[m * cfg.minibatch_size: (m + 1) * cfg.minibatch_size]]
+            rows = [int(r) for r in order[m * lcfg.minibatch_size: (m + 1) * lcfg.minibatch_size]]
             t1 = time.perf_counter()
             for group in opt.param_groups:
                 group["lr"] = lr_at(opt_step)
             # micro-step loop
             opt.zero_grad(set_to_none=True)
-            pre = accumulate_gradient(cfg, model, ro, rows,
-                                      on_microbatch=save_microbatch if (cfg.save_microbatch and m == 0) else None)
+            pre = accumulate_gradient(lcfg, model, ro, rows, ranks=ranks,
+                                      on_microbatch=save_microbatch if (cfg.save_microbatch and m == 0
+                                                                        and ranks.is_main) else None)
             grads = [p.grad for p in model.parameters() if p.grad is not None]
             grad_norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for g in grads]))) if grads else 0.0
             if cfg.grad_clip > 0:
@@ -427,23 +470,27 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
             opt.step()
             opt_step += 1
             t2 = time.perf_counter()
-            diag = step_diagnostics(cfg, model, ro, rows, pre, before)
+            diag = step_diagnostics(lcfg, model, ro, rows, pre, before)
             t3 = time.perf_counter()
             # log
             rec = {**common, "opt_step": opt_step, "minibatch": m, "lr": lr_at(opt_step - 1),
                    "loss": pre["loss"], **diag, "clip_ratio": pre["clip_ratio"], "grad_norm": grad_norm,
                    **pre["proj"], "time/rollout": t_rollout / cfg.minibatches, "time/train": t2 - t1,
                    "time/metrics": t3 - t2, "step_time": t_rollout / cfg.minibatches + (t3 - t1)}
+            # every rank's share -> the global record (token means weighted by the rank's scored tokens)
+            rec = ranks.combine(rec, keep=GLOBAL_KEYS, token_keys=TOKEN_MEAN_KEYS, tokens=float(ro.n_tokens[rows].sum()))
             if val_acc is not None and m == 0 and step % cfg.eval_every == 0:
                 rec["val/accuracy"] = val_acc
-            _append_jsonl(metrics_path, rec)
+            write(metrics_path, rec)
         if cfg.progress:
             bar.set_postfix(reward=f"{common['reward']:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
 
     # final eval and checkpoint
-    val_acc = evaluate(s)
-    _append_jsonl(eval_path, {"step": cfg.steps, "opt_step": opt_step, "val/accuracy": val_acc})
-    save_checkpoint(run_dir, model, opt, cfg.steps, opt_step)
+    val_acc = evaluate(s, ranks=ranks)
+    write(eval_path, {"step": cfg.steps, "opt_step": opt_step, "val/accuracy": val_acc})
+    if ranks.is_main:
+        save_checkpoint(run_dir, model, opt, cfg.steps, opt_step)
+    ranks.barrier()  # the run directory is complete when any rank returns
     return run_dir
 
 

@@ -171,6 +171,7 @@ PROJECTED = {
     "global-gram-schmidt": dict(variant="proma", sync="global", solver="gram_schmidt", passes=2,
                                 relative_bound=0.5, shrinkage=0.7),
     "global-ridge": dict(variant="proma", sync="global", solver="ridge", ridge=0.1),
+    "global-exact-excluded": dict(variant="proma", sync="global", solver="exact", exclude=("fc.bias",)),
     "local-exact": dict(variant="proma", sync="local", solver="exact"),
     "none": dict(variant="none"),
     "intra": dict(variant="intra", intra_rank=1),
@@ -186,11 +187,25 @@ def _scenario_mlp(name):
         if kw["variant"] == "intra":
             oracle = lambda m: _oracle_intra(m, _mlp_forward, batches, kw)  # noqa: E731
         elif kw.get("sync") == "global":
-            oracle = lambda m: _oracle_global(m, _mlp_forward, batches, _ref_opts(kw))  # noqa: E731
+            oracle = lambda m: _with_plain(m, _oracle_global(m, _mlp_forward, batches, _ref_opts(kw)),  # noqa: E731
+                                           batches, kw.get("exclude", ()))
         else:
             oracle = lambda m: _oracle_local(m, _mlp_forward, batches, _ref_opts(kw))  # noqa: E731
         return _compare(rank, model, _mlp_forward, batches, kw, oracle)
     return run
+
+
+def _with_plain(model, flat, batches, names):
+    """Excluded parameters get plain accumulation: their block is the mean over ranks of sum_i w_i g_i."""
+    if not names:
+        return flat
+    plain = _oracle_local(model, _mlp_forward, batches, {"solver": "none"})
+    start = 0
+    for name, p in trainable(model):
+        if name in names:
+            flat[start:start + p.numel()] = plain[start:start + p.numel()]
+        start += p.numel()
+    return flat
 
 
 def _scenario_qwen(rank):
@@ -384,6 +399,18 @@ def test_sync_options_are_validated():
         ProjectedAccumulator(model, sync="bogus")
     with pytest.raises(ValueError, match="sync='global' is defined for variant='proma'"):
         ProjectedAccumulator(model, variant="intra", sync="global")
+
+
+def test_empty_microbatch_adds_nothing():
+    model = _mlp()
+    (batch, w), = _mlp_batches()[0][:1]
+    with ProjectedAccumulator(model, sync="global") as acc:
+        acc.zero_grad()
+        acc.backward(_mlp_forward(model, batch), w)
+        before = flat_grad(trainable(model))
+        acc.backward(torch.zeros(0), torch.zeros(0))
+        np.testing.assert_array_equal(flat_grad(trainable(model)), before)
+        assert acc.stats()["summary"]["microbatches"] == 2
 
 
 def test_single_process_synchronize_is_a_no_op():

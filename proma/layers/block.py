@@ -34,6 +34,18 @@ STRATEGIES = ("auto", "materialize", "ghost")
 # Grams and inner products are accumulated in float64 whatever the model dtype: their rounding then stays
 # far below that of the per-sequence gradients themselves, which sets the resolvable rank.
 GRAM_DTYPE = torch.float64
+# Columns of a per-sequence gradient chunk converted to float64 at a time: bounds the transient float64
+# copy to b * GRAM_COLUMNS elements instead of a second, twice as large, copy of the chunk.
+GRAM_COLUMNS = 1 << 15
+
+
+def _gram_update_(K: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor, Gf: torch.Tensor | None) -> None:
+    """``K += g g^T`` and ``h += g Gf`` in float64, for g (b, n) in the work dtype, in column slices."""
+    for c0 in range(0, g.shape[1], GRAM_COLUMNS):
+        gd = g[:, c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE)
+        K.addmm_(gd, gd.T)
+        if h is not None:
+            h.addmv_(gd, Gf[c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE))
 DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
 # Multiply-add equivalents charged per element of materialised per-sequence gradients: the (b, P) tensor is
 # written once and read by the Gram, the inner products and the update, which is memory-bound; calibrated
@@ -156,9 +168,9 @@ class Block:
             return self.gram(), (None if Gw is None else self.inner(Gw))
         if self.ids_only:
             g = self._materialize_compact()
-            gd = g.to(GRAM_DTYPE)
-            K = gd @ gd.T
-            h = None if Gw is None else gd @ Gw[self._rows].reshape(-1).to(GRAM_DTYPE)
+            K = torch.zeros(self.b, self.b, dtype=GRAM_DTYPE, device=g.device)
+            h = None if Gw is None else torch.zeros(self.b, dtype=GRAM_DTYPE, device=g.device)
+            _gram_update_(K, h, g, None if Gw is None else Gw[self._rows].reshape(-1))
             self._K, self._h = K, h
             return K, h
         K = torch.zeros(self.b, self.b, dtype=GRAM_DTYPE, device=self._device())
@@ -166,10 +178,7 @@ class Block:
         Gf = None if Gw is None else Gw.reshape(self.shape[0], -1)
         single = self._chunk_rows() >= self.shape[0]
         for r0, r1, g in self._materialize_chunks():
-            gd = g.to(GRAM_DTYPE)
-            K.addmm_(gd, gd.T)
-            if h is not None:
-                h.addmv_(gd, Gf[r0:r1].reshape(-1).to(GRAM_DTYPE))
+            _gram_update_(K, h, g, None if Gf is None else Gf[r0:r1].reshape(-1))
             if single:
                 self._g = g
         self._K, self._h = K, h

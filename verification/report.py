@@ -22,7 +22,7 @@ import numpy as np
 from .runs import GridConfig, quiet_transformers, run_dir, run_grid
 
 MODES = {
-    # the committed report: harness defaults (small Qwen3, 1200-step warm-start), fewer rollout steps than a
+    # the committed report: harness defaults (small Qwen3, 3000-step warm-start), fewer rollout steps than a
     # training run so that 10 runs fit the time budget on 2 CPU cores
     "full": dict(grid=GridConfig(preset="small", steps=80, lrs=(1e-4, 3e-4), overrides=dict(eval_every=10)),
                  snapshots=("start", "end"), real_cases=True, intra_ranks=(1, 2, 4)),

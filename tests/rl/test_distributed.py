@@ -62,9 +62,10 @@ def _step(cfg, model, ro, rows, ranks=Ranks()):
     return grad, torch.cat([p.detach().reshape(-1) for p in model.parameters()]).clone()
 
 
-def _step_worker(rank, port, path, results):
+def _step_worker(rank, store, path, results):
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
+    # a file store: no TCP rendezvous port that another process could take between choosing and binding it
+    dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
     try:
         data = torch.load(path, weights_only=False)
@@ -78,6 +79,8 @@ def _step_worker(rank, port, path, results):
             local = _rows_of(ro, mine)
             out[method] = _step(ranks.local_config(cfg), model, local, list(range(len(mine))), ranks)
         torch.save(out, results + f".{rank}")
+        # leave together: a rank tearing down gloo while its peer is still in a collective aborts the peer
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -106,7 +109,7 @@ def one_step(tmp_path_factory):
         single[method] = _step(cfg, s.model, ro, rows)
     path = str(tmp / "data.pt")
     torch.save({"configs": configs, "model": s.model, "state": state, "rollout": ro}, path)
-    mp.spawn(_step_worker, args=(_free_port(), path, str(tmp / "res")), nprocs=WORLD, join=True)
+    mp.spawn(_step_worker, args=(str(tmp / "store"), path, str(tmp / "res")), nprocs=WORLD, join=True)
     ranks = [torch.load(str(tmp / f"res.{r}"), weights_only=False) for r in range(WORLD)]
     return single, ranks, ro
 
@@ -138,6 +141,8 @@ def _train_worker(rank, port, cfgs):
     try:
         for cfg in cfgs:
             train(cfg, log=lambda *a: None)
+        if dist.is_initialized():
+            dist.barrier()
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -89,6 +89,18 @@ def _norms_and_keep(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor
     return norms, keep & (norms > 0)
 
 
+def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The kept rows ``idx``, their norms ``s`` and the Jacobi-normalised Gram ``N_ij = K_ij / (s_i s_j)``.
+
+    Every solver works on unit-normalised g_i (the published modes by definition, the exact one so that its
+    rank decision does not depend on how long each g_i is); rows dropped by :func:`_norms_and_keep` get c_i = 0.
+    """
+    norms, keep = _norms_and_keep(K, P)
+    idx = keep.nonzero().flatten()
+    s = norms[idx]
+    return idx, s, K[idx][:, idx] / (s[:, None] * s[None, :])
+
+
 def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
     """Coefficients c of the orthogonal projection of G onto span{g_i}: R = sum_i c_i g_i.
 
@@ -111,12 +123,9 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: 
     """
     b = K.shape[0]
     c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    norms, keep = _norms_and_keep(K, P)
-    idx = keep.nonzero().flatten()
+    idx, s, N = _normalised_gram(K, P)
     if idx.numel() == 0:
         return c, 0
-    s = norms[idx]
-    N = K[idx][:, idx] / (s[:, None] * s[None, :])
     lam, Q = torch.linalg.eigh(N)
     use = lam > eigen_cutoff(b, P, work_dtype) * lam[-1]
     Q, lam = Q[:, use], lam[use]
@@ -133,12 +142,10 @@ def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, 
     """
     b = K.shape[0]
     c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    norms, keep = _norms_and_keep(K, P)
-    idx = keep.nonzero().flatten()
+    idx, s, N = _normalised_gram(K, P)
     if idx.numel() == 0:
         return c, 0
-    s = norms[idx]
-    N = (K[idx][:, idx] / (s[:, None] * s[None, :])).cpu()
+    N = N.cpu()
     hn = (h[idx] / s).cpu()
     a = torch.zeros_like(hn)
     # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
@@ -158,12 +165,9 @@ def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, *, ridge: float, P: int
     """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i."""
     b = K.shape[0]
     c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    norms, keep = _norms_and_keep(K, P)
-    idx = keep.nonzero().flatten()
+    idx, s, N = _normalised_gram(K, P)
     if idx.numel() == 0:
         return c, 0
-    s = norms[idx]
-    N = K[idx][:, idx] / (s[:, None] * s[None, :])
     A = N + ridge * torch.eye(idx.numel(), dtype=torch.float64, device=K.device)
     a = torch.linalg.solve(A, h[idx] / s)
     c[idx] = a / s

@@ -185,14 +185,20 @@ def _status_kib(field):
     raise RuntimeError(field)
 
 
-def measure_memory_child(case, method, args):
-    torch.set_num_threads(args.threads)
+def _warmed_up(case, method, args):
+    """Model, one-step closure and accumulator after a warm-up step, gradients cleared: the resting state."""
     model, batches, forward = workload(case, args)
     step, acc = step_fn(method, model, batches, forward)
     step()
     model.zero_grad(set_to_none=True)
     if acc is not None:
         acc.zero_grad()
+    return model, step, acc
+
+
+def measure_memory_child(case, method, args):
+    torch.set_num_threads(args.threads)
+    model, step, _ = _warmed_up(case, method, args)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
     base = _status_kib("VmRSS")
@@ -204,12 +210,7 @@ def measure_memory_child(case, method, args):
 
 def measure_memory_cuda(case, method, args):
     """GPU: peak of torch.cuda.memory_allocated during one step, above the resting state."""
-    model, batches, forward = workload(case, args)
-    step, acc = step_fn(method, model, batches, forward)
-    step()
-    model.zero_grad(set_to_none=True)
-    if acc is not None:
-        acc.zero_grad()
+    model, step, acc = _warmed_up(case, method, args)
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
     torch.cuda.reset_peak_memory_stats()

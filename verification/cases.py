@@ -118,7 +118,13 @@ class Recipe:
     sizes: sequences per microbatch. duplicates: (m, j, m_src, j_src) copies sequence j_src of microbatch
     m_src onto sequence j of microbatch m (all layers, all uses; rank-deficient Grams). empty: (m, j)
     sequences with no tokens and zero dense gradients (zero rows). zero_weights: (m, j) with j = None for
-    the whole microbatch. shuffle: token rows in random order instead of sequence order.
+    the whole microbatch. shuffle: token rows in random order instead of sequence order. Tokens per sequence
+    and linear use are drawn from min_tokens..max_tokens. scale: every gradient (D rows, dense gradients)
+    multiplied by it, so every expected array scales by it. span: in every linear layer with o >= b, one
+    token per sequence and one input row x shared by the microbatch; output rows of norms ``span`` in
+    random directions (relative singular values ~ span), or with ``dependent`` the rows
+    ``U diag(span) V^T`` (nearly dependent sequences: singular values exactly span). float32_inputs: factors and weights rounded to float32
+    values (stored as float64), so a float32 implementation reads the very inputs the reference used.
     """
 
     id: str
@@ -132,6 +138,11 @@ class Recipe:
     shuffle: bool = False
     max_tokens: int = 4
     tags: tuple = ()
+    min_tokens: int = 1
+    scale: float = 1.0
+    span: tuple = ()
+    dependent: bool = False
+    float32_inputs: bool = False
 
 
 def _draw_case(recipe: Recipe, seed: int) -> Case:
@@ -149,7 +160,7 @@ def _draw_case(recipe: Recipe, seed: int) -> Case:
                 for kind in layer.uses:
                     if kind == "linear":
                         o, i = layer.shape
-                        t = int(rng.integers(1, recipe.max_tokens + 1))
+                        t = int(rng.integers(recipe.min_tokens, recipe.max_tokens + 1))
                         per_use.append((rng.standard_normal((t, i)), rng.standard_normal((t, o))))
                     else:
                         per_use.append(rng.standard_normal(layer.shape))
@@ -180,7 +191,46 @@ def _draw_case(recipe: Recipe, seed: int) -> Case:
                     case.arrays[use_key(m, k, u, "seq")] = seq.astype(np.int64)
                 else:
                     case.arrays[use_key(m, k, u, "seq_grads")] = np.stack([seqs[m, j][k][u] for j in range(b)])
+    if recipe.span:
+        _impose_span(case, recipe.span, recipe.dependent, rng)
+    _rescale(case, recipe.scale, recipe.float32_inputs)
     return compute_expected(case)
+
+
+def _impose_span(case: Case, span: tuple, dependent: bool, rng) -> None:
+    """Give every linear layer with o >= b_m sequence gradients of relative sizes ``span``.
+
+    With one token per sequence and one input row x shared by the microbatch, ``g_j = d_j x^T``, so the
+    flattened gradients are ``D kron x`` and their singular values are those of D times ``||x||``. D is
+    ``diag(s) W`` with unit random rows W (directions well apart, the Gram's Jacobi-scaled form
+    well conditioned) or, ``dependent``, ``U diag(s) V^T`` with random orthonormal U (b, b) and V (o, b).
+    """
+    for m in range(case.n_microbatches):
+        b = case.batch_size(m)
+        s = np.resize(np.asarray(span, dtype=np.float64), b)
+        for k, layer in enumerate(case.layers):
+            o, i = layer.shape
+            if layer.uses != ("linear",) or o < b:
+                continue
+            if dependent:
+                U = np.linalg.qr(rng.standard_normal((b, b)))[0]
+                D = (U * s) @ np.linalg.qr(rng.standard_normal((o, b)))[0].T
+            else:
+                W = rng.standard_normal((b, o))
+                D = s[:, None] * W / np.linalg.norm(W, axis=1, keepdims=True)
+            case.arrays[use_key(m, k, 0, "X")] = np.repeat(rng.standard_normal((1, i)), b, axis=0)
+            case.arrays[use_key(m, k, 0, "D")] = D
+            case.arrays[use_key(m, k, 0, "seq")] = np.arange(b, dtype=np.int64)
+
+
+def _rescale(case: Case, scale: float, float32_inputs: bool) -> None:
+    """Multiply every output gradient by ``scale`` (a power of 2: exact) and optionally round to float32."""
+    for key, a in case.arrays.items():
+        if not np.issubdtype(a.dtype, np.floating):
+            continue
+        if key.endswith(("/D", "/seq_grads")):
+            a = a * scale
+        case.arrays[key] = a.astype(np.float32).astype(np.float64) if float32_inputs else a
 
 
 def _recipes() -> list:
@@ -233,9 +283,93 @@ def _recipes() -> list:
     ]
 
 
+# single-use linear weights only: an implementation that handles nn.Linear weights alone gets a full verdict.
+# gate.weight has P = 2 parameters, fewer than the sequences of most microbatches (b > P).
+LINEAR_LAYERS = (
+    Layer("q.weight", (5, 4), ("linear",)),
+    Layer("up.weight", (6, 3), ("linear",)),
+    Layer("gate.weight", (1, 2), ("linear",)),
+)
+STRESS_SCALES = (2.0 ** -30, 2.0 ** 30)
+# smallest relative size of a microbatch's sequence gradients: 2^-12 is where a float32 Gram (eigenvalues
+# s^2 ~ eps32) stops resolving the span; 2^-23 is float32's own resolution (eps32); all are kept by the
+# reference's float64 cutoff
+STRESS_SPANS = (("1e-3", 1e-3), ("1e-5", 1e-5), ("f32gram", 2.0 ** -12), ("1e-7", 1e-7), ("f32eps", 2.0 ** -23))
+# nearly dependent sequences: the exact projection itself is ill-conditioned (a relative input change e moves
+# the span by ~e / s), so only moderate conditioning is a fair test of an implementation
+STRESS_DEPENDENT_SPANS = (("1e-3", 1e-3), ("f32gram", 2.0 ** -12))
+
+
+def _stress_recipes() -> list:
+    """Cases that probe scale, conditioning and degenerate batches; linear-only, float32-exact inputs."""
+    R = Recipe
+    stress = dict(layers=LINEAR_LAYERS, float32_inputs=True)
+    solvers = {"exact": Settings(solver="exact"), "gram_schmidt": Settings(solver="gram_schmidt", passes=2),
+               "ridge": Settings(solver="ridge", ridge=1e-2), "none": Settings(variant="none"),
+               "intra": Settings(variant="intra", intra_rank=1)}
+    out = []
+    for name, base in solvers.items():
+        variants = [("", base)]
+        if base.variant == "proma":
+            variants.append(("_bound_shrink", replace(base, relative_bound=0.5, shrinkage=0.8)))
+        for suffix, settings in variants:
+            for scale in STRESS_SCALES:
+                exp = int(np.log2(scale))
+                out.append(R(f"stress_scale_2pow{exp}_{name}{suffix}",
+                             f"{settings.label()} with every gradient multiplied by 2^{exp}: the result must "
+                             "scale with it (no absolute epsilons, no overflow or underflow)", settings,
+                             scale=scale, tags=("stress", "scale", "linear-only"), **stress))
+    for label, smin in STRESS_SPANS:
+        for name in (("exact", "gram_schmidt", "ridge") if label == "1e-7" else ("exact",)):
+            out.append(R(f"stress_span_{label}_{name}",
+                         f"{solvers[name].label()}; each microbatch's 4 sequence gradients have norms 1 .. "
+                         f"{smin:.1e} in random directions: every direction must be kept", solvers[name],
+                         sizes=(4, 4, 4), span=tuple(np.geomspace(1.0, smin, 4)), max_tokens=1,
+                         tags=("stress", "span", "linear-only"), **stress))
+    for label, smin in STRESS_DEPENDENT_SPANS:
+        out.append(R(f"stress_dependent_{label}_exact",
+                     f"exact PROMA; each microbatch's 4 sequence gradients are nearly dependent, singular values "
+                     f"1 .. {smin:.1e}", solvers["exact"], sizes=(4, 4, 4), span=tuple(np.geomspace(1.0, smin, 4)),
+                     dependent=True, max_tokens=1, tags=("stress", "span", "ill-conditioned", "linear-only"),
+                     **stress))
+    exact = solvers["exact"]
+    out += [
+        R("stress_duplicates", "exact PROMA; microbatch 1 repeats microbatch 0's sequences, microbatch 2 holds "
+          "one sequence three times", exact, sizes=(3, 3, 3),
+          duplicates=((1, 0, 0, 0), (1, 1, 0, 1), (1, 2, 0, 2), (2, 1, 2, 0), (2, 2, 2, 0)),
+          tags=("stress", "duplicates", "rank-deficient", "linear-only"), **stress),
+        R("stress_zero_gradient", "Gram-Schmidt PROMA; sequences with no tokens (zero gradient) in every "
+          "microbatch, one microbatch entirely zero", solvers["gram_schmidt"], sizes=(3, 2, 3),
+          empty=((0, 1), (1, 0), (1, 1), (2, 2)), tags=("stress", "zero-gradient", "linear-only"), **stress),
+        R("stress_b_gt_P", "exact PROMA with 6-8 sequences per microbatch, more than gate.weight's 2 "
+          "parameters (b > P: the projection removes all of that layer's G)", exact, sizes=(6, 8, 7),
+          tags=("stress", "b>P", "linear-only"), **stress),
+        R("stress_one_token", "ridge PROMA with one token per sequence (rank-one per-sequence gradients)",
+          replace(solvers["ridge"], relative_bound=0.5), sizes=(4, 3, 5), max_tokens=1,
+          tags=("stress", "one-token", "linear-only"), **stress),
+        R("stress_long_sequence", "exact PROMA with one sequence of 200-256 tokens per microbatch",
+          exact, sizes=(1, 1, 1), min_tokens=200, max_tokens=256,
+          tags=("stress", "long-sequence", "linear-only"), **stress),
+    ]
+    return out
+
+
+def _linear_twins(recipes: list) -> list:
+    """For every recipe with a non-linear layer, the same draw on single-use linear layers only."""
+    return [replace(r, id=f"{r.id}_linear", layers=LINEAR_LAYERS, description=r.description + "; linear layers only",
+                    tags=tuple(t for t in r.tags if t != "tied") + ("linear-only",))
+            for r in recipes if any(layer.uses != ("linear",) for layer in r.layers)]
+
+
+def default_recipes() -> list:
+    """The default case set: the base recipes, their linear-only twins and the stress recipes."""
+    base = _recipes()
+    return base + _linear_twins(base) + _stress_recipes()
+
+
 def synthetic_cases(seed: int = 0) -> list:
     """Every synthetic case (random factors with fixed seeds, expected results from the reference)."""
-    return [_draw_case(r, seed) for r in _recipes()]
+    return [_draw_case(r, seed) for r in default_recipes()]
 
 
 def generator_info(seed: int) -> dict:

@@ -1,4 +1,4 @@
-"""The oracle case format (schema version 1): case objects, array names, load, validate, save.
+"""The oracle case format (schema version 2; version 1 still read): case objects, array names, load, save.
 
 The normative description is ``verification/FORMAT.md``; this module is its executable form. Index
 conventions: b sequences of a microbatch, t tokens, i in-features, o out-features, P parameter size;
@@ -15,7 +15,10 @@ from pathlib import Path
 import numpy as np
 
 FORMAT_NAME = "proma-verify-cases"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
+# version 1 differed only in its pass test (atol was added to every tolerance); its directories still load and
+# are judged by the version-2 test, which is stricter for small scales
+READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
 VARIANTS = ("none", "proma", "intra")
@@ -210,14 +213,15 @@ class Case:
 
 
 def default_tolerances() -> dict:
-    """Pass-test tolerances per candidate dtype (FORMAT.md, "Pass test").
+    """Pass-test tolerances per candidate dtype (FORMAT.md, "Pass test"): the project's named tolerances.
 
-    ``rtol`` are the project's named tolerances; ``atol`` only matters where every expected array of a
-    layer is zero (then the candidate must be zero to within it).
+    ``rtol`` bounds the error relative to the array's own scale; ``atol`` is used only where that scale is 0
+    (every expected array of the layer is zero: then the candidate must be zero to within it).
     """
-    from .tolerances import FLOAT32_RTOL, FLOAT64_RTOL
+    from .tolerances import FLOAT32_ATOL, FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
 
-    return {"float64": {"rtol": FLOAT64_RTOL, "atol": 1e-12}, "float32": {"rtol": FLOAT32_RTOL, "atol": 1e-9}}
+    return {"float64": {"rtol": FLOAT64_RTOL, "atol": FLOAT64_ATOL},
+            "float32": {"rtol": FLOAT32_RTOL, "atol": FLOAT32_ATOL}}
 
 
 # --------------------------------------------------------------------------------------------- checks
@@ -307,8 +311,9 @@ def read_manifest(cases_dir) -> dict:
     if manifest.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: format must be {FORMAT_NAME!r}; got {manifest.get('format')!r}")
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
-        raise FormatError(f"{path}: schema_version {version!r} is not supported (this reader knows {SCHEMA_VERSION})")
+    if not _is_int(version) or version not in READABLE_VERSIONS:
+        raise FormatError(f"{path}: schema_version {version!r} is not supported (this reader knows "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
     tol = manifest.get("tolerances")
     if not isinstance(tol, dict) or not all(
             isinstance(tol.get(d), dict) and _is_real(tol[d].get("rtol")) and _is_real(tol[d].get("atol"))

@@ -2,6 +2,8 @@
 
 - :func:`run_reference`: the NumPy reference recomputed from the case's stored factors (a round trip of
   the files; it is how the expected arrays were made).
+- :func:`run_reference_step`, :func:`run_torch_step`: the same, one microbatch at a time from the stored
+  ``G_in`` (``proma-verify check --step``).
 - :func:`run_torch`: ``proma.ProjectedAccumulator`` on a *replay model* that reproduces the case's factors
   exactly, through the accumulator's public API and its own hooks (nothing is fed to its internals).
 
@@ -20,13 +22,34 @@ from __future__ import annotations
 
 import numpy as np
 
-from .cases import reference_history
+import reference
+
+from .cases import _split, layer_factors, layer_seq_grads, microbatch_seq_grads, reference_history
 from .format import Case
 
 
 def run_reference(case: Case) -> list:
     """Outputs of the NumPy reference on ``case`` (recomputed from its factors)."""
     return [record["G_out"] for record in reference_history(case)]
+
+
+def run_reference_step(case: Case, m: int, G_in: list) -> list:
+    """One microbatch of the NumPy reference from the running gradient ``G_in`` (per-layer arrays)."""
+    s, layers = case.settings, case.layers
+    w = case.weights(m)
+    if s.variant == "intra":
+        out = []
+        for k, G in enumerate(G_in):
+            pg = np.tensordot(w, layer_seq_grads(case, m, k), axes=1)
+            factors = layer_factors(case, m, k)
+            out.append(G + (pg if factors is None else reference.intra_project(
+                pg, *factors, rank=s.intra_rank, form=s.intra_form)))
+        return out
+    step = reference.accumulate_step(
+        np.concatenate([np.ravel(G) for G in G_in]), microbatch_seq_grads(case, m), w,
+        blocks=[layer.size for layer in layers], solver="none" if s.variant == "none" else s.solver,
+        passes=s.passes, ridge=s.ridge, relative_bound=s.relative_bound, shrinkage=s.shrinkage)
+    return _split(step.after, layers)
 
 
 def _pad_tokens(X: np.ndarray, seq: np.ndarray, b: int):
@@ -102,8 +125,12 @@ def accumulator_kwargs(settings) -> dict:
                 intra_rank=settings.intra_rank, intra_form=settings.intra_form)
 
 
-def run_torch(case: Case, *, dtype="float64", strategy="auto") -> list:
-    """Outputs of ``proma.ProjectedAccumulator`` on the case's replay model (float64 or float32)."""
+def run_torch(case: Case, *, dtype="float64", strategy="auto", start=None) -> list:
+    """Outputs of ``proma.ProjectedAccumulator`` on the case's replay model (float64 or float32).
+
+    ``start``: optional ``start(m) -> per-layer arrays`` written to ``p.grad`` before microbatch m (the
+    accumulator takes an existing ``p.grad`` as its running gradient): step mode.
+    """
     import torch
 
     from proma import ProjectedAccumulator
@@ -114,6 +141,10 @@ def run_torch(case: Case, *, dtype="float64", strategy="auto") -> list:
     with ProjectedAccumulator(model, strategy=strategy, **accumulator_kwargs(case.settings)) as acc:
         acc.zero_grad()
         for m in range(case.n_microbatches):
+            if start is not None:
+                for k, G in enumerate(start(m)):
+                    p = model.layer_parameter(k)
+                    p.grad = torch.as_tensor(np.asarray(G).reshape(p.shape), dtype=tdtype).clone()
             seq_logp = model(case, m)
             acc.backward(seq_logp, torch.as_tensor(case.weights(m), dtype=tdtype))
             per_layer = []
@@ -129,4 +160,18 @@ IMPLEMENTATIONS = {
     "reference": run_reference,
     "torch": run_torch,
     "torch-float32": lambda case: run_torch(case, dtype="float32"),
+}
+
+
+def run_torch_step(case: Case, m: int, G_in: list, *, dtype="float64") -> list:
+    """Microbatch m of ``proma.ProjectedAccumulator`` started from ``G_in`` (step mode)."""
+    sub = Case(case.id, case.description, case.settings, case.layers, [0, case.batch_size(m)],
+               {key.replace(f"mb{m}/", "mb0/", 1): a for key, a in case.arrays.items() if key.startswith(f"mb{m}/")})
+    return run_torch(sub, dtype=dtype, start=lambda _: G_in)[0]
+
+
+STEP_IMPLEMENTATIONS = {
+    "reference": run_reference_step,
+    "torch": run_torch_step,
+    "torch-float32": lambda case, m, G_in: run_torch_step(case, m, G_in, dtype="float32"),
 }

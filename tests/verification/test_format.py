@@ -194,3 +194,58 @@ def test_generation_is_deterministic_and_valid_for_any_seed(tmp_path_factory, se
     for a, b in zip(cases, again):
         for key in a.arrays:
             np.testing.assert_array_equal(a.arrays[key], b.arrays[key])
+
+
+def _format_md():
+    from pathlib import Path
+
+    import verification
+
+    return (Path(verification.__file__).parent / "FORMAT.md").read_text()
+
+
+def test_numpy_only_reader_in_format_md_runs(cases_dir, tmp_path):
+    from verification.check import write_candidate
+    from verification.impls import run_reference
+
+    text = _format_md()
+    code = text.split("<!-- numpy-reader -->\n```python\n", 1)[1].split("```", 1)[0]
+    assert len(code.strip().splitlines()) <= 30 and "verification" not in code and "torch" not in code
+    namespace = {}
+    exec(compile(code, "FORMAT.md", "exec"), namespace)
+    cases, _ = load_cases(cases_dir, only=["ridge_1", "exact_rank_deficient"])
+    outputs = {c.id: run_reference(c) for c in cases}
+    n, failures = namespace["check"](cases_dir, write_candidate(tmp_path / "c.npz", outputs))
+    assert n == sum(c.n_microbatches * len(c.layers) for c in cases) and failures == []
+    outputs["ridge_1"][1][0] = outputs["ridge_1"][1][0] * (1 + 1e-6)
+    n, failures = namespace["check"](cases_dir, write_candidate(tmp_path / "bad.npz", outputs))
+    assert len(failures) == 1 and failures[0].startswith("ridge_1/mb1/layer0/G_out")
+
+
+@pytest.mark.parametrize("version, ok", [(1, True), (2, True), (3, False), ("2", False)])
+def test_reader_accepts_versions_1_and_2_only(cases_dir, tmp_path, version, ok):
+    copy = tmp_path / "cases"
+    shutil.copytree(cases_dir, copy)
+    manifest = json.loads((copy / MANIFEST).read_text())
+    manifest["schema_version"] = version
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    if ok:
+        assert load_cases(copy, only=["ridge_1"])[0][0].id == "ridge_1"
+    else:
+        with pytest.raises(FormatError, match="schema_version .* is not supported"):
+            load_cases(copy, only=["ridge_1"])
+
+
+def test_default_set_has_stress_and_linear_only_cases_for_every_setting(cases_dir):
+    cases, manifest = load_cases(cases_dir)
+    assert manifest["schema_version"] == SCHEMA_VERSION == 2
+    linear_only = {c.settings for c in cases if all(layer.uses == ("linear",) for layer in c.layers)}
+    assert {c.settings for c in cases} <= linear_only
+    tags = {t for c in cases for t in c.tags}
+    assert {"stress", "scale", "span", "ill-conditioned", "duplicates", "zero-gradient", "b>P", "one-token",
+            "long-sequence"} <= tags
+    scaled = {(c.settings.variant, c.settings.solver, c.settings.relative_bound is not None)
+              for c in cases if "scale" in c.tags}
+    for solver in ("exact", "gram_schmidt", "ridge"):
+        assert {("proma", solver, False), ("proma", solver, True)} <= scaled
+    assert all(c.description and c.tags for c in cases)

@@ -104,7 +104,8 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
     """
     import torch
 
-    from proma.rl.train import sequence_logprobs, setup
+    from proma.rl.sampling import sequence_logprobs
+    from proma.rl.setup import setup
 
     from .realcase import pick_minibatch
     from .study_projection import projection_study

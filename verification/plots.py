@@ -14,7 +14,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .study_metrics import per_rollout, series  # noqa: E402
+from proma.rl.summary import per_rollout, series  # noqa: E402
 
 METHOD_COLORS = {"reinforce": "tab:gray", "grpo": "tab:red", "proma": "tab:blue", "proma-paper": "tab:cyan",
                  "intra": "tab:green"}

@@ -42,12 +42,9 @@ def run_dir(runs_dir, method: str, lr: float) -> Path:
 
 def quiet_transformers() -> None:
     """Silence transformers' per-checkpoint progress bars (they would interleave with the report's)."""
-    try:
-        from transformers.utils import logging
+    from transformers.utils import logging
 
-        logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    logging.disable_progress_bar()
 
 
 def _train_one(cfg_dict: dict) -> str:

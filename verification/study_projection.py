@@ -60,17 +60,19 @@ TORCH_SETTINGS = {
 }
 
 
+# Parameter count P at which the float32 cutoff is quoted: any tensor size of a real model, where the float32
+# rounding term of the cutoff, not the size term, sets it.
+CUTOFF_TENSOR_SIZE = 10**9
+
+
 def float32_cutoff(b: int) -> float:
     """Relative singular value below which the torch exact solver, given b float32 sequence gradients, drops a
-    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule); NaN if unavailable."""
-    try:
-        import torch
+    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule) for a large tensor."""
+    import torch
 
-        from proma.projection import eigen_cutoff
+    from proma.projection import eigen_cutoff
 
-        return math.sqrt(eigen_cutoff(b, 10**9, torch.float32))
-    except (ImportError, AttributeError, TypeError):
-        return math.nan
+    return math.sqrt(eigen_cutoff(b, CUTOFF_TENSOR_SIZE, torch.float32))
 
 
 def _overlaps(g: np.ndarray, v: np.ndarray, blocks: list) -> tuple:

@@ -31,7 +31,6 @@ import argparse
 import datetime
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -45,6 +44,7 @@ from bench_accumulator import qwen_batches, qwen_seq_logp, small_qwen3  # noqa: 
 
 from proma import ProjectedAccumulator  # noqa: E402
 from proma.distributed import all_reduce_wire_bytes, no_sync  # noqa: E402
+from verification.testkit import free_port  # noqa: E402
 
 METHODS = {
     "ddp/plain": None,
@@ -125,12 +125,6 @@ def _worker(rank, world, port, args, outfile):
     dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def table(res) -> str:
     a, W = res["args"], res["world"]
     lines = [f"Small Qwen3 ({res['params']:,} parameters, float32), {W} CPU processes (gloo), "
@@ -166,7 +160,7 @@ def main(argv=None):
     import tempfile
     with tempfile.TemporaryDirectory() as tmp:
         outfile = os.path.join(tmp, "res.json")
-        mp.spawn(_worker, args=(args.world, _free_port(), args, outfile), nprocs=args.world, join=True)
+        mp.spawn(_worker, args=(args.world, free_port(), args, outfile), nprocs=args.world, join=True)
         with open(outfile) as f:
             res = json.load(f)
     text = table(res)

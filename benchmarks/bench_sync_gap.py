@@ -26,7 +26,9 @@ import torch
 
 from proma import ProjectedAccumulator
 from proma.rl.config import TrainConfig
-from proma.rl.train import do_rollout, microbatches, minibatch_order, minibatch_weights, select, sequence_logprobs, setup
+from proma.rl.rollout import select
+from proma.rl.sampling import do_rollout, microbatches, minibatch_order, minibatch_weights, sequence_logprobs
+from proma.rl.setup import setup
 
 
 def accumulate(model, ro, mbs, weights_of, **kw):

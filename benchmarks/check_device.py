@@ -7,16 +7,14 @@ gradients from autograd as the oracle (as ``tests/proma/test_proma_accumulator.p
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "proma"))
-
-import reference  # noqa: E402
-from proma import ProjectedAccumulator  # noqa: E402
-from proma_testkit import flat_grad, per_sequence_grads, qwen_seq_logp, rel_err, tiny_qwen3, trainable  # noqa: E402
+import reference
+from proma import ProjectedAccumulator
+from verification.testkit import (GENERIC_PERTURBATION, flat_grad, per_sequence_grads, qwen_seq_logp,
+                                  rel_err, tiny_qwen3, trainable)
 
 CASES = [
     (torch.float64, dict(solver="exact"), 1e-9),
@@ -43,7 +41,7 @@ def main():
         batches.append((ids.to(dev), mask.to(dev), torch.randn(b, generator=gen, dtype=torch.float64)))
     failed = 0
     for dtype, kwargs, tol in CASES:
-        model = tiny_qwen3(dtype).to(dev)
+        model = tiny_qwen3(dtype, perturb=GENERIC_PERTURBATION).to(dev)
         params = trainable(model)
         oracle = []
         with ProjectedAccumulator(model, **kwargs) as acc:

@@ -9,18 +9,14 @@ float64 (itself checked against ``reference.accumulate`` by the test suite).
 from __future__ import annotations
 
 import argparse
-import os
-import socket
 import sys
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "tests", "proma"))
-
-from proma import ProjectedAccumulator  # noqa: E402
-from proma_testkit import qwen_seq_logp, rel_err, tiny_qwen3  # noqa: E402
+from proma import ProjectedAccumulator
+from verification.testkit import GENERIC_PERTURBATION, free_port, qwen_seq_logp, rel_err, tiny_qwen3
 
 TOL = 1e-9
 CASES = [dict(solver="exact"), dict(solver="exact", strategy="ghost"), dict(solver="gram_schmidt", relative_bound=0.5)]
@@ -49,7 +45,7 @@ def worker(rank, port, device, failures):
     solo = [dist.new_group([r]) for r in range(2)]
     data = batches(device)
     for kw in CASES:
-        model = tiny_qwen3(torch.float64).to(device)
+        model = tiny_qwen3(torch.float64, perturb=GENERIC_PERTURBATION).to(device)
         with ProjectedAccumulator(model, sync="global", **kw) as acc:
             acc.zero_grad()
             for batch, w in data[rank]:
@@ -79,9 +75,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = ap.parse_args()
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     failures = mp.get_context("spawn").SimpleQueue()
     mp.spawn(worker, args=(port, args.device, failures), nprocs=2, join=True)
     bad = []

@@ -1,4 +1,4 @@
-"""Shared pytest configuration: Hypothesis profiles.
+"""Shared pytest configuration: Hypothesis profiles and the suite's one thread setting.
 
 ``HYPOTHESIS_PROFILE=ci`` (set by ``.ci/run``) makes every property test derandomized and bounded so that
 CI is reproducible and fast on 2 cores; ``dev`` (the default) explores more examples.
@@ -23,8 +23,8 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
 
-# The suite's tensors are tiny: intra-op threads cost more in synchronisation than they save, and CI has
-# 2 cores. (reference/ never imports torch; its own contract test checks that in a fresh subprocess.)
-import torch  # noqa: E402
+# The suite's tensors are tiny: one torch thread for every test (spawned workers call pin_threads themselves).
+# (reference/ never imports torch; its own contract test checks that in a fresh subprocess.)
+from verification.testkit import pin_threads  # noqa: E402
 
-torch.set_num_threads(1)
+pin_threads()

@@ -14,10 +14,13 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
-from .study_metrics import per_rollout, series  # noqa: E402
+from proma.rl.summary import per_rollout, series  # noqa: E402
 
 METHOD_COLORS = {"reinforce": "tab:gray", "grpo": "tab:red", "proma": "tab:blue", "proma-paper": "tab:cyan",
                  "intra": "tab:green"}
+FIGURE_DPI = 110
+# Smallest value drawn on a log axis: an exact zero (a distance or overlap at rounding) sits at the bottom.
+LOG_FLOOR = 1e-17
 
 
 def _color(method):
@@ -39,7 +42,7 @@ def _smooth(x: np.ndarray, k: int) -> np.ndarray:
 def _save(fig, path) -> Path:
     path = Path(path)
     fig.tight_layout()
-    fig.savefig(path, dpi=110, bbox_inches="tight")
+    fig.savefig(path, dpi=FIGURE_DPI, bbox_inches="tight")
     plt.close(fig)
     return path
 
@@ -131,8 +134,8 @@ def kl_vs_gain(summaries, path) -> Path:
 def projection_bars(study: dict, path) -> Path:
     """Relative distance to exact and residual overlap of each reference setting (log scale)."""
     names = [n for n in study["settings"] if not n.startswith("exact (layer")]
-    dist = [max(study["settings"][n]["rel_dist_to_exact"], 1e-17) for n in names]
-    ov = [max(study["settings"][n]["overlap_layer"], 1e-17) for n in names]
+    dist = [max(study["settings"][n]["rel_dist_to_exact"], LOG_FLOOR) for n in names]
+    ov = [max(study["settings"][n]["overlap_layer"], LOG_FLOOR) for n in names]
     fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
     y = np.arange(len(names))
     axes[0].barh(y, dist, color="tab:blue")

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .reading import render
 from .runs import GridConfig, quiet_transformers, run_dir, run_grid
 
 MODES = {
@@ -30,30 +31,11 @@ MODES = {
     "quick": dict(grid=GridConfig(preset="small", steps=6, lrs=(1e-4, 3e-4),
                                   overrides=dict(warmstart_steps=300, eval_every=3, eval_size=64)),
                   snapshots=("end",), real_cases=True, intra_ranks=(1, 2, 4)),
-    # CI: the harness's smoke preset
     # CI: the harness's smoke preset (its policy earns no reward: the projection study falls back to the
     # real-case policy)
     "smoke": dict(grid=GridConfig(preset="smoke", steps=2, lrs=(1e-3, 3e-3)),
                   snapshots=("end",), real_cases=True, intra_ranks=(1, 2)),
 }
-SECTION_HEADINGS = (
-    "## Headline numbers",
-    "## Configuration",
-    "## 1. Oracle: implementations against the golden cases",
-    "## 2. Projection error on real GSM8K microbatches",
-    "### 2.1 torch vs reference",
-    "### 2.2 Published approximations vs exact projection",
-    "### 2.3 Layer-wise vs global exact projection",
-    "### 2.4 Intra-microbatch variant",
-    "## 3. KL control",
-    "### 3.1 Local KL per optimizer step",
-    "### 3.2 Exact KL vs second-order estimate",
-    "### 3.3 KL to the rollout policy",
-    "### 3.4 PROMA vs GRPO",
-    "## 4. Entropy and learning",
-    "## 5. Reading against the paper's claims",
-    "## 6. Raw data",
-)
 
 
 def _jsonable(obj):
@@ -104,7 +86,8 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
     """
     import torch
 
-    from proma.rl.train import sequence_logprobs, setup
+    from proma.rl.sampling import sequence_logprobs
+    from proma.rl.setup import setup
 
     from .realcase import pick_minibatch
     from .study_projection import projection_study
@@ -144,8 +127,8 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     ``runs_dir`` (default ``out/runs``, git-ignored) keeps the training runs, their checkpoints and the
     warm-start caches; ``realcase_cache`` (default ``runs_dir/cache-realcase``) the real-case policy's.
     """
-    from . import plots, reading
-    from .study_metrics import read_jsonl, summarize_run
+    from . import plots
+    from proma.rl.summary import read_jsonl, summarize_run
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
@@ -219,7 +202,7 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
         _write_json(data / f"projection_{snap}.json", study)
     _write_json(data / "summaries.json", summaries)
     _write_json(data / "meta.json", meta)
-    text = reading.render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
+    text = render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
                           figures={k: p.name for k, p in figures.items()}, data_files=sorted(
                               str(p.relative_to(out)) for p in data.rglob("*.json")))
     path = out / "REPORT.md"

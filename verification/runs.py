@@ -1,6 +1,6 @@
 """The report's grid of GSM8K training runs: every method at every learning rate, one shared warm-start.
 
-Runs go to ``runs_dir/<method>_lr<lr>`` through ``proma.rl.train.train``; an existing run directory with the
+Runs go to ``runs_dir/<method>_lr<lr>`` through ``proma.rl.run``; an existing run directory with the
 same configuration is resumed (a finished one costs only its setup), so an interrupted report can be
 rerun. The warm-start checkpoint is trained once, in this process, before the grid starts, and cached in
 ``runs_dir/cache`` for every run. With ``jobs > 1`` runs execute in that many worker processes with one torch
@@ -42,29 +42,26 @@ def run_dir(runs_dir, method: str, lr: float) -> Path:
 
 def quiet_transformers() -> None:
     """Silence transformers' per-checkpoint progress bars (they would interleave with the report's)."""
-    try:
-        from transformers.utils import logging
+    from transformers.utils import logging
 
-        logging.disable_progress_bar()
-    except ImportError:  # pragma: no cover - transformers is a dependency
-        pass
+    logging.disable_progress_bar()
 
 
 def _train_one(cfg_dict: dict) -> str:
     import torch
 
     from proma.rl.config import TrainConfig
-    from proma.rl.train import train
+    from proma.rl import run
 
     quiet_transformers()
     if cfg_dict.get("num_threads"):
         torch.set_num_threads(cfg_dict["num_threads"])
-    return str(train(TrainConfig(**cfg_dict), log=lambda *a, **k: None))
+    return str(run(TrainConfig(**cfg_dict), log=lambda *a, **k: None))
 
 
 def _warm_start(grid: GridConfig, runs_dir: Path, log) -> None:
     """Train (or load) the shared warm-start once, so parallel runs do not all train it."""
-    from proma.rl.train import setup
+    from proma.rl.setup import setup
 
     cfg = grid.train_config(grid.methods[0], grid.lrs[0], runs_dir)
     setup(cfg, log=log)

@@ -60,17 +60,19 @@ TORCH_SETTINGS = {
 }
 
 
+# Parameter count P at which the float32 cutoff is quoted: any tensor size of a real model, where the float32
+# rounding term of the cutoff, not the size term, sets it.
+CUTOFF_TENSOR_SIZE = 10**9
+
+
 def float32_cutoff(b: int) -> float:
     """Relative singular value below which the torch exact solver, given b float32 sequence gradients, drops a
-    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule); NaN if unavailable."""
-    try:
-        import torch
+    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule) for a large tensor."""
+    import torch
 
-        from proma.projection import eigen_cutoff
+    from proma.projection import eigen_cutoff
 
-        return math.sqrt(eigen_cutoff(b, 10**9, torch.float32))
-    except (ImportError, AttributeError, TypeError):
-        return math.nan
+    return math.sqrt(eigen_cutoff(b, CUTOFF_TENSOR_SIZE, torch.float32))
 
 
 def _overlaps(g: np.ndarray, v: np.ndarray, blocks: list) -> tuple:
@@ -138,9 +140,7 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
             pg = w @ g
             plain_total += pg
             for k, blk in enumerate(blocks):
-                sv = np.linalg.svd(g[:, blk], compute_uv=False)
-                keep = sv > reference.default_rcond(*g[:, blk].shape) * sv[0] if sv.size and sv[0] > 0 else sv[:0] > 0
-                smallest[m, k] = float(sv[keep][-1] / sv[0]) if np.any(keep) else math.nan
+                smallest[m, k] = _smallest_rel_sv(g[:, blk])
             states = {}
             for name, (kw, layerwise) in REFERENCE_SETTINGS.items():
                 step = reference.accumulate_step(G[name], g, w, blocks=blocks if layerwise else None, **kw)
@@ -152,54 +152,84 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
                     track[name]["removed_frac"].append(float(np.linalg.norm(step.removed) / nin) if nin > 0 else 0.0)
                 states[name] = step
                 G[name] = step.after
-            # intra: linear weights only (every use an nn.Linear), tokens with non-zero output gradient
-            _, factors = linear_factors(model64, seq_logp_fn, batch, batch["attention_mask"])
             intra_states = {}
-            # the rank-r subspaces are the first r columns of the largest rank's: one SVD pair per layer
-            subspaces = {}
-            for k, (_, p) in enumerate(named):
-                calls = factors.get(id(p))
-                if not calls or owners.get(id(p), True):
-                    continue
-                X = np.concatenate([c[0] for c in calls])
-                D = np.concatenate([c[1] for c in calls])
-                keep = np.any(D != 0, axis=1)
-                subspaces[k] = reference.intra_subspaces(X[keep], D[keep], rank=max(intra_ranks))
+            subspaces = _intra_subspaces(model64, seq_logp_fn, batch, named, owners, max(intra_ranks))
             for key in intra_keys:
-                rank, form = key
-                new = pg.copy()
-                for k, (U, V) in subspaces.items():
-                    new[blocks[k]] = reference.intra_apply(pg[blocks[k]].reshape(named[k][1].shape), U[:, :rank],
-                                                           V[:, :rank], form=form).ravel()
+                new = _intra_update(pg, subspaces, blocks, named, *key)
                 npg = np.linalg.norm(pg)
                 intra_removed[key].append(float(np.linalg.norm(pg - new) / npg) if npg > 0 else 0.0)
                 intra_states[key] = (G_intra[key].copy(), pg, G_intra[key] + new)
                 G_intra[key] = G_intra[key] + new
             # torch on the same microbatch
             for run in runs:
-                tdtype = next(run["model"].parameters()).dtype
-                seq_logp = seq_logp_fn(run["model"], batch)
-                run["acc"].backward(seq_logp, torch.as_tensor(w, dtype=tdtype))
                 ref = run["ref"]
                 if isinstance(ref, tuple):
-                    before, pg_ref, after = intra_states[ref[1:]]
+                    expected = intra_states[ref[1:]]
                 else:
-                    st = states[ref]
-                    before, pg_ref, after = st.before, st.pg, st.after
-                for k, p in enumerate(run["params"]):
-                    blk = blocks[k]
-                    got = np.zeros(sizes[k]) if p.grad is None else p.grad.detach().double().cpu().numpy().ravel()
-                    scale = max(np.linalg.norm(after[blk]), np.linalg.norm(before[blk]), np.linalg.norm(pg_ref[blk]))
-                    err = float(np.linalg.norm(got - after[blk]) / scale) if scale > 0 else float(np.linalg.norm(got))
-                    if err > run["max_rel_err"]:
-                        run["max_rel_err"], run["worst"] = err, f"mb{m} {named[k][0]}"
-                        run["worst_smallest_sv"] = smallest[m, k]
+                    expected = (states[ref].before, states[ref].pg, states[ref].after)
+                _torch_microbatch(run, seq_logp_fn, batch, w, expected, m, blocks, named, smallest)
             bar.update(1)
     finally:
         bar.close()
         for run in runs:
             run["acc"].close()
 
+    return _results(batches, weights, named, P, G, track, G_intra, intra_removed, plain_total, runs, smallest)
+
+
+def _smallest_rel_sv(g: np.ndarray) -> float:
+    """Smallest singular value of the (b, n) sequence gradients ``g`` above the float64 cutoff, relative to the
+    largest (NaN when none is)."""
+    sv = np.linalg.svd(g, compute_uv=False)
+    keep = sv > reference.default_rcond(*g.shape) * sv[0] if sv.size and sv[0] > 0 else sv[:0] > 0
+    return float(sv[keep][-1] / sv[0]) if np.any(keep) else math.nan
+
+
+def _intra_subspaces(model64, seq_logp_fn, batch, named, owners, rank: int) -> dict:
+    """Tensor index -> (U, V) of ``reference.intra_subspaces`` for every ``nn.Linear``-only weight, from the
+    tokens with non-zero output gradient; the rank-r subspaces are the first r columns of these."""
+    _, factors = linear_factors(model64, seq_logp_fn, batch, batch["attention_mask"])
+    subspaces = {}
+    for k, (_, p) in enumerate(named):
+        calls = factors.get(id(p))
+        if not calls or owners.get(id(p), True):
+            continue
+        X = np.concatenate([c[0] for c in calls])
+        D = np.concatenate([c[1] for c in calls])
+        keep = np.any(D != 0, axis=1)
+        subspaces[k] = reference.intra_subspaces(X[keep], D[keep], rank=rank)
+    return subspaces
+
+
+def _intra_update(pg, subspaces, blocks, named, rank: int, form: str) -> np.ndarray:
+    """The microbatch gradient ``pg`` (P,) with its linear weights' blocks intra-projected at ``rank``."""
+    new = pg.copy()
+    for k, (U, V) in subspaces.items():
+        new[blocks[k]] = reference.intra_apply(pg[blocks[k]].reshape(named[k][1].shape), U[:, :rank],
+                                               V[:, :rank], form=form).ravel()
+    return new
+
+
+def _torch_microbatch(run, seq_logp_fn, batch, w, expected, m, blocks, named, smallest) -> None:
+    """One microbatch through ``run``'s accumulator; p.grad per tensor against the reference's
+    ``expected = (before, pg, after)``, keeping the worst relative error in ``run``."""
+    import torch
+
+    before, pg_ref, after = expected
+    tdtype = next(run["model"].parameters()).dtype
+    run["acc"].backward(seq_logp_fn(run["model"], batch), torch.as_tensor(w, dtype=tdtype))
+    for k, p in enumerate(run["params"]):
+        blk = blocks[k]
+        got = np.zeros(p.numel()) if p.grad is None else p.grad.detach().double().cpu().numpy().ravel()
+        scale = max(np.linalg.norm(after[blk]), np.linalg.norm(before[blk]), np.linalg.norm(pg_ref[blk]))
+        err = float(np.linalg.norm(got - after[blk]) / scale) if scale > 0 else float(np.linalg.norm(got))
+        if err > run["max_rel_err"]:
+            run["max_rel_err"], run["worst"] = err, f"mb{m} {named[k][0]}"
+            run["worst_smallest_sv"] = smallest[m, k]
+
+
+def _results(batches, weights, named, P, G, track, G_intra, intra_removed, plain_total, runs, smallest) -> dict:
+    """The study's JSON-able summary (see ``projection_study``)."""
     exact = G[EXACT]
     out = {
         "n_microbatches": len(batches), "sequences": [len(w) for w in weights], "n_parameters": P,

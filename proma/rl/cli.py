@@ -2,8 +2,9 @@
 ``proma summary RUN_DIR...``.
 
 Every ``TrainConfig`` field is an option (underscores become dashes: ``--prompts-per-step 16``; booleans take
-``--kl-metrics false``). The preset is applied first, then the options given. Bad options exit with status 2
-and a one-line message naming the option.
+``--kl-metrics false``), with its field comment as help and, for enumerations, its choices (``config.CHOICES``).
+The preset is applied first, then the options given. Bad options exit with status 2 and a one-line message
+naming the option.
 """
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import sys
 import typing
 from dataclasses import fields
 
-from .config import PRESETS, TrainConfig
+from .config import CHOICES, PRESETS, TrainConfig, field_comments
 
 
 def _parse_bool(text: str) -> bool:
@@ -40,19 +41,34 @@ def _field_parser(f):
     return _optional(conv) if type(None) in args else conv
 
 
+def _metavar(f, hint) -> str:
+    if f.name in CHOICES:
+        return "{" + ",".join(CHOICES[f.name]) + "}"
+    return "{true,false}" if bool in (hint, *typing.get_args(hint)) else f.name.upper()
+
+
+def _shown(value) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="proma", description="PROMA RL harness on GSM8K")
     sub = parser.add_subparsers(dest="command", required=True)
     tr = sub.add_parser("train", help="train a policy with one method; writes <out>/metrics.jsonl",
-                        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    tr.add_argument("--preset", choices=sorted(PRESETS), default="small", help="base configuration")
+                        description="Train a policy with one method. Every option defaults to the preset's value "
+                                    "(shown for the small preset); options given override it.")
+    tr.add_argument("--preset", choices=sorted(PRESETS), default="small",
+                    help=f"{field_comments()['preset']} (default: small)")
     tr.add_argument("--smoke", action="store_true", help="shorthand for --preset smoke")
-    defaults = TrainConfig()
+    defaults, hints, comments = TrainConfig(), typing.get_type_hints(TrainConfig), field_comments()
     for f in fields(TrainConfig):
         if f.name == "preset":
             continue
+        value = getattr(defaults, f.name)
+        # choices are listed, not enforced here: TrainConfig's check names the option in its message
         tr.add_argument("--" + f.name.replace("_", "-"), dest=f.name, type=_field_parser(f), default=None,
-                        metavar=f.name.upper(), help=f"(small preset: {getattr(defaults, f.name)!r})")
+                        metavar=_metavar(f, hints[f.name]),
+                        help=comments[f.name] + ("" if value is None else f" (small: {_shown(value)})"))
     sm = sub.add_parser("summary", help="markdown table of finished runs (reward, accuracy, local KL)")
     sm.add_argument("run_dirs", nargs="+", metavar="RUN_DIR")
     return parser

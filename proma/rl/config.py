@@ -4,10 +4,12 @@
 from a preset and overrides fields. Invalid combinations raise ``ValueError`` naming the option.
 
 RL prompts are drawn from ``train_pool`` examples of the task's train split (a fixed, seed-independent
-subset; 0 = the whole split): with the small model, RL on the whole split barely moves the reward in a few
-hundred steps (measured: +1 point per 100 steps, within noise), while a pool of 1024 prompts, each seen ~3
-times per run, shows the reward rising. The warm-start always uses the whole train split; evaluation uses the
-test split.
+subset; 0 = the whole split), so that a short run revisits each prompt a few times; with the small model, RL
+on the whole split barely moves the reward within a short run (the measurement is in the README). The
+warm-start always uses the whole train split; evaluation uses the test split.
+
+Every field carries a one-line comment: ``proma train --help`` shows it as the option's help, and
+:data:`CHOICES` lists the values of every enumerated option.
 
 Units: a *step* is one rollout (``prompts_per_step`` prompts x ``group_size`` samples); it is split into
 ``minibatches`` optimizer steps, each split into microbatches of ``microbatch_size`` sequences. ``metrics.jsonl``
@@ -16,13 +18,24 @@ has one record per optimizer step.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
+import io
 import json
+import tokenize
 from dataclasses import dataclass, fields
+
+from proma.accumulator import INTRA_FORMS, SYNCS
+from proma.layers.block import STRATEGIES
 
 from .data import TASKS
 from .losses import ADVANTAGES, AGGREGATIONS
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
+DTYPE_NAMES = ("float32", "float64", "bfloat16")
+# Completion length when max_new_tokens = 0: one calculator step, or a whole GSM8K solution.
+DEFAULT_NEW_TOKENS = {"gsm8k-calc": 10, "gsm8k": 256}
+MIN_VOCAB_SIZE = 2 + 256  # the special tokens and the byte alphabet of the BPE tokenizer
 
 # How each method accumulates microbatch gradients: ProjectedAccumulator keyword arguments (None = plain
 # backward of a token-level loss). proma-paper = the published run's settings.
@@ -39,62 +52,62 @@ METHOD_ACCUMULATOR = {
 @dataclass(frozen=True)
 class TrainConfig:
     # run
-    preset: str = "small"
-    task: str = "gsm8k-calc"
-    method: str = "reinforce"
+    preset: str = "small"            # base configuration the other options override
+    task: str = "gsm8k-calc"         # gsm8k-calc: one calculator step per prompt; gsm8k: whole solutions
+    method: str = "reinforce"        # how microbatch gradients are combined: plain sum, GRPO surrogate or a PROMA variant
     steps: int = 200                 # rollout steps (each = `minibatches` optimizer steps)
-    out: str = "runs/default"
-    seed: int = 0
+    out: str = "runs/default"        # run directory (config, metrics.jsonl, eval.jsonl, ckpt.pt)
+    seed: int = 0                    # seeds the policy, the warm-start and every rollout step
     device: str = "auto"             # auto | cpu | cuda | cuda:N
-    dtype: str = "float32"           # float32 | float64 | bfloat16
+    dtype: str = "float32"           # parameter and activation dtype of the policy
     num_threads: int = 0             # torch.set_num_threads when > 0
     progress: bool = True            # tqdm bars
     # data
     data_dir: str | None = None      # default: data/gsm8k in the repo, or $PROMA_GSM8K_DIR
     cache_dir: str | None = None     # tokenizer + warm-start cache; default <out>/cache; share it across runs
     # policy
-    model: str | None = None         # local HF checkpoint dir; None = the small Qwen3 below
-    vocab_size: int = 512
-    hidden_size: int = 192
-    intermediate_size: int = 512
-    num_layers: int = 4
-    num_heads: int = 4
-    num_kv_heads: int = 2
-    max_positions: int = 1024
+    model: str | None = None         # local HF checkpoint dir; unset = the small Qwen3 of the options below
+    vocab_size: int = 512            # BPE vocabulary trained on the task's text (>= 258)
+    hidden_size: int = 192           # model width (a multiple of num_heads)
+    intermediate_size: int = 512     # MLP width
+    num_layers: int = 4              # decoder blocks
+    num_heads: int = 4               # attention heads
+    num_kv_heads: int = 2            # key/value heads (grouped-query attention; divides num_heads)
+    max_positions: int = 1024        # longest prompt + completion
     # supervised warm-start (skipped with --model or warmstart_steps=0)
-    warmstart_steps: int = 3000      # ~4 min on 2 cores; greedy val 0.67 (1200 steps gave 0.395)
-    warmstart_batch: int = 64
-    warmstart_lr: float = 3e-3
+    warmstart_steps: int = 3000      # teacher-forcing steps before RL, so the policy earns some reward
+    warmstart_batch: int = 64        # sequences per warm-start step
+    warmstart_lr: float = 3e-3       # peak warm-start learning rate (cosine decay)
     # rollout
     train_pool: int = 1024           # RL prompts come from this fixed subset of the train split (0 = all of it)
-    prompts_per_step: int = 16
-    group_size: int = 8
+    prompts_per_step: int = 16       # prompts per rollout step
+    group_size: int = 8              # completions per prompt (the group of group-relative advantages)
     max_new_tokens: int = 0          # 0 = task default (10 for gsm8k-calc, 256 for gsm8k)
-    temperature: float = 1.0
+    temperature: float = 1.0         # sampling temperature of the rollouts
     format_reward: float = 0.0       # gsm8k: reward for a parsable but wrong "#### N"
     # optimisation
-    lr: float = 1e-4
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    weight_decay: float = 0.0
+    lr: float = 1e-4                 # Adam learning rate
+    adam_beta1: float = 0.9          # Adam first-moment decay
+    adam_beta2: float = 0.999        # Adam second-moment decay
+    weight_decay: float = 0.0        # Adam (L2) weight decay
     grad_clip: float = 0.0           # 0 = no clipping (grad_norm is logged either way)
     warmup_steps: int = 0            # linear lr warm-up in optimizer steps; constant afterwards
     minibatches: int = 2             # optimizer steps per rollout (>= 2 so GRPO clipping acts)
-    microbatch_size: int = 16
+    microbatch_size: int = 16        # sequences per backward pass (divides the minibatch)
     shuffle: bool = True             # shuffle sequences before splitting into minibatches
-    aggregation: str = "token-mean"
+    aggregation: str = "token-mean"  # how token terms are weighted into the loss (losses.py)
     advantage: str = "grpo"          # grpo (mean/std) | drgrpo (mean only)
-    adv_eps: float = 1e-6
-    clip_eps: float = 0.2
+    adv_eps: float = 1e-6            # added to the group's reward std before dividing
+    clip_eps: float = 0.2            # PPO ratio clip (grpo's loss; the others log the clipped fraction)
     # projection methods
-    intra_rank: int = 1
-    intra_form: str = "two_sided"
-    strategy: str = "auto"
-    sync: str = "global"             # several processes: PROMA against the union of the ranks' microbatches | local
+    intra_rank: int = 1              # intra: rank of the projected subspace per layer
+    intra_form: str = "two_sided"    # intra: two-sided factor projection or Kronecker form
+    strategy: str = "auto"           # per-layer Gram computation: by the cost model, materialised or ghost
+    sync: str = "global"             # several processes: PROMA against the union of the ranks' microbatches (global) or each rank's own
     # evaluation, checkpoints, diagnostics
     eval_every: int = 25             # rollout steps between greedy evaluations (also at start and end)
     eval_size: int = 512             # fixed test subset
-    ckpt_every: int = 25
+    ckpt_every: int = 25             # rollout steps between checkpoints (also at the end)
     kl_metrics: bool = True          # exact local KL / KL to rollout policy / entropy
     second_order: bool = True        # 0.5 mean_i (g_i . dtheta)^2 (one forward-mode pass per microbatch)
     save_microbatch: bool = False    # save step 0's first microbatch to <out>/microbatch.pt
@@ -104,24 +117,9 @@ class TrainConfig:
         def bad(name, msg):
             raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
 
-        if self.preset not in PRESETS:
-            bad("preset", f"unknown preset (choose from {', '.join(PRESETS)})")
-        if self.method not in METHODS:
-            bad("method", f"unknown method (choose from {', '.join(METHODS)})")
-        if self.task not in TASKS:
-            bad("task", f"unknown task (choose from {', '.join(TASKS)})")
-        if self.aggregation not in AGGREGATIONS:
-            bad("aggregation", f"choose from {', '.join(AGGREGATIONS)}")
-        if self.advantage not in ADVANTAGES:
-            bad("advantage", f"choose from {', '.join(ADVANTAGES)}")
-        if self.dtype not in ("float32", "float64", "bfloat16"):
-            bad("dtype", "choose from float32, float64, bfloat16")
-        if self.intra_form not in ("two_sided", "kron"):
-            bad("intra_form", "choose from two_sided, kron")
-        if self.strategy not in ("auto", "materialize", "ghost"):
-            bad("strategy", "choose from auto, materialize, ghost")
-        if self.sync not in ("global", "local"):
-            bad("sync", "choose from global, local")
+        for name, choices in CHOICES.items():
+            if getattr(self, name) not in choices:
+                bad(name, f"unknown {name} (choose from {', '.join(choices)})")
         for name in ("steps", "eval_every", "ckpt_every", "eval_size", "warmstart_batch", "intra_rank",
                      "prompts_per_step", "minibatches", "microbatch_size"):
             if getattr(self, name) < 1:
@@ -139,8 +137,8 @@ class TrainConfig:
             bad("temperature", "must be > 0")
         if not 0 < self.clip_eps < 1:
             bad("clip_eps", "must be in (0, 1)")
-        if self.vocab_size < 258:
-            bad("vocab_size", "must be >= 258 (2 special tokens + 256 bytes)")
+        if self.vocab_size < MIN_VOCAB_SIZE:
+            bad("vocab_size", f"must be >= {MIN_VOCAB_SIZE} (2 special tokens + 256 bytes)")
         n = self.rollout_size
         if n % self.minibatches:
             bad("minibatches", f"does not divide the rollout batch prompts_per_step * group_size = {n}")
@@ -160,7 +158,7 @@ class TrainConfig:
     def new_tokens(self) -> int:
         if self.max_new_tokens:
             return self.max_new_tokens
-        return 10 if self.task == "gsm8k-calc" else 256
+        return DEFAULT_NEW_TOKENS[self.task]
 
     @property
     def accumulator_kwargs(self) -> dict | None:
@@ -204,7 +202,7 @@ class TrainConfig:
 RESUMABLE_CHANGES = frozenset({"steps", "progress", "num_threads", "cache_dir", "out", "device", "save_microbatch"})
 
 PRESETS: dict[str, dict] = {
-    # the default: ~1.7M-parameter Qwen3, minutes on 2 CPU cores
+    # the default: a small Qwen3 that trains on CPU
     "small": {},
     # CI: a tiny model and a few tiny steps, seconds
     "smoke": dict(
@@ -214,3 +212,25 @@ PRESETS: dict[str, dict] = {
         ckpt_every=1, lr=1e-3, progress=False, train_pool=0,
     ),
 }
+
+# The values of every enumerated option (validated in TrainConfig, listed by ``proma train --help``).
+CHOICES: dict[str, tuple] = {
+    "preset": tuple(PRESETS), "method": METHODS, "task": TASKS, "aggregation": AGGREGATIONS, "advantage": ADVANTAGES,
+    "dtype": DTYPE_NAMES, "intra_form": INTRA_FORMS, "strategy": STRATEGIES, "sync": SYNCS,
+}
+
+
+@functools.cache
+def field_comments() -> dict[str, str]:
+    """``{field: its one-line comment}`` read from ``TrainConfig``'s source (the help of ``proma train --help``)."""
+    names = {f.name for f in fields(TrainConfig)}
+    out, line_field = {}, {}
+    for tok in tokenize.generate_tokens(io.StringIO(inspect.getsource(TrainConfig)).readline):
+        if tok.type == tokenize.NAME and tok.start[1] == 4 and tok.string in names:
+            line_field[tok.start[0]] = tok.string
+        elif tok.type == tokenize.COMMENT and tok.start[0] in line_field:
+            out[line_field[tok.start[0]]] = tok.string.lstrip("#").strip()
+    missing = names - set(out)
+    if missing:
+        raise RuntimeError(f"TrainConfig fields without a comment: {', '.join(sorted(missing))}")
+    return out

@@ -18,6 +18,15 @@ from pathlib import Path
 
 import torch
 
+# Supervised warm-start: AdamW with cosine decay from warmstart_lr to WARMSTART_FINAL_LR_FRACTION of it, and
+# gradient clipping, as usual for short supervised fine-tuning of small transformers.
+WARMSTART_BETAS = (0.9, 0.99)
+WARMSTART_WEIGHT_DECAY = 0.01
+WARMSTART_FINAL_LR_FRACTION = 0.1
+WARMSTART_GRAD_CLIP = 1.0
+WARMSTART_SEED_OFFSET = 1        # the batch sampler's seed is cfg.seed + 1: a stream apart from the model init's
+LOSS_EMA_WEIGHT = 0.05           # weight of the newest loss in the smoothed loss shown on the progress bar
+
 
 def model_config(cfg, tokenizer):
     """``Qwen3Config`` of the small policy described by ``cfg`` (hidden_size, num_layers, ...)."""
@@ -135,7 +144,7 @@ def supervised_batch(tokenizer, examples, device):
 
 
 def supervised_warmstart(cfg, model, tokenizer, examples, device, *, log=print):
-    """Train ``model`` with teacher forcing on ``examples`` (AdamW, cosine decay to 10%), in place.
+    """Train ``model`` with teacher forcing on ``examples`` (AdamW, cosine decay to 10% of the peak), in place.
 
     Loss: mean over scored tokens of -log p(token). Deterministic under ``cfg.seed``.
     """
@@ -143,14 +152,16 @@ def supervised_warmstart(cfg, model, tokenizer, examples, device, *, log=print):
 
     from tqdm.auto import tqdm
 
-    g = torch.Generator().manual_seed(cfg.seed + 1)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=0.01, betas=(0.9, 0.99))
+    g = torch.Generator().manual_seed(cfg.seed + WARMSTART_SEED_OFFSET)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.warmstart_lr, weight_decay=WARMSTART_WEIGHT_DECAY,
+                            betas=WARMSTART_BETAS)
+    low = WARMSTART_FINAL_LR_FRACTION
     model.train()
     n = len(examples)
     bar = tqdm(range(cfg.warmstart_steps), desc="warm-start", disable=not cfg.progress, leave=False)
     loss_ema = None
     for step in bar:
-        lr = cfg.warmstart_lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.warmstart_steps))))
+        lr = cfg.warmstart_lr * (low + (1 - low) * 0.5 * (1 + math.cos(math.pi * step / max(1, cfg.warmstart_steps))))
         for group in opt.param_groups:
             group["lr"] = lr
         idx = torch.randint(0, n, (cfg.warmstart_batch,), generator=g).tolist()
@@ -160,9 +171,9 @@ def supervised_warmstart(cfg, model, tokenizer, examples, device, *, log=print):
         loss = -(logp * mask).sum() / mask.sum()
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), WARMSTART_GRAD_CLIP)
         opt.step()
-        loss_ema = loss.item() if loss_ema is None else 0.95 * loss_ema + 0.05 * loss.item()
+        loss_ema = loss.item() if loss_ema is None else (1 - LOSS_EMA_WEIGHT) * loss_ema + LOSS_EMA_WEIGHT * loss.item()
         if cfg.progress:
             bar.set_postfix(loss=f"{loss_ema:.3f}")
     return loss_ema

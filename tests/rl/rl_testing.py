@@ -1,21 +1,35 @@
-"""Helpers of the RL harness tests (imported as a plain module: tests/ has no packages): a tiny float64 Qwen3 and synthetic rollouts."""
+"""Testkit of the RL harness tests (imported as a plain module: tests/ has no packages): the harness-shaped tiny
+Qwen3, synthetic rollouts, and the parity reward that makes the smoke policy's updates non-empty."""
+import contextlib
+
 import torch
 
+import proma.rl.data
 from proma.rl.losses import group_advantages, token_logprobs
 from proma.rl.rollout import pack
-from proma.rl.train import RolloutBatch
+from proma.rl.sampling import RolloutBatch
+from verification import testkit
 
 
 def tiny_qwen3(vocab_size=64, dtype=torch.float64, seed=0, attn="eager"):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
+    """The harness-shaped tiny Qwen3 (``verification.testkit.TINY_SHAPES["harness"]``)."""
+    return testkit.tiny_qwen3(dtype, seed, shape="harness", vocab_size=vocab_size, attn=attn)
 
-    torch.manual_seed(seed)
-    cfg = Qwen3Config(vocab_size=vocab_size, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=True, eos_token_id=1, pad_token_id=0, bos_token_id=1)
-    model = Qwen3ForCausalLM(cfg)
-    model.set_attn_implementation(attn)
-    return model.to(dtype)
+
+def parity_reward(task, text, answer, **kw):
+    """The smoke policy never solves a task; reward the parity of the completion's length instead."""
+    return float(len(text) % 2)
+
+
+@contextlib.contextmanager
+def rewarding_parity():
+    """Rollouts and evaluations score with :func:`parity_reward` inside the block (``proma.rl.data.reward``)."""
+    orig = proma.rl.data.reward
+    proma.rl.data.reward = parity_reward
+    try:
+        yield
+    finally:
+        proma.rl.data.reward = orig
 
 
 def synthetic_rollout(model, *, n_prompts=4, group_size=4, seed=0, vocab_size=64) -> RolloutBatch:

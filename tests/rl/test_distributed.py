@@ -11,7 +11,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -19,25 +18,19 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import proma.rl.train as train_mod
 from proma.rl.config import TrainConfig
 from proma.rl.distributed import Ranks
-from proma.rl.train import RolloutBatch, accumulate_gradient, do_rollout, setup, train
+from proma.rl.sampling import RolloutBatch, do_rollout
+from proma.rl.setup import setup
+from proma.rl.train import train
+from proma.rl.update import accumulate_gradient
+from verification.testkit import free_port, pin_threads
 from verification.tolerances import FLOAT64_RTOL
+
+from rl_testing import rewarding_parity
 
 WORLD = 2
 TIME_KEYS = ("time/rollout", "time/train", "time/metrics", "step_time")
-
-
-def parity_reward(task, text, answer, **kw):
-    """The smoke policy never solves a task; reward the parity of the completion's length instead."""
-    return float(len(text) % 2)
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _cfg(cache, out, **changes):
@@ -63,7 +56,7 @@ def _step(cfg, model, ro, rows, ranks=Ranks()):
 
 
 def _step_worker(rank, store, path, results):
-    torch.set_num_threads(1)
+    pin_threads()  # a spawned process: the suite's conftest does not run here
     # a file store: no TCP rendezvous port that another process could take between choosing and binding it
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=120))
@@ -91,13 +84,9 @@ def one_step(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist_step")
     configs = {"reinforce": _cfg(tmp / "cache", tmp / "r", method="reinforce", minibatches=1),
                "proma": _cfg(tmp / "cache", tmp / "p", method="proma", minibatches=1)}
-    orig = train_mod.reward
-    train_mod.reward = parity_reward
-    try:
+    with rewarding_parity():
         s = setup(configs["reinforce"], log=lambda *a: None)
         ro = do_rollout(s, 0)
-    finally:
-        train_mod.reward = orig
     state = {k: v.clone() for k, v in s.model.state_dict().items()}
     n = ro.rewards.numel()
     single = {}
@@ -134,13 +123,13 @@ def test_two_ranks_take_the_single_process_step(one_step, method):
 # -- train() end to end under torchrun's environment ----------------------------------------------------------
 
 def _train_worker(rank, port, cfgs):
-    torch.set_num_threads(1)
+    pin_threads()  # a spawned process: the suite's conftest does not run here
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), LOCAL_RANK=str(rank),
                       WORLD_SIZE=str(WORLD))
-    train_mod.reward = parity_reward
     try:
-        for cfg in cfgs:
-            train(cfg, log=lambda *a: None)
+        with rewarding_parity():
+            for cfg in cfgs:
+                train(cfg, log=lambda *a: None)
         if dist.is_initialized():
             dist.barrier()
     finally:
@@ -152,13 +141,9 @@ def _train_worker(rank, port, cfgs):
 def test_train_under_torchrun_environment_is_reproducible(tmp_path):
     cfgs = [_cfg(tmp_path / "cache", tmp_path / name, method="proma", dtype="float32", steps=1)
             for name in ("a", "b")]
-    orig = train_mod.reward
-    train_mod.reward = parity_reward
-    try:  # warm-start cache made once here, as a user's earlier run would have
+    with rewarding_parity():  # warm-start cache made once here, as a user's earlier run would have
         setup(cfgs[0].replace(out=str(tmp_path / "warm")), log=lambda *a: None)
-    finally:
-        train_mod.reward = orig
-    mp.spawn(_train_worker, args=(_free_port(), cfgs), nprocs=WORLD, join=True)
+    mp.spawn(_train_worker, args=(free_port(), cfgs), nprocs=WORLD, join=True)
     runs = []
     for name in ("a", "b"):
         lines = (tmp_path / name / "metrics.jsonl").read_text().splitlines()

@@ -9,7 +9,7 @@ import reference
 from proma.rl.config import TrainConfig
 from proma.rl.losses import group_advantages, sequence_weights, token_logprobs
 from proma.rl.rollout import select
-from proma.rl.train import accumulate_gradient
+from proma.rl.update import accumulate_gradient
 from verification.tolerances import FLOAT64_ATOL, FLOAT64_RTOL
 
 from rl_testing import synthetic_rollout, tiny_qwen3

@@ -11,7 +11,7 @@ from proma.rl.losses import sequence_logprob, token_logprobs
 from proma.rl.metrics import categorical_entropy, categorical_kl, directional_derivatives
 from proma.rl.rollout import generate, pack
 from proma.rl.tokenizer import get_tokenizer
-from proma.rl.train import accumulate_gradient, step_diagnostics
+from proma.rl.update import accumulate_gradient, step_diagnostics
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
 
 from rl_testing import synthetic_rollout, tiny_qwen3

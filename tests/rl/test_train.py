@@ -5,13 +5,13 @@ import math
 import pytest
 import torch
 
-import proma.rl.train as train_mod
 from proma.rl.cli import main
 from proma.rl.config import METHODS, TrainConfig
+from proma.rl.sampling import sample_microbatch
 from proma.rl.tokenizer import get_tokenizer
-from proma.rl.train import sample_microbatch, train
+from proma.rl.train import train
 
-from rl_testing import tiny_qwen3
+from rl_testing import rewarding_parity, tiny_qwen3
 
 TIME_KEYS = ("time/rollout", "time/train", "time/metrics", "step_time")
 REQUIRED = ("step", "opt_step", "reward", "reward_std", "zero_var_frac", "completion_len", "entropy", "local_kl",
@@ -25,10 +25,11 @@ def cache(tmp_path_factory):
 
 
 @pytest.fixture(autouse=True)
-def parity_reward(monkeypatch):
+def parity_reward():
     """The smoke policy never solves a task, so every advantage would be 0 and every update empty; reward the
     parity of the completion's length instead so that runs actually move the policy."""
-    monkeypatch.setattr(train_mod, "reward", lambda task, text, answer, **kw: float(len(text) % 2))
+    with rewarding_parity():
+        yield
 
 
 def smoke(tmp_path, cache, name="run", **changes):
@@ -139,7 +140,7 @@ def test_sample_microbatch(tmp_path, cache):
 
 @pytest.mark.slow
 def test_train_pool_is_a_fixed_subset_shared_by_seeds(tmp_path, cache):
-    from proma.rl.train import setup
+    from proma.rl.setup import setup
 
     quiet = dict(log=lambda *a: None)
     a = setup(smoke(tmp_path, cache, "a", train_pool=16, seed=0), **quiet).train_examples

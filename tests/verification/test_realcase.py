@@ -7,18 +7,8 @@ from verification.capture import linear_factors, per_sequence_grads, trainable_p
 from verification.check import check_callable
 from verification.format import load_cases, save_cases
 from verification.impls import run_reference, run_torch
+from verification.testkit import tiny_qwen3
 from verification.tolerances import FLOAT64_RTOL
-
-
-def _tiny_qwen3():
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(0)
-    cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
-                      num_attention_heads=2, num_key_value_heads=1, head_dim=8, tie_word_embeddings=True)
-    model = Qwen3ForCausalLM(cfg).double().eval()
-    model.set_attn_implementation("eager")
-    return model
 
 
 def _seq_logp(model, batch):
@@ -31,7 +21,7 @@ def test_capture_matches_autograd_on_a_tiny_qwen3_with_padding():
     """Linear factors of one backward reproduce per-sequence autograd; padding carries no gradient."""
     import reference
 
-    model = _tiny_qwen3()
+    model = tiny_qwen3(torch.float64, shape="capture").eval()
     ids = torch.randint(0, 40, (3, 7))
     mask = torch.ones(3, 7, dtype=torch.long)
     mask[1, 5:] = 0  # right padding

@@ -5,7 +5,8 @@ import re
 import pytest
 
 from verification import reading
-from verification.report import SECTION_HEADINGS, generate_report
+from verification.reading import SECTION_HEADINGS
+from verification.report import generate_report
 
 
 @pytest.mark.slow

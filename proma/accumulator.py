@@ -70,11 +70,11 @@ from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
 from .microbatch import Collector, IntraFactors, captured_uses, check_microbatch
 from .options import AccumulatorOptions
-from .updates import PlainUpdate, UpdateRecord, Updates
+from .updates import PlainUpdate, Updates
 
 
 def _ignore(use) -> None:
-    """Capture callback between backward passes: a user's own backward through the taps reports nothing."""
+    """Capture callback while no microbatch is being collected."""
 
 
 class ProjectedAccumulator:

@@ -4,7 +4,9 @@ Index conventions: W ranks, b_r sequences of rank r's microbatch, B = sum_r b_r 
 microbatch, n tokens per sequence, o x i parameter (P elements).
 
 Everything here is plumbing for :class:`proma.ProjectedAccumulator` (``process_group=``, ``sync=``); the
-maths stays in :mod:`proma.layers` and :mod:`proma.projection`.
+maths stays in :mod:`proma.layers` and :mod:`proma.projection`. :class:`RankSync` is the protocol of one
+accumulator: headers with named fields (:class:`Header`), the lockstep exchange of ``sync="global"``
+(:class:`LockstepStep`), the final average and the byte ledger.
 
 ``sync="global"`` needs, at microbatch k and for every parameter, the B x B Gram of the union of every
 rank's k-th microbatch. Its cross blocks ``<g_i^r, g_j^s>`` (r != s) cannot be formed from Grams or inner
@@ -212,8 +214,13 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group, ledger: CommLedger) -> 
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool)
 KIND_FACTORS, KIND_IDS, KIND_DENSE, KIND_WEIGHTS = 0, 1, 2, 3
-_SLOTS = 3
-META_LEN = 6 + 3 * _SLOTS  # param, use, kind, b, n, flag, (dtype, offset, numel) per tensor slot
+_FIXED = 6      # param, use, kind, b, n, flag
+_SLOT_LEN = 3   # (dtype, offset, numel) of one tensor
+_SLOTS = 3      # tensor slots per piece
+META_LEN = _FIXED + _SLOT_LEN * _SLOTS
+_INT64_BYTES = 8
+# vocabularies up to this size send their ids as int32
+INT32_IDS_LIMIT = 2 ** 31
 _ALIGN = 8
 
 
@@ -254,7 +261,7 @@ class Packer:
         row = [param, use, kind, b, n, flag]
         for t in slots:
             row += list(self.put(t) if isinstance(t, torch.Tensor) else t)
-        row += [0, 0, 0] * (_SLOTS - len(slots))
+        row += [0] * _SLOT_LEN * (_SLOTS - len(slots))
         self.meta.append(row)
 
     def finish(self, device) -> torch.Tensor:
@@ -283,7 +290,7 @@ def pack_contribution(packer: Packer, param: int, use: int, c, work_dtype: torch
         t = int(counts.sum())
         n = int(counts.max()) if c.b else 0
         if isinstance(c, IdsFactors):
-            ids = c.ids if c.shape[0] >= 2 ** 31 else c.ids.to(torch.int32)
+            ids = c.ids if c.shape[0] >= INT32_IDS_LIMIT else c.ids.to(torch.int32)
             packer.add(param, use, KIND_IDS, c.b, n, 0, counts.to(torch.int32), ids[keep], c.B[keep])
             return c.b + t * (1 + c.shape[1])
         o, i = c.shape
@@ -317,16 +324,16 @@ class Piece:
 
 def unpack(buf: torch.Tensor, pieces: int) -> list[tuple[int, int, Piece]]:
     """Inverse of :class:`Packer` for one rank's buffer: ``[(param, use, Piece)]`` (views into ``buf``)."""
-    nmeta = pieces * META_LEN * 8
+    nmeta = pieces * META_LEN * _INT64_BYTES
     meta = buf[:nmeta].clone().view(torch.int64).reshape(pieces, META_LEN).tolist() if pieces else []
     body = buf[nmeta:]
     used = {KIND_FACTORS: 3, KIND_IDS: 3, KIND_DENSE: 1, KIND_WEIGHTS: 1}
     out = []
     for row in meta:
-        param, use, kind, b, n, flag = row[:6]
+        param, use, kind, b, n, flag = row[:_FIXED]
         tensors = []
         for k in range(used[kind]):
-            code, offset, numel = row[6 + 3 * k: 9 + 3 * k]
+            code, offset, numel = row[_FIXED + _SLOT_LEN * k: _FIXED + _SLOT_LEN * (k + 1)]
             dtype = DTYPES[code]
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             tensors.append(body[offset:offset + nbytes].view(dtype))

@@ -4,7 +4,9 @@ Index conventions: W ranks, b_r sequences of rank r's microbatch, B = sum_r b_r 
 microbatch, n tokens per sequence, o x i parameter (P elements).
 
 Everything here is plumbing for :class:`proma.ProjectedAccumulator` (``process_group=``, ``sync=``); the
-maths stays in :mod:`proma.layers` and :mod:`proma.projection`.
+maths stays in :mod:`proma.layers` and :mod:`proma.projection`. :class:`RankSync` is the protocol of one
+accumulator: headers with named fields (:class:`Header`), the lockstep exchange of ``sync="global"``
+(:class:`LockstepStep`), the final average and the byte ledger.
 
 ``sync="global"`` needs, at microbatch k and for every parameter, the B x B Gram of the union of every
 rank's k-th microbatch. Its cross blocks ``<g_i^r, g_j^s>`` (r != s) cannot be formed from Grams or inner
@@ -27,11 +29,12 @@ from __future__ import annotations
 import contextlib
 import hashlib
 from dataclasses import dataclass
+from typing import Iterator, NamedTuple
 
 import torch
 import torch.distributed as dist
 
-from .layers import IdsFactors, OuterFactors, SeqGrads
+from .layers import IdsFactors, OuterFactors, SeqGrads, work_dtype_for
 
 # -- process groups ------------------------------------------------------------------------------------
 
@@ -125,38 +128,52 @@ class CommLedger:
 
 PHASE_BACKWARD, PHASE_SYNC, PHASE_ERROR = 1, 2, 3
 PHASE_NAMES = {PHASE_BACKWARD: "backward", PHASE_SYNC: "synchronize", PHASE_ERROR: "an error"}
-HEADER_LEN = 8  # phase, microbatches so far, model signature, options signature, b, pieces, bytes, spare
 
 
-def exchange_header(values, group, device, ledger: CommLedger) -> list[list[int]]:
-    """All-gather ``values`` (at most HEADER_LEN ints, zero padded); returns one list per rank."""
+class Header(NamedTuple):
+    """What every rank announces before a collective step (sent as HEADER_LEN int64)."""
+
+    phase: int               # PHASE_BACKWARD, PHASE_SYNC or PHASE_ERROR
+    microbatches: int        # microbatches this rank ran before this step
+    model_sig: int           # signature of the trainable parameters' names, shapes and dtypes
+    options_sig: int         # signature of the accumulator options
+    sequences: int = 0       # b_r, sequences of this rank's microbatch (backward)
+    pieces: int = 0          # wire pieces in this rank's buffer (backward)
+    nbytes: int = 0          # bytes of this rank's buffer (backward)
+    reserved: int = 0        # pads the header to a fixed 8 x int64
+
+
+HEADER_LEN = len(Header._fields)
+
+
+def exchange_header(header: Header, group, device, ledger: CommLedger) -> list[Header]:
+    """All-gather every rank's header; returns one :class:`Header` per rank."""
     world = world_size(group)
-    mine = torch.zeros(HEADER_LEN, dtype=torch.int64, device=device)
-    mine[:len(values)] = torch.tensor(list(values), dtype=torch.int64)
+    mine = torch.tensor(list(header), dtype=torch.int64, device=device)
     out = [torch.empty_like(mine) for _ in range(world)]
     dist.all_gather(out, mine, group=group)
     ledger.all_gather(mine.numel() * mine.element_size(), world)
-    return [t.cpu().tolist() for t in out]
+    return [Header(*t.cpu().tolist()) for t in out]
 
 
-def check_headers(headers: list[list[int]], *, require_same_count: bool) -> None:
+def check_headers(headers: list[Header], *, require_same_count: bool) -> None:
     """Raise the same ValueError on every rank when the ranks disagree (every rank sees every header)."""
     for r, h in enumerate(headers):
-        if h[0] == PHASE_ERROR:
+        if h.phase == PHASE_ERROR:
             raise ValueError(f"rank {r} failed in ProjectedAccumulator.backward (see its own traceback); "
                              "every rank stops")
     first = headers[0]
     for r, h in enumerate(headers[1:], start=1):
-        if h[2] != first[2]:
+        if h.model_sig != first.model_sig:
             raise ValueError(f"ranks disagree on the model: trainable parameter names, shapes or dtypes of "
                              f"rank {r} differ from rank 0's")
-        if h[3] != first[3]:
+        if h.options_sig != first.options_sig:
             raise ValueError(f"ranks disagree on the accumulator options (variant, sync, solver, passes, ridge, "
                              f"relative_bound, shrinkage, exclude): rank {r} differs from rank 0")
-    phases = {h[0] for h in headers}
-    counts = {h[1] for h in headers}
+    phases = {h.phase for h in headers}
+    counts = {h.microbatches for h in headers}
     if len(phases) > 1 or (require_same_count and len(counts) > 1):
-        where = ", ".join(f"rank {r}: {PHASE_NAMES.get(h[0], h[0])} after {h[1]} microbatches"
+        where = ", ".join(f"rank {r}: {PHASE_NAMES.get(h.phase, h.phase)} after {h.microbatches} microbatches"
                           for r, h in enumerate(headers))
         raise ValueError("ranks disagree on the number of microbatches (sync='global' steps through "
                          f"microbatches in lockstep: every rank must call backward equally often): {where}")
@@ -197,8 +214,13 @@ def all_reduce_mean_(tensors: list[torch.Tensor], group, ledger: CommLedger) -> 
 
 DTYPES = (torch.float64, torch.float32, torch.bfloat16, torch.float16, torch.int64, torch.int32, torch.bool)
 KIND_FACTORS, KIND_IDS, KIND_DENSE, KIND_WEIGHTS = 0, 1, 2, 3
-_SLOTS = 3
-META_LEN = 6 + 3 * _SLOTS  # param, use, kind, b, n, flag, (dtype, offset, numel) per tensor slot
+_FIXED = 6      # param, use, kind, b, n, flag
+_SLOT_LEN = 3   # (dtype, offset, numel) of one tensor
+_SLOTS = 3      # tensor slots per piece
+META_LEN = _FIXED + _SLOT_LEN * _SLOTS
+_INT64_BYTES = 8
+# vocabularies up to this size send their ids as int32
+INT32_IDS_LIMIT = 2 ** 31
 _ALIGN = 8
 
 
@@ -239,7 +261,7 @@ class Packer:
         row = [param, use, kind, b, n, flag]
         for t in slots:
             row += list(self.put(t) if isinstance(t, torch.Tensor) else t)
-        row += [0, 0, 0] * (_SLOTS - len(slots))
+        row += [0] * _SLOT_LEN * (_SLOTS - len(slots))
         self.meta.append(row)
 
     def finish(self, device) -> torch.Tensor:
@@ -268,7 +290,7 @@ def pack_contribution(packer: Packer, param: int, use: int, c, work_dtype: torch
         t = int(counts.sum())
         n = int(counts.max()) if c.b else 0
         if isinstance(c, IdsFactors):
-            ids = c.ids if c.shape[0] >= 2 ** 31 else c.ids.to(torch.int32)
+            ids = c.ids if c.shape[0] >= INT32_IDS_LIMIT else c.ids.to(torch.int32)
             packer.add(param, use, KIND_IDS, c.b, n, 0, counts.to(torch.int32), ids[keep], c.B[keep])
             return c.b + t * (1 + c.shape[1])
         o, i = c.shape
@@ -302,16 +324,16 @@ class Piece:
 
 def unpack(buf: torch.Tensor, pieces: int) -> list[tuple[int, int, Piece]]:
     """Inverse of :class:`Packer` for one rank's buffer: ``[(param, use, Piece)]`` (views into ``buf``)."""
-    nmeta = pieces * META_LEN * 8
+    nmeta = pieces * META_LEN * _INT64_BYTES
     meta = buf[:nmeta].clone().view(torch.int64).reshape(pieces, META_LEN).tolist() if pieces else []
     body = buf[nmeta:]
     used = {KIND_FACTORS: 3, KIND_IDS: 3, KIND_DENSE: 1, KIND_WEIGHTS: 1}
     out = []
     for row in meta:
-        param, use, kind, b, n, flag = row[:6]
+        param, use, kind, b, n, flag = row[:_FIXED]
         tensors = []
         for k in range(used[kind]):
-            code, offset, numel = row[6 + 3 * k: 9 + 3 * k]
+            code, offset, numel = row[_FIXED + _SLOT_LEN * k: _FIXED + _SLOT_LEN * (k + 1)]
             dtype = DTYPES[code]
             nbytes = numel * torch.empty((), dtype=dtype).element_size()
             tensors.append(body[offset:offset + nbytes].view(dtype))
@@ -367,3 +389,121 @@ def merge_pieces(pieces: list[Piece], shape: torch.Size, work_dtype: torch.dtype
         return SeqGrads(torch.cat(dense))
     raise ValueError(f"ranks sent incompatible contributions for one use of a parameter (wire kinds {sorted(kinds)}); "
                      "do the ranks run the same model code?")
+
+
+# -- the protocol of one accumulator ---------------------------------------------------------------------
+
+WEIGHTS_PARAM = -1  # parameter index of the piece that carries a rank's loss weights
+
+
+class RankSync:
+    """The data-parallel protocol of one :class:`proma.ProjectedAccumulator`: agreement checks, the lockstep
+    exchange of ``sync="global"``, the final average, and the byte ledger.
+
+    Parameters
+    ----------
+    process_group : group to average over (default: the world group when torch.distributed is initialised).
+    model_items, option_items : what every rank must agree on (hashed into each header).
+    """
+
+    def __init__(self, process_group, model_items, option_items):
+        self.group = default_group(process_group)
+        self.world_size = world_size(self.group)
+        self.ledger = CommLedger()
+        self._signatures = (signature(model_items), signature(*option_items))
+
+    def headers(self, phase: int, microbatches: int, **fields) -> list[Header]:
+        """Exchange this rank's header for ``phase`` (``fields``: sequences, pieces, nbytes)."""
+        header = Header(phase, microbatches, *self._signatures, **fields)
+        return exchange_header(header, self.group, comm_device(self.group), self.ledger)
+
+    def check_agreement(self, microbatches: int, *, same_count: bool) -> None:
+        """At synchronize: the ranks agree on the model and options (and on the microbatch count)."""
+        check_headers(self.headers(PHASE_SYNC, microbatches), require_same_count=same_count)
+
+    def average_(self, tensors: list[torch.Tensor]) -> None:
+        """Replace every tensor by its mean over the ranks."""
+        all_reduce_mean_(tensors, self.group, self.ledger)
+
+    @contextlib.contextmanager
+    def lockstep(self, microbatches: int):
+        """One ``sync="global"`` microbatch: yields a :class:`LockstepStep`. If this rank fails before its
+        header went out, it sends an error header, so that the other ranks raise instead of waiting."""
+        step = LockstepStep(self, microbatches)
+        try:
+            yield step
+        except BaseException:
+            if not step.exchanged:
+                with contextlib.suppress(Exception):
+                    self.headers(PHASE_ERROR, microbatches)
+            raise
+
+    def comm_stats(self, grad_bytes: int) -> dict:
+        """The ledger next to a plain all-reduce of ``grad_bytes`` (see ``ProjectedAccumulator.comm_stats``)."""
+        return {"world_size": self.world_size, **self.ledger.as_dict(), "allreduce_payload_bytes": grad_bytes,
+                "allreduce_wire_bytes": all_reduce_wire_bytes(grad_bytes, self.world_size)}
+
+
+class LockstepStep:
+    """The exchange of one global microbatch (``exchanged`` tells whether this rank's header went out)."""
+
+    def __init__(self, sync: RankSync, microbatches: int):
+        self.sync, self.microbatches = sync, microbatches
+        self.exchanged = False
+
+    def exchange(self, weights: torch.Tensor, b: int, held: list) -> tuple[torch.Tensor, Iterator]:
+        """Send this rank's weights and factors, receive every rank's.
+
+        Every rank builds the same blocks over the B = sum_r b_r sequences (ranks in order) and runs the
+        same solve on them, so the running gradients stay equal on every rank without an all-reduce.
+
+        Parameters
+        ----------
+        weights : (b,) float64 loss weights of this rank's microbatch.
+        b : sequences of this rank's microbatch.
+        held : [(name, parameter, contributions)], in the same order on every rank; each contributions
+            list is emptied once packed (the buffer holds a copy).
+
+        Returns
+        -------
+        w : (B,) float64 global weights, divided by W.
+        merged : iterator of (index into ``held``, contributions over the B sequences), one parameter at a
+            time (parameters no rank has sequences for are skipped).
+        """
+        sync = self.sync
+        packer = Packer()
+        packer.add(WEIGHTS_PARAM, 0, KIND_WEIGHTS, b, 0, 0, weights)
+        for k, (_, param, contribs) in enumerate(held):
+            for u, c in enumerate(contribs):
+                pack_contribution(packer, k, u, c, work_dtype_for(param.dtype))
+            contribs.clear()
+        buf = packer.finish(comm_device(sync.group))
+        headers = sync.headers(PHASE_BACKWARD, self.microbatches, sequences=b, pieces=len(packer.meta),
+                               nbytes=buf.numel())
+        self.exchanged = True
+        check_headers(headers, require_same_count=True)
+        bufs = all_gather_bytes(buf, [h.nbytes for h in headers], sync.group, sync.ledger)
+        del buf, packer
+        rank_weights, pieces = [], {}
+        for r, (rbuf, h) in enumerate(zip(bufs, headers)):
+            for k, u, piece in unpack(rbuf, h.pieces):
+                if k == WEIGHTS_PARAM:
+                    rank_weights.append(piece.tensors[0].to(device=weights.device, dtype=torch.float64))
+                elif piece.b > 0:
+                    pieces.setdefault(k, {}).setdefault(u, {})[r] = piece
+        with_seqs = [r for r, h in enumerate(headers) if h.sequences > 0]
+        return torch.cat(rank_weights) / sync.world_size, _merged(held, pieces, with_seqs)
+
+
+def _merged(held: list, pieces: dict, with_seqs: list) -> Iterator:
+    """(k, the global contributions of held[k]) for every parameter some rank sent pieces for."""
+    for k, (name, param, _) in enumerate(held):
+        uses = pieces.get(k)
+        if not uses:
+            continue
+        for u, by_rank in uses.items():
+            if sorted(by_rank) != with_seqs:
+                raise ValueError(f"ranks disagree on the calls of parameter {name!r}: use {u} arrived on ranks "
+                                 f"{sorted(by_rank)} of the ranks with sequences {with_seqs}")
+        work = work_dtype_for(param.dtype)
+        yield k, [merge_pieces([uses[u][r] for r in with_seqs], param.shape, work, param.device) for u in sorted(uses)]

@@ -29,20 +29,21 @@ in float64 (:data:`proma.layers.block.GRAM_DTYPE`), which adds nothing comparabl
 float64 ``eigh`` resolves eigenvalues only to ~b eps64 lambda_max, so in float64 a direction whose
 relative singular value lies between ~1e-13 and ~1e-7 is resolved by the reference (SVD of the basis) and
 dropped here; in float32 the bound is a relative singular value of ``GRAM_NOISE * b * eps32`` (about 1e-5
-for b = 8), below which a direction is indistinguishable from the gradients' own rounding (two float32
-copies of one sequence differ by ~1e-8).
+for b = 8), below which a direction is indistinguishable from the gradients' own rounding.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 
-SOLVERS = ("exact", "gram_schmidt", "ridge")
 EPS64 = float(torch.finfo(torch.float64).eps)
 # Multiplier of b * eps_w in the singular-value cutoff: rounding of b per-sequence gradients computed in the
 # working dtype stays below ~b * eps_w * s_max for the sizes we meet; 10x headroom.
 GRAM_NOISE = 10.0
+DEFAULT_PASSES = 2     # Gram-Schmidt sweeps (the published setting)
+DEFAULT_RIDGE = 1e-2   # ridge regulariser
 
 
 @dataclass
@@ -62,6 +63,17 @@ class Solution:
     removed_norm: torch.Tensor
     incoming_norm: torch.Tensor
     rank: int
+
+
+@dataclass(frozen=True)
+class SolverSettings:
+    """What a solver may use besides K and h: the block size ``P``, the dtype the Gram was formed in, and the
+    options of the Gram-Schmidt (``passes``) and ridge (``ridge``) solvers."""
+
+    P: int
+    work_dtype: torch.dtype = torch.float64
+    passes: int = DEFAULT_PASSES
+    ridge: float = DEFAULT_RIDGE
 
 
 def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
@@ -101,15 +113,15 @@ def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tenso
     return idx, s, K[idx][:, idx] / (s[:, None] * s[None, :])
 
 
-def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
+def exact_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, int]:
     """Coefficients c of the orthogonal projection of G onto span{g_i}: R = sum_i c_i g_i.
 
     Parameters
     ----------
     K : (b, b) float64 Gram of the g_i.
     h : (b,) float64, h_i = <g_i, G>.
-    P : int, block size (for the reference's cutoff).
-    work_dtype : dtype the Gram was formed in (for the rounding cutoff).
+    settings : block size ``P`` (for the reference's cutoff) and ``work_dtype``, the dtype the Gram was
+        formed in (for the rounding cutoff).
 
     Returns
     -------
@@ -123,11 +135,11 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: 
     """
     b = K.shape[0]
     c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    idx, s, N = _normalised_gram(K, P)
+    idx, s, N = _normalised_gram(K, settings.P)
     if idx.numel() == 0:
         return c, 0
     lam, Q = torch.linalg.eigh(N)
-    use = lam > eigen_cutoff(b, P, work_dtype) * lam[-1]
+    use = lam > eigen_cutoff(b, settings.P, settings.work_dtype) * lam[-1]
     Q, lam = Q[:, use], lam[use]
     hn = h[idx] / s
     a = Q @ ((Q.T @ hn) / lam)
@@ -135,14 +147,15 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: 
     return c, int(use.sum())
 
 
-def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, P: int) -> tuple[torch.Tensor, int]:
-    """Coefficients of the published Gram-Schmidt mode: ``passes`` sweeps over the unit-normalised g_i in order.
+def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, int]:
+    """Coefficients of the published Gram-Schmidt mode: ``settings.passes`` sweeps over the unit-normalised g_i
+    in order.
 
     Parameters and returns as :func:`exact_coefficients` (``rank`` = number of non-zero g_i).
     """
     b = K.shape[0]
     c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    idx, s, N = _normalised_gram(K, P)
+    idx, s, N = _normalised_gram(K, settings.P)
     if idx.numel() == 0:
         return c, 0
     N = N.cpu()
@@ -151,7 +164,7 @@ def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, 
     # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
     Nl, hl, al = N.tolist(), hn.tolist(), a.tolist()
     k = len(hl)
-    for _ in range(passes):
+    for _ in range(settings.passes):
         for i in range(k):
             row = Nl[i]
             r = hl[i] - sum(row[j] * al[j] for j in range(k))
@@ -161,17 +174,27 @@ def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, 
     return c, int(idx.numel())
 
 
-def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, *, ridge: float, P: int) -> tuple[torch.Tensor, int]:
+def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, int]:
     """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i."""
     b = K.shape[0]
     c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    idx, s, N = _normalised_gram(K, P)
+    idx, s, N = _normalised_gram(K, settings.P)
     if idx.numel() == 0:
         return c, 0
-    A = N + ridge * torch.eye(idx.numel(), dtype=torch.float64, device=K.device)
+    A = N + settings.ridge * torch.eye(idx.numel(), dtype=torch.float64, device=K.device)
     a = torch.linalg.solve(A, h[idx] / s)
     c[idx] = a / s
     return c, int(idx.numel())
+
+
+# name -> solver(K, h, settings) -> (c, rank). A new solver is one function and one entry here (and the
+# same name in reference.accumulation.SOLVER_REGISTRY, which the tests compare against).
+SOLVER_REGISTRY: dict[str, Callable[[torch.Tensor, torch.Tensor, SolverSettings], tuple[torch.Tensor, int]]] = {
+    "exact": exact_coefficients,
+    "gram_schmidt": gram_schmidt_coefficients,
+    "ridge": ridge_coefficients,
+}
+SOLVERS = tuple(SOLVER_REGISTRY)
 
 
 def quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -185,8 +208,8 @@ def solve(
     w: torch.Tensor,
     *,
     solver: str,
-    passes: int = 2,
-    ridge: float = 1e-2,
+    passes: int = DEFAULT_PASSES,
+    ridge: float = DEFAULT_RIDGE,
     relative_bound: float | None = None,
     P: int,
     work_dtype: torch.dtype = torch.float64,
@@ -196,7 +219,7 @@ def solve(
     Parameters
     ----------
     K : (b, b) Gram, h : (b,) inner products with G, w : (b,) weights; any float dtype (promoted to float64).
-    solver : {"exact", "gram_schmidt", "ridge"}
+    solver : a key of :data:`SOLVER_REGISTRY` ("exact", "gram_schmidt", "ridge")
     passes, ridge : solver options (see module docstring).
     relative_bound : cap ``||R|| <= relative_bound * ||pg||`` (None: no cap).
     P : block size.  work_dtype : dtype the Gram was formed in.
@@ -205,16 +228,11 @@ def solve(
     -------
     Solution
     """
+    if solver not in SOLVER_REGISTRY:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     K, h, w = K.double(), h.double(), w.double()
     K = 0.5 * (K + K.T)
-    if solver == "exact":
-        c, rank = exact_coefficients(K, h, P=P, work_dtype=work_dtype)
-    elif solver == "gram_schmidt":
-        c, rank = gram_schmidt_coefficients(K, h, passes=passes, P=P)
-    elif solver == "ridge":
-        c, rank = ridge_coefficients(K, h, ridge=ridge, P=P)
-    else:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    c, rank = SOLVER_REGISTRY[solver](K, h, SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge))
     removed = quad_norm(K, c)
     incoming = quad_norm(K, w)
     if relative_bound is not None:

@@ -8,7 +8,8 @@ Modules
 -------
 projection   ``project_out``: exact projection onto the complement of a row span (global or per block).
 accumulation ``accumulate`` / ``accumulate_history`` / ``accumulate_step``: PROMA over microbatches with
-             the solvers "none", "exact", "gram_schmidt", "ridge", relative bound and shrinkage.
+             the solvers of ``SOLVER_REGISTRY`` ("none", "exact", "gram_schmidt", "ridge"), relative bound
+             and shrinkage.
 intra        ``intra_project``: the intra-microbatch factored projection (our reading of the paper).
 factors      per-sequence gradients of linear (weight, bias, ghost Gram), elementwise scale and
              embedding layers from their backprop factors.
@@ -16,7 +17,15 @@ policy       ``group_advantages`` (GRPO, Dr. GRPO), ``categorical_kl``, ``catego
 diagnostics  ``second_order_kl``, ``residual_overlap``.
 blocks       ``normalize_blocks``: block partitions (one block per parameter tensor).
 """
-from .accumulation import SOLVERS, AccumulationStep, accumulate, accumulate_history, accumulate_step, removed_component
+from .accumulation import (
+    SOLVER_REGISTRY,
+    SOLVERS,
+    AccumulationStep,
+    accumulate,
+    accumulate_history,
+    accumulate_step,
+    removed_component,
+)
 from .blocks import normalize_blocks
 from .diagnostics import residual_overlap, second_order_kl
 from .factors import (
@@ -32,7 +41,7 @@ from .policy import categorical_entropy, categorical_kl, group_advantages
 from .projection import default_rcond, project_out, row_space
 
 __all__ = [
-    "SOLVERS", "FORMS", "AccumulationStep",
+    "SOLVERS", "SOLVER_REGISTRY", "FORMS", "AccumulationStep",
     "project_out", "row_space", "default_rcond", "normalize_blocks",
     "accumulate", "accumulate_history", "accumulate_step", "removed_component",
     "intra_apply", "intra_project", "intra_subspaces",

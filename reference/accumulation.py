@@ -29,6 +29,7 @@ that normalise with ``g / max(||g||, tiny)`` therefore agree with the reference.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import scipy.linalg
@@ -37,7 +38,13 @@ from ._validate import as_array, as_int, as_real
 from .blocks import normalize_blocks
 from .projection import project_out
 
-SOLVERS = ("none", "exact", "gram_schmidt", "ridge")
+
+class SolverOptions(NamedTuple):
+    """What a solver may use besides G and the rows: Gram-Schmidt sweeps, ridge regulariser, exact cutoff."""
+
+    passes: int
+    ridge: float
+    rcond: float | None
 
 
 @dataclass(frozen=True, eq=False)
@@ -59,7 +66,7 @@ class AccumulationStep:
 
 
 def _check_options(solver, passes, ridge, relative_bound, shrinkage, rcond):
-    if solver not in SOLVERS:
+    if solver not in SOLVER_REGISTRY:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
     passes = as_int(passes, "passes", minimum=1)
     ridge = as_real(ridge, "ridge", minimum=0.0, strict=True)
@@ -98,28 +105,60 @@ def _unit_rows(g: np.ndarray) -> np.ndarray:
     return rows / np.linalg.norm(rows, axis=1)[:, None]
 
 
+def _remove_nothing(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
+    """Solver "none": R = 0."""
+    return np.zeros_like(G)
+
+
+def _remove_exact(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
+    """Solver "exact": R = orthogonal projection of G onto the row span of ``seq_grads``."""
+    return G - project_out(G, seq_grads, rcond=options.rcond)
+
+
+def _remove_gram_schmidt(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
+    """Solver "gram_schmidt": ``options.passes`` sweeps of G <- G - <G, n_i> n_i over the unit rows n_i."""
+    units = _unit_rows(seq_grads)
+    if units.shape[0] == 0:
+        return np.zeros_like(G)
+    out = G.copy()
+    for _ in range(options.passes):
+        for u in units:
+            out -= (out @ u) * u
+    return G - out
+
+
+def _remove_ridge(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
+    """Solver "ridge": c = (N N^T + ridge I)^{-1} N G on the unit rows N, R = c^T N."""
+    units = _unit_rows(seq_grads)
+    if units.shape[0] == 0:
+        return np.zeros_like(G)
+    # K + ridge I is symmetric positive definite for ridge > 0
+    gram = units @ units.T
+    coef = scipy.linalg.solve(gram + options.ridge * np.eye(units.shape[0]), units @ G, assume_a="pos")
+    return coef @ units
+
+
+# name -> solver(G (n,), seq_grads (b, n), options) -> R (n,); the same names as proma.projection.SOLVER_REGISTRY
+# (plus "none"). A new solver is one function and one entry.
+SOLVER_REGISTRY = {
+    "none": _remove_nothing,
+    "exact": _remove_exact,
+    "gram_schmidt": _remove_gram_schmidt,
+    "ridge": _remove_ridge,
+}
+SOLVERS = tuple(SOLVER_REGISTRY)
+
+
 def removed_component(G, seq_grads, *, solver="exact", passes=2, ridge=1e-2, rcond=None) -> np.ndarray:
     """The part R of ``G`` (shape (n,)) that ``solver`` removes against the rows of ``seq_grads`` (b, n).
 
     One block, no cap, no shrinkage; see the module docstring for the solvers.
     """
-    if solver == "none" or seq_grads.shape[0] == 0:
+    if solver not in SOLVER_REGISTRY:
+        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    if seq_grads.shape[0] == 0:
         return np.zeros_like(G)
-    if solver == "exact":
-        return G - project_out(G, seq_grads, rcond=rcond)
-    units = _unit_rows(seq_grads)
-    if units.shape[0] == 0:
-        return np.zeros_like(G)
-    if solver == "gram_schmidt":
-        out = G.copy()
-        for _ in range(passes):
-            for u in units:
-                out -= (out @ u) * u
-        return G - out
-    # ridge: K + ridge I is symmetric positive definite for ridge > 0
-    gram = units @ units.T
-    coef = scipy.linalg.solve(gram + ridge * np.eye(units.shape[0]), units @ G, assume_a="pos")
-    return coef @ units
+    return SOLVER_REGISTRY[solver](G, seq_grads, SolverOptions(passes=passes, ridge=ridge, rcond=rcond))
 
 
 def accumulate_step(

@@ -1,13 +1,12 @@
 """ProjectedAccumulator against the reference on real models, with per-sequence gradients from autograd.
 
-The oracle (``helpers.per_sequence_grads``) calls autograd once per sequence on the model, outside the
+The oracle (``proma_testkit.run_with_oracle``) calls autograd once per sequence on the model, outside the
 accumulator's hooks (``acc.paused()``), and feeds the flattened gradients to ``reference.accumulate`` with
 one block per parameter tensor; intra is checked against ``reference.intra_project`` per microbatch with
 X and D read by plain forward hooks and ``retain_grad``.
 """
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
 from hypothesis import given, settings, strategies as st
@@ -18,11 +17,10 @@ from proma import ProjectedAccumulator
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
 from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
-from proma_testkit import (SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, seq_logp,
-                           tiny_qwen3, trainable)
+from proma_testkit import (SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, run_with_oracle,
+                           seq_logp, tiny_qwen3, trainable)
 
 RTOL = {torch.float64: FLOAT64_RTOL, torch.float32: FLOAT32_RTOL}
-ORACLE_RCOND_F32 = 1e-5
 
 
 def _weights(gen, b, kind):
@@ -34,69 +32,6 @@ def _weights(gen, b, kind):
     elif kind == "repeated":
         w[:] = w[0]
     return w
-
-
-def _run(model, microbatches, forward, acc_kwargs, *, intra_oracle=False):
-    """Accumulate with the accumulator; return (its p.grad flat, the oracle's flat gradient)."""
-    params = trainable(model)
-    acc = ProjectedAccumulator(model, **acc_kwargs)
-    oracle, intra_total = [], None
-    try:
-        acc.zero_grad()
-        for batch, w in microbatches:
-            with acc.paused():
-                lp = forward(model, batch)
-                seq = per_sequence_grads(model, lp, params)
-                oracle.append((seq, w.numpy()))
-                if intra_oracle:
-                    part = _intra_oracle(model, forward, batch, params, seq, w.numpy(), acc_kwargs)
-                    intra_total = part if intra_total is None else intra_total + part
-            acc.backward(forward(model, batch), w)
-        got = flat_grad(params)
-    finally:
-        acc.close()
-    variant = acc_kwargs.get("variant", "proma")
-    if variant == "intra":
-        return got, intra_total
-    opts = {k: acc_kwargs[k] for k in ("passes", "ridge", "relative_bound", "shrinkage") if k in acc_kwargs}
-    solver = acc_kwargs.get("solver", "exact") if variant == "proma" else "none"
-    # float32 per-sequence gradients carry ~1e-7 relative rounding (two copies of one sequence differ by
-    # that much), so their span is only defined above it: the oracle gets a float32-level rcond
-    rcond = None if params[0][1].dtype == torch.float64 else ORACLE_RCOND_F32
-    want = reference.accumulate(oracle, blocks=[p.numel() for _, p in params], solver=solver, rcond=rcond, **opts)
-    return got, want
-
-
-def _intra_oracle(model, forward, batch, params, seq, w, acc_kwargs):
-    """One microbatch of intra: reference.intra_project on every Linear weight whose uses are all Linear."""
-    records = {}
-    linear_weights = {id(m.weight) for m in model.modules() if isinstance(m, nn.Linear)}
-    other_uses = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
-
-    def hook(module, args, output):
-        output.retain_grad()
-        records.setdefault(id(module.weight), []).append((args[0], output))
-
-    handles = [m.register_forward_hook(hook) for m in model.modules() if isinstance(m, nn.Linear)]
-    try:
-        lp = forward(model, batch)
-        lp.sum().backward(inputs=[r[1] for rs in records.values() for r in rs])
-    finally:
-        for h in handles:
-            h.remove()
-    pg = w @ seq
-    out, start = [], 0
-    for _, p in params:
-        blk = pg[start:start + p.numel()]
-        start += p.numel()
-        if id(p) in linear_weights and id(p) not in other_uses and id(p) in records:
-            X = np.concatenate([x.detach().reshape(-1, x.shape[-1]).double().numpy() for x, _ in records[id(p)]])
-            D = np.concatenate([o.grad.reshape(-1, o.shape[-1]).double().numpy() for _, o in records[id(p)]])
-            keep = np.any(D != 0, axis=1)
-            blk = reference.intra_project(blk.reshape(p.shape), X[keep], D[keep], rank=acc_kwargs.get("intra_rank", 1),
-                                          form=acc_kwargs.get("intra_form", "two_sided")).reshape(-1)
-        out.append(blk)
-    return np.concatenate(out)
 
 
 def _mlp_forward(model, batch):
@@ -134,7 +69,7 @@ def test_mlp_matches_reference_float64(case):
     model = SeqMLP(**cfg).double()
     gen = torch.Generator().manual_seed(seed)
     mbs = [(make_batch(gen, b, T, 7, dup=d), _weights(gen, b, k)) for b, d, k in zip(sizes, dups, wkinds)]
-    got, want = _run(model, mbs, _mlp_forward, acc_kwargs, intra_oracle=acc_kwargs["variant"] == "intra")
+    got, want = run_with_oracle(model, mbs, _mlp_forward, acc_kwargs, intra_oracle=acc_kwargs["variant"] == "intra")
     assert rel_err(got, want) <= FLOAT64_RTOL, (rel_err(got, want), acc_kwargs)
 
 
@@ -146,7 +81,7 @@ def test_mlp_matches_reference_float32(case):
     model = SeqMLP(**cfg)
     gen = torch.Generator().manual_seed(seed)
     mbs = [(make_batch(gen, b, T, 7, dup=d), _weights(gen, b, k)) for b, d, k in zip(sizes, dups, wkinds)]
-    got, want = _run(model, mbs, _mlp_forward, acc_kwargs, intra_oracle=acc_kwargs["variant"] == "intra")
+    got, want = run_with_oracle(model, mbs, _mlp_forward, acc_kwargs, intra_oracle=acc_kwargs["variant"] == "intra")
     assert rel_err(got, want) <= FLOAT32_RTOL, (rel_err(got, want), acc_kwargs)
 
 
@@ -188,7 +123,7 @@ def test_tiny_qwen3_matches_reference(dtype, acc_kwargs):
     model = tiny_qwen3(dtype)
     assert model.lm_head.weight is model.model.embed_tokens.weight
     mbs = _qwen_batches(3, [3, 2, 4, 1])
-    got, want = _run(model, mbs, _qwen_forward, acc_kwargs, intra_oracle=acc_kwargs.get("variant") == "intra")
+    got, want = run_with_oracle(model, mbs, _qwen_forward, acc_kwargs, intra_oracle=acc_kwargs.get("variant") == "intra")
     rtol = FLOAT32_RTOL if acc_kwargs.get("variant") == "none" else RTOL[dtype]
     assert rel_err(got, want) <= rtol, rel_err(got, want)
 
@@ -304,7 +239,7 @@ def test_unsupported_parameter_raises_or_is_excluded():
     for b in (2, 3):
         ids, tg, mask = make_batch(gen, b, 3, 5)
         mbs.append(((ids, tg, mask), torch.randn(b, generator=gen, dtype=torch.float64)))
-    got, want_proma = _run(model, mbs, _mlp_forward, dict(solver="exact", exclude=["scale"]))
+    got, want_proma = run_with_oracle(model, mbs, _mlp_forward, dict(solver="exact", exclude=["scale"]))
     # oracle: scale gets plain accumulation, the others layer-wise PROMA
     params = trainable(model)
     oracle = []
@@ -334,7 +269,7 @@ def test_frozen_parameters_are_ignored():
     model.head.bias.requires_grad_(False)
     gen = torch.Generator().manual_seed(2)
     mbs = [(make_batch(gen, b, 3, 5), torch.randn(b, generator=gen, dtype=torch.float64)) for b in (2, 2)]
-    got, want = _run(model, mbs, _mlp_forward, dict(solver="exact"))
+    got, want = run_with_oracle(model, mbs, _mlp_forward, dict(solver="exact"))
     assert rel_err(got, want) <= FLOAT64_RTOL
     assert model.scale.grad is None and model.head.bias.grad is None
 

@@ -30,8 +30,8 @@ from proma.distributed import Packer, merge_pieces, no_sync, pack_contribution, 
 from proma.layers import IdsFactors, OuterFactors, SeqGrads
 from verification.tolerances import FLOAT64_RTOL
 
-from proma_testkit import (SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, seq_logp,
-                           tiny_qwen3, trainable)
+from proma_testkit import (SeqMLP, flat_grad, intra_microbatch_oracle, make_batch, per_sequence_grads, qwen_seq_logp,
+                           rel_err, seq_logp, tiny_qwen3, trainable)
 
 WORLD = 2
 VOCAB = 7
@@ -115,15 +115,13 @@ def _oracle_local(model, forward, batches, opts):
 
 def _oracle_intra(model, forward, batches, acc_kwargs):
     """Mean over ranks of single-process intra: reference.intra_project per microbatch and Linear weight."""
-    from test_proma_accumulator import _intra_oracle
-
     params = trainable(model)
     total = 0.0
     for r in range(WORLD):
         for batch, w in batches[r]:
             if w.numel():
                 seq = _seq_grads(model, forward, batch, params)
-                total = total + _intra_oracle(model, forward, batch, params, seq, w.numpy(), acc_kwargs)
+                total = total + intra_microbatch_oracle(model, forward, batch, params, seq, w.numpy(), acc_kwargs)
     return total / WORLD
 
 

@@ -36,7 +36,8 @@ Activation checkpointing (``torch.utils.checkpoint``, as ``transformers``' ``gra
   recomputation inside the backward is captured, and its D arrives from the nested backward. Torch forbids
   ``autograd.grad`` through such regions, so the capture runs ``seq_logp.sum().backward()`` instead, with
   the ``.grad`` of every covered parameter saved before and restored after (autograd's parameter gradients
-  are computed and discarded: a reentrant step costs one full backward more than a plain one). A module
+  are computed and discarded: a reentrant step costs one full backward more than a plain one), and the
+  D of every call are handed to ``on_grad`` after that backward (all held until then). A module
   called both inside and outside a reentrant region raises a ValueError. Uses inside reentrant regions are
   not covered by the coverage check.
 """
@@ -119,6 +120,7 @@ class Capture:
     _owned: dict = field(default_factory=dict)       # autograd node -> parameter names (coverage)
     _taps: set = field(default_factory=set)
     _forward_modules: set = field(default_factory=set)
+    _deferred: list | None = None                     # D that arrived in a reentrant backward, not yet handed on
 
     def __post_init__(self):
         self._anchor = torch.zeros((), requires_grad=True)
@@ -178,7 +180,10 @@ class Capture:
         if not self._active:
             return False
         use.grad_output = grad
-        self.on_grad(use)
+        if self._deferred is not None:
+            self._deferred.append(use)
+        else:
+            self.on_grad(use)
         return True
 
     @contextlib.contextmanager
@@ -227,12 +232,18 @@ class Capture:
         kept = [(p, p.grad) for p, _ in self._covered.values()]
         for p, _ in kept:
             p.grad = None
+        # the callbacks may write .grad: hold them until autograd's own parameter gradients are discarded
+        self._deferred = []
         try:
             seq_logp.sum().backward()
         finally:
             for p, g in kept:
                 p.grad = g
             self._anchor.grad = None
+            arrived, self._deferred = self._deferred, None
+        with torch.no_grad():  # as inside the engine, where the callbacks normally run
+            for use in arrived:
+                self.on_grad(use)
 
     def discard(self) -> None:
         """Forget captured calls (e.g. after a forward that will not be back-propagated)."""

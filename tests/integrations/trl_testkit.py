@@ -7,6 +7,9 @@ import warnings
 import torch
 
 PROMPTS = ["1+2=", "3+4=", "5+6=", "7+8=", "2*3=", "4*5=", "6-1=", "9-3="]
+# added to the EOS embedding row (tied to the head) so that some sampled completions end early: ragged lengths
+# make the loss types' normalisations differ
+EOS_BOOST = 0.5
 CORPUS = PROMPTS + ["the answer is 3", "the answer is 7", "11 12 30 20 5 6 = + - *"] * 3
 
 
@@ -24,7 +27,10 @@ def tiny_policy(tokenizer, seed=0):
                       tie_word_embeddings=True, bos_token_id=tokenizer.eos_token_id,
                       eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
     torch.manual_seed(seed)
-    return Qwen3ForCausalLM(cfg)
+    model = Qwen3ForCausalLM(cfg)
+    with torch.no_grad():
+        model.model.embed_tokens.weight[tokenizer.eos_token_id] += EOS_BOOST
+    return model
 
 
 def dataset():

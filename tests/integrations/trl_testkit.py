@@ -55,20 +55,23 @@ def config(cls, out_dir, **overrides):
 
 
 def run(trainer_cls, args, tokenizer, model, callbacks=()):
-    """Train; return (trainer, {parameter name: gradient before the first optimizer step})."""
+    """Train; return (trainer, {parameter name: gradient before the first optimizer step}).
+
+    ``trainer.grad_history`` keeps that dict for every optimizer step.
+    """
     from transformers import TrainerCallback
 
-    grads = {}
+    history = []
 
     class Snapshot(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, **kw):
-            if not grads:
-                for n, p in model.named_parameters():
-                    grads[n] = None if p.grad is None else p.grad.detach().double().clone()
+            history.append({n: None if p.grad is None else p.grad.detach().double().clone()
+                            for n, p in model.named_parameters()})
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         trainer = trainer_cls(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset(),
                               processing_class=tokenizer, callbacks=[Snapshot(), *callbacks])
         trainer.train()
-    return trainer, grads
+    trainer.grad_history = history
+    return trainer, history[0]

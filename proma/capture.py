@@ -35,7 +35,8 @@ Activation checkpointing (``torch.utils.checkpoint``, as ``transformers``' ``gra
 - reentrant (``use_reentrant=True``): the first forward runs without gradients and is not captured; the
   recomputation inside the backward is captured, and its D arrives from the nested backward. Torch forbids
   ``autograd.grad`` through such regions, so the capture runs ``seq_logp.sum().backward()`` instead, with
-  the ``.grad`` of every covered parameter saved before and restored after (autograd's parameter gradients
+  the ``.grad`` of every covered parameter and of every leaf outside the regions saved before and
+  restored after (autograd's parameter gradients
   are computed and discarded: a reentrant step costs one full backward more than a plain one), and the
   D of every call are handed to ``on_grad`` after that backward (all held until then). A module
   called both inside and outside a reentrant region raises a ValueError. Uses inside reentrant regions are
@@ -228,8 +229,11 @@ class Capture:
             raise
 
     def _backward_reentrant(self, seq_logp: torch.Tensor) -> None:
-        """``seq_logp.sum().backward()`` leaving every covered parameter's ``.grad`` as it was."""
-        kept = [(p, p.grad) for p, _ in self._covered.values()]
+        """``seq_logp.sum().backward()`` leaving the ``.grad`` of every covered parameter and every other leaf
+        reachable outside the reentrant regions as it was."""
+        leaves = {id(p): p for p, _ in self._covered.values()}
+        leaves.update((id(t), t) for t in coverage.leaf_tensors(seq_logp) if t is not self._anchor)
+        kept = [(p, p.grad) for p in leaves.values()]
         for p, _ in kept:
             p.grad = None
         # the callbacks may write .grad: hold them until autograd's own parameter gradients are discarded

@@ -147,6 +147,21 @@ def check_uses(seq_logp: torch.Tensor, covered, owned: dict, taps: set) -> int:
     return reentrant
 
 
+def leaf_tensors(seq_logp: torch.Tensor) -> list:
+    """Every leaf tensor that a backward of ``seq_logp`` accumulates into (outside reentrant regions)."""
+    stack, seen, leaves = [seq_logp.grad_fn], set(), []
+    while stack:
+        n = stack.pop()
+        if n is None or n in seen:
+            continue
+        seen.add(n)
+        var = getattr(n, "variable", None)
+        if var is not None:
+            leaves.append(var)
+        stack.extend(m for m, _ in n.next_functions)
+    return leaves
+
+
 def _raise(param: str, node) -> None:
     raise ValueError(
         f"parameter {param!r} is used by {type(node).__name__}, an operation outside every captured module call, "

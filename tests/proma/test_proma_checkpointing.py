@@ -89,3 +89,44 @@ def test_reentrant_keeps_parameter_grads_and_rejects_mixed_calls():
         lp = qwen_seq_logp(model, ids2, mask2) + proj(torch.ones(2, 3, 64, dtype=torch.float64)).sum((1, 2))
         with pytest.raises(ValueError, match="both inside and outside a reentrant checkpointed region"):
             acc.backward(lp, w2)
+
+
+class _Excluded(torch.nn.Module):
+    """Embedding -> checkpointed MLP block -> head, times a per-token scale that has no layer rule."""
+
+    def __init__(self, reentrant):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = torch.nn.Embedding(7, 5)
+        self.block = torch.nn.Sequential(torch.nn.Linear(5, 6), torch.nn.Tanh(), torch.nn.Linear(6, 5))
+        self.head = torch.nn.Linear(5, 7, bias=False)
+        self.scale = torch.nn.Parameter(1 + 0.1 * torch.randn(7))
+        self.reentrant = reentrant
+        self.double()
+
+    def forward(self, ids):
+        h = self.emb(ids)
+        if self.reentrant is None:
+            h = h + self.block(h)
+        else:
+            h = h + torch.utils.checkpoint.checkpoint(self.block, h, use_reentrant=self.reentrant)
+        return self.head(h) * self.scale
+
+
+def test_excluded_parameter_outside_reentrant_region_is_not_polluted():
+    gen = torch.Generator().manual_seed(6)
+    batches = [(torch.randint(0, 7, (b, 4), generator=gen), torch.randn(b, generator=gen, dtype=torch.float64))
+               for b in (3, 2)]
+    results = {}
+    for mode in (None, False, True):
+        model = _Excluded(mode)
+        with ProjectedAccumulator(model, solver="exact", exclude=["scale"]) as acc:
+            acc.zero_grad()
+            for ids, w in batches:
+                logits = model(ids)
+                lp = torch.log_softmax(logits, -1).gather(-1, ids[..., None]).squeeze(-1).sum(1)
+                acc.backward(lp, w)
+        results[mode] = flat_grad(trainable(model))
+    assert np.linalg.norm(results[None]) > 0
+    for mode in (False, True):
+        assert rel_err(results[mode], results[None]) <= FLOAT64_RTOL, mode

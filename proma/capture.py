@@ -173,7 +173,8 @@ class Capture:
                 self._owned.update(coverage.call_nodes(name, output, (args, kwargs), own))
             self.uses.append(use)
             tapped = _Tap.apply(output, self._anchor, use, self._deliver)
-            self._taps.add(tapped.grad_fn)
+            if not in_backward:
+                self._taps.add(tapped.grad_fn)
             return tapped
         return hook
 

@@ -249,7 +249,7 @@ class PromaGRPOTrainer(GRPOTrainer):
         return loss
 
     def _log_proma_stats(self, acc) -> None:
-        if acc.variant == "none":
+        if acc.options.variant == "none":
             return
         stats = acc.stats()
         self._metrics["train"]["proma/removed_ratio"].append(stats["summary"]["removed_ratio"])

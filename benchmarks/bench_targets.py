@@ -18,7 +18,9 @@ Methods: ``plain`` = ``variant="none"``; ``proma/exact``; ``proma/gs2+b0.5`` (th
 Gram-Schmidt, 2 passes, relative bound 0.5); ``proma/ridge``; ``intra`` (rank 1, two-sided).
 
 Step time = ``zero_grad`` + 4 x (forward + ``acc.backward``); the headline is the minimum over ``--repeats``
-interleaved repetitions after one warm-up step (methods alternate so that load from other processes hits all
+interleaved repetitions after one warm-up step of the step's CPU time (``time.thread_time``: with one torch
+thread the whole step runs on the calling thread, and CPU time is far less disturbed than wall time on an
+oversubscribed machine), wall-clock ratios in parentheses (methods alternate so that load from other processes hits all
 of them), reported as a ratio to ``plain`` measured in the same process. Peak memory: each method in a fresh
 subprocess, ``VmHWM - VmRSS`` over one step after a warm-up (as :mod:`bench_accumulator`), reported as
 ``(extra - plain extra) / plain extra``.
@@ -101,13 +103,14 @@ def time_config(config, methods, repeats):
     steps = {m: step_fn(m, model, batches, forward)[0] for m in methods}
     for m in methods:
         steps[m]()
-    times = {m: [] for m in methods}
+    wall, cpu = {m: [] for m in methods}, {m: [] for m in methods}
     for _ in range(repeats):
         for m in methods:
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             steps[m]()
-            times[m].append(time.perf_counter() - t0)
-    return {m: min(v) for m, v in times.items()}
+            cpu[m].append(time.thread_time() - c0)
+            wall[m].append(time.perf_counter() - t0)
+    return {m: min(v) for m, v in wall.items()}, {m: min(v) for m, v in cpu.items()}
 
 
 def _status_kib(field):
@@ -174,9 +177,10 @@ def main(argv=None):
           + (" peak extra vs plain (per method) |" if not args.no_memory else ""))
     print("|---|" + "---:|" * (len(methods)) + ("---|" if not args.no_memory else ""))
     for config in args.config or list(CONFIGS):
-        t = time_config(config, methods, args.repeats)
-        row = f"| {config} | " + " | ".join(f"{t[m] / t['plain']:.2f}" for m in methods[1:])
-        row += f" | {1e3 * t['plain']:.0f} |"
+        wall, cpu = time_config(config, methods, args.repeats)
+        row = f"| {config} | " + " | ".join(f"{cpu[m] / cpu['plain']:.2f} ({wall[m] / wall['plain']:.2f})"
+                                           for m in methods[1:])
+        row += f" | {1e3 * cpu['plain']:.0f} ({1e3 * wall['plain']:.0f}) |"
         if not args.no_memory:
             mem = {m: memory(config, m, args.threads) for m in methods}
             row += " " + ", ".join(f"{(mem[m] - mem['plain']) / mem['plain']:+.2f}" for m in methods[1:]) + " |"

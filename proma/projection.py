@@ -36,6 +36,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SOLVERS = ("exact", "gram_schmidt", "ridge")
@@ -230,33 +231,82 @@ def solve(
 # Intra-microbatch variant: dominant subspaces of the factors.
 # ---------------------------------------------------------------------------------------------------
 
+# Gram side length above which the dominant eigenpairs come from ARPACK's Lanczos iteration on the factored
+# operator (a few dozen products with M) instead of a dense eigendecomposition of the formed Gram, and the
+# residual at which ARPACK stops, in units of eps_w * lambda_1 (the backward error of a dense eigh in M's
+# dtype).
+LANCZOS_MIN_SIZE = 160
+LANCZOS_TOL = 4.0
+
+
+def _lanczos_pairs(M: torch.Tensor, rank: int, right: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-``rank`` eigenpairs of ``M^T M`` (``right``) or ``M M^T`` by ARPACK, without forming the Gram.
+
+    Implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) in float64 on ``v -> M^T (M v)``; it stops
+    when every wanted Ritz pair has ``||C x - theta x|| <= LANCZOS_TOL * eps_w * theta``, so the vectors are
+    at least as accurate as a dense ``eigh`` of the Gram formed in M's dtype. The start vector is M's
+    longest row (``right``) or column, which lies in the Gram's range (deterministic on every rank).
+
+    Returns (theta (rank,) descending, X (n, rank)) as float64 tensors; None when ARPACK does not converge
+    or M is zero (the caller then decomposes the formed Gram).
+    """
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    A = M.detach().double().numpy()
+    if right:
+        n, start = A.shape[1], A[int(np.argmax((A * A).sum(axis=1)))]
+        op = LinearOperator((n, n), matvec=lambda v: A.T @ (A @ v), dtype=np.float64)
+    else:
+        n, start = A.shape[0], A[:, int(np.argmax((A * A).sum(axis=0)))]
+        op = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
+    if not start.any():
+        return None
+    tol = LANCZOS_TOL * float(torch.finfo(M.dtype).eps)
+    try:
+        theta, X = eigsh(op, k=rank, which="LA", v0=np.ascontiguousarray(start), tol=tol)
+    except ArpackNoConvergence:
+        return None
+    order = np.argsort(theta)[::-1]
+    return torch.from_numpy(theta[order].copy()), torch.from_numpy(X[:, order].copy())
+
+
+def _top_eigenpairs(M: torch.Tensor, rank: int, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, float64) and eigenvectors (float64 columns) of ``M^T M`` or ``M M^T``.
+
+    Large Grams on the CPU get their top ``rank`` pairs from :func:`_lanczos_pairs`; otherwise (and when it
+    does not converge) every pair comes from a dense ``eigh`` of the Gram formed and decomposed in M's dtype
+    (on the CPU: dense eigh of a few hundred rows is faster there).
+    """
+    n = M.shape[1] if right else M.shape[0]
+    if M.device.type == "cpu" and n >= LANCZOS_MIN_SIZE and rank < n // 2:
+        found = _lanczos_pairs(M, rank, right)
+        if found is not None:
+            return found
+    lam, Q = torch.linalg.eigh((M.T @ M if right else M @ M.T).cpu())
+    return lam.double().flip(0), Q.double().flip(1).to(M.device)
+
+
 def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank.
 
-    Formed from the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t), computed and
-    decomposed in M's dtype (a full eigendecomposition: exact to that precision, and cheaper than an SVD of
-    M; a float32 eigendecomposition is ~5x faster than a float64 one on CPU). A singular
+    From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by :func:`_top_eigenpairs`
+    (cheaper than an SVD of M; exact to M's precision). A singular
     value counts as zero when ``s <= cut * s_max`` with ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE *
     min(t, d) * eps_M))``: the reference's cutoff, raised to the rounding level of a Gram in M's dtype.
+    Only the top ``rank`` singular values are compared with the cutoff.
     """
     t, d = M.shape
     if rank == 0 or t == 0 or d == 0:
         return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
     cut = max(max(t, d) * EPS64, (GRAM_NOISE * min(t, d) * float(torch.finfo(M.dtype).eps)) ** 0.5)
-    if d <= t:
-        lam, Q = torch.linalg.eigh((M.T @ M).cpu())  # dense eigh of a few hundred rows: faster on the CPU
-        lam, Q = lam.double().flip(0), Q.double().flip(1).to(M.device)
-        if lam[0] <= 0:
-            return Q[:, :0]
-        r = min(rank, int((lam.clamp_min(0).sqrt() > cut * lam[0].sqrt()).sum()))
-        return Q[:, :r]
-    lam, W = torch.linalg.eigh((M @ M.T).cpu())
-    lam, W = lam.double().flip(0), W.double().flip(1).to(M.device)
+    lam, Q = _top_eigenpairs(M, rank, right=d <= t)
     if lam[0] <= 0:
-        return W.new_zeros(d, 0)
-    s = lam.clamp_min(0).sqrt()
-    r = min(rank, int((s > cut * s[0]).sum()))
-    V = M.double().T @ (W[:, :r] / s[:r])
+        return Q.new_zeros(d, 0)
+    s = lam[:rank].clamp_min(0).sqrt()
+    r = int((s > cut * s[0]).sum())
+    if d <= t:
+        return Q[:, :r]
+    V = M.double().T @ (Q[:, :r] / s[:r])
     # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2
     V, _ = torch.linalg.qr(V)
     return V

@@ -37,15 +37,6 @@ GRAM_DTYPE = torch.float64
 # Columns of a per-sequence gradient chunk converted to float64 at a time: bounds the transient float64
 # copy to b * GRAM_COLUMNS elements instead of a second, twice as large, copy of the chunk.
 GRAM_COLUMNS = 1 << 15
-# Smallest squared row norm a float32 Gram is trusted with (far above float32's denormal range).
-_SAFE_MIN32 = float(torch.finfo(torch.float32).tiny) * 2.0 ** 24
-
-
-# CholeskyQR passes tried on a float32 chunk before falling back to the float64 Gram, and the smallest
-# eigenvalue the Gram of the (nearly orthonormal) second factor may have: its float32 rounding (~b eps32)
-# then changes every eigenvalue of K by at most ~b eps32 / REFINED_MIN_EIG relative.
-CHOLQR_PASSES = 2
-REFINED_MIN_EIG = 0.1
 
 
 def _gram_update_(K: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor, Gf: torch.Tensor | None) -> None:
@@ -55,70 +46,6 @@ def _gram_update_(K: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor, Gf: 
         K.addmm_(gd, gd.T)
         if h is not None:
             h.addmv_(gd, Gf[c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE))
-
-
-def refined_gram(g: torch.Tensor, Gf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None] | None:
-    """K = g g^T (b, b) and h = g Gf (b,) in float64 from float32 g (b, n) by CholeskyQR, or None.
-
-    A float32 Gram carries absolute rounding ~b eps32 lambda_max and so resolves relative singular values
-    only down to ~sqrt(b eps32); a float64 Gram of the float32 g resolves them to ~b eps32 but costs a
-    conversion and a float64 product. CholeskyQR keeps every product in float32 and still yields each
-    eigenvalue of K to *relative* accuracy:
-
-    1. rows with g_i = 0 are set aside (their K rows and h entries are 0);
-    2. ``K1 = g g^T`` (float32), Jacobi-normalised and Cholesky-factored in float64: ``N1 = L L^T``;
-    3. ``T = diag(||g_i||) L`` rounded to float32, ``Q = T^{-1} g`` by forward substitution (float32);
-       forward substitution is backward stable row by row, ``g_i + delta_i = (T Q)_i`` with
-       ``||delta_i|| <~ b eps32 ||g_i||``, the size of g's own rounding;
-    4. ``K2 = Q Q^T`` is near the identity, so its float32 rounding is small *relative to each of its
-       eigenvalues*; ``K = T K2 T^T`` and ``h = T (Q Gf)`` (float64 products of b x b factors).
-
-    When N1 is too ill-conditioned for one pass (K2 far from I) the pass repeats on Q (CholeskyQR2).
-
-    Returns
-    -------
-    (K, h) as float64 tensors (h None when Gf is None), or None when the factorisation fails or K2 keeps
-    an eigenvalue below ``REFINED_MIN_EIG`` (rank-deficient or extremely ill-conditioned g, non-finite or
-    underflowing values): the caller then forms the float64 Gram.
-    """
-    b = g.shape[0]
-    K1 = g @ g.T
-    norms = K1.diagonal().to(GRAM_DTYPE).clamp_min(0).sqrt()
-    idx = (norms > 0).nonzero().flatten()
-    k = idx.numel()
-    if k == 0 or not bool(torch.isfinite(K1).all()):
-        return None
-    s = norms[idx]
-    if float(s.min()) ** 2 < _SAFE_MIN32 or (k < b and bool(g[norms == 0].any())):
-        return None  # squares underflow: the float32 Gram cannot be trusted
-    Q = g if k == b else g[idx]
-    A = K1.to(GRAM_DTYPE) if k == b else K1[idx][:, idx].to(GRAM_DTYPE)
-    T = None
-    for _ in range(CHOLQR_PASSES):
-        scale = A.diagonal().sqrt()
-        L, info = torch.linalg.cholesky_ex(A / (scale[:, None] * scale[None, :]))
-        if int(info) != 0:
-            return None
-        step = (scale[:, None] * L).to(g.dtype)
-        Q = torch.linalg.solve_triangular(step, Q, upper=False)
-        T = step.to(GRAM_DTYPE) if T is None else T @ step.to(GRAM_DTYPE)
-        A = (Q @ Q.T).to(GRAM_DTYPE)
-        if not bool(torch.isfinite(A).all()):
-            return None
-        if float(torch.linalg.eigvalsh(A)[0]) >= REFINED_MIN_EIG:
-            break
-    else:
-        return None
-    Kk = T @ A @ T.T
-    hk = None if Gf is None else T @ (Q @ Gf).to(GRAM_DTYPE)
-    if k == b:
-        return Kk, hk
-    K = Kk.new_zeros(b, b)
-    K[idx[:, None], idx[None, :]] = Kk
-    h = None if hk is None else hk.new_zeros(b).index_copy_(0, idx, hk)
-    return K, h
-
-
 DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
 # Multiply-add equivalents charged per element of materialised per-sequence gradients: the (b, P) tensor is
 # written once and read by the Gram, the inner products and the update, which is memory-bound; calibrated
@@ -232,39 +159,30 @@ class Block:
     def gram_and_inner(self, G: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         """K (b, b) and, when G is given, h (b,), both float64, sharing one materialisation pass.
 
-        The per-sequence gradients stay in the work dtype. Held whole in float32 they go through
-        :func:`refined_gram` (float32 products, eigenvalues to relative accuracy); otherwise (chunks,
-        float64 models, ill-conditioned g) their products are formed in float64. Either way a float32
-        model's Gram resolves directions down to ~eps32 (not sqrt(eps32)) of the largest singular value
-        (see :func:`proma.projection.eigen_cutoff`).
+        The per-sequence gradients stay in the work dtype; only their products are formed in float64,
+        so a float32 model's Gram resolves directions down to ~eps32 (not sqrt(eps32)) of the largest
+        singular value (see :func:`proma.projection.eigen_cutoff`).
         """
         Gw = None if G is None else G.to(self.dtype)
         if self.strategy == "ghost":
             return self.gram(), (None if Gw is None else self.inner(Gw))
         if self.ids_only:
             g = self._materialize_compact()
-            return self._whole_gram(g, None if Gw is None else Gw[self._rows].reshape(-1))
-        if self._chunk_rows() >= self.shape[0]:
-            self._g = next(self._materialize_chunks())[2]
-            return self._whole_gram(self._g, None if Gw is None else Gw.reshape(-1))
+            K = torch.zeros(self.b, self.b, dtype=GRAM_DTYPE, device=g.device)
+            h = None if Gw is None else torch.zeros(self.b, dtype=GRAM_DTYPE, device=g.device)
+            _gram_update_(K, h, g, None if Gw is None else Gw[self._rows].reshape(-1))
+            self._K, self._h = K, h
+            return K, h
         K = torch.zeros(self.b, self.b, dtype=GRAM_DTYPE, device=self._device())
         h = None if Gw is None else torch.zeros(self.b, dtype=GRAM_DTYPE, device=K.device)
         Gf = None if Gw is None else Gw.reshape(self.shape[0], -1)
+        single = self._chunk_rows() >= self.shape[0]
         for r0, r1, g in self._materialize_chunks():
             _gram_update_(K, h, g, None if Gf is None else Gf[r0:r1].reshape(-1))
+            if single:
+                self._g = g
         self._K, self._h = K, h
         return K, h
-
-    def _whole_gram(self, g: torch.Tensor, Gf: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """K and h of per-sequence gradients held whole, g (b, n): CholeskyQR in float32, else float64."""
-        refined = refined_gram(g, Gf) if g.dtype == torch.float32 else None
-        if refined is None:
-            K = torch.zeros(self.b, self.b, dtype=GRAM_DTYPE, device=g.device)
-            h = None if Gf is None else torch.zeros(self.b, dtype=GRAM_DTYPE, device=g.device)
-            _gram_update_(K, h, g, Gf)
-            refined = (K, h)
-        self._K, self._h = refined
-        return refined
 
     def gram(self) -> torch.Tensor:
         """The b x b Gram ``K_ij = <g_i, g_j>`` in float64 (token Grams of work-dtype factors, formed in float64)."""

@@ -78,28 +78,78 @@ def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
     return max(ref, gradients, gram)
 
 
-def _norms_and_keep(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _norms_and_keep(K: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
     """Row norms ||g_i|| = sqrt(K_ii) and the rows that count as non-zero.
 
     A row is dropped when its norm is at most ``max(b, P) * eps64`` times the largest row norm, the
     reference's singular-value cutoff (a lone row's singular value is its norm).
     """
-    norms = K.diagonal().clamp_min(0.0).sqrt()
-    top = norms.max() if norms.numel() else norms.new_zeros(())
+    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
+    top = norms.max() if norms.size else 0.0
     keep = norms > max(K.shape[0], P, 1) * EPS64 * top
     return norms, keep & (norms > 0)
 
 
-def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalised_gram(K: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kept rows ``idx``, their norms ``s`` and the Jacobi-normalised Gram ``N_ij = K_ij / (s_i s_j)``.
 
     Every solver works on unit-normalised g_i (the published modes by definition, the exact one so that its
     rank decision does not depend on how long each g_i is); rows dropped by :func:`_norms_and_keep` get c_i = 0.
     """
     norms, keep = _norms_and_keep(K, P)
-    idx = keep.nonzero().flatten()
+    idx = np.flatnonzero(keep)
     s = norms[idx]
-    return idx, s, K[idx][:, idx] / (s[:, None] * s[None, :])
+    return idx, s, K[np.ix_(idx, idx)] / np.outer(s, s)
+
+
+# The b x b algebra runs in NumPy float64 on the host: a solve is a few dozen operations on matrices of a
+# few dozen entries, where NumPy's per-call cost is several times below torch's dispatch.
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def _exact(K: np.ndarray, h: np.ndarray, P: int, work_dtype: torch.dtype) -> tuple[np.ndarray, int]:
+    b = K.shape[0]
+    c = np.zeros(b)
+    idx, s, N = _normalised_gram(K, P)
+    if idx.size == 0:
+        return c, 0
+    lam, Q = np.linalg.eigh(N)
+    use = lam > eigen_cutoff(b, P, work_dtype) * lam[-1]
+    Q, lam = Q[:, use], lam[use]
+    a = Q @ ((Q.T @ (h[idx] / s)) / lam)
+    c[idx] = a / s
+    return c, int(use.sum())
+
+
+def _gram_schmidt(K: np.ndarray, h: np.ndarray, passes: int, P: int) -> tuple[np.ndarray, int]:
+    b = K.shape[0]
+    c = np.zeros(b)
+    idx, s, N = _normalised_gram(K, P)
+    if idx.size == 0:
+        return c, 0
+    # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
+    Nl, hl = N.tolist(), (h[idx] / s).tolist()
+    k = len(hl)
+    al = [0.0] * k
+    for _ in range(passes):
+        for i in range(k):
+            row = Nl[i]
+            r = hl[i] - sum(row[j] * al[j] for j in range(k))
+            al[i] += r
+    c[idx] = np.asarray(al) / s
+    return c, int(idx.size)
+
+
+def _ridge(K: np.ndarray, h: np.ndarray, ridge: float, P: int) -> tuple[np.ndarray, int]:
+    b = K.shape[0]
+    c = np.zeros(b)
+    idx, s, N = _normalised_gram(K, P)
+    if idx.size == 0:
+        return c, 0
+    a = np.linalg.solve(N + ridge * np.eye(idx.size), h[idx] / s)
+    c[idx] = a / s
+    return c, int(idx.size)
 
 
 def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: torch.dtype) -> tuple[torch.Tensor, int]:
@@ -114,7 +164,7 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: 
 
     Returns
     -------
-    c : (b,) float64, rank : int
+    c : (b,) float64 (on K's device), rank : int
 
     Notes
     -----
@@ -122,18 +172,8 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, *, P: int, work_dtype: 
     the projection is ``sum_ij n_i (N^+)_ij <n_j, G>``; c_i = (N^+ h')_i / ||g_i||. The Jacobi scaling makes
     the rank decision independent of how long each g_i is, as the SVD of the basis is.
     """
-    b = K.shape[0]
-    c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    idx, s, N = _normalised_gram(K, P)
-    if idx.numel() == 0:
-        return c, 0
-    lam, Q = torch.linalg.eigh(N)
-    use = lam > eigen_cutoff(b, P, work_dtype) * lam[-1]
-    Q, lam = Q[:, use], lam[use]
-    hn = h[idx] / s
-    a = Q @ ((Q.T @ hn) / lam)
-    c[idx] = a / s
-    return c, int(use.sum())
+    c, rank = _exact(_as_numpy(K), _as_numpy(h), P, work_dtype)
+    return torch.from_numpy(c).to(K.device), rank
 
 
 def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, P: int) -> tuple[torch.Tensor, int]:
@@ -141,43 +181,18 @@ def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, *, passes: int, 
 
     Parameters and returns as :func:`exact_coefficients` (``rank`` = number of non-zero g_i).
     """
-    b = K.shape[0]
-    c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    idx, s, N = _normalised_gram(K, P)
-    if idx.numel() == 0:
-        return c, 0
-    N = N.cpu()
-    hn = (h[idx] / s).cpu()
-    a = torch.zeros_like(hn)
-    # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
-    Nl, hl, al = N.tolist(), hn.tolist(), a.tolist()
-    k = len(hl)
-    for _ in range(passes):
-        for i in range(k):
-            row = Nl[i]
-            r = hl[i] - sum(row[j] * al[j] for j in range(k))
-            al[i] += r
-    a = torch.tensor(al, dtype=torch.float64, device=K.device)
-    c[idx] = a / s
-    return c, int(idx.numel())
+    c, rank = _gram_schmidt(_as_numpy(K), _as_numpy(h), passes, P)
+    return torch.from_numpy(c).to(K.device), rank
 
 
 def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, *, ridge: float, P: int) -> tuple[torch.Tensor, int]:
     """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i."""
-    b = K.shape[0]
-    c = torch.zeros(b, dtype=torch.float64, device=K.device)
-    idx, s, N = _normalised_gram(K, P)
-    if idx.numel() == 0:
-        return c, 0
-    A = N + ridge * torch.eye(idx.numel(), dtype=torch.float64, device=K.device)
-    a = torch.linalg.solve(A, h[idx] / s)
-    c[idx] = a / s
-    return c, int(idx.numel())
+    c, rank = _ridge(_as_numpy(K), _as_numpy(h), ridge, P)
+    return torch.from_numpy(c).to(K.device), rank
 
 
-def quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """``||sum_i v_i g_i|| = sqrt(v^T K v)`` (clamped at 0 against rounding)."""
-    return (v @ (K @ v)).clamp_min(0.0).sqrt()
+def _quad_norm(K: np.ndarray, v: np.ndarray) -> float:
+    return float(np.sqrt(max(float(v @ (K @ v)), 0.0)))
 
 
 def solve(
@@ -204,27 +219,30 @@ def solve(
 
     Returns
     -------
-    Solution
+    Solution (tensors on K's device)
     """
-    K, h, w = K.double(), h.double(), w.double()
-    K = 0.5 * (K + K.T)
+    Kn, hn, wn = _as_numpy(K), _as_numpy(h), _as_numpy(w)
+    Kn = 0.5 * (Kn + Kn.T)
     if solver == "exact":
-        c, rank = exact_coefficients(K, h, P=P, work_dtype=work_dtype)
+        c, rank = _exact(Kn, hn, P, work_dtype)
     elif solver == "gram_schmidt":
-        c, rank = gram_schmidt_coefficients(K, h, passes=passes, P=P)
+        c, rank = _gram_schmidt(Kn, hn, passes, P)
     elif solver == "ridge":
-        c, rank = ridge_coefficients(K, h, ridge=ridge, P=P)
+        c, rank = _ridge(Kn, hn, ridge, P)
     else:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    removed = quad_norm(K, c)
-    incoming = quad_norm(K, w)
+    removed = _quad_norm(Kn, c)
+    incoming = _quad_norm(Kn, wn)
     if relative_bound is not None:
         cap = relative_bound * incoming
         if removed > cap:
             scale = cap / removed
             c = c * scale
             removed = removed * scale
-    return Solution(coef=c, removed_norm=removed, incoming_norm=incoming, rank=rank)
+
+    def out(x):
+        return torch.as_tensor(x, dtype=torch.float64).to(K.device)
+    return Solution(coef=out(c), removed_norm=out(removed), incoming_norm=out(incoming), rank=rank)
 
 
 # ---------------------------------------------------------------------------------------------------

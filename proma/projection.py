@@ -36,6 +36,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
+import numpy as np
 import torch
 
 EPS64 = float(torch.finfo(torch.float64).eps)
@@ -89,31 +90,37 @@ def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
     return max(ref, gradients, gram)
 
 
-def _norms_and_keep(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _norms_and_keep(K: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
     """Row norms ||g_i|| = sqrt(K_ii) and the rows that count as non-zero.
 
     A row is dropped when its norm is at most ``max(b, P) * eps64`` times the largest row norm, the
     reference's singular-value cutoff (a lone row's singular value is its norm).
     """
-    norms = K.diagonal().clamp_min(0.0).sqrt()
-    top = norms.max() if norms.numel() else norms.new_zeros(())
+    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
+    top = norms.max() if norms.size else 0.0
     keep = norms > max(K.shape[0], P, 1) * EPS64 * top
     return norms, keep & (norms > 0)
 
 
-def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _normalised_gram(K: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """The kept rows ``idx``, their norms ``s`` and the Jacobi-normalised Gram ``N_ij = K_ij / (s_i s_j)``.
 
     Every solver works on unit-normalised g_i (the published modes by definition, the exact one so that its
     rank decision does not depend on how long each g_i is); rows dropped by :func:`_norms_and_keep` get c_i = 0.
     """
     norms, keep = _norms_and_keep(K, P)
-    idx = keep.nonzero().flatten()
+    idx = np.flatnonzero(keep)
     s = norms[idx]
-    return idx, s, K[idx][:, idx] / (s[:, None] * s[None, :])
+    return idx, s, K[np.ix_(idx, idx)] / np.outer(s, s)
 
 
-def exact_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, int]:
+# The b x b algebra runs in NumPy float64 on the host: a solve is a few dozen operations on matrices of a
+# few dozen entries, where NumPy's per-call cost is several times below torch's dispatch.
+def _as_numpy(x: torch.Tensor) -> np.ndarray:
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+def exact_coefficients(K: np.ndarray, h: np.ndarray, settings: SolverSettings) -> tuple[np.ndarray, int]:
     """Coefficients c of the orthogonal projection of G onto span{g_i}: R = sum_i c_i g_i.
 
     Parameters
@@ -134,62 +141,57 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSetting
     the rank decision independent of how long each g_i is, as the SVD of the basis is.
     """
     b = K.shape[0]
-    c = torch.zeros(b, dtype=torch.float64, device=K.device)
+    c = np.zeros(b)
     idx, s, N = _normalised_gram(K, settings.P)
-    if idx.numel() == 0:
+    if idx.size == 0:
         return c, 0
-    lam, Q = torch.linalg.eigh(N)
+    lam, Q = np.linalg.eigh(N)
     use = lam > eigen_cutoff(b, settings.P, settings.work_dtype) * lam[-1]
     Q, lam = Q[:, use], lam[use]
-    hn = h[idx] / s
-    a = Q @ ((Q.T @ hn) / lam)
+    a = Q @ ((Q.T @ (h[idx] / s)) / lam)
     c[idx] = a / s
     return c, int(use.sum())
 
 
-def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, int]:
+def gram_schmidt_coefficients(K: np.ndarray, h: np.ndarray, settings: SolverSettings) -> tuple[np.ndarray, int]:
     """Coefficients of the published Gram-Schmidt mode: ``settings.passes`` sweeps over the unit-normalised g_i
     in order.
 
     Parameters and returns as :func:`exact_coefficients` (``rank`` = number of non-zero g_i).
     """
     b = K.shape[0]
-    c = torch.zeros(b, dtype=torch.float64, device=K.device)
+    c = np.zeros(b)
     idx, s, N = _normalised_gram(K, settings.P)
-    if idx.numel() == 0:
+    if idx.size == 0:
         return c, 0
-    N = N.cpu()
-    hn = (h[idx] / s).cpu()
-    a = torch.zeros_like(hn)
     # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
-    Nl, hl, al = N.tolist(), hn.tolist(), a.tolist()
+    Nl, hl = N.tolist(), (h[idx] / s).tolist()
     k = len(hl)
+    al = [0.0] * k
     for _ in range(settings.passes):
         for i in range(k):
             row = Nl[i]
             r = hl[i] - sum(row[j] * al[j] for j in range(k))
             al[i] += r
-    a = torch.tensor(al, dtype=torch.float64, device=K.device)
-    c[idx] = a / s
-    return c, int(idx.numel())
+    c[idx] = np.asarray(al) / s
+    return c, int(idx.size)
 
 
-def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, int]:
+def ridge_coefficients(K: np.ndarray, h: np.ndarray, settings: SolverSettings) -> tuple[np.ndarray, int]:
     """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i."""
     b = K.shape[0]
-    c = torch.zeros(b, dtype=torch.float64, device=K.device)
+    c = np.zeros(b)
     idx, s, N = _normalised_gram(K, settings.P)
-    if idx.numel() == 0:
+    if idx.size == 0:
         return c, 0
-    A = N + settings.ridge * torch.eye(idx.numel(), dtype=torch.float64, device=K.device)
-    a = torch.linalg.solve(A, h[idx] / s)
+    a = np.linalg.solve(N + settings.ridge * np.eye(idx.size), h[idx] / s)
     c[idx] = a / s
-    return c, int(idx.numel())
+    return c, int(idx.size)
 
 
-# name -> solver(K, h, settings) -> (c, rank). A new solver is one function and one entry here (and the
-# same name in reference.accumulation.SOLVER_REGISTRY, which the tests compare against).
-SOLVER_REGISTRY: dict[str, Callable[[torch.Tensor, torch.Tensor, SolverSettings], tuple[torch.Tensor, int]]] = {
+# name -> solver(K, h, settings) -> (c, rank), NumPy float64 in and out. A new solver is one function and one
+# entry here (and the same name in reference.accumulation.SOLVER_REGISTRY, which the tests compare against).
+SOLVER_REGISTRY: dict[str, Callable[[np.ndarray, np.ndarray, SolverSettings], tuple[np.ndarray, int]]] = {
     "exact": exact_coefficients,
     "gram_schmidt": gram_schmidt_coefficients,
     "ridge": ridge_coefficients,
@@ -197,9 +199,9 @@ SOLVER_REGISTRY: dict[str, Callable[[torch.Tensor, torch.Tensor, SolverSettings]
 SOLVERS = tuple(SOLVER_REGISTRY)
 
 
-def quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+def _quad_norm(K: np.ndarray, v: np.ndarray) -> float:
     """``||sum_i v_i g_i|| = sqrt(v^T K v)`` (clamped at 0 against rounding)."""
-    return (v @ (K @ v)).clamp_min(0.0).sqrt()
+    return float(np.sqrt(max(float(v @ (K @ v)), 0.0)))
 
 
 def solve(
@@ -226,55 +228,107 @@ def solve(
 
     Returns
     -------
-    Solution
+    Solution (tensors on K's device)
     """
     if solver not in SOLVER_REGISTRY:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    K, h, w = K.double(), h.double(), w.double()
-    K = 0.5 * (K + K.T)
-    c, rank = SOLVER_REGISTRY[solver](K, h, SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge))
-    removed = quad_norm(K, c)
-    incoming = quad_norm(K, w)
+    Kn, hn, wn = _as_numpy(K), _as_numpy(h), _as_numpy(w)
+    Kn = 0.5 * (Kn + Kn.T)
+    c, rank = SOLVER_REGISTRY[solver](Kn, hn, SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge))
+    removed = _quad_norm(Kn, c)
+    incoming = _quad_norm(Kn, wn)
     if relative_bound is not None:
         cap = relative_bound * incoming
         if removed > cap:
             scale = cap / removed
             c = c * scale
             removed = removed * scale
-    return Solution(coef=c, removed_norm=removed, incoming_norm=incoming, rank=rank)
+
+    def out(x):
+        return torch.as_tensor(x, dtype=torch.float64).to(K.device)
+    return Solution(coef=out(c), removed_norm=out(removed), incoming_norm=out(incoming), rank=rank)
 
 
 # ---------------------------------------------------------------------------------------------------
 # Intra-microbatch variant: dominant subspaces of the factors.
 # ---------------------------------------------------------------------------------------------------
 
+# Gram side length above which the dominant eigenpairs come from ARPACK's Lanczos iteration on the factored
+# operator (a few dozen products with M) instead of a dense eigendecomposition of the formed Gram, and the
+# residual at which ARPACK stops, in units of eps_w * lambda_1 (the backward error of a dense eigh in M's
+# dtype).
+LANCZOS_MIN_SIZE = 160
+LANCZOS_TOL = 4.0
+
+
+def _lanczos_pairs(M: torch.Tensor, rank: int, right: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Top-``rank`` eigenpairs of ``M^T M`` (``right``) or ``M M^T`` by ARPACK, without forming the Gram.
+
+    Implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) in float64 on ``v -> M^T (M v)``; it stops
+    when every wanted Ritz pair has ``||C x - theta x|| <= LANCZOS_TOL * eps_w * theta``, so the vectors are
+    at least as accurate as a dense ``eigh`` of the Gram formed in M's dtype. The start vector is M's
+    longest row (``right``) or column, which lies in the Gram's range (deterministic on every rank).
+
+    Returns (theta (rank,) descending, X (n, rank)) as float64 tensors; None when ARPACK does not converge
+    or M is zero (the caller then decomposes the formed Gram).
+    """
+    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
+
+    A = M.detach().double().numpy()
+    if right:
+        n, start = A.shape[1], A[int(np.argmax((A * A).sum(axis=1)))]
+        op = LinearOperator((n, n), matvec=lambda v: A.T @ (A @ v), dtype=np.float64)
+    else:
+        n, start = A.shape[0], A[:, int(np.argmax((A * A).sum(axis=0)))]
+        op = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
+    if not start.any():
+        return None
+    tol = LANCZOS_TOL * float(torch.finfo(M.dtype).eps)
+    try:
+        theta, X = eigsh(op, k=rank, which="LA", v0=np.ascontiguousarray(start), tol=tol)
+    except ArpackNoConvergence:
+        return None
+    order = np.argsort(theta)[::-1]
+    return torch.from_numpy(theta[order].copy()), torch.from_numpy(X[:, order].copy())
+
+
+def _top_eigenpairs(M: torch.Tensor, rank: int, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending, float64) and eigenvectors (float64 columns) of ``M^T M`` or ``M M^T``.
+
+    Large Grams on the CPU get their top ``rank`` pairs from :func:`_lanczos_pairs`; otherwise (and when it
+    does not converge) every pair comes from a dense ``eigh`` of the Gram formed and decomposed in M's dtype
+    (on the CPU: dense eigh of a few hundred rows is faster there).
+    """
+    n = M.shape[1] if right else M.shape[0]
+    if M.device.type == "cpu" and n >= LANCZOS_MIN_SIZE and rank < n // 2:
+        found = _lanczos_pairs(M, rank, right)
+        if found is not None:
+            return found
+    lam, Q = torch.linalg.eigh((M.T @ M if right else M @ M.T).cpu())
+    return lam.double().flip(0), Q.double().flip(1).to(M.device)
+
+
 def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
     """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank.
 
-    Formed from the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t), computed and
-    decomposed in M's dtype (a full eigendecomposition: exact to that precision, and cheaper than an SVD of
-    M; a float32 eigendecomposition is ~5x faster than a float64 one on CPU). A singular
+    From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by :func:`_top_eigenpairs`
+    (cheaper than an SVD of M; exact to M's precision). A singular
     value counts as zero when ``s <= cut * s_max`` with ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE *
     min(t, d) * eps_M))``: the reference's cutoff, raised to the rounding level of a Gram in M's dtype.
+    Only the top ``rank`` singular values are compared with the cutoff.
     """
     t, d = M.shape
     if rank == 0 or t == 0 or d == 0:
         return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
     cut = max(max(t, d) * EPS64, (GRAM_NOISE * min(t, d) * float(torch.finfo(M.dtype).eps)) ** 0.5)
-    if d <= t:
-        lam, Q = torch.linalg.eigh((M.T @ M).cpu())  # dense eigh of a few hundred rows: faster on the CPU
-        lam, Q = lam.double().flip(0), Q.double().flip(1).to(M.device)
-        if lam[0] <= 0:
-            return Q[:, :0]
-        r = min(rank, int((lam.clamp_min(0).sqrt() > cut * lam[0].sqrt()).sum()))
-        return Q[:, :r]
-    lam, W = torch.linalg.eigh((M @ M.T).cpu())
-    lam, W = lam.double().flip(0), W.double().flip(1).to(M.device)
+    lam, Q = _top_eigenpairs(M, rank, right=d <= t)
     if lam[0] <= 0:
-        return W.new_zeros(d, 0)
-    s = lam.clamp_min(0).sqrt()
-    r = min(rank, int((s > cut * s[0]).sum()))
-    V = M.double().T @ (W[:, :r] / s[:r])
+        return Q.new_zeros(d, 0)
+    s = lam[:rank].clamp_min(0).sqrt()
+    r = int((s > cut * s[0]).sum())
+    if d <= t:
+        return Q[:, :r]
+    V = M.double().T @ (Q[:, :r] / s[:r])
     # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2
     V, _ = torch.linalg.qr(V)
     return V

@@ -7,6 +7,7 @@ import torch
 from hypothesis import given, strategies as st
 
 import reference
+from proma import projection
 from proma.projection import eigen_cutoff, intra_project, solve, top_right_singular_vectors
 from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
 from verification.tolerances import FLOAT64_RTOL
@@ -124,3 +125,24 @@ def test_top_singular_vectors_respect_numerical_rank():
 def test_unknown_solver():
     with pytest.raises(ValueError, match="solver"):
         solve(torch.eye(2), torch.ones(2), torch.ones(2), solver="qr", P=2)
+
+
+@pytest.mark.parametrize("t, d", [(400, 200), (200, 400)])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_top_singular_vectors_of_large_factors_match_svd(t, d, dtype):
+    # large factors take the Lanczos route; a flat spectrum (sigma_2 / sigma_1 = 0.95, as activations of a
+    # freshly initialised model) is the slow case for it. The top vector must match the float64 SVD of the
+    # same (rounded) factor to the dtype's eigh accuracy divided by the relative eigen-gap.
+    rng = np.random.default_rng(3)
+    U, _ = np.linalg.qr(rng.standard_normal((t, min(t, d))))
+    W, _ = np.linalg.qr(rng.standard_normal((d, min(t, d))))
+    sv = np.concatenate([[1.0, 0.95, 0.93], np.linspace(0.9, 0.1, min(t, d) - 3)])
+    M = torch.tensor((U * sv) @ W.T, dtype=dtype)
+    assert projection._lanczos_pairs(M, 1, right=d <= t) is not None  # the route under test converges
+    V = top_right_singular_vectors(M, 1).numpy()
+    _, _, vt = np.linalg.svd(M.double().numpy())
+    gap = 1.0 - 0.95 ** 2  # relative gap of the top two Gram eigenvalues
+    err = np.linalg.norm(V @ V.T - np.outer(vt[0], vt[0]))
+    assert V.shape == (d, 1)
+    # residual <= LANCZOS_TOL eps lambda_1 bounds the eigenvector error by LANCZOS_TOL eps / gap; 10x headroom
+    assert err <= 10 * projection.LANCZOS_TOL * float(torch.finfo(dtype).eps) / gap

@@ -16,9 +16,9 @@ import reference
 from proma import ProjectedAccumulator
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
-from proma_testkit import (SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, run_with_oracle,
-                           seq_logp, tiny_qwen3, trainable)
+from verification.testkit import flat_grad, per_sequence_grads, qwen_seq_logp, rel_err, trainable
+
+from proma_testkit import SeqMLP, make_batch, run_with_oracle, seq_logp, tiny_qwen3
 
 RTOL = {torch.float64: FLOAT64_RTOL, torch.float32: FLOAT32_RTOL}
 

@@ -10,7 +10,6 @@ from torch import nn
 import reference
 from proma.layers import Block, IdsFactors, OuterFactors, SeqGrads, find_rule, register, unregister
 from proma.layers.norm import NormRule
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
 from verification.tolerances import FLOAT64_RTOL
 
 

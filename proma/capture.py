@@ -20,8 +20,27 @@ State lives in the :class:`Capture` object (lists and dicts keyed by module); no
 modules or parameters, and :meth:`Capture.close` removes every hook.
 
 Calls are captured only when gradients are enabled and the output requires grad; run other forwards
-under ``torch.no_grad()`` or inside :meth:`Capture.paused`. Activation checkpointing (which re-runs the
-forward inside the backward) is not supported.
+under ``torch.no_grad()`` or inside :meth:`Capture.paused`.
+
+Every backward first checks (:mod:`proma.coverage`) that no covered parameter is used outside the captured
+calls (a fused head reading a tied weight, a custom kernel); such a use raises a ValueError naming it.
+
+Activation checkpointing (``torch.utils.checkpoint``, as ``transformers``' ``gradient_checkpointing_enable``):
+
+- non-reentrant (``use_reentrant=False``): the first forward builds the graph the backward runs through
+  and is captured; the recomputation inside the backward (recognised by torch's recomputation
+  saved-tensor hook being active) is not captured again. The captured inputs X are the first forward's,
+  equal to the recomputed ones, and they stay alive until the backward (memory of checkpointed inputs of
+  hooked modules is not saved);
+- reentrant (``use_reentrant=True``): the first forward runs without gradients and is not captured; the
+  recomputation inside the backward is captured, and its D arrives from the nested backward. Torch forbids
+  ``autograd.grad`` through such regions, so the capture runs ``seq_logp.sum().backward()`` instead, with
+  the ``.grad`` of every covered parameter and of every leaf outside the regions saved before and
+  restored after (autograd's parameter gradients
+  are computed and discarded: a reentrant step costs one full backward more than a plain one), and the
+  D of every call are handed to ``on_grad`` after that backward (all held until then). A module
+  called both inside and outside a reentrant region raises a ValueError. Uses inside reentrant regions are
+  not covered by the coverage check.
 """
 from __future__ import annotations
 
@@ -32,7 +51,11 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
+from . import coverage
 from .layers import find_rule
+
+# qualified name of the pack hook torch.utils.checkpoint pushes while it recomputes a non-reentrant region
+_RECOMPUTE_HOOK = "_recomputation_hook."
 
 
 @dataclass
@@ -94,41 +117,75 @@ class Capture:
     _paused: int = 0
     _active: bool = False
     _anchor: torch.Tensor | None = None
+    _covered: dict = field(default_factory=dict)     # id(param) -> (param, canonical name)
+    _owned: dict = field(default_factory=dict)       # autograd node -> parameter names (coverage)
+    _taps: set = field(default_factory=set)
+    _forward_modules: set = field(default_factory=set)
+    _deferred: list | None = None                     # D that arrived in a reentrant backward, not yet handed on
 
     def __post_init__(self):
         self._anchor = torch.zeros((), requires_grad=True)
+        owns = []
         try:
             for name, module in self.modules.items():
                 rule = find_rule(module)
                 if rule is None:
                     raise ValueError(f"module {name!r} ({type(module).__name__}) has no layer rule")
-                self._handles.append(module.register_forward_hook(self._make_hook(name, rule)))
+                owns.append((name, module, rule, [getattr(module, a) for a in rule.param_names(module)]))
+                for attr in rule.param_names(module):
+                    p = getattr(module, attr)
+                    # a tied parameter is named by all its owners ("a.weight = b.weight")
+                    old = self._covered.get(id(p), (p, ""))[1]
+                    qual = f"{name}.{attr}" if name else attr
+                    self._covered[id(p)] = (p, f"{old} = {qual}" if old else qual)
+            for name, module, rule, params in owns:
+                own = {id(p): self._covered[id(p)][1] for p in params}
+                self._handles.append(module.register_forward_hook(self._make_hook(name, rule, own), with_kwargs=True))
         except BaseException:
             self.close()
             raise
 
-    def _make_hook(self, name, rule):
-        def hook(module, args, output):
+    def _make_hook(self, name, rule, own):
+        def hook(module, args, kwargs, output):
             if self._paused or not torch.is_grad_enabled():
                 return None
             if not isinstance(output, torch.Tensor) or not output.requires_grad:
                 return None
+            in_backward = torch._C._current_graph_task_id() != -1
+            if in_backward and _recomputing_non_reentrant():
+                return None  # the first forward's call was captured; the backward runs through its graph
             if output.dim() == 0:
                 raise ValueError(f"module {name!r} returned a scalar; dim 0 must index sequences")
+            if in_backward:
+                if not self._active:
+                    return None  # a recomputation for a backward the capture did not launch
+                if id(module) in self._forward_modules:
+                    raise ValueError(f"module {name!r} is called both inside and outside a reentrant checkpointed "
+                                     "region; use non-reentrant checkpointing (use_reentrant=False)")
             if id(module) not in self._validated and hasattr(rule, "validate"):
                 rule.validate(module, args, output)
                 self._validated.add(id(module))
-            use = Use(name=name, module=module, rule=rule, saved=rule.save(module, args, output),
-                      b=int(output.shape[0]), index=len(self.uses))
+            saved = rule.save(module, args, output)
+            if in_backward and isinstance(saved, torch.Tensor):
+                saved = saved.detach()  # the recomputed input is in a graph; the rules' algebra must not extend it
+            use = Use(name=name, module=module, rule=rule, saved=saved, b=int(output.shape[0]), index=len(self.uses))
+            if not in_backward:
+                self._owned.update(coverage.call_nodes(name, output, (args, kwargs), own))
             self.uses.append(use)
-            return _Tap.apply(output, self._anchor, use, self._deliver)
+            tapped = _Tap.apply(output, self._anchor, use, self._deliver)
+            if not in_backward:
+                self._taps.add(tapped.grad_fn)
+            return tapped
         return hook
 
     def _deliver(self, use: Use, grad: torch.Tensor) -> bool:
         if not self._active:
             return False
         use.grad_output = grad
-        self.on_grad(use)
+        if self._deferred is not None:
+            self._deferred.append(use)
+        else:
+            self.on_grad(use)
         return True
 
     @contextlib.contextmanager
@@ -143,31 +200,71 @@ class Capture:
     def backward(self, seq_logp: torch.Tensor) -> list:
         """One backward pass of ``seq_logp.sum()`` to the taps; returns the uses whose D arrived.
 
-        The captured uses are cleared whatever happens (their graph is consumed).
+        The captured uses are cleared whatever happens (their graph is consumed). First checks that no
+        covered parameter is used outside the captured calls (ValueError otherwise). Uses captured inside
+        reentrant checkpointed regions (during this backward) are appended after the forward's.
         """
         uses, self.uses = self.uses, []
+        owned, taps, self._owned, self._taps = self._owned, self._taps, {}, set()
         try:
             if uses:
+                reentrant = 0
+                if seq_logp.grad_fn is not None:
+                    reentrant = coverage.check_uses(seq_logp, self._covered.values(), owned, taps)
+                del owned, taps
+                self._forward_modules = {id(u.module) for u in uses}
                 self._active = True
                 try:
-                    torch.autograd.grad(seq_logp.sum(), inputs=[self._anchor], allow_unused=True)
+                    if reentrant:
+                        self._backward_reentrant(seq_logp)
+                    else:
+                        torch.autograd.grad(seq_logp.sum(), inputs=[self._anchor], allow_unused=True)
                 finally:
                     self._active = False
+                    self._forward_modules = set()
+                    uses, self.uses = uses + self.uses, []
             return [u for u in uses if u.grad_output is not None]
         except BaseException:
             for u in uses:
                 u.saved = u.grad_output = None
             raise
 
+    def _backward_reentrant(self, seq_logp: torch.Tensor) -> None:
+        """``seq_logp.sum().backward()`` leaving the ``.grad`` of every covered parameter and every other leaf
+        reachable outside the reentrant regions as it was."""
+        leaves = {id(p): p for p, _ in self._covered.values()}
+        leaves.update((id(t), t) for t in coverage.leaf_tensors(seq_logp) if t is not self._anchor)
+        kept = [(p, p.grad) for p in leaves.values()]
+        for p, _ in kept:
+            p.grad = None
+        # the callbacks may write .grad: hold them until autograd's own parameter gradients are discarded
+        self._deferred = []
+        try:
+            seq_logp.sum().backward()
+        finally:
+            for p, g in kept:
+                p.grad = g
+            self._anchor.grad = None
+            arrived, self._deferred = self._deferred, None
+        with torch.no_grad():  # as inside the engine, where the callbacks normally run
+            for use in arrived:
+                self.on_grad(use)
+
     def discard(self) -> None:
         """Forget captured calls (e.g. after a forward that will not be back-propagated)."""
-        self.uses = []
+        self.uses, self._owned, self._taps = [], {}, set()
 
     def close(self) -> None:
         """Remove every hook; idempotent."""
         while self._handles:
             self._handles.pop().remove()
-        self.uses = []
+        self.discard()
+
+
+def _recomputing_non_reentrant() -> bool:
+    """True while torch.utils.checkpoint recomputes a non-reentrant region (its saved-tensor hook is on top)."""
+    top = torch._C._autograd._top_saved_tensors_default_hooks(False)
+    return top is not None and _RECOMPUTE_HOOK in getattr(top[0], "__qualname__", "")
 
 
 def hookable_modules(model: nn.Module) -> dict:

@@ -21,7 +21,7 @@ SYNCS = ("local", "global")
 INTRA_FORMS = ("two_sided", "kron")
 
 __all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "SYNCS", "INTRA_FORMS", "STRATEGIES",
-           "AccumulatorOptions", "PUBLISHED", "PUBLISHED_NAME", "published_options"]
+           "AccumulatorOptions", "PUBLISHED", "PUBLISHED_NAME", "PUBLISHED_SETTINGS", "published_options"]
 
 
 def _is_int(x, minimum: int) -> bool:
@@ -125,7 +125,9 @@ class AccumulatorOptions:
 # The settings of the published PROMA run (Gram-Schmidt, two sweeps, removal capped at half the incoming
 # microbatch gradient); proma.rl calls this method "proma-paper".
 PUBLISHED_NAME = "proma-paper"
-PUBLISHED = AccumulatorOptions(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5, shrinkage=1.0)
+# The options that differ from the defaults, as keywords (for callers that take a keyword dict).
+PUBLISHED_SETTINGS = {"variant": "proma", "solver": "gram_schmidt", "passes": 2, "relative_bound": 0.5, "shrinkage": 1.0}
+PUBLISHED = AccumulatorOptions(**PUBLISHED_SETTINGS)
 
 
 def published_options(**changes) -> AccumulatorOptions:

@@ -23,6 +23,8 @@ import numpy as np
 
 import reference
 
+from proma.options import PUBLISHED_SETTINGS
+
 from .cases import compute_expected
 from .format import Case, Layer, Settings, use_key, weights_key
 
@@ -35,7 +37,7 @@ REAL_POLICY = dict(
 REAL_SETTINGS = (
     ("qwen3_gsm8k_exact", "exact PROMA", Settings(variant="proma", solver="exact")),
     ("qwen3_gsm8k_paper", "the published settings (Gram-Schmidt 2 passes, relative_bound 0.5)",
-     Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)),
+     Settings(**PUBLISHED_SETTINGS)),
     ("qwen3_gsm8k_intra", "intra-microbatch projection, two-sided, rank 1",
      Settings(variant="intra", intra_rank=1, intra_form="two_sided")),
 )

@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 import reference
+from proma.options import PUBLISHED_SETTINGS
 
 from .capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
 
@@ -42,7 +43,7 @@ REFERENCE_SETTINGS = {
     "ridge 1e-2": (dict(solver="ridge", ridge=1e-2), True),
     "exact, relative_bound 0.5": (dict(solver="exact", relative_bound=0.5), True),
     "paper: gram_schmidt 2, bound 0.5": (
-        dict(solver="gram_schmidt", passes=2, relative_bound=0.5), True),
+        {k: v for k, v in PUBLISHED_SETTINGS.items() if k != "variant"}, True),
     "none (plain accumulation)": (dict(solver="none"), True),
 }
 EXACT = "exact (layer-wise)"
@@ -53,8 +54,7 @@ TORCH_SETTINGS = {
     "gram_schmidt (2 passes)": (dict(variant="proma", solver="gram_schmidt", passes=2), "gram_schmidt, 2 passes"),
     "ridge 1e-2": (dict(variant="proma", solver="ridge", ridge=1e-2), "ridge 1e-2"),
     "paper (gram_schmidt 2, bound 0.5)": (
-        dict(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5),
-        "paper: gram_schmidt 2, bound 0.5"),
+        dict(PUBLISHED_SETTINGS), "paper: gram_schmidt 2, bound 0.5"),
     "intra (two_sided, rank 1)": (dict(variant="intra", intra_rank=1, intra_form="two_sided"),
                                   ("intra", 1, "two_sided")),
 }

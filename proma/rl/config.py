@@ -25,13 +25,12 @@ import json
 import tokenize
 from dataclasses import dataclass, fields
 
-from proma.accumulator import INTRA_FORMS, SYNCS
-from proma.layers.block import STRATEGIES
+from proma.options import INTRA_FORMS, PUBLISHED_NAME, PUBLISHED_SETTINGS, STRATEGIES, SYNCS
 
 from .data import TASKS
 from .losses import ADVANTAGES, AGGREGATIONS
 
-METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
+METHODS = ("reinforce", "grpo", "proma", PUBLISHED_NAME, "intra")
 DTYPE_NAMES = ("float32", "float64", "bfloat16")
 # Completion length when max_new_tokens = 0: one calculator step, or a whole GSM8K solution.
 DEFAULT_NEW_TOKENS = {"gsm8k-calc": 10, "gsm8k": 256}
@@ -43,8 +42,7 @@ METHOD_ACCUMULATOR = {
     "reinforce": {"variant": "none"},
     "grpo": None,
     "proma": {"variant": "proma", "solver": "exact"},
-    "proma-paper": {"variant": "proma", "solver": "gram_schmidt", "passes": 2, "relative_bound": 0.5,
-                    "shrinkage": 1.0},
+    PUBLISHED_NAME: dict(PUBLISHED_SETTINGS),
     "intra": {"variant": "intra"},
 }
 

@@ -1,0 +1,1 @@
+"""Integrations of the accumulator into training frameworks (optional extras: ``proma[trl]``)."""

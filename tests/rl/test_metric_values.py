@@ -24,11 +24,13 @@ from rl_testing import rewarding_parity
 
 # Microbatches of 2 sequences in groups of 4 completions: a grouping by microbatch differs from the true one.
 OBSERVED = dict(method="reinforce", dtype="float64", steps=1, microbatch_size=2, group_size=4, clip_eps=0.01,
-                lr=0.05, shuffle=True)
+                lr=0.05, shuffle=True, warmstart_steps=1, train_pool=16)
 TIME_KEYS = ("time/rollout", "time/train", "time/metrics", "step_time")
 CHECKED = {"step", "opt_step", "minibatch", "lr", "loss", "grad_norm", "clip_ratio", "reward", "reward_std",
            "zero_var_frac", "completion_len", "truncated_frac", "entropy", "local_kl", "local_kl_seq",
-           "local_kl_k1", "kl", "local_kl_2nd_order", "val/accuracy", *TIME_KEYS}
+           "local_kl_k1", "kl", "local_kl_2nd_order", "val/accuracy", *TIME_KEYS, "proj/removed_norm",
+           "proj/incoming_norm", "proj/removed_ratio", "proj/removed_ratio_max", "proj/projected", "proj/plain",
+           "proj/excluded", "proj/microbatches"}
 
 
 def _params(model):
@@ -101,7 +103,7 @@ def _expected_record(cfg, ro, eos, model, policy, rows, before, after):
     n_tok = float(sel.sum())
     w = torch.from_numpy(-adv / n_tok)  # token-mean REINFORCE: L = -(1/N) sum_i A_i sum_t logp_it
     model.zero_grad(set_to_none=True)
-    (w * seq).sum().backward()
+    (w * seq).sum().backward(retain_graph=True)
     grad_norm = float(torch.linalg.vector_norm(torch.cat([p.grad.reshape(-1) for p in model.parameters()])))
     # the fraction of scored tokens on which PPO's clipped branch would be the minimum (its definition)
     ratio = torch.exp(tok.detach() - ro.batch["old_logp"][rows][:, 1:].double())
@@ -142,7 +144,11 @@ def test_every_logged_value_matches_an_independent_computation(observed):
                "entropy": reference.categorical_entropy(logits[sel].numpy()).mean()}
     for m, (rec, (rows, before, after)) in enumerate(zip(recs, steps)):
         assert set(rec) == CHECKED - ({"val/accuracy"} if m else set()), "a logged metric without a value check"
-        want = {**rollout, "opt_step": m + 1, "minibatch": m, "lr": cfg.lr,
+        # reinforce = the accumulator's variant "none": every parameter tensor accumulated plainly, nothing removed
+        proj = {"proj/removed_norm": 0.0, "proj/incoming_norm": 0.0, "proj/removed_ratio": 0.0,
+                "proj/removed_ratio_max": 0.0, "proj/projected": 0, "proj/excluded": 0,
+                "proj/plain": len(list(model.parameters())), "proj/microbatches": len(rows) // cfg.microbatch_size}
+        want = {**rollout, **proj, "opt_step": m + 1, "minibatch": m, "lr": cfg.lr,
                 **_expected_record(cfg, ro, eos, model, policy, rows, before, after)}
         for key, value in want.items():
             # float32 level: HF's RMSNorm normalises in float32 even in a float64 model

@@ -10,9 +10,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ("reference", "proma", "verification")
-# Known violations owned by another branch of the house refactor (tests/proma is being reorganised there):
-# each entry must still exist, so the list cannot go stale. Delete an entry once its import is gone.
-KNOWN_TEST_IMPORTS: set = set()
 
 
 def _module_name(path: Path) -> str:
@@ -96,8 +93,7 @@ def test_no_test_module_imports_another_test_module():
         for mod in _imports(path):
             if mod.split(".")[0].startswith("test_") and mod.split(".")[0] in names:
                 found.add((str(path.relative_to(ROOT)), mod.split(".")[0]))
-    assert found - KNOWN_TEST_IMPORTS == set(), "move shared helpers to a testkit module"
-    assert KNOWN_TEST_IMPORTS <= found, f"fixed: delete {KNOWN_TEST_IMPORTS - found} from KNOWN_TEST_IMPORTS"
+    assert found == set(), "move shared helpers to a testkit module"
 
 
 @pytest.mark.parametrize("path", sorted((ROOT / "benchmarks").glob("*.py")), ids=lambda p: p.name)

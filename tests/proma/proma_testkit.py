@@ -8,12 +8,13 @@ checked against ``reference.intra_project`` per microbatch (:func:`intra_microba
 from __future__ import annotations
 
 import numpy as np
-import pytest
 import torch
 from torch import nn
 
 import reference
 from proma import ProjectedAccumulator
+from verification import testkit
+from verification.testkit import GENERIC_PERTURBATION, flat_grad, per_sequence_grads, trainable
 
 # rcond (relative singular-value cutoff) of the oracle for a float32 model (see run_with_oracle)
 ORACLE_RCOND_F32 = 1e-5
@@ -66,60 +67,9 @@ def make_batch(gen, b, T, vocab, *, pad=True, dup=False):
     return ids, targets, mask
 
 
-def trainable(model):
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def per_sequence_grads(model, logp, params):
-    """(b, P_total) float64 per-sequence gradients by one autograd call per sequence."""
-    rows = []
-    for i in range(logp.shape[0]):
-        gs = torch.autograd.grad(logp[i], [p for _, p in params], retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                               for g, (_, p) in zip(gs, params)]))
-    return torch.stack(rows).cpu().numpy()
-
-
-def flat_grad(params):
-    return np.concatenate([(np.zeros(p.numel()) if p.grad is None else p.grad.detach().double().reshape(-1).numpy())
-                           for _, p in params])
-
-
-def rel_err(a, b):
-    a, b = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
-
-
 def tiny_qwen3(dtype=torch.float64, seed=0, vocab=50, tie=True):
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    cfg = Qwen3Config(vocab_size=vocab, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
-                      tie_word_embeddings=tie, attn_implementation="eager")
-    torch.manual_seed(seed)
-    model = Qwen3ForCausalLM(cfg).to(dtype)
-    with torch.no_grad():  # HF inits norms to 1 and small weights: perturb so every block is generic
-        for p in model.parameters():
-            p.add_(0.1 * torch.randn_like(p))
-    return model
-
-
-def qwen_seq_logp(model, ids, mask):
-    """Sum of log p(ids[t+1] | ids[:t+1]) over positions where both tokens are unpadded (right padding)."""
-    logits = model(input_ids=ids, attention_mask=mask.long()).logits
-    lp = torch.log_softmax(logits[:, :-1].to(torch.float64 if logits.dtype == torch.float64 else torch.float32), -1)
-    tok = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
-    m = (mask[:, 1:] * mask[:, :-1]).to(tok.dtype)
-    return (tok * m).sum(dim=1)
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny tensors: intra-op threads only add synchronisation cost on a loaded 2-core machine."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+    """The tests' generic tiny Qwen3 (``verification.testkit.tiny_qwen3`` with every weight perturbed)."""
+    return testkit.tiny_qwen3(dtype, seed, vocab_size=vocab, tie=tie, perturb=GENERIC_PERTURBATION)
 
 
 def run_with_oracle(model, microbatches, forward, acc_kwargs, *, intra_oracle=False):

@@ -25,7 +25,9 @@ from proma.capture import Capture
 from proma.layers import Block, find_rule
 from verification.tolerances import FLOAT64_RTOL
 
-from proma_testkit import per_sequence_grads, rel_err, run_with_oracle, trainable
+from verification.testkit import per_sequence_grads, rel_err, trainable
+
+from proma_testkit import run_with_oracle
 
 READOUT_CLASSES = 5   # width of the probe's softmax readout
 STRATEGIES_CHECKED = ("materialize", "ghost")

@@ -16,9 +16,9 @@ import reference
 from proma import ProjectedAccumulator
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
-from proma_testkit import (SeqMLP, flat_grad, make_batch, per_sequence_grads, qwen_seq_logp, rel_err, run_with_oracle,
-                           seq_logp, tiny_qwen3, trainable)
+from verification.testkit import flat_grad, per_sequence_grads, qwen_seq_logp, rel_err, trainable
+
+from proma_testkit import SeqMLP, make_batch, run_with_oracle, seq_logp, tiny_qwen3
 
 RTOL = {torch.float64: FLOAT64_RTOL, torch.float32: FLOAT32_RTOL}
 
@@ -385,3 +385,27 @@ def test_user_zeroing_grad_restarts_accumulation():
     model.zero_grad(set_to_none=True)
     (w2 * _mlp_forward(model, b2)).sum().backward()
     assert rel_err(got, flat_grad(trainable(model))) <= FLOAT64_RTOL
+
+
+# ---- the relative bound, for every solver -------------------------------------------------------------------
+
+# A cap well below the removed components of these microbatches, so that it binds; the check on the uncapped
+# result makes sure the comparison exercises the cap, not an untouched R.
+BINDING_BOUND = 0.05
+# How far (relative) the capped result must lie from the uncapped one for the cap to count as exercised.
+BOUND_EFFECT = 1e-3
+
+
+@pytest.mark.parametrize("solver", ["exact", "gram_schmidt", "ridge"])
+@pytest.mark.parametrize("dtype,strategy", [(torch.float64, "materialize"), (torch.float64, "ghost"),
+                                            (torch.float32, "auto")], ids=["f64-materialize", "f64-ghost", "f32-auto"])
+def test_relative_bound_matches_reference_for_every_solver(solver, dtype, strategy):
+    torch.manual_seed(5)
+    model = SeqMLP(tie=True, reuse=True).to(dtype)
+    gen = torch.Generator().manual_seed(5)
+    mbs = [(make_batch(gen, b, 4, 7, dup=b > 2), _weights(gen, b, "random")) for b in (3, 2, 4)]
+    acc_kwargs = dict(solver=solver, strategy=strategy, passes=2, ridge=0.1, shrinkage=0.7)
+    got, want = run_with_oracle(model, mbs, _mlp_forward, dict(acc_kwargs, relative_bound=BINDING_BOUND))
+    _, uncapped = run_with_oracle(model, mbs, _mlp_forward, acc_kwargs)
+    assert rel_err(want, uncapped) > BOUND_EFFECT
+    assert rel_err(got, want) <= RTOL[dtype], rel_err(got, want)

@@ -8,8 +8,10 @@ from torch import nn
 
 import reference
 from proma import capture_factors
-from proma_testkit import SeqMLP, make_batch, one_thread, per_sequence_grads, seq_logp, trainable  # noqa: F401
+from verification.testkit import per_sequence_grads, trainable
 from verification.tolerances import FLOAT64_RTOL
+
+from proma_testkit import SeqMLP, make_batch, seq_logp
 
 
 def test_capture_factors_give_linear_per_sequence_grads():

@@ -13,7 +13,6 @@ from __future__ import annotations
 import datetime
 import json
 import os
-import socket
 import traceback
 
 import numpy as np
@@ -28,10 +27,11 @@ import reference
 from proma import ProjectedAccumulator
 from proma.distributed import Packer, merge_pieces, no_sync, pack_contribution, unpack
 from proma.layers import IdsFactors, OuterFactors, SeqGrads
+from verification.testkit import (flat_grad, free_port, per_sequence_grads, pin_threads, qwen_seq_logp, rel_err,
+                                  trainable)
 from verification.tolerances import FLOAT64_RTOL
 
-from proma_testkit import (SeqMLP, flat_grad, intra_microbatch_oracle, make_batch, per_sequence_grads, qwen_seq_logp,
-                           rel_err, seq_logp, tiny_qwen3, trainable)
+from proma_testkit import SeqMLP, intra_microbatch_oracle, make_batch, seq_logp, tiny_qwen3
 
 WORLD = 2
 VOCAB = 7
@@ -307,7 +307,7 @@ SCENARIOS.update({
 
 
 def _worker(rank, port, outdir):
-    torch.set_num_threads(1)
+    pin_threads()
     # a timeout turns a mismatched collective into an error instead of a hung test run
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
                             timeout=datetime.timedelta(seconds=60))
@@ -325,16 +325,10 @@ def _worker(rank, port, outdir):
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     outdir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(_free_port(), str(outdir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(free_port(), str(outdir)), nprocs=WORLD, join=True)
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

@@ -10,8 +10,7 @@ from torch import nn
 import reference
 from proma.layers import Block, IdsFactors, OuterFactors, SeqGrads, find_rule, register, unregister
 from proma.layers.norm import NormRule
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
-from verification.tolerances import FLOAT64_RTOL
+from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
 
 def _seq_index(b, n):
@@ -81,6 +80,74 @@ def test_block_strategies_agree_with_dense(problem, max_transient):
         assert float((fresh.gram() - K).abs().max()) <= FLOAT64_RTOL * scale
         assert float((fresh.inner(G) - h).abs().max()) <= FLOAT64_RTOL * scale
 
+
+# ---- float32 blocks against float64 Grams of the same factors ---------------------------------------------
+
+# Relative distances of the near-copies from sequence 0 (0: an exact copy): the Gram's eigenvalues then reach
+# down to ~1e-12 of its largest, far below float32's eps (a float32 Gram resolves only sqrt(eps32) in
+# singular values), but a float32 model's per-sequence gradients still determine them (to ~eps32).
+NEAR_COPY_DELTAS = (0.0, 1e-6, 1e-5, 1e-4, 1e-3)
+FLOAT32_STRATEGIES = {"materialize": 1 << 20, "chunked materialize": 1, "ghost": 1 << 20}  # -> max_transient
+
+
+@st.composite
+def ill_conditioned_factor_sets(draw):
+    """Float32 uses of one (o, i) parameter whose b sequences are sequence 0 plus near-copies of it.
+
+    Returns (uses in float32, the same factors in float64, G, a): every float64 factor is exactly the float32 one.
+    """
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    b, o, i = draw(st.integers(2, 4)), draw(st.integers(2, 6)), draw(st.integers(1, 5))
+    deltas = torch.tensor([0.0, *draw(st.lists(st.sampled_from(NEAR_COPY_DELTAS), min_size=b - 1, max_size=b - 1))],
+                          dtype=torch.float64)
+
+    def near_copies(n, width):
+        base = torch.randn(1, n, width, generator=gen, dtype=torch.float64)
+        return (base + deltas[:, None, None] * torch.randn(b, n, width, generator=gen, dtype=torch.float64)).float()
+
+    uses32, uses64 = [], []
+    for kind in draw(st.lists(st.sampled_from(["dense", "ids"]), min_size=1, max_size=3)):
+        n = draw(st.integers(1, 4))
+        B = near_copies(n, i)
+        if kind == "dense":
+            A = near_copies(n, o)
+            uses32.append(OuterFactors(A, B))
+            uses64.append(OuterFactors(A.double(), B.double()))
+        else:
+            ids = torch.randint(0, o, (1, n), generator=gen).expand(b, n).contiguous()
+            uses32.append(IdsFactors(ids, B, o))
+            uses64.append(IdsFactors(ids, B.double(), o))
+    G = torch.randn(o, i, generator=gen).float()
+    a = torch.randn(b, generator=gen).float()
+    return uses32, uses64, G, a
+
+
+def _singular_values(K):
+    """Singular values of the per-sequence gradients implied by their Gram K, in decreasing order."""
+    return torch.linalg.eigvalsh(K.double()).clamp(min=0).sqrt().flip(0)
+
+
+@given(problem=ill_conditioned_factor_sets(), strategy=st.sampled_from(sorted(FLOAT32_STRATEGIES)))
+def test_float32_block_resolves_what_the_float64_gram_of_its_factors_resolves(problem, strategy):
+    """A float32 block's Gram gives the singular values of the float64 Gram of the same factors to float32
+    precision of the largest (a float32 Gram would give only sqrt(eps32)); the ghost Gram, formed from the
+    factors in float64, equals it to float64 rounding; inner products and the update to float32 precision."""
+    uses32, uses64, G, a = problem
+    g = _dense_seq_grads(uses64)
+    K, h, upd = g @ g.T, g @ G.double().reshape(-1), (a.double() @ g).reshape(G.shape)
+    scale = float(g.norm() ** 2 + g.norm() * G.norm())
+    blk = Block(uses32, strategy=strategy.split()[-1], work_dtype=torch.float32,
+                max_transient=FLOAT32_STRATEGIES[strategy])
+    assert blk.strategy == strategy.split()[-1]
+    Kb, hb = blk.gram_and_inner(G)
+    out = G.clone()
+    blk.add_weighted_(out, a)
+    sv = _singular_values(K)
+    assert float((_singular_values(Kb) - sv).abs().max()) <= FLOAT32_RTOL * float(sv[0])
+    if blk.strategy == "ghost":
+        assert float((Kb - K).abs().max()) <= FLOAT64_RTOL * scale
+    assert float((hb.double() - h).abs().max()) <= FLOAT32_RTOL * scale
+    assert float((out.double() - G.double() - upd).abs().max()) <= FLOAT32_RTOL * scale
 
 def test_cost_model_prefers_ghost_for_few_tokens_and_materialize_for_many():
     few = OuterFactors(torch.randn(2, 1, 512), torch.randn(2, 1, 512))

@@ -8,9 +8,9 @@ import reference
 from proma import PUBLISHED, AccumulatorOptions, ProjectedAccumulator, published_options
 from proma.options import NO_SOLVER, SOLVERS
 from proma.projection import SOLVER_REGISTRY
+from verification.testkit import trainable
 
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
-from proma_testkit import SeqMLP, make_batch, seq_logp, trainable
+from proma_testkit import SeqMLP, make_batch, seq_logp
 
 
 def test_solver_registries_name_the_same_solvers():

@@ -9,7 +9,6 @@ from hypothesis import given, strategies as st
 import reference
 from proma import projection
 from proma.projection import eigen_cutoff, intra_project, solve, top_right_singular_vectors
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
 from verification.tolerances import FLOAT64_RTOL
 
 

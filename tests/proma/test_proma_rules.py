@@ -6,7 +6,6 @@ import pytest
 import torch
 from torch import nn
 
-from proma_testkit import one_thread  # noqa: F401  (autouse fixture)
 from rule_testkit import check_rule
 
 SIZES = (3, 2, 4)   # sequences per microbatch

@@ -207,3 +207,40 @@ def test_blocks_that_do_not_partition_raise(blocks, message):
     with pytest.raises(ValueError, match="blocks") as info:
         project_out(np.ones(5), np.ones((1, 5)), blocks=blocks)
     assert message in str(info.value)
+
+
+# ---- the default rank cutoff, pinned against numpy.linalg.matrix_rank ------------------------------------
+
+# Smallest relative singular value the property prescribes: float64 resolves it (its rounding error is ~eps
+# of the largest one), and it lies within a few multiples of the default cutoff max(b, n) * eps, so any
+# cutoff looser than that by a factor of ~10 or more drops a direction that matrix_rank keeps.
+SMALLEST_RESOLVED_SV = 1e-14
+
+
+@st.composite
+def prescribed_spectra(draw):
+    """(basis, rank): a (b, n) basis W diag(s) Q with random orthonormal W, Q, s_max scaled by 2^k, the
+    other nonzero relative singular values log-uniform in [SMALLEST_RESOLVED_SV, 1] and the rest exactly 0."""
+    b, n = draw(st.integers(1, 12)), draw(st.integers(1, 12))
+    rank = draw(st.integers(1, min(b, n)))
+    exponents = draw(st.lists(st.floats(np.log10(SMALLEST_RESOLVED_SV), 0.0), min_size=rank - 1, max_size=rank - 1))
+    s = np.array([1.0, *(10.0 ** e for e in exponents)]) * 2.0 ** draw(st.integers(-30, 30))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    w = np.linalg.qr(rng.standard_normal((b, rank)))[0]
+    q = np.linalg.qr(rng.standard_normal((n, rank)))[0]
+    return (w * s) @ q.T, rank
+
+
+@given(prescribed_spectra())
+def test_default_cutoff_matches_matrix_rank_down_to_1e14(p):
+    basis, rank = p
+    assert np.linalg.matrix_rank(basis) == rank  # the construction itself: every prescribed direction resolves
+    assert row_space(basis).shape[0] == rank
+
+
+def test_default_cutoff_keeps_the_smallest_resolved_direction():
+    """The property's edge as one fixed example: relative singular value SMALLEST_RESOLVED_SV in a 12 x 12 basis."""
+    s = np.geomspace(1.0, SMALLEST_RESOLVED_SV, 12)
+    q = np.linalg.qr(np.random.default_rng(0).standard_normal((12, 12)))[0]
+    basis = (q * s) @ q.T
+    assert np.linalg.matrix_rank(basis) == row_space(basis).shape[0] == 12

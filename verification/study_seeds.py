@@ -39,6 +39,8 @@ REGIMES = {
 }
 REGIME_LRS = {"learn": (1e-3,), "drift": (3e-3,)}
 SEEDS = (0, 1, 2, 3, 4)
+# Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
+WHOLE_SPLIT = 10**9
 # Fraction of rollout steps averaged at each end of a run for the reward gain (last quarter minus first).
 GAIN_FRACTION = 0.25
 
@@ -129,7 +131,7 @@ def whole_split_eval(cfg_dict: dict, state_dict=None) -> dict:
     from proma.rl.config import TrainConfig
     from proma.rl.train import setup
 
-    cfg = TrainConfig(**{**cfg_dict, "eval_size": 10**9})  # setup keeps the first eval_size of a shuffle
+    cfg = TrainConfig(**{**cfg_dict, "eval_size": WHOLE_SPLIT})
     s = setup(cfg, log=lambda *a, **k: None)
     if state_dict is not None:
         s.model.load_state_dict(state_dict)
@@ -273,9 +275,10 @@ def aggregate(runs: dict, *, baseline: str = BASELINE, level: float = 0.95) -> d
         row = {"n_seeds": len(seeds), "columns": cols}
         base = [s for s in seeds if (baseline, lr, s) in runs]
         if m != baseline and len(base) >= 2:
-            row["ratio_local_kl"] = stats.paired_ratio_t(
-                [runs[(m, lr, s)]["local_kl_mean"] for s in base],
-                [runs[(baseline, lr, s)]["local_kl_mean"] for s in base], level=level)
+            a = [runs[(m, lr, s)]["local_kl_mean"] for s in base]
+            b = [runs[(baseline, lr, s)]["local_kl_mean"] for s in base]
+            # a run with zero local KL (no non-zero advantage in any step) has no ratio
+            row["ratio_local_kl"] = stats.paired_ratio_t(a, b, level=level) if min(a + b) > 0 else None
             for c in ("reward_gain", "val_final"):
                 row[f"diff_{c}"] = stats.paired_difference_t(
                     [runs[(m, lr, s)][c] for s in base], [runs[(baseline, lr, s)][c] for s in base], level=level)
@@ -296,7 +299,8 @@ def markdown_tables(table: dict) -> str:
               "| method | lr | local KL ratio | reward gain difference | val final difference |", "|---|---|---|---|---|"]
     for (m, lr), row in table.items():
         if "ratio_local_kl" in row:
-            lines.append(f"| {m} | {lr:g} | {f(row['ratio_local_kl'])} | {f(row['diff_reward_gain'])} | "
+            ratio = f(row["ratio_local_kl"]) if row["ratio_local_kl"] else "n/a (a run has zero local KL)"
+            lines.append(f"| {m} | {lr:g} | {ratio} | {f(row['diff_reward_gain'])} | "
                          f"{f(row['diff_val_final'])} |")
     lines += ["", "Reward gain against cumulative local KL (compare methods at equal KL):", "",
               "| method | lr | cumulative local KL | reward gain | gain per unit cumulative KL |", "|---|---|---|---|---|"]
@@ -307,3 +311,35 @@ def markdown_tables(table: dict) -> str:
     lines += ["", "Intervals: 95% Student-t over seeds (ratios: t-interval of the per-seed log-ratio, "
               "exponentiated). Columns: " + "; ".join(f"{k}: {v}" for k, v in COLUMNS.items()) + "."]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------- command line
+# The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
+PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
+                       lrs={"pilot-p64": (1e-3, 3e-3)}, methods=("grpo",), seeds=(0, 1, 2))
+GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID}
+
+
+def main(argv=None) -> int:
+    """``python -m verification.study_seeds --grid pilot --data-dir D --runs-dir R [--jobs N]``: run, then tabulate."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    ap.add_argument("--data-dir", default="reports/data/seeds")
+    ap.add_argument("--runs-dir", default="runs/study")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ns = ap.parse_args(argv)
+    grid = GRIDS[ns.grid]
+    t0 = time.perf_counter()
+    run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir,
+              log=lambda *a: print(f"[{time.perf_counter() - t0:7.0f}s]", *a, flush=True))
+    for regime in grid.regimes:
+        print(f"\n## {regime}\n")
+        print(markdown_tables(aggregate(load_results(ns.data_dir, regime))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

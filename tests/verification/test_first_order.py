@@ -8,6 +8,8 @@ from verification.tolerances import REFERENCE_ATOL
 
 # Residual ratio between step lengths h and h/10: 0.01 when the residual is O(h^2) (exact PROMA), 0.1 when it is
 # O(h) (plain accumulation). 0.02 and 0.05 separate the two with room for the O(h^3) terms.
+pytestmark = pytest.mark.slow  # builds a model and runs ~20 float64 forward / jvp passes
+
 QUADRATIC_RATIO_MAX = 0.02
 LINEAR_RATIO_MIN = 0.05
 

@@ -234,3 +234,17 @@ def markdown(result: dict, *, where: str = "") -> str:
               "float64); slope 2 = the guarantee holds to first order, 1 = it does not. Adam: one step from a "
               "fresh state is θ − lr P G_M, P = diag(1/(|G_M|+eps)); 'kept' = 1 − violation / plain's violation."]
     return "\n".join(lines) + "\n"
+
+
+def real_first_order(*, seed: int = 0, cache_dir=None, log=print) -> dict:
+    """The check on a real GSM8K-calc minibatch chain of the real-case policy (``verification.realcase``)."""
+    from proma.rl.train import sequence_logprobs
+
+    from .realcase import real_rollout
+
+    s, step, batches, weights = real_rollout(seed=seed, cache_dir=cache_dir, log=log)
+    result = first_order_check(s.model, sequence_logprobs, batches, weights)
+    n_params = sum(p.numel() for p in s.model.parameters())
+    where = (f"real-case policy ({n_params:,} parameters), rollout step {step}, seed {seed}, "
+             f"{len(batches)} microbatches of {[len(w) for w in weights]} sequences")
+    return {"where": where, "result": result}

@@ -313,6 +313,19 @@ def markdown_tables(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: float, setup_seconds: float,
+                         jobs: int) -> float:
+    """Planned wall time: sum over runs of (steps x step_seconds[method] + eval + setup), divided by ``jobs``.
+
+    ``step_seconds`` are per-method seconds per rollout step of one single-threaded worker (measured in the
+    pilot or a previous report, with ``jobs`` workers running); excludes the warm-starts (cached) and the
+    whole-split evaluation of each regime's start policy (one ``eval_seconds`` each).
+    """
+    total = sum(grid.regimes[r]["steps"] * step_seconds[m] + eval_seconds + setup_seconds
+                for r, m, _, _ in grid.runs())
+    return total / jobs + eval_seconds * len(grid.regimes)
+
+
 # ---------------------------------------------------------------------------------------------- command line
 # The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
 PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},

@@ -9,8 +9,8 @@ so under plain SGD theta' = theta - lr G_M the change of those sequences' log-pr
     delta_i(lr) = -lr g_i . pg_M - lr g_i . (G_M - pg_M) + O(lr^2)                        (otherwise)
 
 The check measures r(lr) = ||delta(lr) + lr (g . pg_M)||_2 over the last microbatch's sequences at step sizes
-lr = h ||theta|| / ||G_M|| (h = the step's relative length ||dtheta|| / ||theta||) and fits the slope of log r against log h: 2 for exact
-PROMA, 1 where the guarantee does not hold. g_i . v is computed exactly by forward-mode AD
+lr = h ||theta|| / ||G_M|| (h = the step's relative length ||dtheta|| / ||theta||) and fits the slope of
+log r against log h: 2 for exact PROMA, 1 where the guarantee does not hold. g_i . v is computed exactly by forward-mode AD
 (``proma.rl.metrics.directional_derivatives``), never forming g_i.
 
 Adam from a fresh state: its first step is theta' = theta - lr P G_M with P = diag(1 / (|G_M| + eps)) (bias
@@ -223,7 +223,8 @@ def markdown(result: dict, *, where: str = "") -> str:
     for name, r in result.items():
         small = r["steps"][-1]
         lines.append(f"| {name} | {r['slope']:.2f} | {small['residual'] / small['prediction']:.2e} | "
-                     f"{r['violation_sgd']:.2e} | {r['violation_adam']:.2e} | {r.get('adam_survival', float('nan')):.1%} |")
+                     f"{r['violation_sgd']:.2e} | {r['violation_adam']:.2e} | "
+                     f"{r.get('adam_survival', float('nan')):.1%} |")
     lines += ["", "| setting | step length h | exact local KL | second-order estimate | exact / estimate |",
               "|---|---|---|---|---|"]
     for name, r in result.items():

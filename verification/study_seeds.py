@@ -296,14 +296,16 @@ def markdown_tables(table: dict) -> str:
         lines.append(f"| {m} | {lr:g} | {row['n_seeds']} | {f(c['reward_gain'])} | {f(c['val_final'])} | "
                      f"{f(c['local_kl_mean'], '.3g')} | {f(c['entropy_min_ratio'])} |")
     lines += ["", f"Paired by seed against {BASELINE} (same warm-start and prompts):", "",
-              "| method | lr | local KL ratio | reward gain difference | val final difference |", "|---|---|---|---|---|"]
+              "| method | lr | local KL ratio | reward gain difference | val final difference |",
+              "|---|---|---|---|---|"]
     for (m, lr), row in table.items():
         if "ratio_local_kl" in row:
             ratio = f(row["ratio_local_kl"]) if row["ratio_local_kl"] else "n/a (a run has zero local KL)"
             lines.append(f"| {m} | {lr:g} | {ratio} | {f(row['diff_reward_gain'])} | "
                          f"{f(row['diff_val_final'])} |")
     lines += ["", "Reward gain against cumulative local KL (compare methods at equal KL):", "",
-              "| method | lr | cumulative local KL | reward gain | gain per unit cumulative KL |", "|---|---|---|---|---|"]
+              "| method | lr | cumulative local KL | reward gain | gain per unit cumulative KL |",
+              "|---|---|---|---|---|"]
     for (m, lr), row in table.items():
         c = row["columns"]
         per = c["reward_gain"]["mean"] / c["local_kl_cum"]["mean"] if c["local_kl_cum"]["mean"] > 0 else float("nan")

@@ -30,12 +30,13 @@ BASELINE = "grpo"
 # Settings of every run of the study (the harness's ``small`` preset otherwise): evaluation on the run's
 # fixed subset only at the start and the end (the whole test split is scored once per run by this module).
 RUN_DEFAULTS = dict(eval_size=64, progress=False, ckpt_every=50)
-# Regimes (overrides of the ``small`` preset). "learn": a small prompt pool, each prompt revisited ~20 times,
-# where GRPO's reward rises (see PILOT.md); "drift": a 10x larger learning rate on the same pool, where the
-# entropy can fall fast.
+# Regimes (overrides of the ``small`` preset), PROVISIONAL until the pilot (PILOT.md) confirms them: "learn" =
+# a 64-prompt pool (each prompt revisited ~37 times in 150 steps) at a larger lr than the report's 1e-4, where
+# GRPO's reward should rise; "drift" = the same pool at 3x that lr, where the entropy can fall fast.
+# Planned cost: estimate_wall_seconds with the step times of PILOT.md.
 REGIMES = {
-    "learn": dict(train_pool=64, steps=80),
-    "drift": dict(train_pool=64, steps=80),
+    "learn": dict(train_pool=64, steps=150),
+    "drift": dict(train_pool=64, steps=150),
 }
 REGIME_LRS = {"learn": (1e-3,), "drift": (3e-3,)}
 SEEDS = (0, 1, 2, 3, 4)

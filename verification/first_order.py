@@ -10,7 +10,8 @@ so under plain SGD theta' = theta - lr G_M the change of those sequences' log-pr
 
 The check measures r(lr) = ||delta(lr) + lr (g . pg_M)||_2 over the last microbatch's sequences at step sizes
 lr = h ||theta|| / ||G_M|| (h = the step's relative length ||dtheta|| / ||theta||) and fits the slope of
-log r against log h: 2 for exact PROMA, 1 where the guarantee does not hold. g_i . v is computed exactly by forward-mode AD
+log r against log h: 2 for exact PROMA, 1 where the guarantee does not hold. g_i . v is computed exactly by
+forward-mode AD
 (``proma.rl.metrics.directional_derivatives``), never forming g_i.
 
 Adam from a fresh state: its first step is theta' = theta - lr P G_M with P = diag(1 / (|G_M| + eps)) (bias

@@ -30,15 +30,16 @@ BASELINE = "grpo"
 # Settings of every run of the study (the harness's ``small`` preset otherwise): evaluation on the run's
 # fixed subset only at the start and the end (the whole test split is scored once per run by this module).
 RUN_DEFAULTS = dict(eval_size=64, progress=False, ckpt_every=50)
-# Regimes (overrides of the ``small`` preset), PROVISIONAL until the pilot (PILOT.md) confirms them: "learn" =
-# a 64-prompt pool (each prompt revisited ~37 times in 150 steps) at a larger lr than the report's 1e-4, where
-# GRPO's reward should rise; "drift" = the same pool at 3x that lr, where the entropy can fall fast.
+# Regimes (overrides of the ``small`` preset), PROVISIONAL (PILOT.md has one seed of each): "learn" = the
+# default 1024-prompt pool at 3x the report's lr, where GRPO should learn without overfitting; "collapse" = a
+# 64-prompt pool (each prompt revisited ~37 times in 150 steps) at the same lr, where GRPO's reward rises on
+# the pool while its entropy and held-out accuracy fall.
 # Planned cost: estimate_wall_seconds with the step times of PILOT.md.
 REGIMES = {
-    "learn": dict(train_pool=64, steps=150),
-    "drift": dict(train_pool=64, steps=150),
+    "learn": dict(train_pool=1024, steps=150),
+    "collapse": dict(train_pool=64, steps=150),
 }
-REGIME_LRS = {"learn": (1e-3,), "drift": (3e-3,)}
+REGIME_LRS = {"learn": (3e-4,), "collapse": (3e-4,)}
 SEEDS = (0, 1, 2, 3, 4)
 # Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
 WHOLE_SPLIT = 10**9
@@ -332,7 +333,7 @@ def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: 
 # ---------------------------------------------------------------------------------------------- command line
 # The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
 PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
-                       lrs={"pilot-p64": (1e-3, 3e-3)}, methods=("grpo",), seeds=(0, 1, 2))
+                       lrs={"pilot-p64": (3e-4, 1e-3)}, methods=("grpo",), seeds=(0, 1, 2))
 GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID}
 
 

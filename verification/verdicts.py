@@ -1,7 +1,7 @@
 """The verdict table: each of the paper's three claims judged by a rule fixed before the numbers are seen.
 
 Input: per-run numbers ``{(method, lr, seed): {column: value}}`` (``verification.study_seeds.load_results``;
-columns ``local_kl_mean``, ``entropy_min_ratio``, ``val_final``). Intervals: 95% Student-t over seeds
+columns ``local_kl_mean``, ``entropy_end_ratio``, ``val_final``). Intervals: 95% Student-t over seeds
 (:mod:`verification.stats`); comparisons are paired by seed (runs with one seed share the warm-start and
 the prompts). A claim is judged only with at least :data:`MIN_SEEDS` paired seeds, and never in quick mode.
 
@@ -11,8 +11,10 @@ The rules (:data:`RULES`, quoted verbatim in the table):
    KL per optimizer step. Supported iff the 95% interval of r (log-ratio t) lies below 1; contradicted iff it
    lies above 1; else inconclusive.
 2. *PROMA does not collapse entropy (GRPO does).* Collapse of a run = its rollout token entropy falls below
-   :data:`COLLAPSE_FRACTION` of its first step's (``entropy_min_ratio`` < 1/2). The claim can only be tested
-   where GRPO demonstrably collapses: if the interval of GRPO's ``entropy_min_ratio`` does not lie below 1/2
+   :data:`COLLAPSE_FRACTION` of its first step's: its mean over the last quarter of rollout steps divided
+   by the first step's (``entropy_end_ratio``) is < 1/2 (a mean, not the minimum, so that one low-entropy
+   batch does not count). The claim can only be tested where GRPO demonstrably collapses: if the interval
+   of GRPO's ``entropy_end_ratio`` does not lie below 1/2
    the verdict is inconclusive ("baseline does not collapse"). Otherwise supported iff PROMA's interval lies
    above 1/2; contradicted iff it lies below 1/2; else inconclusive.
 3. *Intra is best on validation.* d_m = per-seed difference intra - m of the final greedy accuracy on the
@@ -34,7 +36,8 @@ BASELINE = "grpo"
 RULES = {
     "kl": "supported iff the 95% interval of the paired ratio {method}/grpo of mean local KL lies below 1; "
           "contradicted iff above 1; else inconclusive",
-    "entropy": "collapse = rollout entropy below 1/2 of its start; testable only if grpo's min/start interval "
+    "entropy": "collapse = rollout entropy (last-quarter mean) below 1/2 of its start; testable only if grpo's "
+               "end/start interval "
                "lies below 1/2; then supported iff {method}'s lies above 1/2, contradicted iff below 1/2",
     "intra": "supported iff the paired difference intra - m of final validation accuracy lies above 0 for every "
              "other method m; contradicted iff it lies below 0 for some m; else inconclusive",
@@ -77,9 +80,9 @@ def judge_entropy(runs: dict, lr: float, method: str = "proma") -> tuple[str, st
     sb, sm = _seeds(runs, BASELINE, lr), _seeds(runs, method, lr)
     if min(len(sb), len(sm)) < MIN_SEEDS:
         return f"{len(sb)} / {len(sm)} seeds", INCONCLUSIVE
-    base = stats.t_interval([runs[(BASELINE, lr, s)]["entropy_min_ratio"] for s in sb])
-    mine = stats.t_interval([runs[(method, lr, s)]["entropy_min_ratio"] for s in sm])
-    evidence = (f"min/start entropy: grpo {stats.format_interval(base)}, {method} {stats.format_interval(mine)}")
+    base = stats.t_interval([runs[(BASELINE, lr, s)]["entropy_end_ratio"] for s in sb])
+    mine = stats.t_interval([runs[(method, lr, s)]["entropy_end_ratio"] for s in sm])
+    evidence = (f"end/start entropy: grpo {stats.format_interval(base)}, {method} {stats.format_interval(mine)}")
     if not base["hi"] < COLLAPSE_FRACTION:
         return evidence + " (baseline does not collapse)", INCONCLUSIVE
     if mine["lo"] > COLLAPSE_FRACTION:

@@ -33,16 +33,16 @@ def test_kl_claim_needs_enough_seeds():
 @pytest.mark.parametrize("grpo, proma, expected", [
     (0.3, 0.8, V.SUPPORTED), (0.3, 0.35, V.CONTRADICTED), (0.8, 0.9, V.INCONCLUSIVE)])
 def test_entropy_claim_each_verdict(grpo, proma, expected):
-    runs = runs_from({"grpo": {"entropy_min_ratio": grpo}, "proma": {"entropy_min_ratio": proma}})
+    runs = runs_from({"grpo": {"entropy_end_ratio": grpo}, "proma": {"entropy_end_ratio": proma}})
     evidence, verdict = V.judge_entropy(runs, 1e-3)
     assert verdict == expected
     assert ("baseline does not collapse" in evidence) == (grpo > V.COLLAPSE_FRACTION)
 
 
 def test_entropy_claim_straddling_half_is_inconclusive():
-    runs = runs_from({"grpo": {"entropy_min_ratio": 0.3}, "proma": {"entropy_min_ratio": 0.5}})
+    runs = runs_from({"grpo": {"entropy_end_ratio": 0.3}, "proma": {"entropy_end_ratio": 0.5}})
     for s, f in zip(SEEDS, [0.2, 0.8, 0.4, 0.6, 0.5]):
-        runs[("proma", 1e-3, s)]["entropy_min_ratio"] = f
+        runs[("proma", 1e-3, s)]["entropy_end_ratio"] = f
     assert V.judge_entropy(runs, 1e-3)[1] == V.INCONCLUSIVE
 
 
@@ -61,9 +61,9 @@ def test_intra_claim_within_noise_is_inconclusive():
 
 
 def test_quick_mode_never_judges_and_full_mode_does():
-    runs = runs_from({"grpo": {"local_kl_mean": 1.0, "entropy_min_ratio": 0.3, "val_final": 0.6},
-                      "proma": {"local_kl_mean": 0.5, "entropy_min_ratio": 0.9, "val_final": 0.6},
-                      "intra": {"local_kl_mean": 0.5, "entropy_min_ratio": 0.9, "val_final": 0.7}})
+    runs = runs_from({"grpo": {"local_kl_mean": 1.0, "entropy_end_ratio": 0.3, "val_final": 0.6},
+                      "proma": {"local_kl_mean": 0.5, "entropy_end_ratio": 0.9, "val_final": 0.6},
+                      "intra": {"local_kl_mean": 0.5, "entropy_end_ratio": 0.9, "val_final": 0.7}})
     quick = V.verdicts({"learn": runs}, mode="quick")
     assert len(quick) == 3 and all(v.verdict == V.NOT_JUDGED_QUICK for v in quick)
     full = V.verdicts({"learn": runs}, mode="full")

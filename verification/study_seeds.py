@@ -1,0 +1,362 @@
+"""The multi-seed study: a resumable grid of (regime, method, lr, seed) training runs, one JSON per run.
+
+Every run of a regime starts from ONE shared warm-start (trained once, then passed to the runs as a local
+checkpoint with ``model=``, so the seed changes only the RL prompts and samples: runs with the same seed are
+paired across methods, they see the same prompts at every step). Each finished run is written as
+``data_dir/<regime>/<method>-lr<lr>-s<seed>.json`` (config, metrics records, and the final policy's greedy
+accuracy on the task's WHOLE test split, per item) and is skipped when that file exists, so an interrupted
+study is resumed by rerunning it. Training directories (checkpoints) live under ``runs_dir`` and are not
+committed. Runs execute in a process pool of ``jobs`` workers with one torch thread each.
+
+Aggregation into tables (headline numbers with 95% intervals, ratios to GRPO paired by seed, reward gain
+against cumulative local KL) is :func:`aggregate` / :func:`markdown_tables`; the interval formulas are in
+:mod:`verification.stats`.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from . import stats
+
+METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
+BASELINE = "grpo"
+# Settings of every run of the study (the harness's ``small`` preset otherwise): evaluation on the run's
+# fixed subset only at the start and the end (the whole test split is scored once per run by this module).
+RUN_DEFAULTS = dict(eval_size=64, progress=False, ckpt_every=50)
+# Regimes (overrides of the ``small`` preset), PROVISIONAL (PILOT.md has one seed of each): "learn" = the
+# default 1024-prompt pool at 3x the report's lr, where GRPO should learn without overfitting; "collapse" = a
+# 64-prompt pool (each prompt revisited ~37 times in 150 steps) at the same lr, where GRPO's reward rises on
+# the pool while its entropy and held-out accuracy fall.
+# Planned cost: estimate_wall_seconds with the step times of PILOT.md.
+REGIMES = {
+    "learn": dict(train_pool=1024, steps=150),
+    "collapse": dict(train_pool=64, steps=150),
+}
+REGIME_LRS = {"learn": (3e-4,), "collapse": (3e-4,)}
+SEEDS = (0, 1, 2, 3, 4)
+# Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
+WHOLE_SPLIT = 10**9
+# Fraction of rollout steps averaged at each end of a run for the reward gain (last quarter minus first).
+GAIN_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class StudyGrid:
+    """The planned grid: regimes (preset overrides), learning rates per regime, methods and seeds."""
+
+    regimes: dict = field(default_factory=lambda: dict(REGIMES))
+    lrs: dict = field(default_factory=lambda: dict(REGIME_LRS))
+    methods: tuple = METHODS
+    seeds: tuple = SEEDS
+    preset: str = "small"
+
+    def __post_init__(self):
+        missing = set(self.regimes) - set(self.lrs)
+        if missing:
+            raise ValueError(f"lrs: no learning rates for regime(s) {sorted(missing)}")
+
+    def runs(self) -> list[tuple]:
+        """Every (regime, method, lr, seed), seeds outermost so that a partial study has whole seeds."""
+        return [(r, m, lr, s) for s in self.seeds for r in self.regimes for lr in self.lrs[r] for m in self.methods]
+
+
+def run_name(method: str, lr: float, seed: int) -> str:
+    return f"{method}-lr{lr:g}-s{seed}"
+
+
+def result_path(data_dir, regime: str, method: str, lr: float, seed: int) -> Path:
+    return Path(data_dir) / regime / f"{run_name(method, lr, seed)}.json"
+
+
+def warmstart_config(grid: StudyGrid, regime: str, cache_dir):
+    """The harness config whose warm-start every run of ``regime`` shares (seed 0's)."""
+    from proma.rl.config import TrainConfig
+
+    over = {k: v for k, v in grid.regimes[regime].items() if k != "steps"}
+    return TrainConfig.from_preset(grid.preset, **{**over, "seed": 0, "cache_dir": str(cache_dir),
+                                                   "out": str(Path(cache_dir) / "warmstart-setup"),
+                                                   "progress": False})
+
+
+def ensure_warmstart(grid: StudyGrid, regime: str, cache_dir, *, log=print) -> Path:
+    """Train (or load from ``cache_dir``) the regime's warm-start; returns its checkpoint directory."""
+    from proma.rl.setup import setup
+
+    s = setup(warmstart_config(grid, regime, cache_dir), log=log)
+    if s.warmstart_dir is None:
+        raise ValueError(f"regime {regime!r}: its config has no warm-start (warmstart_steps=0 or model set)")
+    return Path(s.warmstart_dir)
+
+
+def run_config(grid: StudyGrid, regime: str, method: str, lr: float, seed: int, *, warm_dir, runs_dir,
+               threads: int = 1) -> dict:
+    from proma.rl.config import TrainConfig
+
+    over = dict(grid.regimes[regime])
+    steps = over.pop("steps")
+    cfg = TrainConfig.from_preset(grid.preset, **{
+        **RUN_DEFAULTS, **over, "method": method, "lr": lr, "seed": seed, "steps": steps, "eval_every": steps,
+        "model": str(warm_dir), "out": str(Path(runs_dir) / regime / run_name(method, lr, seed)),
+        "num_threads": threads})
+    return cfg.to_dict()
+
+
+def greedy_hits(s, batch_size: int = 256) -> np.ndarray:
+    """(n_test,) 0/1 greedy exact-match of ``s.model`` on every item of ``s.eval_examples``.
+
+    Per item (not only the mean, as the harness's ``evaluate`` returns) so that the study can pair items
+    between policies; same generation settings as ``evaluate``.
+    """
+    from proma.rl.data import reward
+    from proma.rl.rollout import generate
+
+    hits = []
+    for lo in range(0, len(s.eval_examples), batch_size):
+        chunk = s.eval_examples[lo: lo + batch_size]
+        ro = generate(s.model, s.tokenizer, [e.prompt for e in chunk], group_size=1,
+                      max_new_tokens=s.cfg.new_tokens, greedy=True, device=s.device)
+        hits += [reward(s.cfg.task, t, e.answer) for t, e in zip(ro.texts, chunk)]
+    return np.asarray(hits, dtype=np.int8)
+
+
+def whole_split_eval(cfg_dict: dict, state_dict=None) -> dict:
+    """Greedy accuracy of a run's policy (``state_dict``; None = the warm-start) on the whole test split."""
+    import torch
+
+    from proma.rl.config import TrainConfig
+    from proma.rl.setup import setup
+
+    cfg = TrainConfig(**{**cfg_dict, "eval_size": WHOLE_SPLIT})
+    s = setup(cfg, log=lambda *a, **k: None)
+    if state_dict is not None:
+        s.model.load_state_dict(state_dict)
+    with torch.no_grad():
+        hits = greedy_hits(s)
+    acc = float(hits.mean())
+    return {"n": int(hits.size), "accuracy": acc, "se": float(np.sqrt(acc * (1 - acc) / hits.size)),
+            "hits": "".join(map(str, hits.tolist()))}
+
+
+def _read_jsonl(path: Path) -> list:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def run_one(cfg_dict: dict, out_json: str) -> str:
+    """Train one run (resuming its directory), score its final policy on the whole test split, write JSON."""
+    import torch
+
+    from proma.rl import run
+    from proma.rl.config import TrainConfig
+
+    from .runs import quiet_transformers
+
+    quiet_transformers()
+    torch.set_num_threads(max(1, cfg_dict.get("num_threads") or 1))
+    t0 = time.perf_counter()
+    run_dir = run(TrainConfig(**cfg_dict), log=lambda *a, **k: None)
+    t_train = time.perf_counter() - t0
+    ck = torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
+    final = whole_split_eval(cfg_dict, ck["model"])
+    out = {"config": cfg_dict, "metrics": _read_jsonl(Path(run_dir) / "metrics.jsonl"),
+           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final,
+           "seconds": {"train": t_train, "total": time.perf_counter() - t0}}
+    path = Path(out_json)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(json.dumps(out) + "\n")
+    os.replace(tmp, path)
+    return str(path)
+
+
+def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=None, log=print) -> list[Path]:
+    """Run every missing run of ``grid``; returns the result files written now (existing ones are kept).
+
+    ``cache_dir`` (default ``runs_dir/cache``) holds the tokenizer and the warm-starts.
+    """
+    import multiprocessing as mp
+
+    data_dir, runs_dir = Path(data_dir), Path(runs_dir)
+    cache = Path(cache_dir) if cache_dir else runs_dir / "cache"
+    todo = []
+    for regime in grid.regimes:
+        warm = ensure_warmstart(grid, regime, cache, log=log)
+        start = Path(data_dir) / regime / "start_eval.json"
+        first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
+        if not start.exists():
+            start.parent.mkdir(parents=True, exist_ok=True)
+            start.write_text(json.dumps(whole_split_eval(first)) + "\n")
+        for key in grid.runs():
+            if key[0] == regime and not result_path(data_dir, *key).exists():
+                todo.append((run_config(grid, *key, warm_dir=warm, runs_dir=runs_dir), result_path(data_dir, *key)))
+    log(f"study: {len(todo)} runs to do, {jobs} jobs")
+    done = []
+    if jobs <= 1:
+        for cfg, path in todo:
+            done.append(Path(run_one(cfg, str(path))))
+            log(f"done {path}")
+        return done
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        futures = [pool.submit(run_one, cfg, str(path)) for cfg, path in todo]
+        for fut in as_completed(futures):
+            done.append(Path(fut.result()))
+            log(f"done {done[-1]}")
+    return done
+
+
+# ---------------------------------------------------------------------------------------------- aggregation
+def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
+    """Per-run scalars of one result JSON (definitions in :data:`COLUMNS`)."""
+    recs = result["metrics"]
+    per_step = {}
+    for r in recs:
+        per_step.setdefault(r["step"], r)
+    steps = [per_step[k] for k in sorted(per_step)]
+    q = max(1, int(round(GAIN_FRACTION * len(steps))))
+    reward = np.array([r["reward"] for r in steps])
+    entropy = np.array([r["entropy"] for r in steps])
+    local_kl = np.array([r["local_kl"] for r in recs])
+    out = {
+        "reward_gain": float(reward[-q:].mean() - reward[:q].mean()),
+        "local_kl_mean": float(local_kl.mean()),
+        "local_kl_cum": float(local_kl.sum()),
+        "entropy_start": float(entropy[0]),
+        "entropy_min_ratio": float(entropy.min() / entropy[0]),
+        "entropy_end_ratio": float(entropy[-q:].mean() / entropy[0]),
+        "val_final": result["final_eval"]["accuracy"],
+        "val_final_se": result["final_eval"]["se"],
+    }
+    if start_eval is not None:
+        out["val_change"] = out["val_final"] - start_eval["accuracy"]
+    return out
+
+
+COLUMNS = {
+    "reward_gain": "mean rollout reward over the last quarter of rollout steps minus over the first quarter",
+    "local_kl_mean": "mean over optimizer steps of the exact local KL (per scored token, before || after step)",
+    "local_kl_cum": "sum over optimizer steps of the exact local KL",
+    "entropy_min_ratio": "lowest per-step token entropy of the rollouts divided by the first step's",
+    "entropy_end_ratio": "token entropy over the last quarter of rollout steps divided by the first step's",
+    "val_final": "greedy exact-match accuracy of the final policy on the whole test split",
+    "val_change": "val_final minus the warm-start's accuracy on the same split",
+}
+
+
+def load_results(data_dir, regime: str) -> dict:
+    """``{(method, lr, seed): run numbers}`` of every result file of ``regime``."""
+    folder = Path(data_dir) / regime
+    start_path = folder / "start_eval.json"
+    start = json.loads(start_path.read_text()) if start_path.exists() else None
+    out = {}
+    for path in sorted(folder.glob("*-lr*-s*.json")):
+        res = json.loads(path.read_text())
+        c = res["config"]
+        out[(c["method"], c["lr"], c["seed"])] = run_numbers(res, start)
+    return out
+
+
+def aggregate(runs: dict, *, baseline: str = BASELINE, level: float = 0.95) -> dict:
+    """Per (method, lr): t-intervals over seeds of every column, and paired ratios / differences to ``baseline``.
+
+    ``runs`` is :func:`load_results`'s dict. Ratios (local KL) use the log-ratio t-interval over seeds run by
+    both methods (:func:`verification.stats.paired_ratio_t`); differences (reward gain, validation) the paired
+    t-interval of the per-seed differences.
+    """
+    table = {}
+    keys = sorted({(m, lr) for m, lr, _ in runs})
+    for m, lr in keys:
+        seeds = sorted(s for mm, ll, s in runs if (mm, ll) == (m, lr))
+        cols = {c: stats.t_interval([runs[(m, lr, s)][c] for s in seeds], level=level)
+                for c in runs[(m, lr, seeds[0])]}
+        row = {"n_seeds": len(seeds), "columns": cols}
+        base = [s for s in seeds if (baseline, lr, s) in runs]
+        if m != baseline and len(base) >= 2:
+            a = [runs[(m, lr, s)]["local_kl_mean"] for s in base]
+            b = [runs[(baseline, lr, s)]["local_kl_mean"] for s in base]
+            # a run with zero local KL (no non-zero advantage in any step) has no ratio
+            row["ratio_local_kl"] = stats.paired_ratio_t(a, b, level=level) if min(a + b) > 0 else None
+            for c in ("reward_gain", "val_final"):
+                row[f"diff_{c}"] = stats.paired_difference_t(
+                    [runs[(m, lr, s)][c] for s in base], [runs[(baseline, lr, s)][c] for s in base], level=level)
+        table[(m, lr)] = row
+    return table
+
+
+def markdown_tables(table: dict) -> str:
+    """Headline table, paired comparison to GRPO, and reward gain against cumulative local KL (markdown)."""
+    f = stats.format_interval
+    lines = ["| method | lr | seeds | reward gain | val final (whole test split) | mean local KL | "
+             "entropy min / start |", "|---|---|---|---|---|---|---|"]
+    for (m, lr), row in table.items():
+        c = row["columns"]
+        lines.append(f"| {m} | {lr:g} | {row['n_seeds']} | {f(c['reward_gain'])} | {f(c['val_final'])} | "
+                     f"{f(c['local_kl_mean'], '.3g')} | {f(c['entropy_min_ratio'])} |")
+    lines += ["", f"Paired by seed against {BASELINE} (same warm-start and prompts):", "",
+              "| method | lr | local KL ratio | reward gain difference | val final difference |",
+              "|---|---|---|---|---|"]
+    for (m, lr), row in table.items():
+        if "ratio_local_kl" in row:
+            ratio = f(row["ratio_local_kl"]) if row["ratio_local_kl"] else "n/a (a run has zero local KL)"
+            lines.append(f"| {m} | {lr:g} | {ratio} | {f(row['diff_reward_gain'])} | "
+                         f"{f(row['diff_val_final'])} |")
+    lines += ["", "Reward gain against cumulative local KL (compare methods at equal KL):", "",
+              "| method | lr | cumulative local KL | reward gain | gain per unit cumulative KL |",
+              "|---|---|---|---|---|"]
+    for (m, lr), row in table.items():
+        c = row["columns"]
+        per = c["reward_gain"]["mean"] / c["local_kl_cum"]["mean"] if c["local_kl_cum"]["mean"] > 0 else float("nan")
+        lines.append(f"| {m} | {lr:g} | {f(c['local_kl_cum'], '.3g')} | {f(c['reward_gain'])} | {per:.3g} |")
+    lines += ["", "Intervals: 95% Student-t over seeds (ratios: t-interval of the per-seed log-ratio, "
+              "exponentiated). Columns: " + "; ".join(f"{k}: {v}" for k, v in COLUMNS.items()) + "."]
+    return "\n".join(lines) + "\n"
+
+
+def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: float, setup_seconds: float,
+                         jobs: int) -> float:
+    """Planned wall time: sum over runs of (steps x step_seconds[method] + eval + setup), divided by ``jobs``.
+
+    ``step_seconds`` are per-method seconds per rollout step of one single-threaded worker (measured in the
+    pilot or a previous report, with ``jobs`` workers running); excludes the warm-starts (cached) and the
+    whole-split evaluation of each regime's start policy (one ``eval_seconds`` each).
+    """
+    total = sum(grid.regimes[r]["steps"] * step_seconds[m] + eval_seconds + setup_seconds
+                for r, m, _, _ in grid.runs())
+    return total / jobs + eval_seconds * len(grid.regimes)
+
+
+# ---------------------------------------------------------------------------------------------- command line
+# The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
+PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
+                       lrs={"pilot-p64": (3e-4, 1e-3)}, methods=("grpo",), seeds=(0, 1, 2))
+GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID}
+
+
+def main(argv=None) -> int:
+    """``python -m verification.study_seeds --grid pilot --data-dir D --runs-dir R [--jobs N]``: run, then tabulate."""
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--grid", choices=sorted(GRIDS), default="full")
+    ap.add_argument("--data-dir", default="reports/data/seeds")
+    ap.add_argument("--runs-dir", default="runs/study")
+    ap.add_argument("--cache-dir", default=None)
+    ap.add_argument("--jobs", type=int, default=2)
+    ns = ap.parse_args(argv)
+    grid = GRIDS[ns.grid]
+    t0 = time.perf_counter()
+    run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir,
+              log=lambda *a: print(f"[{time.perf_counter() - t0:7.0f}s]", *a, flush=True))
+    for regime in grid.regimes:
+        print(f"\n## {regime}\n")
+        print(markdown_tables(aggregate(load_results(ns.data_dir, regime))))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

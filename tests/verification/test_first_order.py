@@ -18,7 +18,7 @@ LINEAR_RATIO_MIN = 0.05
 def result():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from proma.rl.train import sequence_logprobs
+    from proma.rl.sampling import sequence_logprobs
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,

@@ -14,7 +14,8 @@ import torch
 
 import reference
 from proma import ProjectedAccumulator
-from proma_testkit import flat_grad, one_thread, per_sequence_grads, qwen_seq_logp, rel_err, tiny_qwen3, trainable  # noqa: F401
+from proma_testkit import tiny_qwen3
+from verification.testkit import flat_grad, per_sequence_grads, qwen_seq_logp, rel_err, trainable
 from verification.tolerances import FLOAT64_RTOL
 
 MODES = {"off": None, "non_reentrant": False, "reentrant": True}

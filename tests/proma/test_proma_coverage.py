@@ -7,7 +7,8 @@ import torch.nn.functional as F
 
 from proma import ProjectedAccumulator, capture_factors
 from proma.coverage import MAX_CALL_NODES, call_nodes
-from proma_testkit import SeqMLP, make_batch, one_thread, qwen_seq_logp, seq_logp, tiny_qwen3  # noqa: F401
+from proma_testkit import SeqMLP, make_batch, seq_logp, tiny_qwen3
+from verification.testkit import qwen_seq_logp
 
 
 def _fused_head_logp(model, ids):

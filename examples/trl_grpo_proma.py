@@ -11,7 +11,8 @@ network. The policy is, in order of preference:
    reuses it), or with ``--warmstart-steps 0`` the freshly initialised policy (its reward stays near 0).
 
 The script says which one it used. Each optimizer step prints the mean reward and PROMA's removed ratio
-(||R|| / ||incoming gradient|| of the step's last microbatch, logged by ``PromaGRPOTrainer``). Run::
+(||R|| / ||incoming gradient||, logged by ``PromaGRPOTrainer`` per microbatch and averaged over the step by TRL;
+the first microbatch of a step has nothing to remove) and mean Gram rank. Run::
 
     python examples/trl_grpo_proma.py                       # PROMA (exact), defaults: a few minutes on 2 cores
     python examples/trl_grpo_proma.py --variant none        # TRL's own gradient, for comparison
@@ -46,8 +47,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--variant", choices=VARIANTS, default="proma",
-                    help="PROMA variant (proma_variant): proma = project out the span of the microbatch's "
-                         "per-sequence gradients, intra = within-microbatch variant, none = TRL's own gradient")
+                    help="proma_variant: proma = remove from the accumulated gradient its part in the span of "
+                         "each new microbatch's per-sequence gradients; intra = project each microbatch's own "
+                         "gradient off its dominant activation / output-gradient subspaces; none = TRL's gradient")
     ap.add_argument("--solver", choices=ACCUMULATOR_SOLVERS, default="exact",
                     help="projection solver of --variant proma (proma_solver)")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps (TRL max_steps)")
@@ -123,7 +125,7 @@ def calc_reward(completions, answer, **kwargs) -> list[float]:
 
 
 def step_printer(log):
-    """A callback printing each optimizer step's mean reward and PROMA's removed ratio."""
+    """A callback printing each optimizer step's mean reward and PROMA's stats ("-" for --variant none)."""
     from transformers import TrainerCallback
 
     class StepPrinter(TrainerCallback):
@@ -134,9 +136,10 @@ def step_printer(log):
             if not logs or "reward" not in logs:
                 return
             self.records.append(dict(logs, step=state.global_step))
-            removed = logs.get("proma/removed_ratio", float("nan"))
-            log(f"step {state.global_step:3d}  reward {logs['reward']:.3f}  removed_ratio {removed:.4f}  "
-                f"gram_rank {logs.get('proma/gram_rank_mean', float('nan')):.1f}  "
+            removed, rank = logs.get("proma/removed_ratio"), logs.get("proma/gram_rank_mean")
+            log(f"step {state.global_step:3d}  reward {logs['reward']:.3f}  "
+                f"removed_ratio {'-' if removed is None else f'{removed:.4f}'}  "
+                f"gram_rank {'-' if rank is None else f'{rank:.1f}'}  "
                 f"completion_len {logs.get('completions/mean_length', float('nan')):.1f}")
 
     return StepPrinter()

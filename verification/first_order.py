@@ -238,14 +238,16 @@ def markdown(result: dict, *, where: str = "") -> str:
     return "\n".join(lines) + "\n"
 
 
-def real_first_order(*, seed: int = 0, cache_dir=None, log=print) -> dict:
+def real_first_order(*, seed: int = 0, cache_dir=None, settings=SETTINGS, step_lengths=STEP_LENGTHS,
+                     log=print) -> dict:
     """The check on a real GSM8K-calc minibatch chain of the real-case policy (``verification.realcase``)."""
     from proma.rl.sampling import sequence_logprobs
 
     from .realcase import real_rollout
 
     s, step, batches, weights = real_rollout(seed=seed, cache_dir=cache_dir, log=log)
-    result = first_order_check(s.model, sequence_logprobs, batches, weights)
+    result = first_order_check(s.model, sequence_logprobs, batches, weights, settings=settings,
+                               step_lengths=step_lengths)
     n_params = sum(p.numel() for p in s.model.parameters())
     where = (f"real-case policy ({n_params:,} parameters), rollout step {step}, seed {seed}, "
              f"{len(batches)} microbatches of {[len(w) for w in weights]} sequences")

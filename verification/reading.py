@@ -6,7 +6,7 @@ decided by those numbers (no conclusion is written in advance). Tables are GitHu
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -349,7 +349,9 @@ def _proma_vs_grpo(summaries) -> tuple:
 def _claims(meta, studies, summaries) -> list:
     lrs = sorted({s["lr"] for s in summaries})
     c = meta["harness_config"]
-    lines = []
+    lines = ["One seed per (method, learning rate): the single-seed numbers below describe these runs and issue no "
+             "verdict; the verdicts, with intervals over seeds and rules fixed before the numbers, are in the "
+             "verdict table (section 6).", ""]
     # Claim 1: tighter KL than GRPO
     verdicts = []
     for lr in lrs:
@@ -361,21 +363,14 @@ def _claims(meta, studies, summaries) -> list:
         lines.append("- **Tighter KL than GRPO.** Not measurable here: GRPO's local KL is zero or missing at every "
                      "learning rate (no non-zero advantage, hence no update).")
     elif verdicts:
-        tighter = [lr for lr, r in verdicts if math.isfinite(r) and r < 0.95]
         parts = ", ".join(f"{_x(r)} at lr {lr:g}" for lr, r in verdicts)
-        if len(tighter) == len(verdicts):
-            verdict = "agree with the claim at every learning rate run"
-        elif tighter:
-            verdict = "agree with the claim only at lr " + ", ".join(f"{lr:g}" for lr in tighter)
-        else:
-            verdict = "do not reproduce the claim"
         vs_rf = [(lr, _ratio(_by(summaries, "proma", lr)["local_kl"]["mean"],
                              _by(summaries, "reinforce", lr)["local_kl"]["mean"]))
                  for lr, _ in verdicts if _by(summaries, "reinforce", lr)]
         rf_txt = (" Against REINFORCE, which uses the same per-sequence weights and differs from PROMA only in the "
                   "accumulation, the ratio is " + ", ".join(f"{_x(r)} at lr {lr:g}" for lr, r in vs_rf) + ".") if vs_rf else ""
-        lines.append(f"- **Tighter KL than GRPO.** PROMA's mean per-step local KL is {parts} GRPO's: these runs "
-                     f"{verdict}.{rf_txt} Equal-gain comparisons are in section 3.4; with {len(lrs)} learning rates "
+        lines.append(f"- **Tighter KL than GRPO.** PROMA's mean per-step local KL is {parts} GRPO's (one seed "
+                     f"each).{rf_txt} Equal-gain comparisons are in section 3.4; with {len(lrs)} learning rates "
                      "and one seed they rest on few points.")
     # Claim 2: no entropy collapse
     ent = {m: [s["entropy_ratio"] for s in summaries if s["method"] == m and math.isfinite(s["entropy_ratio"])]
@@ -384,17 +379,14 @@ def _claims(meta, studies, summaries) -> list:
                         and s["entropy_ratio"] < COLLAPSE_RATIO})
     ent_txt = ", ".join(f"{m} {'/'.join(f(x, 2) for x in v)}" for m, v in ent.items() if v)
     if not collapsed:
-        verdict = ("no run collapsed (final entropy below half the initial), so within "
-                   f"{meta['grid']['steps']} rollout steps the runs cannot discriminate the claim")
-    elif "proma" not in collapsed:
-        verdict = f"{', '.join(collapsed)} collapsed while PROMA did not, in line with the claim"
+        verdict = (f"no run's last-quarter entropy fell below half its start within {meta['grid']['steps']} rollout "
+                   "steps, so these runs cannot test the claim")
     else:
-        verdict = f"PROMA collapsed too ({', '.join(collapsed)}), against the claim"
+        verdict = f"runs whose last-quarter entropy fell below half its start: {', '.join(collapsed)}"
     lines.append(f"- **No entropy collapse.** Final/initial token entropy per learning rate: {ent_txt}; {verdict}.")
     # Claim 3: intra best on validation
     n_eval = int(c.get("eval_size", 0) or 0)
     best_txt = []
-    intra_best = 0
     for lr in lrs:
         row = [(s["val_end"], s["method"]) for s in summaries if s["lr"] == lr and math.isfinite(s["val_end"])]
         if not row:
@@ -405,9 +397,8 @@ def _claims(meta, studies, summaries) -> list:
         iv = next((v for v, m in row if m == "intra"), math.nan)
         se = _val_se(top_val, n_eval) if n_eval else math.nan
         rank = 1 + sum(v > iv for v, _ in row) if math.isfinite(iv) else None
-        intra_best += "intra" in best
-        best_txt.append(f"at lr {lr:g} the best is {' = '.join(best)} ({f(top_val)}), intra {f(iv)} (rank "
-                        f"{rank if rank else '-'} of {len(row)}; one standard error ≈ {f(se)} on {n_eval} problems)")
+        best_txt.append(f"at lr {lr:g}, intra {f(iv)} ranks {rank if rank else '-'} of {len(row)} (highest: "
+                        f"{' = '.join(best)} {f(top_val)}; one standard error ≈ {f(se)} on {n_eval} problems)")
     fell = [s for s in summaries if math.isfinite(s["val_end"]) and s["val_end"] < s["val_start"]]
     if summaries and len(fell) == len(summaries):
         lines.append(f"- **Validation fell in every run.** Greedy validation accuracy ended below the warm-start's "
@@ -419,11 +410,8 @@ def _claims(meta, studies, summaries) -> list:
                      "improves greedy answers on held-out problems. 'Best on validation' below therefore means "
                      "'least degraded'.")
     if best_txt:
-        verdict = ("intra is best (or tied for best) at every learning rate" if intra_best == len(best_txt)
-                   else "intra is best at some learning rates only" if intra_best else
-                   "intra is not the best on validation here")
-        lines.append("- **Intra best on validation.** " + "; ".join(best_txt) + f": {verdict}. Differences below "
-                     "two standard errors are within evaluation noise.")
+        lines.append("- **Intra best on validation.** " + "; ".join(best_txt) + ". One seed, and differences "
+                     "below two standard errors are within evaluation noise.")
     # Projection fidelity of the published settings
     for snap, st in studies.items():
         paper = st["settings"]["paper: gram_schmidt 2, bound 0.5"]["rel_dist_to_exact"]
@@ -458,6 +446,9 @@ class ReportInputs:
     summaries: list
     figures: dict               # figure key -> PNG file name
     data_files: list            # raw JSON files, relative to the report directory
+    seeds: dict | None = None   # verification.report_seeds.seeds_phase's output (None: not run)
+    first_order: dict | None = None  # {"where", "result"} of verification.first_order.real_first_order
+    kl_bounds: list = field(default_factory=list)  # report_seeds.kl_bounds of the single-seed grid's runs
 
     @property
     def n_eval(self) -> int:
@@ -512,11 +503,88 @@ def _learning(r: ReportInputs) -> list:
              pct(s["removed_ratio"]["mean"]) if s["method"] in PROJECTED else "-",
              f(s["step_time"])) for s in r.summaries]
     return [f"Reward is the rollout mean; validation is greedy exact match on {r.n_eval} fixed test problems; entropy "
-            "is the mean token entropy of the policy on its rollouts.", "",
+            "is the mean token entropy of the policy on its rollouts. Mean removed ratio: ‖R‖ / ‖pg_m‖, the removed "
+            "component relative to the microbatch's OWN gradient pg_m (the accumulator's statistics, norms over all "
+            "projected tensors, averaged over the microbatches of every optimizer step, the first microbatch "
+            "counting 0) — not section 2.2's ‖R‖ / ‖G_in‖ (relative to the running gradient), so it can exceed "
+            "100%.", "",
             table(["method", "lr", "reward (first → last quarter)", "validation accuracy (start → end)",
-                   "entropy (start → last quarter)", "mean removed ratio", "step time (s)"], rows), "",
+                   "entropy (start → last quarter)", "mean removed ratio ‖R‖/‖pg_m‖", "step time (s)"], rows), "",
             f"![reward]({r.figures['reward']})", "", f"![entropy]({r.figures['entropy']})", "",
             f"![validation accuracy]({r.figures['val']})", ""]
+
+
+def _seeds(r: ReportInputs) -> list:
+    from .study_seeds import markdown_tables
+
+    if not r.seeds:
+        return ["The seed study did not run.", ""]
+    grid, mode = r.seeds["grid"], r.meta["mode"]
+    scored = ("the whole test split" if grid.eval_items is None
+              else f"the first {grid.eval_items} items of a fixed shuffle of the test split")
+    lines = [f"Methods {', '.join(grid.methods)}; seeds {', '.join(map(str, grid.seeds))}; preset `{grid.preset}`. "
+             "Every run of a regime starts from one shared warm-start and runs with one seed see the same prompts, "
+             f"so comparisons to GRPO are paired by seed. Final validation: greedy exact match on {scored}. Raw "
+             "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items)."]
+    if mode != "full":
+        lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
+                     "path, not evidence, and no verdict is issued.")
+    lines.append("")
+    for regime, table in r.seeds["tables"].items():
+        over = ", ".join(f"{k}={v}" for k, v in grid.regimes[regime].items())
+        lrs = ", ".join(f"{lr:g}" for lr in grid.lrs[regime])
+        start = r.seeds.get("start", {}).get(regime)
+        start_txt = (f"; warm-start validation {f(start['accuracy'])} ± {f(start['se'])} on {start['n']} items"
+                     if start else "")
+        lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
+        lines += [markdown_tables(table) if table else "No finished run.", ""]
+    return lines
+
+
+def _verdict_lines(r: ReportInputs) -> list:
+    """One headline line per verdict of the seed study (section 6)."""
+    from .claims import JUDGED_MODES
+
+    if not r.seeds:
+        return []
+    if r.meta["mode"] not in JUDGED_MODES:
+        return [f"- Verdicts on the paper's claims: none in {r.meta['mode']} mode (section 6)."]
+    return [f"- Verdict ({v.where}): {v.claim}: **{v.verdict}**" + (f" ({v.evidence})." if v.evidence != "-" else ".")
+            for v in r.seeds["verdicts"]]
+
+
+def _verdict_table(r: ReportInputs) -> list:
+    from . import claims
+
+    if not r.seeds:
+        return ["No verdict: the seed study did not run.", ""]
+    lines = [f"Rules fixed before the numbers (`verification.claims`): a claim is judged only in full mode, with at "
+             f"least {claims.MIN_SEEDS} seeds paired by seed, from 95% Student-t intervals over seeds.", ""]
+    if r.meta["mode"] not in claims.JUDGED_MODES:
+        lines += [f"{r.meta['mode']} mode: every claim is marked '{claims.NOT_JUDGED_QUICK}'.", ""]
+    return lines + [claims.markdown(r.seeds["verdicts"]), ""]
+
+
+def _first_order(r: ReportInputs) -> list:
+    from .first_order import markdown
+
+    lines = []
+    if r.first_order:
+        body = markdown(r.first_order["result"]).splitlines()[2:]  # without markdown()'s own heading
+        lines += [f"Exact PROMA guarantees g_i · G_M = g_i · pg_M for the last microbatch's sequences i, so a plain "
+                  f"SGD step θ − lr G_M changes their log-probabilities by −lr g_i · pg_M + O(lr²). Measured on "
+                  f"{r.first_order['where']} (float64):", ""] + body + [""]
+    else:
+        lines += ["The first-order check did not run.", ""]
+    rows = [(b["method"], f"{b['lr']:g}", b["steps"], pct(b.get("exceeded_frac")), f(b.get("ratio_median")),
+             f(b.get("ratio_max"))) for b in r.kl_bounds]
+    if rows:
+        lines += ["Second-order estimate as a bound on the local KL of the single-seed grid's optimizer steps "
+                  "(exact = `local_kl_seq`, estimate = 0.5 mean_i (g_i · dθ)²; steps: those with a positive "
+                  "estimate):", "",
+                  table(["method", "lr", "steps", "exact > estimate", "median exact / estimate",
+                         "max exact / estimate"], rows), ""]
+    return lines
 
 
 def _raw_data(r: ReportInputs) -> list:
@@ -526,7 +594,7 @@ def _raw_data(r: ReportInputs) -> list:
 
 # The report: (heading, renderer) in order; a renderer returns the lines after its heading and a blank line.
 SECTIONS = (
-    ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.summaries) + [""]),
+    ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.summaries) + _verdict_lines(r) + [""]),
     ("## Configuration", lambda r: _configuration(r.meta) + [""]),
     ("## 1. Oracle: implementations against the golden cases", lambda r: _oracle(r.oracle) + [""]),
     ("## 2. Projection error on real GSM8K microbatches", _study_intro),
@@ -540,15 +608,21 @@ SECTIONS = (
     ("### 3.3 KL to the rollout policy", _kl_rollout),
     ("### 3.4 PROMA vs GRPO", _proma_vs_grpo_section),
     ("## 4. Entropy and learning", _learning),
-    ("## 5. Reading against the paper's claims", lambda r: _claims(r.meta, r.studies, r.summaries) + [""]),
-    ("## 6. Raw data", _raw_data),
+    ("## 5. Seeds and regimes", _seeds),
+    ("## 6. Verdicts on the paper's claims", _verdict_table),
+    ("## 7. First-order check of the mechanism", _first_order),
+    ("## 8. Reading of the single-seed grid against the paper's claims",
+     lambda r: _claims(r.meta, r.studies, r.summaries) + [""]),
+    ("## 9. Raw data", _raw_data),
 )
 SECTION_HEADINGS = tuple(heading for heading, _ in SECTIONS)
 
 
-def render(*, meta, oracle, studies, summaries, figures, data_files) -> str:
+def render(*, meta, oracle, studies, summaries, figures, data_files, seeds=None, first_order=None,
+           kl_bounds=()) -> str:
     """The text of REPORT.md: a title, then every section of :data:`SECTIONS` in order."""
-    inputs = ReportInputs(meta, oracle, studies, summaries, figures, data_files)
+    inputs = ReportInputs(meta, oracle, studies, summaries, figures, data_files, seeds, first_order,
+                          list(kl_bounds))
     out = ["# PROMA verification report", "",
            "Generated by `proma-verify report` from measured values; every number below comes from this run "
            "(raw JSON in `data/`).", ""]

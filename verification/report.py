@@ -2,8 +2,10 @@
 
 Phases (each shows progress): 1. the oracle cases checked against the reference and the torch
 implementation; 2. the grid of training runs (every method x learning rate, one shared warm-start);
-3. the projection study on real microbatches of the runs (start and end policy); 4. summaries, plots and
-the report text, generated from the measured values (``verification.reading``).
+3. the projection study on real microbatches of the runs (start and end policy); 4. the seed study (every
+method over seeds in each regime, ``verification.report_seeds``: intervals, the verdict table) and the
+first-order check of the mechanism; 5. summaries, plots and the report text, generated from the measured
+values (``verification.reading``).
 
 Modes: ``full`` (the default small configuration of the harness, the committed report), ``quick`` (a
 reduced warm-start and few steps: a few minutes), ``smoke`` (the harness's smoke preset: seconds, for CI).
@@ -127,7 +129,7 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     ``runs_dir`` (default ``out/runs``, git-ignored) keeps the training runs, their checkpoints and the
     warm-start caches; ``realcase_cache`` (default ``runs_dir/cache-realcase``) the real-case policy's.
     """
-    from . import plots
+    from . import plots, report_seeds
     from proma.rl.summary import read_jsonl, summarize_run
 
     if mode not in MODES:
@@ -147,23 +149,31 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     timings = {}
 
     t = time.perf_counter()
-    log("1/4 oracle cases: reference and torch against the golden files")
+    log("1/5 oracle cases: reference and torch against the golden files")
     oracle = oracle_phase(runs_dir, real=spec["real_cases"], seed=seed, realcase_cache=realcase_cache, log=log)
     timings["oracle"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log(f"2/4 training {len(grid.methods)} methods x {len(grid.lrs)} learning rates, {grid.steps} steps each")
+    log(f"2/5 training {len(grid.methods)} methods x {len(grid.lrs)} learning rates, {grid.steps} steps each")
     dirs = run_grid(grid, runs_dir, jobs=jobs, log=log)
     timings["training"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log("3/4 projection study on real microbatches")
+    log("3/5 projection study on real microbatches")
     studies = {snap: study_phase(grid, runs_dir, snap, intra_ranks=spec["intra_ranks"],
                                  realcase_cache=realcase_cache, log=log) for snap in spec["snapshots"]}
     timings["projection_study"] = time.perf_counter() - t
 
     t = time.perf_counter()
-    log("4/4 summaries, plots and REPORT.md")
+    log("4/5 seed study (resumable: data/seeds) and first-order check")
+    seeds = report_seeds.seeds_phase(mode, data / "seeds", runs_dir, jobs=jobs, log=log)
+    timings["seed_study"] = time.perf_counter() - t
+    t = time.perf_counter()
+    first = report_seeds.first_order_phase(mode, seed=seed, realcase_cache=realcase_cache, log=log)
+    timings["first_order"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    log("5/5 summaries, plots and REPORT.md")
     runs, summaries = [], []
     for method in grid.methods:
         for lr in grid.lrs:
@@ -202,9 +212,13 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
         _write_json(data / f"projection_{snap}.json", study)
     _write_json(data / "summaries.json", summaries)
     _write_json(data / "meta.json", meta)
+    _write_json(data / "first_order.json", first)
+    data_files = sorted(str(p.relative_to(out)) for p in data.rglob("*.json") if "seeds" not in p.parts)
+    data_files += [f"data/seeds/{regime}/ ({len(list((data / 'seeds' / regime).glob('*.json')))} JSON files)"
+                   for regime in seeds["grid"].regimes]
     text = render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
-                          figures={k: p.name for k, p in figures.items()}, data_files=sorted(
-                              str(p.relative_to(out)) for p in data.rglob("*.json")))
+                  figures={k: p.name for k, p in figures.items()}, data_files=data_files, seeds=seeds,
+                  first_order=first, kl_bounds=report_seeds.kl_bounds(runs))
     path = out / "REPORT.md"
     path.write_text(text)
     return path

@@ -49,18 +49,25 @@ GAIN_FRACTION = 0.25
 
 @dataclass(frozen=True)
 class StudyGrid:
-    """The planned grid: regimes (preset overrides), learning rates per regime, methods and seeds."""
+    """The planned grid: regimes (preset overrides), learning rates per regime, methods and seeds.
+
+    ``eval_items``: test items scored at the end of each run (None = the whole test split; a cap only for
+    the report's quick and smoke modes).
+    """
 
     regimes: dict = field(default_factory=lambda: dict(REGIMES))
     lrs: dict = field(default_factory=lambda: dict(REGIME_LRS))
     methods: tuple = METHODS
     seeds: tuple = SEEDS
     preset: str = "small"
+    eval_items: int | None = None
 
     def __post_init__(self):
         missing = set(self.regimes) - set(self.lrs)
         if missing:
             raise ValueError(f"lrs: no learning rates for regime(s) {sorted(missing)}")
+        if self.eval_items is not None and self.eval_items < 1:
+            raise ValueError(f"eval_items must be >= 1 or None (whole split); got {self.eval_items}")
 
     def runs(self) -> list[tuple]:
         """Every (regime, method, lr, seed), seeds outermost so that a partial study has whole seeds."""
@@ -126,14 +133,17 @@ def greedy_hits(s, batch_size: int = 256) -> np.ndarray:
     return np.asarray(hits, dtype=np.int8)
 
 
-def whole_split_eval(cfg_dict: dict, state_dict=None) -> dict:
-    """Greedy accuracy of a run's policy (``state_dict``; None = the warm-start) on the whole test split."""
+def whole_split_eval(cfg_dict: dict, state_dict=None, *, items: int | None = None) -> dict:
+    """Greedy accuracy of a run's policy (``state_dict``; None = the warm-start) on the whole test split.
+
+    ``items`` caps the number of test items (None = all of them).
+    """
     import torch
 
     from proma.rl.config import TrainConfig
     from proma.rl.setup import setup
 
-    cfg = TrainConfig(**{**cfg_dict, "eval_size": WHOLE_SPLIT})
+    cfg = TrainConfig(**{**cfg_dict, "eval_size": items or WHOLE_SPLIT})
     s = setup(cfg, log=lambda *a, **k: None)
     if state_dict is not None:
         s.model.load_state_dict(state_dict)
@@ -148,7 +158,7 @@ def _read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def run_one(cfg_dict: dict, out_json: str) -> str:
+def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str:
     """Train one run (resuming its directory), score its final policy on the whole test split, write JSON."""
     import torch
 
@@ -163,7 +173,7 @@ def run_one(cfg_dict: dict, out_json: str) -> str:
     run_dir = run(TrainConfig(**cfg_dict), log=lambda *a, **k: None)
     t_train = time.perf_counter() - t0
     ck = torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
-    final = whole_split_eval(cfg_dict, ck["model"])
+    final = whole_split_eval(cfg_dict, ck["model"], items=eval_items)
     out = {"config": cfg_dict, "metrics": _read_jsonl(Path(run_dir) / "metrics.jsonl"),
            "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final,
            "seconds": {"train": t_train, "total": time.perf_counter() - t0}}
@@ -191,7 +201,7 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
         first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
         if not start.exists():
             start.parent.mkdir(parents=True, exist_ok=True)
-            start.write_text(json.dumps(whole_split_eval(first)) + "\n")
+            start.write_text(json.dumps(whole_split_eval(first, items=grid.eval_items)) + "\n")
         for key in grid.runs():
             if key[0] == regime and not result_path(data_dir, *key).exists():
                 todo.append((run_config(grid, *key, warm_dir=warm, runs_dir=runs_dir), result_path(data_dir, *key)))
@@ -199,11 +209,11 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
     done = []
     if jobs <= 1:
         for cfg, path in todo:
-            done.append(Path(run_one(cfg, str(path))))
+            done.append(Path(run_one(cfg, str(path), grid.eval_items)))
             log(f"done {path}")
         return done
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
-        futures = [pool.submit(run_one, cfg, str(path)) for cfg, path in todo]
+        futures = [pool.submit(run_one, cfg, str(path), grid.eval_items) for cfg, path in todo]
         for fut in as_completed(futures):
             done.append(Path(fut.result()))
             log(f"done {done[-1]}")
@@ -243,7 +253,8 @@ COLUMNS = {
     "local_kl_cum": "sum over optimizer steps of the exact local KL",
     "entropy_min_ratio": "lowest per-step token entropy of the rollouts divided by the first step's",
     "entropy_end_ratio": "token entropy over the last quarter of rollout steps divided by the first step's",
-    "val_final": "greedy exact-match accuracy of the final policy on the whole test split",
+    "val_final": "greedy exact-match accuracy of the final policy on the scored test items (the whole test "
+                 "split unless the grid's eval_items caps it)",
     "val_change": "val_final minus the warm-start's accuracy on the same split",
 }
 
@@ -291,12 +302,13 @@ def aggregate(runs: dict, *, baseline: str = BASELINE, level: float = 0.95) -> d
 def markdown_tables(table: dict) -> str:
     """Headline table, paired comparison to GRPO, and reward gain against cumulative local KL (markdown)."""
     f = stats.format_interval
-    lines = ["| method | lr | seeds | reward gain | val final (whole test split) | mean local KL | "
-             "entropy min / start |", "|---|---|---|---|---|---|---|"]
+    lines = ["| method | lr | seeds | reward gain | val final | val change | mean local KL | "
+             "entropy min / start | entropy last quarter / start |", "|---|---|---|---|---|---|---|---|---|"]
     for (m, lr), row in table.items():
         c = row["columns"]
-        lines.append(f"| {m} | {lr:g} | {row['n_seeds']} | {f(c['reward_gain'])} | {f(c['val_final'])} | "
-                     f"{f(c['local_kl_mean'], '.3g')} | {f(c['entropy_min_ratio'])} |")
+        change = f(c["val_change"], "+.3f") if "val_change" in c else "-"
+        lines.append(f"| {m} | {lr:g} | {row['n_seeds']} | {f(c['reward_gain'])} | {f(c['val_final'])} | {change} | "
+                     f"{f(c['local_kl_mean'], '.3g')} | {f(c['entropy_min_ratio'])} | {f(c['entropy_end_ratio'])} |")
     lines += ["", f"Paired by seed against {BASELINE} (same warm-start and prompts):", "",
               "| method | lr | local KL ratio | reward gain difference | val final difference |",
               "|---|---|---|---|---|"]
@@ -310,8 +322,9 @@ def markdown_tables(table: dict) -> str:
               "|---|---|---|---|---|"]
     for (m, lr), row in table.items():
         c = row["columns"]
-        per = c["reward_gain"]["mean"] / c["local_kl_cum"]["mean"] if c["local_kl_cum"]["mean"] > 0 else float("nan")
-        lines.append(f"| {m} | {lr:g} | {f(c['local_kl_cum'], '.3g')} | {f(c['reward_gain'])} | {per:.3g} |")
+        cum = c["local_kl_cum"]["mean"]
+        per = f"{c['reward_gain']['mean'] / cum:.3g}" if cum > 0 else "n/a (zero local KL)"
+        lines.append(f"| {m} | {lr:g} | {f(c['local_kl_cum'], '.3g')} | {f(c['reward_gain'])} | {per} |")
     lines += ["", "Intervals: 95% Student-t over seeds (ratios: t-interval of the per-seed log-ratio, "
               "exponentiated). Columns: " + "; ".join(f"{k}: {v}" for k, v in COLUMNS.items()) + "."]
     return "\n".join(lines) + "\n"

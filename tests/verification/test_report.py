@@ -22,8 +22,13 @@ def test_smoke_report_end_to_end(tmp_path, realcase_cache):
     for name in images:
         png = out / name
         assert png.is_file() and png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", name
-    for name in ("oracle.json", "summaries.json", "meta.json", "projection_end.json"):
+    for name in ("oracle.json", "summaries.json", "meta.json", "projection_end.json", "first_order.json"):
         json.loads((out / "data" / name).read_text())
+    seeds = sorted(p.name for p in (out / "data" / "seeds" / "smoke").glob("*.json"))
+    assert seeds == ["grpo-lr0.001-s0.json", "grpo-lr0.001-s1.json", "proma-lr0.001-s0.json",
+                     "proma-lr0.001-s1.json", "start_eval.json"]
+    assert text.count("**not judged in quick mode**") == 3  # kl, entropy for proma; intra
+    assert "| exact | 2.0" in text or "| exact | 1.9" in text  # first-order slope of exact PROMA
     runs = sorted(p.name for p in (out / "data" / "runs").glob("*.json"))
     assert len(runs) == 10  # 5 methods x 2 learning rates
     oracle = json.loads((out / "data" / "oracle.json").read_text())
@@ -49,13 +54,12 @@ META = {"grid": {"steps": 4, "methods": [], "lrs": []}, "timings_s": {},
                            "group_size": 8, "max_new_tokens": 10}}
 
 
-@pytest.mark.parametrize("proma_kl, verdict", [(0.5, "agree with the claim at every learning rate"),
-                                               (2.0, "do not reproduce the claim")])
-def test_reading_follows_the_kl_numbers(proma_kl, verdict):
+@pytest.mark.parametrize("proma_kl", [0.5, 2.0])
+def test_single_seed_reading_quotes_the_kl_numbers_without_a_verdict(proma_kl):
     summaries = [_summary("grpo", 1e-4, 1.0), _summary("proma", 1e-4, proma_kl)]
     text = "\n".join(reading._claims(META, {}, summaries))
-    assert verdict in text
     assert f"{proma_kl:g}x at lr 0.0001" in text
+    assert "agree with the claim" not in text and "do not reproduce" not in text and "verdict table" in text
 
 
 def test_reading_entropy_and_validation_verdicts():
@@ -63,8 +67,9 @@ def test_reading_entropy_and_validation_verdicts():
                  _summary("proma", 1e-4, 1.0, entropy=(1.0, 0.9), val=0.4),
                  _summary("intra", 1e-4, 1.0, entropy=(1.0, 0.8), val=0.6)]
     text = "\n".join(reading._claims(META, {}, summaries))
-    assert "grpo collapsed while PROMA did not" in text
-    assert "the best is intra (0.6)" in text and "intra is best (or tied for best) at every learning rate" in text
+    assert "fell below half its start: grpo" in text and "proma" not in text.split("half its start: ")[1][:20]
+    assert "at lr 0.0001, intra 0.6 ranks 1 of 3 (highest: intra 0.6;" in text
+    assert "intra is best" not in text
 
 
 def test_equal_gain_interpolation():
@@ -75,3 +80,28 @@ def test_equal_gain_interpolation():
     assert eq["kl_a"] == pytest.approx(1e-3 * 4 ** 0.75)
     assert eq["kl_b"] == pytest.approx(1e-2 * 2 ** 0.25)
     assert kl_at_equal_gain([(0.1, 1e-3)], [(0.5, 1e-3), (0.6, 1e-3)]) is None
+
+
+def test_seed_sections_render_intervals_and_verdicts():
+    """Sections 5-7 from synthetic seed-study results: interval tables, the verdict table, the KL bound rows."""
+    from verification import claims, study_seeds
+    from verification.report_seeds import SEED_GRIDS
+
+    grid = SEED_GRIDS["smoke"]
+    runs = {(m, 1e-3, s): {"reward_gain": 0.1 + 0.01 * s, "local_kl_mean": kl * (1 + 0.1 * s),
+                           "local_kl_cum": 2 * kl * (1 + 0.1 * s), "entropy_start": 1.0, "entropy_min_ratio": 0.9,
+                           "entropy_end_ratio": 0.95, "val_final": 0.5, "val_final_se": 0.1, "val_change": 0.01}
+            for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s in (0, 1)}
+    seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": study_seeds.aggregate(runs)},
+             "start": {"smoke": {"n": 16, "accuracy": 0.5, "se": 0.125}},
+             "verdicts": claims.verdicts({"smoke": runs}, mode="smoke")}
+    meta = {**META, "mode": "smoke"}
+    inputs = reading.ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
+                                  [{"method": "grpo", "lr": 1e-3, "steps": 4, "exceeded_frac": 0.25,
+                                    "ratio_median": 0.6, "ratio_max": 2.5}, {"method": "proma", "lr": 1e-3, "steps": 0}])
+    text = "\n".join(reading._seeds(inputs) + reading._verdict_table(inputs) + reading._first_order(inputs))
+    assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text  # every seed's local-KL ratio to grpo is 0.5
+    assert "first 16 items" in text and "warm-start validation 0.5 ± 0.125 on 16 items" in text
+    assert text.count("**not judged in quick mode**") == 3
+    assert "| grpo | 0.001 | 4 | 25.0% | 0.6 | 2.5 |" in text and "| proma | 0.001 | 0 | - | - | - |" in text
+    assert "first-order check did not run" in text

@@ -1,0 +1,72 @@
+"""The report's evidence over seeds: the seed study of each mode, the verdict table and the first-order check.
+
+One grid per report mode (:data:`SEED_GRIDS`): ``full`` runs the planned study of
+:mod:`verification.study_seeds` (every method x 5 seeds in each regime, final policy scored on the whole test
+split), ``quick`` a tiny grid of 2 seeds and a few rollout steps (its intervals are wide and it issues no
+verdict), ``smoke`` the cheapest grid that exercises the code path (CI). Results go to
+``<report>/data/seeds/<regime>/`` as the study runs, so an interrupted report resumes where it stopped.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from . import claims, first_order, study_seeds
+
+SEED_GRIDS = {
+    "full": study_seeds.StudyGrid(),
+    # the report's quick warm-start (300 steps, shared through the cache), 2 seeds, 4 rollout steps
+    "quick": study_seeds.StudyGrid(regimes={"quick": dict(steps=4, warmstart_steps=300)}, lrs={"quick": (3e-4,)},
+                                   seeds=(0, 1), eval_items=256),
+    # two methods and two seeds (the fewest an interval needs), one rollout step, 16 test items
+    "smoke": study_seeds.StudyGrid(regimes={"smoke": dict(steps=1)}, lrs={"smoke": (1e-3,)},
+                                   methods=("grpo", "proma"), seeds=(0, 1), preset="smoke", eval_items=16),
+}
+# The first-order check of each mode: settings compared and relative step lengths (smoke: the two that give a
+# slope, on the two settings that bracket it).
+FIRST_ORDER = {
+    "full": dict(settings=first_order.SETTINGS, step_lengths=first_order.STEP_LENGTHS),
+    "quick": dict(settings=first_order.SETTINGS, step_lengths=first_order.STEP_LENGTHS),
+    "smoke": dict(settings={k: first_order.SETTINGS[k] for k in ("plain", "exact")}, step_lengths=(1e-5, 1e-6)),
+}
+
+
+def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -> dict:
+    """Run (or resume) the mode's seed study; returns ``{"grid", "results": {regime: runs}, "tables", "verdicts"}``.
+
+    ``data_dir``: the report's ``data/seeds``; ``runs_dir``: the report's runs directory (training directories
+    under ``study/``, warm-starts shared with the report's grid in ``cache/``).
+    """
+    grid = SEED_GRIDS[mode]
+    runs_dir = Path(runs_dir)
+    # smoke: in this process (a worker pool's start-up costs more than its 4 one-step runs)
+    jobs = 1 if mode == "smoke" else (jobs or 2)
+    study_seeds.run_study(grid, data_dir, runs_dir / "study", jobs=jobs, cache_dir=runs_dir / "cache", log=log)
+    results = {regime: study_seeds.load_results(data_dir, regime) for regime in grid.regimes}
+    start = {}
+    for regime in grid.regimes:
+        res = json.loads((Path(data_dir) / regime / "start_eval.json").read_text())
+        start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
+    return {"grid": grid, "results": results, "start": start,
+            "tables": {regime: study_seeds.aggregate(runs) for regime, runs in results.items()},
+            "verdicts": claims.verdicts(results, mode=mode)}
+
+
+def first_order_phase(mode: str, *, seed: int, realcase_cache, log=print) -> dict:
+    """The first-order check on the real-case policy's microbatch chain (``{"where", "result"}``)."""
+    return first_order.real_first_order(seed=seed, cache_dir=realcase_cache, log=log, **FIRST_ORDER[mode])
+
+
+def kl_bounds(runs: list) -> list:
+    """:func:`verification.first_order.kl_bound_summary` of every report run (``{"method", "lr", ...}``).
+
+    A run none of whose steps has a positive second-order estimate (no update) gets ``"steps": 0``.
+    """
+    out = []
+    for r in runs:
+        try:
+            summary = first_order.kl_bound_summary(r["records"])
+        except ValueError:
+            summary = {"steps": 0}
+        out.append({"method": r["method"], "lr": r["lr"], **summary})
+    return out

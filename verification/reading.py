@@ -561,7 +561,8 @@ def _verdict_table(r: ReportInputs) -> list:
     lines = [f"Rules fixed before the numbers (`verification.claims`): a claim is judged only in full mode, with at "
              f"least {claims.MIN_SEEDS} seeds paired by seed, from 95% Student-t intervals over seeds.", ""]
     if r.meta["mode"] not in claims.JUDGED_MODES:
-        lines += [f"{r.meta['mode']} mode: every claim is marked '{claims.NOT_JUDGED_QUICK}'.", ""]
+        lines += [f"{r.meta['mode']} mode issues no verdict: every claim reads '{claims.NOT_JUDGED_QUICK}' (quick "
+                  "and smoke alike).", ""]
     return lines + [claims.markdown(r.seeds["verdicts"]), ""]
 
 

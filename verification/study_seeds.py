@@ -118,19 +118,12 @@ def run_config(grid: StudyGrid, regime: str, method: str, lr: float, seed: int, 
 def greedy_hits(s, batch_size: int = 256) -> np.ndarray:
     """(n_test,) 0/1 greedy exact-match of ``s.model`` on every item of ``s.eval_examples``.
 
-    Per item (not only the mean, as the harness's ``evaluate`` returns) so that the study can pair items
-    between policies; same generation settings as ``evaluate``.
+    Per item (the harness's ``evaluate`` with ``per_item=True``) so that the study can pair items between
+    policies.
     """
-    from proma.rl.data import reward
-    from proma.rl.rollout import generate
+    from proma.rl.evaluation import evaluate
 
-    hits = []
-    for lo in range(0, len(s.eval_examples), batch_size):
-        chunk = s.eval_examples[lo: lo + batch_size]
-        ro = generate(s.model, s.tokenizer, [e.prompt for e in chunk], group_size=1,
-                      max_new_tokens=s.cfg.new_tokens, greedy=True, device=s.device)
-        hits += [reward(s.cfg.task, t, e.answer) for t, e in zip(ro.texts, chunk)]
-    return np.asarray(hits, dtype=np.int8)
+    return evaluate(s, batch_size, per_item=True)[1]
 
 
 def whole_split_eval(cfg_dict: dict, state_dict=None, *, items: int | None = None) -> dict:

@@ -5,8 +5,8 @@ TrainConfig``); command line ``proma train --task gsm8k-calc --method proma --st
 methods use PROMA only through the public ``proma.ProjectedAccumulator`` API. Modules: config, data (GSM8K, tasks,
 rewards), tokenizer, policy (model + supervised warm-start), setup (what a run is built from), rollout
 (generation, batches), sampling (step-seeded rollouts, minibatches, sequence log-probs), losses, metrics, update
-(the micro-step loop and step diagnostics), rundir (logs and checkpoints), train (the loop), distributed, summary,
-cli.
+(the micro-step loop and step diagnostics), rundir (logs and checkpoints), evaluation (greedy validation),
+train (the loop), distributed, summary, cli.
 """
 
 

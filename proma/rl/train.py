@@ -2,7 +2,7 @@
 
 ``train(cfg)`` runs ``cfg.steps`` rollout steps of ``cfg.method`` and returns the run directory, which holds
 ``config.json``, ``metrics.jsonl`` (one record per optimizer step), ``eval.jsonl`` (greedy validation accuracy
-on a fixed test subset), ``ckpt.pt`` (resume point) and ``cache/`` (tokenizer + warm-start, unless
+``val/accuracy`` on a fixed test subset, its item count ``val/n`` and binomial standard error ``val/se``), ``ckpt.pt`` (resume point) and ``cache/`` (tokenizer + warm-start, unless
 ``cache_dir`` points elsewhere).
 
 Each rollout step, in this order:
@@ -30,18 +30,16 @@ from pathlib import Path
 
 import torch
 
-from . import data
 from .config import TrainConfig
 from .distributed import Ranks
 from .distributed import init as init_ranks
-from .rollout import generate
+from .evaluation import eval_record
 from .rundir import append_jsonl, check_same_config, load_checkpoint, save_checkpoint, truncate_jsonl
 from .sampling import RolloutBatch, do_rollout, minibatch_order, minibatch_rows
 from .setup import Setup, resolve_device, setup
 from .update import accumulate_gradient, accumulator_class, gradient_norm, parameter_snapshot, step_diagnostics
 
 METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
-EVAL_BATCH_SIZE = 128  # prompts per greedy generation call
 # Metrics already equal on every rank, and the token means among the others (see Ranks.combine).
 GLOBAL_KEYS = ("step", "opt_step", "minibatch", "lr", "grad_norm", "reward", "reward_std", "zero_var_frac",
                "completion_len", "truncated_frac", "entropy")
@@ -85,18 +83,6 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[Setup, torch.optim.Op
         truncate_jsonl(run_dir / EVAL_FILE, start)
         (run_dir / "config.json").write_text(cfg.to_json())
     return s, opt, start, opt_step
-
-
-def evaluate(s: Setup, batch_size: int = EVAL_BATCH_SIZE, ranks: Ranks = Ranks()) -> float:
-    """Greedy exact-match accuracy on the fixed test subset (each rank scores every W-th example)."""
-    cfg, hits = s.cfg, 0.0
-    mine = s.eval_examples[ranks.rank::ranks.world]
-    for lo in range(0, len(mine), batch_size):
-        chunk = mine[lo: lo + batch_size]
-        ro = generate(s.model, s.tokenizer, [e.prompt for e in chunk], group_size=1,
-                      max_new_tokens=cfg.new_tokens, greedy=True, device=s.device)
-        hits += sum(data.reward(cfg.task, t, e.answer) for t, e in zip(ro.texts, chunk))
-    return ranks.sum([hits])[0] / max(1, len(s.eval_examples))
 
 
 def reward_stats(cfg: TrainConfig, rewards: torch.Tensor) -> dict:
@@ -156,8 +142,9 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     for step in bar:
         # eval / checkpoint (before the step: the record of step s describes the policy that starts it)
         if step % cfg.eval_every == 0:
-            val_acc = evaluate(s, ranks=ranks)
-            write(eval_path, {"step": step, "opt_step": opt_step, "val/accuracy": val_acc})
+            ev = eval_record(s, step, opt_step, ranks)
+            val_acc = ev["val/accuracy"]
+            write(eval_path, ev)
         if step % cfg.ckpt_every == 0 and step > start and ranks.is_main:
             save_checkpoint(s.run_dir, model, opt, step, opt_step)
 
@@ -202,8 +189,7 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
             bar.set_postfix(reward=f"{common['reward']:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
 
     # final eval and checkpoint
-    val_acc = evaluate(s, ranks=ranks)
-    write(eval_path, {"step": cfg.steps, "opt_step": opt_step, "val/accuracy": val_acc})
+    write(eval_path, eval_record(s, cfg.steps, opt_step, ranks))
     if ranks.is_main:
         save_checkpoint(s.run_dir, model, opt, cfg.steps, opt_step)
     ranks.barrier()  # the run directory is complete when any rank returns

@@ -61,6 +61,9 @@ def test_smoke_run_of_every_method(tmp_path, cache, method):
         assert any(k.startswith("proj/") for k in recs[0])
     evals = records(run_dir, "eval.jsonl")
     assert [e["step"] for e in evals] == [0, 2]
+    for e in evals:  # item count and binomial standard error of the accuracy
+        assert e["val/n"] == cfg.eval_size
+        assert e["val/se"] == pytest.approx(math.sqrt(e["val/accuracy"] * (1 - e["val/accuracy"]) / cfg.eval_size))
     assert TrainConfig.from_dict(json.loads((run_dir / "config.json").read_text())) == cfg
     mb = torch.load(run_dir / "microbatch.pt", weights_only=False)
     assert mb["input_ids"].shape == mb["score_mask"].shape and mb["weights"].shape == (cfg.microbatch_size,)
@@ -157,3 +160,18 @@ def test_summary_command(tmp_path, cache, capsys):
     assert main(["summary", str(run_dir)]) == 0
     out = capsys.readouterr().out
     assert "| run |" in out and "| grpo |" in out
+
+
+@pytest.mark.slow
+def test_evaluate_per_item_hits_average_to_the_accuracy(tmp_path, cache, monkeypatch):
+    import proma.rl.data
+    from proma.rl.setup import setup
+    from proma.rl.evaluation import evaluate
+
+    # a hit decided by the item (the parity of its answer's characters), so that items differ
+    monkeypatch.setattr(proma.rl.data, "reward", lambda task, text, answer, **kw: float(sum(map(ord, answer)) % 2))
+    s = setup(smoke(tmp_path, cache, eval_size=12), log=lambda *a, **k: None)
+    acc, hits = evaluate(s, batch_size=5, per_item=True)  # 3 generation calls, the last one partial
+    expected = [sum(map(ord, e.answer)) % 2 for e in s.eval_examples]
+    assert hits.tolist() == expected and 0 < sum(expected) < 12  # some hits, not all: the check can fail
+    assert acc == hits.mean() == evaluate(s)

@@ -121,6 +121,14 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
     return out
 
 
+def _data_files(out: Path, grid) -> list:
+    """The raw JSON files under ``out/data``, relative to ``out``; the seed study's as one line per regime."""
+    data = out / "data"
+    files = sorted(str(p.relative_to(out)) for p in data.rglob("*.json") if "seeds" not in p.relative_to(data).parts)
+    return files + [f"data/seeds/{regime}/ ({len(list((data / 'seeds' / regime).glob('*.json')))} JSON files)"
+                    for regime in grid.regimes]
+
+
 # --------------------------------------------------------------------------------------------- report
 def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jobs: int | None = None,
                     steps: int | None = None, lrs=None, realcase_cache=None, log=print) -> Path:
@@ -213,12 +221,9 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     _write_json(data / "summaries.json", summaries)
     _write_json(data / "meta.json", meta)
     _write_json(data / "first_order.json", first)
-    data_files = sorted(str(p.relative_to(out)) for p in data.rglob("*.json") if "seeds" not in p.parts)
-    data_files += [f"data/seeds/{regime}/ ({len(list((data / 'seeds' / regime).glob('*.json')))} JSON files)"
-                   for regime in seeds["grid"].regimes]
     text = render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
-                  figures={k: p.name for k, p in figures.items()}, data_files=data_files, seeds=seeds,
-                  first_order=first, kl_bounds=report_seeds.kl_bounds(runs))
+                  figures={k: p.name for k, p in figures.items()}, data_files=_data_files(out, seeds["grid"]),
+                  seeds=seeds, first_order=first, kl_bounds=report_seeds.kl_bounds(runs))
     path = out / "REPORT.md"
     path.write_text(text)
     return path

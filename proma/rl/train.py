@@ -2,8 +2,8 @@
 
 ``train(cfg)`` runs ``cfg.steps`` rollout steps of ``cfg.method`` and returns the run directory, which holds
 ``config.json``, ``metrics.jsonl`` (one record per optimizer step), ``eval.jsonl`` (greedy validation accuracy
-``val/accuracy`` on a fixed test subset, its item count ``val/n`` and binomial standard error ``val/se``), ``ckpt.pt`` (resume point) and ``cache/`` (tokenizer + warm-start, unless
-``cache_dir`` points elsewhere).
+``val/accuracy`` on a fixed test subset, its item count ``val/n`` and binomial standard error ``val/se``),
+``ckpt.pt`` (resume point) and ``cache/`` (tokenizer + warm-start, unless ``cache_dir`` points elsewhere).
 
 Each rollout step, in this order:
   1. eval/checkpoint  every ``eval_every`` / ``ckpt_every`` steps (and at the start and the end)

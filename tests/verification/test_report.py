@@ -105,3 +105,21 @@ def test_seed_sections_render_intervals_and_verdicts():
     assert text.count("**not judged in quick mode**") == 3
     assert "| grpo | 0.001 | 4 | 25.0% | 0.6 | 2.5 |" in text and "| proma | 0.001 | 0 | - | - | - |" in text
     assert "first-order check did not run" in text
+
+
+def test_full_mode_verdicts_reach_the_headline():
+    """Full mode, 5 paired seeds: the verdict table judges and the headline quotes each verdict."""
+    from verification import claims, study_seeds
+    from verification.report_seeds import SEED_GRIDS
+
+    jitter = (-0.02, 0.01, 0.0, 0.015, -0.005)
+    cols = {"grpo": (1.0, 0.3, 0.60), "proma": (0.5, 0.9, 0.60), "intra": (0.5, 0.9, 0.70)}
+    runs = {(m, 3e-4, s): {"local_kl_mean": kl * (1 + j), "entropy_end_ratio": ent * (1 + j), "val_final": v + j / 10}
+            for m, (kl, ent, v) in cols.items() for s, j in enumerate(jitter)}
+    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {}, "start": {},
+             "verdicts": claims.verdicts({"learn": runs}, mode="full")}
+    inputs = reading.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
+    lines = reading._verdict_lines(inputs)
+    assert lines == [f"- Verdict (learn, lr 0.0003): {v.claim}: **supported** ({v.evidence})." for v in seeds["verdicts"]]
+    assert len(lines) == 3 and "ratio 0.500 [" in lines[0]
+    assert "not judged" not in "\n".join(reading._verdict_table(inputs))

@@ -22,6 +22,11 @@ from torch import nn
 from .base import SeqGrads
 
 
+# How far (in units of the output dtype's eps, relative to the output's size) a module matched as a norm by
+# structure may deviate from weight * xhat (+ bias): its own normalisation may round in another order.
+NORM_MATCH_ULPS = 64
+
+
 class NormRule:
     name = "norm"
 
@@ -61,7 +66,7 @@ class NormRule:
             if expect.shape != output.shape:
                 raise ValueError(f"{type(module).__name__}: output shape {tuple(output.shape)} is not "
                                  f"weight * xhat shape {tuple(expect.shape)}")
-            tol = 64 * torch.finfo(output.dtype).eps * (1.0 + float(output.abs().max()))
+            tol = NORM_MATCH_ULPS * torch.finfo(output.dtype).eps * (1.0 + float(output.abs().max()))
             err = float((expect.to(output.dtype) - output).abs().max())
             if err > tol:
                 raise ValueError(

@@ -2,7 +2,7 @@
 
 One grid per report mode (:data:`SEED_GRIDS`): ``full`` runs the planned study of
 :mod:`verification.study_seeds` (every method x 5 seeds in each regime, final policy scored on the whole test
-split), ``quick`` a tiny grid of 3 methods x 2 seeds and a few rollout steps (its intervals are wide and it issues no
+split), ``quick`` a tiny grid of 2 methods x 2 seeds and a few rollout steps (its intervals are wide and it issues no
 verdict), ``smoke`` the cheapest grid that exercises the code path (CI). Results go to
 ``<report>/data/seeds/<regime>/`` as the study runs, so an interrupted report resumes where it stopped.
 """
@@ -15,10 +15,10 @@ from . import claims, first_order, study_seeds
 
 SEED_GRIDS = {
     "full": study_seeds.StudyGrid(),
-    # the report's quick warm-start (300 steps, shared through the cache); the three methods the claims name,
-    # 2 seeds, 3 rollout steps, 128 test items: about 6 runs x 10 s on 2 workers, inside quick mode's budget
-    "quick": study_seeds.StudyGrid(regimes={"quick": dict(steps=3, warmstart_steps=300)}, lrs={"quick": (3e-4,)},
-                                   methods=("grpo", "proma", "intra"), seeds=(0, 1), eval_items=128),
+    # the report's quick warm-start (300 steps, shared through the cache); GRPO and exact PROMA, 2 seeds (the
+    # fewest an interval needs), 2 rollout steps, 64 test items: it shows the code path within quick's budget
+    "quick": study_seeds.StudyGrid(regimes={"quick": dict(steps=2, warmstart_steps=300)}, lrs={"quick": (3e-4,)},
+                                   methods=("grpo", "proma"), seeds=(0, 1), eval_items=64),
     # two methods and two seeds (the fewest an interval needs), one rollout step, 16 test items
     "smoke": study_seeds.StudyGrid(regimes={"smoke": dict(steps=1)}, lrs={"smoke": (1e-3,)},
                                    methods=("grpo", "proma"), seeds=(0, 1), preset="smoke", eval_items=16),

@@ -177,7 +177,8 @@ def time_methods(case, methods, args):
             strategies)
 
 
-def _status_kib(field):
+def status_kib(field):
+    """A ``/proc/self/status`` field in KiB (VmRSS, VmHWM)."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith(field + ":"):
@@ -201,9 +202,9 @@ def measure_memory_child(case, method, args):
     model, step, _ = _warmed_up(case, method, args)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     step()
-    peak = _status_kib("VmHWM")
+    peak = status_kib("VmHWM")
     params = sum(p.numel() * p.element_size() for p in model.parameters())
     print(json.dumps({"extra_bytes": (peak - base) * 1024, "param_bytes": params}))
 

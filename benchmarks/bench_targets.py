@@ -40,6 +40,8 @@ import torch
 
 from proma import ProjectedAccumulator
 
+from bench_accumulator import status_kib  # noqa: E402  (benchmarks/ is the script's directory)
+
 CONFIGS = {
     "qwen128": dict(hidden=256, layers=4, heads=4, kv=2, mlp=768, vocab=2048, b=8, T=128, scored=None),
     "qwen64": dict(hidden=256, layers=4, heads=4, kv=2, mlp=768, vocab=2048, b=8, T=64, scored=None),
@@ -113,14 +115,6 @@ def time_config(config, methods, repeats):
     return {m: min(v) for m, v in wall.items()}, {m: min(v) for m, v in cpu.items()}
 
 
-def _status_kib(field):
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1])
-    raise RuntimeError(field)
-
-
 def memory_child(config, method, threads):
     torch.set_num_threads(threads)
     model, batches, forward = build(config)
@@ -129,9 +123,9 @@ def memory_child(config, method, threads):
     acc.zero_grad()
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")
-    base = _status_kib("VmRSS")
+    base = status_kib("VmRSS")
     step()
-    print(json.dumps({"extra_bytes": (_status_kib("VmHWM") - base) * 1024}))
+    print(json.dumps({"extra_bytes": (status_kib("VmHWM") - base) * 1024}))
 
 
 def memory(config, method, threads):

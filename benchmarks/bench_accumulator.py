@@ -121,16 +121,21 @@ def naive_step_fn(model, batches, forward):
     return step
 
 
-def step_fn(method, model, batches, forward):
-    if method == "naive":
-        return naive_step_fn(model, batches, forward), None
-    acc = ProjectedAccumulator(model, **METHOD_KWARGS[method])
+def accumulator_step(model, batches, forward, acc_kwargs):
+    """``(step, acc)``: one optimizer step's ``zero_grad`` + ``acc.backward`` of every microbatch."""
+    acc = ProjectedAccumulator(model, **acc_kwargs)
 
     def step():
         acc.zero_grad()
         for batch, w in batches:
             acc.backward(forward(model, batch), w)
     return step, acc
+
+
+def step_fn(method, model, batches, forward):
+    if method == "naive":
+        return naive_step_fn(model, batches, forward), None
+    return accumulator_step(model, batches, forward, METHOD_KWARGS[method])
 
 
 def _to(batches, device):

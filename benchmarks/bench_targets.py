@@ -38,9 +38,7 @@ import time
 
 import torch
 
-from proma import ProjectedAccumulator
-
-from bench_accumulator import status_kib  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_accumulator import accumulator_step, status_kib  # noqa: E402  (benchmarks/ is the script's directory)
 
 CONFIGS = {
     "qwen128": dict(hidden=256, layers=4, heads=4, kv=2, mlp=768, vocab=2048, b=8, T=128, scored=None),
@@ -91,13 +89,7 @@ def seq_logp(model, batch):
 
 
 def step_fn(method, model, batches, forward):
-    acc = ProjectedAccumulator(model, **METHODS[method])
-
-    def step():
-        acc.zero_grad()
-        for batch, w in batches:
-            acc.backward(forward(model, batch), w)
-    return step, acc
+    return accumulator_step(model, batches, forward, METHODS[method])
 
 
 def time_config(config, methods, repeats):

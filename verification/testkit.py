@@ -6,6 +6,7 @@ Kept in the package (not under tests/) so that ``benchmarks/`` can use them with
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -99,3 +100,17 @@ def qwen_seq_logp(model, ids, mask):
     tok = lp.gather(-1, ids[:, 1:].unsqueeze(-1)).squeeze(-1)
     m = (mask[:, 1:] * mask[:, :-1]).to(tok.dtype)
     return (tok * m).sum(dim=1)
+
+
+EXAMPLES_DIR = Path(__file__).resolve().parents[1] / "examples"
+
+
+def load_example(filename: str):
+    """The module of ``examples/<filename>``, imported from its path (examples/ is not a package)."""
+    import importlib.util
+
+    path = EXAMPLES_DIR / filename
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

@@ -1,26 +1,22 @@
 """examples/trl_grpo_proma.py: the harness's policy, prompts and reward in PromaGRPOTrainer, smallest settings."""
 from __future__ import annotations
 
-import importlib.util
 import math
-from pathlib import Path
 
 import pytest
 import torch
 
+from verification.testkit import load_example
+
 pytest.importorskip("trl")
 
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "trl_grpo_proma.py"
 SMALLEST = ["--preset", "smoke", "--steps", "1", "--prompts-per-step", "2", "--group-size", "4",
             "--microbatch-size", "4", "--max-completion-length", "4"]
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("trl_grpo_proma", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("trl_grpo_proma.py")
 
 
 def test_reward_function_is_the_harness_calc_reward(example):

@@ -1,22 +1,15 @@
 """examples/hooked_proma.py, the outside implementation: it passes with --allow-missing; planted bugs fail."""
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 
 from verification.check import check_candidate
 from verification.cli import main
-
-EXAMPLE = Path(__file__).resolve().parents[2] / "examples" / "hooked_proma.py"
+from verification.testkit import load_example
 
 
 @pytest.fixture(scope="module")
 def example():
-    spec = importlib.util.spec_from_file_location("hooked_proma", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_example("hooked_proma.py")
 
 
 @pytest.mark.slow

@@ -20,6 +20,11 @@ The rules (:data:`RULES`, quoted verbatim in the table):
 3. *Intra is best on validation.* d_m = per-seed difference intra - m of the final greedy accuracy on the
    whole test split, for every other method m. Supported iff every d_m's interval lies above 0; contradicted
    iff some d_m's interval lies below 0 (another method is demonstrably better); else inconclusive.
+
+Whether a regime can decide the claims is itself checked by rules on GRPO's runs (:data:`REGIME_RULES`,
+:func:`regime_checks`): *GRPO learns* iff the 95% interval of its reward gain lies above 0 and that of its
+validation change does not lie below 0 (held-out accuracy does not demonstrably fall); *GRPO's entropy
+collapses* iff the interval of its ``entropy_end_ratio`` lies below 1/2.
 """
 from __future__ import annotations
 
@@ -47,6 +52,13 @@ CLAIMS = {
     "entropy": "{method} does not collapse entropy",
     "intra": "intra is best on validation",
 }
+
+
+REGIME_RULES = {
+    "learns": "grpo's reward gain interval lies above 0 and its validation change interval does not lie below 0",
+    "collapses": "grpo's entropy end/start interval lies below 1/2",
+}
+MET, NOT_MET = "met", "not met"
 
 
 @dataclass(frozen=True)
@@ -105,6 +117,45 @@ def judge_intra(runs: dict, lr: float) -> tuple[str, str]:
     return "; ".join(parts), CONTRADICTED if below else SUPPORTED if above else INCONCLUSIVE
 
 
+def check_learns(runs: dict, lr: float) -> tuple[str, str]:
+    """Does the baseline demonstrably learn at ``lr``? (:data:`REGIME_RULES` ``"learns"``)."""
+    seeds = _seeds(runs, BASELINE, lr)
+    if len(seeds) < MIN_SEEDS:
+        return f"{len(seeds)} seeds", INCONCLUSIVE
+    gain = stats.t_interval([runs[(BASELINE, lr, s)]["reward_gain"] for s in seeds])
+    evidence = f"reward gain {stats.format_interval(gain)}"
+    falls = False
+    if all("val_change" in runs[(BASELINE, lr, s)] for s in seeds):
+        change = stats.t_interval([runs[(BASELINE, lr, s)]["val_change"] for s in seeds])
+        evidence += f", validation change {stats.format_interval(change, '+.3f')}"
+        falls = change["hi"] < 0
+    else:
+        evidence += ", no warm-start validation to compare with"
+        falls = True
+    return evidence, MET if gain["lo"] > 0 and not falls else NOT_MET
+
+
+def check_collapses(runs: dict, lr: float) -> tuple[str, str]:
+    """Does the baseline's entropy demonstrably collapse at ``lr``? (:data:`REGIME_RULES` ``"collapses"``)."""
+    seeds = _seeds(runs, BASELINE, lr)
+    if len(seeds) < MIN_SEEDS:
+        return f"{len(seeds)} seeds", INCONCLUSIVE
+    ratio = stats.t_interval([runs[(BASELINE, lr, s)]["entropy_end_ratio"] for s in seeds])
+    return f"entropy end/start {stats.format_interval(ratio)}", MET if ratio["hi"] < COLLAPSE_FRACTION else NOT_MET
+
+
+def regime_checks(results: dict, *, mode: str) -> list[Verdict]:
+    """Both regime conditions in every (regime, lr) of ``results = {regime: runs}`` (quick/smoke: not judged)."""
+    out = []
+    for regime, runs in results.items():
+        for lr in sorted({ll for _, ll, _ in runs}):
+            for key, check in (("learns", check_learns), ("collapses", check_collapses)):
+                claim = f"GRPO {'learns' if key == 'learns' else 'collapses entropy'}"
+                evidence, v = ("-", NOT_JUDGED_QUICK) if mode not in JUDGED_MODES else check(runs, lr)
+                out.append(Verdict(claim, REGIME_RULES[key], f"{regime}, lr {lr:g}", evidence, v))
+    return out
+
+
 def verdicts(results: dict, *, mode: str, proma_methods=("proma", "proma-paper")) -> list[Verdict]:
     """Every claim in every (regime, lr) of ``results = {regime: runs}``; quick/smoke modes judge nothing."""
     out = []
@@ -124,9 +175,9 @@ def verdicts(results: dict, *, mode: str, proma_methods=("proma", "proma-paper")
     return out
 
 
-def markdown(verdict_list: list[Verdict]) -> str:
+def markdown(verdict_list: list[Verdict], *, first: str = "claim") -> str:
     """The verdict table (markdown), rules first so that they read as fixed before the evidence."""
-    lines = ["| claim | rule (fixed before the numbers) | regime | evidence (95% t-intervals over seeds) | verdict |",
+    lines = [f"| {first} | rule (fixed before the numbers) | regime | evidence (95% t-intervals over seeds) | verdict |",
              "|---|---|---|---|---|"]
     lines += [f"| {v.claim} | {v.rule} | {v.where} | {v.evidence} | **{v.verdict}** |" for v in verdict_list]
     return "\n".join(lines) + "\n"

@@ -515,7 +515,7 @@ def _learning(r: ReportInputs) -> list:
 
 
 def _seeds(r: ReportInputs) -> list:
-    from .study_seeds import markdown_tables
+    from .study_seeds import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables
 
     if not r.seeds:
         return ["The seed study did not run.", ""]
@@ -538,6 +538,13 @@ def _seeds(r: ReportInputs) -> list:
                      if start else "")
         lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
         lines += [markdown_tables(table) if table else "No finished run.", ""]
+        eq = r.seeds.get("equal_kl", {}).get(regime)
+        if eq:
+            lines += [f"Reward gain at equal cumulative local KL (per seed: budget = the smaller of the two runs' "
+                      f"final cumulative local KL; each run's gain, last quarter minus first quarter, over its "
+                      f"rollout steps up to the first one whose cumulative KL reaches the budget, at least "
+                      f"{MIN_EQUAL_KL_STEPS}; 95% t-intervals over seeds, difference paired by seed):", "",
+                      markdown_equal_kl(eq), ""]
     return lines
 
 
@@ -563,7 +570,10 @@ def _verdict_table(r: ReportInputs) -> list:
     if r.meta["mode"] not in claims.JUDGED_MODES:
         lines += [f"{r.meta['mode']} mode issues no verdict: every claim reads '{claims.NOT_JUDGED_QUICK}' (quick "
                   "and smoke alike).", ""]
-    return lines + [claims.markdown(r.seeds["verdicts"]), ""]
+    if r.seeds.get("regime_checks"):
+        lines += ["Can each regime decide the claims? Conditions on GRPO's runs, by the same kind of rule:", "",
+                  claims.markdown(r.seeds["regime_checks"], first="condition"), ""]
+    return lines + ["The claims:", "", claims.markdown(r.seeds["verdicts"]), ""]
 
 
 def _first_order(r: ReportInputs) -> list:

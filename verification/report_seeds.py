@@ -33,7 +33,9 @@ FIRST_ORDER = {
 
 
 def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -> dict:
-    """Run (or resume) the mode's seed study; returns ``{"grid", "results": {regime: runs}, "tables", "verdicts"}``.
+    """Run (or resume) the mode's seed study.
+
+    Returns ``{"grid", "results": {regime: runs}, "start", "tables", "equal_kl", "regime_checks", "verdicts"}``.
 
     ``data_dir``: the report's ``data/seeds``; ``runs_dir``: the report's runs directory (training directories
     under ``study/``, warm-starts shared with the report's grid in ``cache/``).
@@ -50,6 +52,9 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
         start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
     return {"grid": grid, "results": results, "start": start,
             "tables": {regime: study_seeds.aggregate(runs) for regime, runs in results.items()},
+            "equal_kl": {regime: study_seeds.equal_kl(study_seeds.load_curves(data_dir, regime))
+                         for regime in grid.regimes},
+            "regime_checks": claims.regime_checks(results, mode=mode),
             "verdicts": claims.verdicts(results, mode=mode)}
 
 

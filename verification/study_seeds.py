@@ -45,6 +45,8 @@ SEEDS = (0, 1, 2, 3, 4)
 WHOLE_SPLIT = 10**9
 # Fraction of rollout steps averaged at each end of a run for the reward gain (last quarter minus first).
 GAIN_FRACTION = 0.25
+# Fewest rollout steps over which a reward gain is taken at equal KL (a quarter of them is one step).
+MIN_EQUAL_KL_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -250,6 +252,76 @@ COLUMNS = {
                  "split unless the grid's eval_items caps it)",
     "val_change": "val_final minus the warm-start's accuracy on the same split",
 }
+
+
+def reward_kl_curve(result: dict) -> tuple[np.ndarray, np.ndarray]:
+    """(rollout reward per rollout step, cumulative exact local KL at the end of each rollout step), both (S,)."""
+    reward, kl = {}, {}
+    for r in result["metrics"]:
+        reward.setdefault(r["step"], r["reward"])
+        kl[r["step"]] = kl.get(r["step"], 0.0) + r["local_kl"]
+    steps = sorted(reward)
+    return np.array([reward[k] for k in steps]), np.cumsum([kl[k] for k in steps])
+
+
+def gain_within_kl(reward: np.ndarray, cum_kl: np.ndarray, budget: float) -> tuple[float, int]:
+    """Reward gain of a run over the rollout steps that spend at most ``budget`` cumulative local KL.
+
+    n = the first rollout step whose cumulative KL reaches ``budget`` (all S steps if none does; at least
+    :data:`MIN_EQUAL_KL_STEPS`); gain = mean reward of the last quarter of those n steps minus the first quarter's.
+    Returns (gain, n).
+    """
+    n = int(np.searchsorted(cum_kl, budget, side="left")) + 1
+    n = min(len(reward), max(n, MIN_EQUAL_KL_STEPS))
+    q = max(1, int(round(GAIN_FRACTION * n)))
+    return float(reward[n - q:n].mean() - reward[:q].mean()), n
+
+
+def load_curves(data_dir, regime: str) -> dict:
+    """``{(method, lr, seed): (reward, cumulative local KL)}`` (:func:`reward_kl_curve`) of ``regime``'s runs."""
+    out = {}
+    for path in sorted((Path(data_dir) / regime).glob("*-lr*-s*.json")):
+        res = json.loads(path.read_text())
+        c = res["config"]
+        out[(c["method"], c["lr"], c["seed"])] = reward_kl_curve(res)
+    return out
+
+
+def equal_kl(curves: dict, *, baseline: str = BASELINE, level: float = 0.95) -> dict:
+    """Reward gain at equal cumulative local KL, each method against ``baseline``, paired by seed.
+
+    Per seed k: budget K_k = the smaller of the two runs' final cumulative local KL; each run's gain is
+    :func:`gain_within_kl` at K_k (the run that spends KL faster is cut earlier). Returns per (method, lr)
+    ``{"budget", "gain", "gain_base", "diff", "steps", "steps_base"}``: t-intervals over seeds (``diff`` the
+    paired difference method - baseline); methods with fewer than 2 paired seeds are left out.
+    """
+    out = {}
+    for m, lr in sorted({(m, lr) for m, lr, _ in curves if m != baseline}):
+        seeds = sorted(s for mm, ll, s in curves if (mm, ll) == (m, lr) and (baseline, lr, s) in curves)
+        if len(seeds) < 2:
+            continue
+        rows = []
+        for s in seeds:
+            (ra, ka), (rb, kb) = curves[(m, lr, s)], curves[(baseline, lr, s)]
+            budget = min(ka[-1], kb[-1])
+            rows.append((budget, *gain_within_kl(ra, ka, budget), *gain_within_kl(rb, kb, budget)))
+        budget, gain, steps, gain_b, steps_b = (np.array(c, dtype=float) for c in zip(*rows))
+        out[(m, lr)] = {"budget": stats.t_interval(budget, level=level), "gain": stats.t_interval(gain, level=level),
+                        "gain_base": stats.t_interval(gain_b, level=level),
+                        "diff": stats.paired_difference_t(gain, gain_b, level=level),
+                        "steps": float(steps.mean()), "steps_base": float(steps_b.mean())}
+    return out
+
+
+def markdown_equal_kl(table: dict, *, baseline: str = BASELINE) -> str:
+    """:func:`equal_kl`'s table (markdown)."""
+    f = stats.format_interval
+    lines = [f"| method | lr | KL budget (cumulative local KL) | steps used (method / {baseline}) | reward gain | "
+             f"{baseline} reward gain | difference (paired) |", "|---|---|---|---|---|---|---|"]
+    for (m, lr), row in table.items():
+        lines.append(f"| {m} | {lr:g} | {f(row['budget'], '.3g')} | {row['steps']:.0f} / {row['steps_base']:.0f} | "
+                     f"{f(row['gain'])} | {f(row['gain_base'])} | {f(row['diff'], '+.3f')} |")
+    return "\n".join(lines) + "\n"
 
 
 def load_results(data_dir, regime: str) -> dict:

@@ -70,3 +70,44 @@ def test_quick_mode_never_judges_and_full_mode_does():
     assert [v.verdict for v in full] == [V.SUPPORTED] * 3
     table = V.markdown(full)
     assert table.count("**supported**") == 3 and "learn, lr 0.001" in table
+
+
+@pytest.mark.parametrize("gain, change, expected", [
+    (0.10, 0.01, V.MET),        # learns, validation holds
+    (0.10, -0.05, V.NOT_MET),   # reward rises on the pool while held-out accuracy falls
+    (0.001, 0.01, V.NOT_MET)])  # gain within noise: JITTER's spread straddles 0 only when the gain is tiny
+def test_regime_learns_rule(gain, change, expected):
+    runs = runs_from({"grpo": {"reward_gain": gain, "val_change": change}})
+    if gain < 0.01:
+        for s, g in zip(SEEDS, [-0.02, 0.03, 0.0, 0.01, -0.015]):
+            runs[("grpo", 1e-3, s)]["reward_gain"] = g
+    evidence, verdict = V.check_learns(runs, 1e-3)
+    assert verdict == expected and "reward gain" in evidence and "validation change" in evidence
+
+
+def test_regime_learns_without_start_validation_is_not_met():
+    runs = runs_from({"grpo": {"reward_gain": 0.1}})
+    assert V.check_learns(runs, 1e-3) == (V.check_learns(runs, 1e-3)[0], V.NOT_MET)
+
+
+@pytest.mark.parametrize("ratio, expected", [(0.3, V.MET), (0.8, V.NOT_MET)])
+def test_regime_collapse_rule(ratio, expected):
+    assert V.check_collapses(runs_from({"grpo": {"entropy_end_ratio": ratio}}), 1e-3)[1] == expected
+
+
+def test_regime_collapse_straddling_half_is_not_met():
+    runs = runs_from({"grpo": {"entropy_end_ratio": 0.45}})
+    for s, r in zip(SEEDS, [0.30, 0.60, 0.40, 0.55, 0.40]):  # mean 0.45, 95% interval [0.298, 0.602]
+        runs[("grpo", 1e-3, s)]["entropy_end_ratio"] = r
+    evidence, verdict = V.check_collapses(runs, 1e-3)
+    assert verdict == V.NOT_MET and "0.450 [0.298, 0.602]" in evidence
+
+
+def test_regime_checks_need_seeds_and_full_mode():
+    runs = runs_from({"grpo": {"reward_gain": 0.1, "val_change": 0.0, "entropy_end_ratio": 0.3}})
+    full = V.regime_checks({"learn": runs}, mode="full")
+    assert [(c.claim, c.verdict) for c in full] == [("GRPO learns", V.MET), ("GRPO collapses entropy", V.MET)]
+    assert {c.verdict for c in V.regime_checks({"learn": runs}, mode="quick")} == {V.NOT_JUDGED_QUICK}
+    few = {k: v for k, v in runs.items() if k[2] < 3}
+    assert {c.verdict for c in V.regime_checks({"learn": few}, mode="full")} == {V.INCONCLUSIVE}
+    assert "| condition | rule" in V.markdown(full, first="condition")

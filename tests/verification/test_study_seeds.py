@@ -57,3 +57,33 @@ def test_smoke_study_runs_and_resumes(tmp_path, monkeypatch):
     assert table[("proma", 1e-3)]["n_seeds"] == 2
     assert table[("proma", 1e-3)]["ratio_local_kl"] is None  # the smoke policy earns no reward: zero local KL
     assert "n/a (a run has zero local KL)" in S.markdown_tables(table)
+
+
+def test_reward_kl_curve_and_gain_within_kl():
+    res = _result("grpo", 0, 0.5, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], 0.6)  # 2 optimizer steps per rollout step
+    reward, cum = S.reward_kl_curve(res)
+    assert reward.tolist() == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    assert cum.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
+    # budget 4 is reached at the 4th rollout step: gain over steps 1..4 = 0.3 - 0.0 (quarters of one step)
+    assert S.gain_within_kl(reward, cum, 4.0) == (pytest.approx(0.3), 4)
+    # budget 6 -> 6 steps, quarter = round(1.5) = 2 steps: mean(0.4, 0.5) - mean(0.0, 0.1)
+    assert S.gain_within_kl(reward, cum, 6.0) == (pytest.approx(0.4), 6)
+    # never fewer than MIN_EQUAL_KL_STEPS steps; the whole run when the budget is never reached
+    assert S.gain_within_kl(reward, cum, 0.5)[1] == S.MIN_EQUAL_KL_STEPS
+    assert S.gain_within_kl(reward, cum, 100.0) == (pytest.approx(0.65 - 0.05), 8)
+
+
+def test_equal_kl_cuts_the_faster_run_at_the_slower_ones_budget():
+    rewards = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
+    curves = {}
+    for s in range(3):
+        curves[("grpo", 1e-3, s)] = S.reward_kl_curve(_result("grpo", s, 0.5, rewards, 0.6))    # 1 KL per step
+        curves[("proma", 1e-3, s)] = S.reward_kl_curve(_result("proma", s, 0.25, rewards, 0.6))  # 0.5 per step
+    row = S.equal_kl(curves)[("proma", 1e-3)]
+    assert row["budget"]["mean"] == pytest.approx(4.0)        # proma's final cumulative KL
+    assert (row["steps"], row["steps_base"]) == (8, 4)       # grpo reaches 4.0 at its 4th step
+    assert row["gain"]["mean"] == pytest.approx(0.6)         # proma: whole run, quarters of 2 steps
+    assert row["gain_base"]["mean"] == pytest.approx(0.3)    # grpo: first 4 steps
+    assert row["diff"]["mean"] == pytest.approx(0.3) and row["diff"]["lo"] == pytest.approx(0.3)
+    assert "| proma | 0.001 | 4 [4, 4] | 8 / 4 | 0.600 [0.600, 0.600] | 0.300" in S.markdown_equal_kl(
+        S.equal_kl(curves))

@@ -123,3 +123,29 @@ def test_full_mode_verdicts_reach_the_headline():
     assert lines == [f"- Verdict (learn, lr 0.0003): {v.claim}: **supported** ({v.evidence})." for v in seeds["verdicts"]]
     assert len(lines) == 3 and "ratio 0.500 [" in lines[0]
     assert "not judged" not in "\n".join(reading._verdict_table(inputs))
+
+
+def test_headline_quotes_seed_study_intervals_and_regime_conditions():
+    """The headline's seed-study line: every method's paired KL ratio, validation and gain with intervals."""
+    from verification import claims, study_seeds
+    from verification.report_seeds import SEED_GRIDS
+
+    jitter = (-0.02, 0.01, 0.0, 0.015, -0.005)
+    runs = {(m, 1e-4, s): {"reward_gain": 0.05 * (1 + j), "local_kl_mean": kl * (1 + j), "local_kl_cum": 1.0,
+                           "entropy_start": 1.0, "entropy_min_ratio": 0.5, "entropy_end_ratio": 0.8,
+                           "val_final": 0.3 + j, "val_final_se": 0.007, "val_change": 0.01 + j}
+            for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s, j in enumerate(jitter)}
+    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {"learn": study_seeds.aggregate(runs)},
+             "start": {}, "regime_checks": claims.regime_checks({"learn": runs}, mode="full"),
+             "verdicts": claims.verdicts({"learn": runs}, mode="full")}
+    inputs = reading.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
+    head = reading._seed_headline(inputs)
+    assert len(head) == 1 and "regime `learn`, lr 0.0001 (5 seeds; 95% t-intervals; section 5)" in head[0]
+    assert "proma 0.500 [0.500, 0.500]" in head[0]       # every seed's KL ratio is 0.5
+    assert "reward gain: grpo +0.050 [" in head[0]
+    lines = reading._verdict_lines(inputs)
+    assert lines[0].startswith("- Regime condition (learn, lr 0.0001): GRPO learns: **met** (reward gain 0.050 [")
+    assert "validation change +0.010 [" in lines[0]
+    assert "GRPO collapses entropy: **not met**" in lines[1] and lines[2].startswith("- Verdict (learn")
+    quick = reading.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
+    assert "quick mode: the code path, not evidence" in reading._seed_headline(quick)[0]

@@ -512,6 +512,10 @@ def _seeds(r: ReportInputs) -> list:
              "Every run of a regime starts from one shared warm-start and runs with one seed see the same prompts, "
              f"so comparisons to GRPO are paired by seed. Final validation: greedy exact match on {scored}. Raw "
              "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items)."]
+    if r.seeds.get("run_seconds"):
+        lines.append(f"Cost: the runs took {r.seeds['run_seconds'] / 60:.1f} minutes of one single-threaded worker "
+                     f"each in total (training and whole-split evaluation), i.e. about "
+                     f"{r.seeds['run_seconds'] / 120:.0f} minutes of wall time on 2 cores with 2 workers.")
     if mode != "full":
         lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
                      "path, not evidence, and no verdict is issued.")

@@ -35,7 +35,9 @@ FIRST_ORDER = {
 def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -> dict:
     """Run (or resume) the mode's seed study.
 
-    Returns ``{"grid", "results": {regime: runs}, "start", "tables", "equal_kl", "regime_checks", "verdicts"}``.
+    Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "tables", "equal_kl", "regime_checks",
+    "verdicts"}``; ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
+    states the study's cost even when it was run in several sittings.
 
     ``data_dir``: the report's ``data/seeds``; ``runs_dir``: the report's runs directory (training directories
     under ``study/``, warm-starts shared with the report's grid in ``cache/``).
@@ -50,7 +52,9 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
     for regime in grid.regimes:
         res = json.loads((Path(data_dir) / regime / "start_eval.json").read_text())
         start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
-    return {"grid": grid, "results": results, "start": start,
+    compute = sum(json.loads(f.read_text())["seconds"]["total"]
+                  for regime in grid.regimes for f in (Path(data_dir) / regime).glob("*-lr*-s*.json"))
+    return {"grid": grid, "results": results, "start": start, "run_seconds": compute,
             "tables": {regime: study_seeds.aggregate(runs) for regime, runs in results.items()},
             "equal_kl": {regime: study_seeds.equal_kl(study_seeds.load_curves(data_dir, regime))
                          for regime in grid.regimes},

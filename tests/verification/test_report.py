@@ -93,7 +93,7 @@ def test_seed_sections_render_intervals_and_verdicts():
                            "entropy_end_ratio": 0.95, "val_final": 0.5, "val_final_se": 0.1, "val_change": 0.01}
             for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s in (0, 1)}
     seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": study_seeds.aggregate(runs)},
-             "start": {"smoke": {"n": 16, "accuracy": 0.5, "se": 0.125}},
+             "start": {"smoke": {"n": 16, "accuracy": 0.5, "se": 0.125}}, "run_seconds": 600.0,
              "verdicts": claims.verdicts({"smoke": runs}, mode="smoke")}
     meta = {**META, "mode": "smoke"}
     inputs = reading.ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
@@ -102,6 +102,7 @@ def test_seed_sections_render_intervals_and_verdicts():
     text = "\n".join(reading._seeds(inputs) + reading._verdict_table(inputs) + reading._first_order(inputs))
     assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text  # every seed's local-KL ratio to grpo is 0.5
     assert "first 16 items" in text and "warm-start validation 0.5 ± 0.125 on 16 items" in text
+    assert "took 10.0 minutes of one single-threaded worker" in text and "about 5 minutes of wall time" in text
     assert text.count("**not judged in quick mode**") == 3
     assert "| grpo | 0.001 | 4 | 25.0% | 0.6 | 2.5 |" in text and "| proma | 0.001 | 0 | - | - | - |" in text
     assert "first-order check did not run" in text

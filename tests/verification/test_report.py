@@ -27,7 +27,8 @@ def test_smoke_report_end_to_end(tmp_path, realcase_cache):
     seeds = sorted(p.name for p in (out / "data" / "seeds" / "smoke").glob("*.json"))
     assert seeds == ["grpo-lr0.001-s0.json", "grpo-lr0.001-s1.json", "proma-lr0.001-s0.json",
                      "proma-lr0.001-s1.json", "start_eval.json"]
-    assert text.count("**not judged in quick mode**") == 3  # kl, entropy for proma; intra
+    # claims: kl, entropy for proma; intra. Regime conditions: GRPO learns, GRPO collapses entropy
+    assert text.count("**not judged in quick mode**") == 3 + 2
     assert "| exact | 2.0" in text or "| exact | 1.9" in text  # first-order slope of exact PROMA
     runs = sorted(p.name for p in (out / "data" / "runs").glob("*.json"))
     assert len(runs) == 10  # 5 methods x 2 learning rates

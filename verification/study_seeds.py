@@ -39,7 +39,7 @@ RUN_DEFAULTS = dict(eval_size=64, progress=False, ckpt_every=50, second_order=Fa
 # accuracy fell.
 REGIMES = {
     "learn": dict(train_pool=1024, warmstart_steps=1000, steps=80),
-    "collapse": dict(train_pool=64, steps=80),
+    "collapse": dict(train_pool=64, steps=60),
 }
 REGIME_LRS = {"learn": (1e-4,), "collapse": (3e-4,)}
 SEEDS = (0, 1, 2, 3, 4)

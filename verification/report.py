@@ -31,8 +31,8 @@ MODES = {
                  snapshots=("start", "end"), real_cases=True, intra_ranks=(1, 2, 4)),
     # README main command: same model, short warm-start, a few steps; intra at rank 1 only (the harness's
     # default), to stay within quick mode's time budget
-    "quick": dict(grid=GridConfig(preset="small", steps=6, lrs=(1e-4, 3e-4),
-                                  overrides=dict(warmstart_steps=300, eval_every=3, eval_size=64)),
+    "quick": dict(grid=GridConfig(preset="small", steps=4, lrs=(1e-4, 3e-4),
+                                  overrides=dict(warmstart_steps=300, eval_every=2, eval_size=64)),
                   snapshots=("end",), real_cases=True, intra_ranks=(1,)),
     # CI: the harness's smoke preset (its policy earns no reward: the projection study falls back to the
     # real-case policy)

@@ -97,6 +97,13 @@ def paired_ratio_bootstrap(a, b, *, level: float = LEVEL, resamples: int = RESAM
             "method": f"paired percentile bootstrap of the ratio of means ({level:.0%}, {resamples} resamples)"}
 
 
+def single_value(x: float) -> dict:
+    """One value in the interval dict's shape, without an interval (``lo = hi = nan``, ``n = 1``)."""
+    return {"mean": float(x), "lo": math.nan, "hi": math.nan, "n": 1, "method": "one value, no interval"}
+
+
 def format_interval(iv: dict, fmt: str = ".3f") -> str:
-    """``mean [lo, hi]`` with ``fmt``."""
+    """``mean [lo, hi]`` with ``fmt``; ``mean (1 seed, no interval)`` for :func:`single_value`."""
+    if iv["n"] < 2:
+        return f"{iv['mean']:{fmt}} (1 seed, no interval)"
     return f"{iv['mean']:{fmt}} [{iv['lo']:{fmt}}, {iv['hi']:{fmt}}]"

@@ -350,7 +350,9 @@ def aggregate(runs: dict, *, baseline: str = BASELINE, level: float = 0.95) -> d
     keys = sorted({(m, lr) for m, lr, _ in runs})
     for m, lr in keys:
         seeds = sorted(s for mm, ll, s in runs if (mm, ll) == (m, lr))
-        cols = {c: stats.t_interval([runs[(m, lr, s)][c] for s in seeds], level=level)
+        # a study in progress can have one seed of a method: its value, without an interval
+        cols = {c: (stats.t_interval([runs[(m, lr, s)][c] for s in seeds], level=level) if len(seeds) > 1
+                    else stats.single_value(runs[(m, lr, seeds[0])][c]))
                 for c in runs[(m, lr, seeds[0])]}
         row = {"n_seeds": len(seeds), "columns": cols}
         base = [s for s in seeds if (baseline, lr, s) in runs]

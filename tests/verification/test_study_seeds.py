@@ -87,3 +87,16 @@ def test_equal_kl_cuts_the_faster_run_at_the_slower_ones_budget():
     assert row["diff"]["mean"] == pytest.approx(0.3) and row["diff"]["lo"] == pytest.approx(0.3)
     assert "| proma | 0.001 | 4 [4, 4] | 8 / 4 | 0.600 [0.600, 0.600] | 0.300" in S.markdown_equal_kl(
         S.equal_kl(curves))
+
+
+def test_aggregate_of_a_study_in_progress(tmp_path):
+    """A method with one finished seed is tabulated without an interval (a resumed report must not fail)."""
+    folder = tmp_path / "learn"
+    folder.mkdir()
+    for m, seeds in (("grpo", (0, 1)), ("proma", (0,))):
+        for s in seeds:
+            (folder / f"{S.run_name(m, 1e-3, s)}.json").write_text(json.dumps(_result(m, s, 0.02, [0.1, 0.3], 0.6)))
+    table = S.aggregate(S.load_results(tmp_path, "learn"))
+    assert table[("proma", 1e-3)]["n_seeds"] == 1 and "ratio_local_kl" not in table[("proma", 1e-3)]
+    assert "| proma | 0.001 | 1 | 0.200 (1 seed, no interval) |" in S.markdown_tables(table)
+    assert table[("grpo", 1e-3)]["columns"]["reward_gain"]["lo"] == pytest.approx(0.2)

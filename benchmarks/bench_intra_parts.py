@@ -1,0 +1,85 @@
+"""Where intra-PROMA's extra step time goes: the subspace search against the rest of the intra pipeline.
+
+Usage::
+
+    OMP_NUM_THREADS=1 python benchmarks/bench_intra_parts.py                  # qwen128 and harness
+    OMP_NUM_THREADS=1 python benchmarks/bench_intra_parts.py --config qwen128 --repeats 7
+
+Steps of :mod:`bench_targets`' configurations (``zero_grad`` + 4 x (forward + ``acc.backward``), rank 1,
+two-sided), timed as there (minimum CPU time of one thread over interleaved repetitions after a warm-up, ratio to
+``variant="none"`` in the same process), in four versions:
+
+- ``plain``: ``variant="none"``;
+- ``intra``: as shipped (top singular vectors of D and X by ARPACK Lanczos on ``v -> M^T (M v)`` for Grams of
+  at least ``LANCZOS_MIN_SIZE`` rows, dense ``eigh`` below);
+- ``intra, dense eigh``: every subspace from a dense ``eigh`` of the formed Gram (the other exact route);
+- ``intra, no subspace search``: the subspace search replaced by an empty subspace, so the update is the plain
+  microbatch gradient formed from the captured factors. Not a method: it is the floor of the intra pipeline
+  (capture, pg from the factors, float64 bookkeeping) that no faster eigen-solver can remove.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import time
+
+import torch
+
+import proma.projection as projection
+from bench_targets import build, step_fn  # noqa: E402  (benchmarks/ is the script's directory)
+
+VERSIONS = ("plain", "intra", "intra, dense eigh", "intra, no subspace search")
+NO_LANCZOS = 10 ** 9
+
+
+def _empty_subspace(M: torch.Tensor, rank: int) -> torch.Tensor:
+    return torch.zeros(M.shape[1], 0, dtype=torch.float64, device=M.device)
+
+
+@contextlib.contextmanager
+def patched(version: str):
+    """Swap the subspace search of :mod:`proma.projection` for the duration of one step."""
+    saved = projection.LANCZOS_MIN_SIZE, projection.top_right_singular_vectors
+    if version == "intra, dense eigh":
+        projection.LANCZOS_MIN_SIZE = NO_LANCZOS
+    elif version == "intra, no subspace search":
+        projection.top_right_singular_vectors = _empty_subspace
+    try:
+        yield
+    finally:
+        projection.LANCZOS_MIN_SIZE, projection.top_right_singular_vectors = saved
+
+
+def time_versions(config: str, repeats: int) -> dict:
+    """Minimum CPU seconds per step of every version (interleaved, one warm-up step each)."""
+    model, batches, forward = build(config)
+    steps = {v: step_fn("plain" if v == "plain" else "intra", model, batches, forward)[0] for v in VERSIONS}
+    cpu = {v: [] for v in VERSIONS}
+    for rep in range(repeats + 1):
+        for v in VERSIONS:
+            with patched(v):
+                c0 = time.thread_time()
+                steps[v]()
+                if rep:
+                    cpu[v].append(time.thread_time() - c0)
+    return {v: min(t) for v, t in cpu.items()}
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--config", action="append", choices=("qwen128", "qwen64", "harness"))
+    ap.add_argument("--repeats", type=int, default=5)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    print(f"torch {torch.__version__}, 1 thread, min of {args.repeats} interleaved steps after a warm-up; "
+          "CPU time as a ratio to plain in the same process")
+    print("| configuration | " + " | ".join(f"{v} x plain" for v in VERSIONS[1:]) + " | plain step (ms) |")
+    print("|---|" + "---:|" * len(VERSIONS))
+    for config in args.config or ["qwen128", "harness"]:
+        cpu = time_versions(config, args.repeats)
+        print(f"| {config} | " + " | ".join(f"{cpu[v] / cpu['plain']:.2f}" for v in VERSIONS[1:])
+              + f" | {1e3 * cpu['plain']:.0f} |", flush=True)
+
+
+if __name__ == "__main__":
+    main()

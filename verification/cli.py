@@ -62,8 +62,11 @@ def _cmd_check(args) -> int:
 
 
 def _cmd_report(args) -> int:
-    from .report import generate_report
+    from .report import generate_report, rerender_report
 
+    if args.render_only:
+        print(f"report written to {rerender_report(args.out)}")
+        return 0
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     lrs = None
     if args.lrs:
@@ -118,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode = p.add_mutually_exclusive_group()
     mode.add_argument("--quick", action="store_true", help="reduced runs (a few minutes); default: the full runs")
     mode.add_argument("--smoke", action="store_true", help="tiny runs for CI (seconds)")
+    mode.add_argument("--render-only", action="store_true",
+                      help="rewrite REPORT.md and its figures from OUT/data (a report already run); runs nothing")
     p.add_argument("--runs", type=Path, default=None, help="where training runs are kept (default OUT/runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
     p.add_argument("--steps", type=int, default=None, help="rollout steps per run (overrides the mode's)")

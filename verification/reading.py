@@ -10,6 +10,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .report_seeds import DEFAULT_JOBS as SEED_STUDY_JOBS
+
 PROJECTED = ("proma", "proma-paper", "intra")
 COLLAPSE_RATIO = 0.5  # "entropy collapse": final entropy below half of the initial entropy
 
@@ -62,7 +64,7 @@ def _val_se(p: float, n: int) -> float:
 
 
 # ------------------------------------------------------------------------------------------ sections
-def _headline(meta, oracle, studies) -> list:
+def _headline(meta, oracle, studies, seeds=None) -> list:
     lines = []
     res = oracle["results"]
     for impl in ("torch", "torch-float32"):
@@ -85,8 +87,23 @@ def _headline(meta, oracle, studies) -> list:
             f"{f(s['exact (global)']['rel_dist_to_exact'])}; plain accumulation {f(st['plain_vs_exact_rel_dist'])}.")
     total = sum(meta["timings_s"].values())
     lines.append(f"- Wall time of this report: {total / 60:.1f} min ("
-                 + ", ".join(f"{k} {v / 60:.1f}" for k, v in meta["timings_s"].items()) + ").")
+                 + ", ".join(f"{k} {v / 60:.1f}" for k, v in meta["timings_s"].items()) + ")."
+                 + _resumed_seed_study(meta, seeds))
     return lines
+
+
+def _resumed_seed_study(meta, seeds) -> str:
+    """The cost of seed runs this report found already done in ``data/seeds`` (a resumed study), or ``""``."""
+    if not seeds or not seeds.get("run_seconds"):
+        return ""
+    spent = meta["timings_s"].get("seed_study", 0.0)
+    jobs = SEED_STUDY_JOBS
+    if spent >= seeds["run_seconds"] / jobs / 2:
+        return ""
+    return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
+            f"only loaded them); run from scratch they take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
+            f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers, so the whole report takes about "
+            f"{(sum(meta['timings_s'].values()) - spent + seeds['run_seconds'] / jobs) / 60:.0f} min.")
 
 
 def _configuration(meta) -> list:
@@ -396,7 +413,8 @@ def _claims(meta, studies, summaries) -> list:
                      "improves greedy answers on held-out problems. 'Best on validation' below therefore means "
                      "'least degraded'.")
     if best_txt:
-        lines.append("- **Intra best on validation.** " + "; ".join(best_txt) + ". One seed, and differences "
+        lines.append("- **Intra best on validation.** Rank of intra's final validation among the methods: "
+                     + "; ".join(best_txt) + ". One seed, and differences "
                      "below two standard errors are within evaluation noise.")
     # Projection fidelity of the published settings
     for snap, st in studies.items():
@@ -515,7 +533,8 @@ def _seeds(r: ReportInputs) -> list:
     if r.seeds.get("run_seconds"):
         lines.append(f"Cost: the runs took {r.seeds['run_seconds'] / 60:.1f} minutes of one single-threaded worker "
                      f"each in total (training and whole-split evaluation), i.e. about "
-                     f"{r.seeds['run_seconds'] / 120:.0f} minutes of wall time on 2 cores with 2 workers.")
+                     f"{r.seeds['run_seconds'] / 60 / SEED_STUDY_JOBS:.0f} minutes of wall time on "
+                     f"{SEED_STUDY_JOBS} cores with {SEED_STUDY_JOBS} workers.")
     if mode != "full":
         lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
                      "path, not evidence, and no verdict is issued.")
@@ -593,11 +612,12 @@ def _verdict_table(r: ReportInputs) -> list:
 
 
 def _first_order(r: ReportInputs) -> list:
-    from .first_order import markdown
+    from .first_order import markdown, reading
 
     lines = []
     if r.first_order:
         body = markdown(r.first_order["result"]).splitlines()[2:]  # without markdown()'s own heading
+        body += [""] + reading(r.first_order["result"])
         lines += [f"Exact PROMA guarantees g_i · G_M = g_i · pg_M for the last microbatch's sequences i, so a plain "
                   f"SGD step θ − lr G_M changes their log-probabilities by −lr g_i · pg_M + O(lr²). Measured on "
                   f"{r.first_order['where']} (float64):", ""] + body + [""]
@@ -621,7 +641,7 @@ def _raw_data(r: ReportInputs) -> list:
 
 # The report: (heading, renderer) in order; a renderer returns the lines after its heading and a blank line.
 SECTIONS = (
-    ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies) + _seed_headline(r)
+    ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.seeds) + _seed_headline(r)
      + _verdict_lines(r) + [""]),
     ("## Configuration", lambda r: _configuration(r.meta) + [""]),
     ("## 1. Oracle: implementations against the golden cases", lambda r: _oracle(r.oracle) + [""]),

@@ -138,7 +138,7 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     ``runs_dir`` (default ``out/runs``, git-ignored) keeps the training runs, their checkpoints and the
     warm-start caches; ``realcase_cache`` (default ``runs_dir/cache-realcase``) the real-case policy's.
     """
-    from . import plots, report_seeds
+    from . import report_seeds
     from proma.rl.summary import read_jsonl, summarize_run
 
     if mode not in MODES:
@@ -193,20 +193,7 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
             _write_json(data / "runs" / f"{method}_lr{lr:g}.json",
                         {"config": json.loads((d / "config.json").read_text()), "metrics": records, "eval": evals})
     cfg0 = json.loads((dirs[(grid.methods[0], grid.lrs[0])] / "config.json").read_text())
-    figures = {
-        "local_kl": plots.metric_curves(runs, "local_kl", out / "local_kl.png", ylabel="local KL (per token)", log=True),
-        "kl_rollout": plots.metric_curves(runs, "kl", out / "kl_rollout.png", ylabel="KL to rollout policy", log=True),
-        "second_order": plots.second_order_scatter(runs, out / "kl_second_order.png"),
-        "kl_vs_gain": plots.kl_vs_gain(summaries, out / "kl_vs_gain.png"),
-        "reward": plots.metric_curves(runs, "reward", out / "reward.png", ylabel="reward (rollout mean)",
-                                      per_rollout_step=True, smooth=max(1, grid.steps // 15)),
-        "entropy": plots.metric_curves(runs, "entropy", out / "entropy.png", ylabel="token entropy (nats)",
-                                       per_rollout_step=True),
-        "val": plots.val_curves(runs, out / "val_accuracy.png"),
-    }
-    for snap, study in studies.items():
-        figures[f"projection_{snap}"] = plots.projection_bars(study, out / f"projection_{snap}.png")
-        figures[f"intra_{snap}"] = plots.intra_bars(study, out / f"intra_{snap}.png")
+    figures = _figures(out, runs, summaries, studies, steps=grid.steps)
     timings["report"] = time.perf_counter() - t
 
     meta = {
@@ -222,9 +209,82 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     _write_json(data / "summaries.json", summaries)
     _write_json(data / "meta.json", meta)
     _write_json(data / "first_order.json", first)
+    return _write_text(out, meta=meta, oracle=oracle, studies=studies, summaries=summaries, figures=figures,
+                       seeds=seeds, first=first, runs=runs)
+
+
+def _figures(out: Path, runs: list, summaries: list, studies: dict, *, steps: int) -> dict:
+    """Every PNG of the report, written to ``out``: ``{figure key: path}`` (``steps``: rollout steps per run)."""
+    from . import plots
+
+    figures = {
+        "local_kl": plots.metric_curves(runs, "local_kl", out / "local_kl.png", ylabel="local KL (per token)", log=True),
+        "kl_rollout": plots.metric_curves(runs, "kl", out / "kl_rollout.png", ylabel="KL to rollout policy", log=True),
+        "second_order": plots.second_order_scatter(runs, out / "kl_second_order.png"),
+        "kl_vs_gain": plots.kl_vs_gain(summaries, out / "kl_vs_gain.png"),
+        "reward": plots.metric_curves(runs, "reward", out / "reward.png", ylabel="reward (rollout mean)",
+                                      per_rollout_step=True, smooth=max(1, steps // 15)),
+        "entropy": plots.metric_curves(runs, "entropy", out / "entropy.png", ylabel="token entropy (nats)",
+                                       per_rollout_step=True),
+        "val": plots.val_curves(runs, out / "val_accuracy.png"),
+    }
+    for snap, study in studies.items():
+        figures[f"projection_{snap}"] = plots.projection_bars(study, out / f"projection_{snap}.png")
+        figures[f"intra_{snap}"] = plots.intra_bars(study, out / f"intra_{snap}.png")
+    return figures
+
+
+def _write_text(out: Path, *, meta, oracle, studies, summaries, figures, seeds, first, runs) -> Path:
+    from . import report_seeds
+
     text = render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
                   figures={k: p.name for k, p in figures.items()}, data_files=_data_files(out, seeds["grid"]),
                   seeds=seeds, first_order=first, kl_bounds=report_seeds.kl_bounds(runs))
     path = out / "REPORT.md"
     path.write_text(text)
     return path
+
+
+def rerender_report(out, *, log=print) -> Path:
+    """Rewrite ``out/REPORT.md`` and its figures from the measured values under ``out/data``; runs nothing.
+
+    For a change of the reading or the tables after a report has run: every number comes from the JSON that
+    :func:`generate_report` wrote (``meta``, ``oracle``, ``projection_<snapshot>``, ``summaries``,
+    ``first_order``, ``runs/``, ``seeds/``), so the text matches what a full run would have written from them.
+    """
+    from . import report_seeds
+
+    out = Path(out)
+    data = out / "data"
+
+    def load(name: str):
+        path = data / name
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; --render-only needs the data/ of a report written by proma-verify report")
+        return json.loads(path.read_text())
+
+    meta = load("meta.json")
+    mode, grid = meta["mode"], meta["grid"]
+    if mode not in MODES:
+        raise ValueError(f"{data / 'meta.json'}: mode must be one of {tuple(MODES)}; got {mode!r}")
+    studies = {snap: load(f"projection_{snap}.json") for snap in MODES[mode]["snapshots"]}
+    runs = []
+    for method in grid["methods"]:
+        for lr in grid["lrs"]:
+            r = load(f"runs/{method}_lr{lr:g}.json")
+            runs.append({"method": method, "lr": lr, "records": r["metrics"], "evals": r["eval"]})
+    summaries = [_nan_for_none(s) for s in load("summaries.json")]
+    log(f"re-rendering {out / 'REPORT.md'} from {data} (mode {mode})")
+    seeds = report_seeds.load_seeds(mode, data / "seeds")
+    figures = _figures(out, runs, summaries, studies, steps=grid["steps"])
+    return _write_text(out, meta=meta, oracle=load("oracle.json"), studies=studies, summaries=summaries,
+                       figures=figures, seeds=seeds, first=load("first_order.json"), runs=runs)
+
+
+def _nan_for_none(obj):
+    """Undo :func:`_jsonable` for numbers: JSON holds a non-finite value as ``null``."""
+    if isinstance(obj, dict):
+        return {k: _nan_for_none(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_nan_for_none(v) for v in obj]
+    return math.nan if obj is None else obj

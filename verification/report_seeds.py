@@ -23,6 +23,9 @@ SEED_GRIDS = {
     "smoke": study_seeds.StudyGrid(regimes={"smoke": dict(steps=1)}, lrs={"smoke": (1e-3,)},
                                    methods=("grpo", "proma"), seeds=(0, 1), preset="smoke", eval_items=16),
 }
+# Parallel seed-study runs when the report is not told (one single-threaded worker per CPU core of the
+# 2-core machines the report is budgeted for).
+DEFAULT_JOBS = 2
 # The first-order check of each mode: settings compared and relative step lengths (smoke: the two that give a
 # slope, on the two settings that bracket it).
 FIRST_ORDER = {
@@ -45,12 +48,21 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
     grid = SEED_GRIDS[mode]
     runs_dir = Path(runs_dir)
     # smoke: in this process (a worker pool's start-up costs more than its 4 one-step runs)
-    jobs = 1 if mode == "smoke" else (jobs or 2)
+    jobs = 1 if mode == "smoke" else (jobs or DEFAULT_JOBS)
     study_seeds.run_study(grid, data_dir, runs_dir / "study", jobs=jobs, cache_dir=runs_dir / "cache", log=log)
+    return load_seeds(mode, data_dir)
+
+
+def load_seeds(mode: str, data_dir) -> dict:
+    """The mode's seed study as far as ``data_dir`` holds it (the dictionary of :func:`seeds_phase`); runs nothing."""
+    grid = SEED_GRIDS[mode]
     results = {regime: study_seeds.load_results(data_dir, regime) for regime in grid.regimes}
     start = {}
     for regime in grid.regimes:
-        res = json.loads((Path(data_dir) / regime / "start_eval.json").read_text())
+        path = Path(data_dir) / regime / "start_eval.json"
+        if not path.is_file():
+            raise ValueError(f"{path}: missing; the seed study of regime {regime!r} has not started")
+        res = json.loads(path.read_text())
         start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
     compute = sum(json.loads(f.read_text())["seconds"]["total"]
                   for regime in grid.regimes for f in (Path(data_dir) / regime).glob("*-lr*-s*.json"))

@@ -78,3 +78,15 @@ def test_kl_bound_summary():
 def test_needs_a_chain():
     with pytest.raises(ValueError, match="microbatches"):
         F.first_order_check(torch.nn.Linear(2, 2), None, [{}], [np.ones(1)])
+
+
+def test_reading_follows_the_slopes_and_the_adam_violations(result):
+    """The report's sentences on this check: each setting's verdict comes from its slope and violations."""
+    lines = F.reading(result)
+    assert lines[0].startswith(f"- plain: residual slope {result['plain']['slope']:.2f}")
+    assert lines[0].endswith("does not hold (the residual is O(lr)).")
+    assert lines[1].endswith("guarantee holds (the residual is O(lr²)).")
+    kept = result["exact"]["adam_survival"]
+    assert lines[2].startswith("- With Adam's first step, exact's violation is")
+    assert (f"removes {kept:.0%}" in lines[2]) == (kept > 0)
+    assert "exact local KL / second-order estimate" in lines[3]

@@ -6,7 +6,7 @@ import pytest
 
 from verification import reading
 from verification.reading import SECTION_HEADINGS
-from verification.report import generate_report
+from verification.report import generate_report, rerender_report
 
 
 @pytest.mark.slow
@@ -36,6 +36,9 @@ def test_smoke_report_end_to_end(tmp_path, realcase_cache):
     assert all(r["status"] == "PASS" for rows in oracle["results"].values() for r in rows)
     assert "nan" not in text.lower().replace("nans", "")
     assert (out / "runs" / ".gitignore").read_text().strip().endswith("*")
+    # --render-only rebuilds the same text from data/ alone
+    (out / "REPORT.md").unlink()
+    assert rerender_report(out, log=lambda *a, **k: None).read_text() == text
 
 
 def _summary(method, lr, kl, gain=0.1, val=0.5, entropy=(1.0, 0.9)):
@@ -151,3 +154,8 @@ def test_headline_quotes_seed_study_intervals_and_regime_conditions():
     assert "GRPO collapses entropy: **not met**" in lines[1] and lines[2].startswith("- Verdict (learn")
     quick = reading.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
     assert "quick mode: the code path, not evidence" in reading._seed_headline(quick)[0]
+
+
+def test_render_only_names_the_missing_file(tmp_path):
+    with pytest.raises(ValueError, match=r"data/meta\.json: missing"):
+        rerender_report(tmp_path, log=lambda *a, **k: None)

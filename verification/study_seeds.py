@@ -416,7 +416,11 @@ def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: 
 # The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
 PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
                        lrs={"pilot-p64": (3e-4, 1e-3)}, methods=("grpo",), seeds=(0, 1, 2))
-GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID}
+# The horizon pilot (PILOT.md section 5): GRPO in the "learn" regime for 3x its rollout steps, 5 seeds, to see
+# whether a longer run makes the reward gain's interval clear 0 (the study's 80 steps did not).
+HORIZON_PILOT_GRID = StudyGrid(regimes={"pilot-learn-240": dict(REGIMES["learn"], steps=240)},
+                               lrs={"pilot-learn-240": REGIME_LRS["learn"]}, methods=("grpo",))
+GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "pilot-horizon": HORIZON_PILOT_GRID}
 
 
 def main(argv=None) -> int:

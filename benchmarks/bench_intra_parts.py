@@ -21,12 +21,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import time
 
 import torch
 
 import proma.projection as projection
-from bench_targets import build, step_fn  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_targets import build, step_fn, time_steps  # noqa: E402  (benchmarks/ is the script's directory)
 
 VERSIONS = ("plain", "intra", "intra, dense eigh", "intra, no subspace search")
 NO_LANCZOS = 10 ** 9
@@ -50,19 +49,19 @@ def patched(version: str):
         projection.LANCZOS_MIN_SIZE, projection.top_right_singular_vectors = saved
 
 
+def _in_version(version: str, step):
+    def run():
+        with patched(version):
+            step()
+    return run
+
+
 def time_versions(config: str, repeats: int) -> dict:
     """Minimum CPU seconds per step of every version (interleaved, one warm-up step each)."""
     model, batches, forward = build(config)
-    steps = {v: step_fn("plain" if v == "plain" else "intra", model, batches, forward)[0] for v in VERSIONS}
-    cpu = {v: [] for v in VERSIONS}
-    for rep in range(repeats + 1):
-        for v in VERSIONS:
-            with patched(v):
-                c0 = time.thread_time()
-                steps[v]()
-                if rep:
-                    cpu[v].append(time.thread_time() - c0)
-    return {v: min(t) for v, t in cpu.items()}
+    steps = {v: _in_version(v, step_fn("plain" if v == "plain" else "intra", model, batches, forward)[0])
+             for v in VERSIONS}
+    return time_steps(steps, repeats)[1]
 
 
 def main(argv=None) -> None:

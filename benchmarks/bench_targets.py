@@ -94,14 +94,19 @@ def step_fn(method, model, batches, forward):
 
 def time_config(config, methods, repeats):
     model, batches, forward = build(config)
-    steps = {m: step_fn(m, model, batches, forward)[0] for m in methods}
-    for m in methods:
-        steps[m]()
-    wall, cpu = {m: [] for m in methods}, {m: [] for m in methods}
+    return time_steps({m: step_fn(m, model, batches, forward)[0] for m in methods}, repeats)
+
+
+def time_steps(steps: dict, repeats: int):
+    """Minimum wall and CPU seconds of every step in ``steps`` (``{name: callable}``): one warm-up call each,
+    then ``repeats`` interleaved rounds. Returns ``(wall, cpu)``, each ``{name: seconds}``."""
+    for step in steps.values():
+        step()
+    wall, cpu = {m: [] for m in steps}, {m: [] for m in steps}
     for _ in range(repeats):
-        for m in methods:
+        for m, step in steps.items():
             t0, c0 = time.perf_counter(), time.thread_time()
-            steps[m]()
+            step()
             cpu[m].append(time.thread_time() - c0)
             wall[m].append(time.perf_counter() - t0)
     return {m: min(v) for m, v in wall.items()}, {m: min(v) for m, v in cpu.items()}

@@ -100,10 +100,17 @@ def _resumed_seed_study(meta, seeds) -> str:
     jobs = SEED_STUDY_JOBS
     if spent >= seeds["run_seconds"] / jobs / 2:
         return ""
+    # a regime's own warm-start (other step count than the grid's, whose training is in this report's timings)
+    own = {r: w for r, w in seeds.get("warmstarts", {}).items()
+           if w["steps"] != meta["harness_config"]["warmstart_steps"]}
+    warm_s = sum(w["seconds"] for w in own.values())
+    warm_txt = "".join(f", plus {w['seconds'] / 60:.0f} min to train the {w['steps']}-step warm-start of `{r}`"
+                       for r, w in own.items())
+    total = sum(meta["timings_s"].values()) - spent + seeds["run_seconds"] / jobs + warm_s
     return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
             f"only loaded them); run from scratch they take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
-            f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers, so the whole report takes about "
-            f"{(sum(meta['timings_s'].values()) - spent + seeds['run_seconds'] / jobs) / 60:.0f} min.")
+            f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers{warm_txt}, so the whole report takes "
+            f"about {total / 60:.0f} min ({total / 3600:.1f} h).")
 
 
 def _configuration(meta) -> list:
@@ -535,7 +542,11 @@ def _seeds(r: ReportInputs) -> list:
                      f"each in total (training and whole-split evaluation), i.e. about "
                      f"{r.seeds['run_seconds'] / 60 / SEED_STUDY_JOBS:.0f} minutes of wall time on "
                      f"{SEED_STUDY_JOBS} cores with {SEED_STUDY_JOBS} workers.")
-    if mode != "full":
+    if mode == "full":
+        lines.append("How the regimes were chosen from GRPO-only pilots, and the 80-step version of the learn regime "
+                     "that the 240-step one replaced (GRPO did not demonstrably learn in 80 steps; its runs are kept "
+                     "in `data/seeds/learn-80/`): `PILOT.md` sections 4-6.")
+    else:
         lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
                      "path, not evidence, and no verdict is issued.")
     lines.append("")

@@ -38,9 +38,10 @@ FIRST_ORDER = {
 def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -> dict:
     """Run (or resume) the mode's seed study.
 
-    Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "tables", "equal_kl", "regime_checks",
+    Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl", "regime_checks",
     "verdicts"}``; ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
-    states the study's cost even when it was run in several sittings.
+    states the study's cost even when it was run in several sittings; ``warmstarts`` the records
+    (``{"key", "steps", "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
 
     ``data_dir``: the report's ``data/seeds``; ``runs_dir``: the report's runs directory (training directories
     under ``study/``, warm-starts shared with the report's grid in ``cache/``).
@@ -66,7 +67,9 @@ def load_seeds(mode: str, data_dir) -> dict:
         start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
     compute = sum(json.loads(f.read_text())["seconds"]["total"]
                   for regime in grid.regimes for f in (Path(data_dir) / regime).glob("*-lr*-s*.json"))
-    return {"grid": grid, "results": results, "start": start, "run_seconds": compute,
+    warm = {regime: json.loads(f.read_text()) for regime in grid.regimes
+            if (f := Path(data_dir) / regime / "warmstart.json").is_file()}
+    return {"grid": grid, "results": results, "start": start, "run_seconds": compute, "warmstarts": warm,
             "tables": {regime: study_seeds.aggregate(runs) for regime, runs in results.items()},
             "equal_kl": {regime: study_seeds.equal_kl(study_seeds.load_curves(data_dir, regime))
                          for regime in grid.regimes},

@@ -32,16 +32,18 @@ BASELINE = "grpo"
 # No second-order KL estimate: the study does not use it, and its forward-mode pass is a large part of a step.
 RUN_DEFAULTS = dict(eval_size=64, progress=False, ckpt_every=50, second_order=False)
 # Regimes (overrides of the ``small`` preset), chosen from the GRPO pilots of reports/PILOT.md (numbers there):
-# "learn" = a weaker warm-start (1000 supervised steps) on the 1024-prompt pool at lr 1e-4, the one pilot
-# setting where GRPO's rollout reward rose while held-out accuracy held (from the default warm-start it did
-# not learn and validation fell); "collapse" = the default warm-start on a 64-prompt pool (each prompt
-# revisited many times) at lr 3e-4, where GRPO's reward rose on the pool while its entropy and held-out
-# accuracy fell.
+# "learn-240" = a weaker warm-start (1000 supervised steps) on the 1024-prompt pool at lr 1e-4 for 240 rollout
+# steps: the pilots' one setting where GRPO's rollout reward rose while held-out accuracy held (from the default
+# warm-start it did not learn and validation fell), run three times longer than the 80 steps of the first study
+# (LEARN_80_GRID), whose GRPO reward gain did not clear 0; "collapse" = the default warm-start on a 64-prompt
+# pool (each prompt revisited many times) at lr 3e-4, where GRPO's reward rose on the pool while its entropy and
+# held-out accuracy fell.
+LEARN = dict(train_pool=1024, warmstart_steps=1000)
 REGIMES = {
-    "learn": dict(train_pool=1024, warmstart_steps=1000, steps=80),
+    "learn-240": dict(LEARN, steps=240),
     "collapse": dict(train_pool=64, steps=60),
 }
-REGIME_LRS = {"learn": (1e-4,), "collapse": (3e-4,)}
+REGIME_LRS = {"learn-240": (1e-4,), "collapse": (3e-4,)}
 SEEDS = (0, 1, 2, 3, 4)
 # Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
 WHOLE_SPLIT = 10**9
@@ -182,6 +184,18 @@ def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str
     return str(path)
 
 
+def record_warmstart(warm_dir, folder) -> None:
+    """Copy the warm-start's record (``warmstart.json``: key, steps, training seconds) into the regime's data folder.
+
+    The report states a resumed study's cost from scratch with it; a warm-start without a record is skipped
+    (nothing to copy), an existing copy is kept.
+    """
+    src, dst = Path(warm_dir) / "warmstart.json", Path(folder) / "warmstart.json"
+    if src.is_file() and not dst.exists():
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_text(src.read_text())
+
+
 def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=None, log=print) -> list[Path]:
     """Run every missing run of ``grid``; returns the result files written now (existing ones are kept).
 
@@ -195,6 +209,7 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
     for regime in grid.regimes:
         warm = ensure_warmstart(grid, regime, cache, log=log)
         start = Path(data_dir) / regime / "start_eval.json"
+        record_warmstart(warm, Path(data_dir) / regime)
         first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
         if not start.exists():
             start.parent.mkdir(parents=True, exist_ok=True)
@@ -416,12 +431,10 @@ def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: 
 # The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
 PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
                        lrs={"pilot-p64": (3e-4, 1e-3)}, methods=("grpo",), seeds=(0, 1, 2))
-# The horizon pilot (PILOT.md section 5): the "learn" regime for 3x its rollout steps, 5 seeds, GRPO first and then
-# exact PROMA (the time left in its session allowed no other method), to see whether a longer run makes GRPO's
-# reward gain clear 0 (the study's 80 steps did not).
-HORIZON_PILOT_GRID = StudyGrid(regimes={"pilot-learn-240": dict(REGIMES["learn"], steps=240)},
-                               lrs={"pilot-learn-240": REGIME_LRS["learn"]}, methods=("grpo", "proma"))
-GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "pilot-horizon": HORIZON_PILOT_GRID}
+# The first study's 80-step "learn" regime (PILOT.md sections 4-5; every method x 5 seeds, data committed): GRPO did
+# not demonstrably learn in 80 steps, so the full grid runs the same regime for 240 steps instead.
+LEARN_80_GRID = StudyGrid(regimes={"learn-80": dict(LEARN, steps=80)}, lrs={"learn-80": (1e-4,)})
+GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID}
 
 
 def main(argv=None) -> int:

@@ -159,3 +159,17 @@ def test_headline_quotes_seed_study_intervals_and_regime_conditions():
 def test_render_only_names_the_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"data/meta\.json: missing"):
         rerender_report(tmp_path, log=lambda *a, **k: None)
+
+
+def test_resumed_seed_study_states_the_cost_from_scratch():
+    """A resumed study's headline adds its runs (per worker) and the regimes' own warm-starts, not the shared one."""
+    meta = {"timings_s": {"training": 600.0, "seed_study": 6.0}, "harness_config": {"warmstart_steps": 3000}}
+    seeds = {"run_seconds": 7200.0, "warmstarts": {"learn-240": {"steps": 1000, "seconds": 720.0},
+                                                   "collapse": {"steps": 3000, "seconds": 900.0}}}
+    text = reading._resumed_seed_study(meta, seeds)
+    # 600 s of this report + 7200 / 2 workers + 720 s of learn-240's own warm-start = 4920 s = 82 min
+    assert "120 worker-minutes, about 60 min on 2 workers, plus 12 min to train the 1000-step warm-start of " \
+           "`learn-240`, so the whole report takes about 82 min (1.4 h)." in text
+    assert "collapse" not in text
+    # a study that ran in this report (its seed_study phase took the runs' time) needs no estimate
+    assert reading._resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""

@@ -100,3 +100,17 @@ def test_aggregate_of_a_study_in_progress(tmp_path):
     assert table[("proma", 1e-3)]["n_seeds"] == 1 and "ratio_local_kl" not in table[("proma", 1e-3)]
     assert "| proma | 0.001 | 1 | 0.200 (1 seed, no interval) |" in S.markdown_tables(table)
     assert table[("grpo", 1e-3)]["columns"]["reward_gain"]["lo"] == pytest.approx(0.2)
+
+
+def test_record_warmstart_copies_once_and_skips_a_missing_record(tmp_path):
+    """The warm-start record lands in the regime's data folder once; a warm-start without one is skipped."""
+    warm, folder = tmp_path / "warm", tmp_path / "data" / "learn"
+    warm.mkdir()
+    S.record_warmstart(warm, folder)
+    assert not (folder / "warmstart.json").exists()
+    (warm / "warmstart.json").write_text('{"steps": 1000, "seconds": 699.0}')
+    S.record_warmstart(warm, folder)
+    assert json.loads((folder / "warmstart.json").read_text()) == {"steps": 1000, "seconds": 699.0}
+    (warm / "warmstart.json").write_text('{"steps": 1000, "seconds": 1.0}')
+    S.record_warmstart(warm, folder)  # an existing copy is kept
+    assert json.loads((folder / "warmstart.json").read_text())["seconds"] == 699.0

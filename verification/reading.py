@@ -526,7 +526,7 @@ def _learning(r: ReportInputs) -> list:
 
 
 def _seeds(r: ReportInputs) -> list:
-    from .study_seeds import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables
+    from .study_seeds import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
 
     if not r.seeds:
         return ["The seed study did not run.", ""]
@@ -545,7 +545,8 @@ def _seeds(r: ReportInputs) -> list:
     if mode == "full":
         lines.append("How the regimes were chosen from GRPO-only pilots, and the 80-step version of the learn regime "
                      "that the 240-step one replaced (GRPO did not demonstrably learn in 80 steps; its runs are kept "
-                     "in `data/seeds/learn-80/`): `PILOT.md` sections 4-6.")
+                     "in `data/seeds/learn-80/`): `PILOT.md` sections 4-6. The 240-step horizon was chosen after "
+                     "GRPO's 240-step runs and before any other method's; the rules of section 6 did not change.")
     else:
         lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
                      "path, not evidence, and no verdict is issued.")
@@ -558,6 +559,9 @@ def _seeds(r: ReportInputs) -> list:
                      if start else "")
         lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
         lines += [markdown_tables(table) if table else "No finished run.", ""]
+        if table:
+            lines += ["Final greedy validation per seed (accuracy ± binomial standard error sqrt(p(1-p)/n) over the "
+                      "n scored test items):", "", markdown_validation_per_seed(r.seeds["results"][regime]), ""]
         eq = r.seeds.get("equal_kl", {}).get(regime)
         if eq:
             lines += [f"Reward gain at equal cumulative local KL (per seed: budget = the smaller of the two runs' "

@@ -414,6 +414,22 @@ def markdown_tables(table: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def markdown_validation_per_seed(runs: dict) -> str:
+    """Final greedy validation of every run, one row per (method, lr) and one column per seed (markdown).
+
+    ``runs`` is :func:`load_results`'s dict; each cell is ``accuracy ± se`` with the binomial standard error
+    se = sqrt(p (1 - p) / n) over the n scored test items ("-" where that seed has not run).
+    """
+    seeds = sorted({s for _, _, s in runs})
+    lines = ["| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " |",
+             "|---|---|" + "---|" * len(seeds)]
+    for m, lr in sorted({(m, lr) for m, lr, _ in runs}):
+        cells = [f"{runs[(m, lr, s)]['val_final']:.3f} ± {runs[(m, lr, s)]['val_final_se']:.3f}"
+                 if (m, lr, s) in runs else "-" for s in seeds]
+        lines.append(f"| {m} | {lr:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: float, setup_seconds: float,
                          jobs: int) -> float:
     """Planned wall time: sum over runs of (steps x step_seconds[method] + eval + setup), divided by ``jobs``.

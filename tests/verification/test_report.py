@@ -106,6 +106,7 @@ def test_seed_sections_render_intervals_and_verdicts():
     text = "\n".join(reading._seeds(inputs) + reading._verdict_table(inputs) + reading._first_order(inputs))
     assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text  # every seed's local-KL ratio to grpo is 0.5
     assert "first 16 items" in text and "warm-start validation 0.5 ± 0.125 on 16 items" in text
+    assert "| grpo | 0.001 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in text  # validation per seed, with its SE
     assert "took 10.0 minutes of one single-threaded worker" in text and "about 5 minutes of wall time" in text
     assert text.count("**not judged in quick mode**") == 3
     assert "| grpo | 0.001 | 4 | 25.0% | 0.6 | 2.5 |" in text and "| proma | 0.001 | 0 | - | - | - |" in text

@@ -114,3 +114,14 @@ def test_record_warmstart_copies_once_and_skips_a_missing_record(tmp_path):
     (warm / "warmstart.json").write_text('{"steps": 1000, "seconds": 1.0}')
     S.record_warmstart(warm, folder)  # an existing copy is kept
     assert json.loads((folder / "warmstart.json").read_text())["seconds"] == 699.0
+
+
+def test_validation_per_seed_table_marks_missing_seeds():
+    """One column per seed, accuracy ± SE per run, '-' where a method's seed has not run."""
+    runs = {("grpo", 1e-4, 0): {"val_final": 0.3125, "val_final_se": 0.0071},
+            ("grpo", 1e-4, 1): {"val_final": 0.25, "val_final_se": 0.0066},
+            ("proma", 1e-4, 1): {"val_final": 0.5, "val_final_se": 0.0077}}
+    lines = S.markdown_validation_per_seed(runs).splitlines()
+    assert lines[0] == "| method | lr | seed 0 | seed 1 |"
+    assert lines[2:] == ["| grpo | 0.0001 | 0.312 ± 0.007 | 0.250 ± 0.007 |",
+                         "| proma | 0.0001 | - | 0.500 ± 0.008 |"]

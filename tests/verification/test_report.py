@@ -155,6 +155,11 @@ def test_headline_quotes_seed_study_intervals_and_regime_conditions():
     assert "GRPO collapses entropy: **not met**" in lines[1] and lines[2].startswith("- Verdict (learn")
     quick = reading.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
     assert "quick mode: the code path, not evidence" in reading._seed_headline(quick)[0]
+    # a study in progress: proma has 3 of grpo's 5 seeds, and the headline says so
+    partial = {k: v for k, v in runs.items() if k[0] == "grpo" or k[2] < 3}
+    busy = reading.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
+                                {**seeds, "tables": {"learn": study_seeds.aggregate(partial)}})
+    assert "lr 0.0001 (3-5 seeds; 95% t-intervals; section 5)" in reading._seed_headline(busy)[0]
 
 
 def test_render_only_names_the_missing_file(tmp_path):

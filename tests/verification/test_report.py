@@ -26,7 +26,8 @@ def test_smoke_report_end_to_end(tmp_path, realcase_cache):
         json.loads((out / "data" / name).read_text())
     seeds = sorted(p.name for p in (out / "data" / "seeds" / "smoke").glob("*.json"))
     assert seeds == ["grpo-lr0.001-s0.json", "grpo-lr0.001-s1.json", "proma-lr0.001-s0.json",
-                     "proma-lr0.001-s1.json", "start_eval.json"]
+                     "proma-lr0.001-s1.json", "start_eval.json", "warmstart.json"]
+    assert json.loads((out / "data" / "seeds" / "smoke" / "warmstart.json").read_text())["seconds"] > 0
     # claims: kl, entropy for proma; intra. Regime conditions: GRPO learns, GRPO collapses entropy
     assert text.count("**not judged in quick mode**") == 3 + 2
     assert "| exact | 2.0" in text or "| exact | 1.9" in text  # first-order slope of exact PROMA

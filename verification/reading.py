@@ -536,7 +536,8 @@ def _seeds(r: ReportInputs) -> list:
     lines = [f"Methods {', '.join(grid.methods)}; seeds {', '.join(map(str, grid.seeds))}; preset `{grid.preset}`. "
              "Every run of a regime starts from one shared warm-start and runs with one seed see the same prompts, "
              f"so comparisons to GRPO are paired by seed. Final validation: greedy exact match on {scored}. Raw "
-             "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items)."]
+             "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items; "
+             "`warmstart.json`: its training record)."]
     if r.seeds.get("run_seconds"):
         lines.append(f"Cost: the runs took {r.seeds['run_seconds'] / 60:.1f} minutes of one single-threaded worker "
                      f"each in total (training and whole-split evaluation), i.e. about "

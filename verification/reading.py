@@ -586,8 +586,9 @@ def _seed_headline(r: ReportInputs) -> list:
         for (m, lr), row in tab.items():
             lr_rows.setdefault(lr, {})[m] = row
         for lr, rows in lr_rows.items():
-            lo, hi = min(row["n_seeds"] for row in rows.values()), max(row["n_seeds"] for row in rows.values())
-            n = f"{hi}" if lo == hi else f"{lo}-{hi}"  # a study in progress: fewer seeds for some methods
+            counts = [row["n_seeds"] for row in rows.values()]
+            # a study in progress has fewer seeds for some methods: name the range
+            n = f"{min(counts)}-{max(counts)}" if min(counts) < max(counts) else f"{max(counts)}"
             ratios = ", ".join(f"{m} {fi(row['ratio_local_kl'])}" for m, row in rows.items()
                                if row.get("ratio_local_kl"))
             vals = ", ".join(f"{m} {fi(row['columns']['val_final'])}" for m, row in rows.items())

@@ -38,8 +38,8 @@ FIRST_ORDER = {
 def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -> dict:
     """Run (or resume) the mode's seed study.
 
-    Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl", "regime_checks",
-    "verdicts"}``; ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
+    Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl",
+    "regime_checks", "verdicts"}``; ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
     states the study's cost even when it was run in several sittings; ``warmstarts`` the records
     (``{"key", "steps", "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
 

@@ -208,11 +208,12 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
     todo = []
     for regime in grid.regimes:
         warm = ensure_warmstart(grid, regime, cache, log=log)
-        start = Path(data_dir) / regime / "start_eval.json"
-        record_warmstart(warm, Path(data_dir) / regime)
+        folder = data_dir / regime
+        record_warmstart(warm, folder)
+        start = folder / "start_eval.json"
         first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
         if not start.exists():
-            start.parent.mkdir(parents=True, exist_ok=True)
+            folder.mkdir(parents=True, exist_ok=True)
             start.write_text(json.dumps(whole_split_eval(first, items=grid.eval_items)) + "\n")
         for key in grid.runs():
             if key[0] == regime and not result_path(data_dir, *key).exists():
@@ -447,7 +448,7 @@ def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: 
 # The pilot (PILOT.md): GRPO only, 3 seeds, 40 rollout steps, to find the regimes the full grid uses.
 PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
                        lrs={"pilot-p64": (3e-4, 1e-3)}, methods=("grpo",), seeds=(0, 1, 2))
-# The first study's 80-step "learn" regime (PILOT.md sections 4-5; every method x 5 seeds, data committed): GRPO did
+# The first study's 80-step "learn" regime (PILOT.md sections 4-6; every method x 5 seeds, data committed): GRPO did
 # not demonstrably learn in 80 steps, so the full grid runs the same regime for 240 steps instead.
 LEARN_80_GRID = StudyGrid(regimes={"learn-80": dict(LEARN, steps=80)}, lrs={"learn-80": (1e-4,)})
 GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID}

@@ -16,9 +16,10 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -44,7 +45,8 @@ REGIMES = {
     "collapse": dict(train_pool=64, steps=60),
 }
 REGIME_LRS = {"learn-240": (1e-4,), "collapse": (3e-4,)}
-SEEDS = (0, 1, 2, 3, 4)
+# Seeds 0-4 ran first (REPORT.md of 2026-11-28); 5-14 after reports/PREREGISTRATION.md (issue 21).
+SEEDS = tuple(range(15))
 # Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
 WHOLE_SPLIT = 10**9
 # Fraction of rollout steps averaged at each end of a run for the reward gain (last quarter minus first).
@@ -157,8 +159,30 @@ def _read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def code_version() -> dict:
+    """The code a run executes: ``{"commit", "dirty", "root"}`` of the checkout that holds the loaded ``proma``.
+
+    ``dirty`` is True when tracked files of ``proma/``, ``reference/`` or ``verification/`` differ from the commit
+    (the run then executes code that no commit holds); ``commit`` is None outside a git checkout.
+    """
+    import proma
+
+    root = Path(proma.__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "proma", "reference", "verification"))
+    return {"commit": commit, "dirty": dirty if commit else None, "root": str(root)}
+
+
 def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str:
-    """Train one run (resuming its directory), score its final policy on the whole test split, write JSON."""
+    """Train one run (resuming its directory), score its final policy on the whole test split, write JSON.
+
+    The JSON records the code it ran (:func:`code_version`, taken before training starts).
+    """
     import torch
 
     from proma.rl import run
@@ -168,13 +192,14 @@ def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str
 
     quiet_transformers()
     torch.set_num_threads(max(1, cfg_dict.get("num_threads") or 1))
+    code = code_version()
     t0 = time.perf_counter()
     run_dir = run(TrainConfig(**cfg_dict), log=lambda *a, **k: None)
     t_train = time.perf_counter() - t0
     ck = torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
     final = whole_split_eval(cfg_dict, ck["model"], items=eval_items)
     out = {"config": cfg_dict, "metrics": _read_jsonl(Path(run_dir) / "metrics.jsonl"),
-           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final,
+           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final, "code": code,
            "seconds": {"train": t_train, "total": time.perf_counter() - t0}}
     path = Path(out_json)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,12 +245,15 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
                 todo.append((run_config(grid, *key, warm_dir=warm, runs_dir=runs_dir), result_path(data_dir, *key)))
     log(f"study: {len(todo)} runs to do, {jobs} jobs")
     done = []
-    if jobs <= 1:
+    if jobs <= 1:  # in this process: the code is imported once, so keep the checkout still while it runs
         for cfg, path in todo:
             done.append(Path(run_one(cfg, str(path), grid.eval_items)))
             log(f"done {path}")
         return done
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    # One fresh process per run: a run imports the code as it is when the run starts, so the commit it records
+    # is the code it executed even when the checkout moves on while a long study is in flight.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
         futures = [pool.submit(run_one, cfg, str(path), grid.eval_items) for cfg, path in todo]
         for fut in as_completed(futures):
             done.append(Path(fut.result()))
@@ -451,7 +479,31 @@ PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
 # The first study's 80-step "learn" regime (PILOT.md sections 4-6; every method x 5 seeds, data committed): GRPO did
 # not demonstrably learn in 80 steps, so the full grid runs the same regime for 240 steps instead.
 LEARN_80_GRID = StudyGrid(regimes={"learn-80": dict(LEARN, steps=80)}, lrs={"learn-80": (1e-4,)})
-GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID}
+# The held-out pilot (PILOT.md section 7): GRPO only, candidates tried in order, seeds 0-2 then 3-4.
+_ALL_POOL = dict(train_pool=0, warmstart_steps=1000)
+HELDOUT_REGIMES = {
+    "heldout-all-240": dict(_ALL_POOL, steps=240),
+    "heldout-all-480": dict(_ALL_POOL, steps=480),
+    "heldout-all-lr5e-5": dict(_ALL_POOL, steps=480),
+    "heldout-w500-all": dict(_ALL_POOL, warmstart_steps=500, steps=240),
+    "heldout-h256-all": dict(_ALL_POOL, hidden_size=256, intermediate_size=683, steps=240),
+}
+HELDOUT_LRS = {**{r: (1e-4,) for r in HELDOUT_REGIMES}, "heldout-all-lr5e-5": (5e-5,)}
+HELDOUT_GRID = StudyGrid(regimes=HELDOUT_REGIMES, lrs=HELDOUT_LRS, methods=("grpo",), seeds=(0, 1, 2, 3, 4))
+GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID, "heldout": HELDOUT_GRID}
+
+
+def restrict(grid: StudyGrid, *, methods=None, seeds=None, regimes=None) -> StudyGrid:
+    """``grid`` with only the given methods, seeds and regimes (None keeps all); unknown names are an error."""
+    for name, asked, known in (("methods", methods, grid.methods), ("seeds", seeds, grid.seeds),
+                               ("regimes", regimes, tuple(grid.regimes))):
+        unknown = sorted(set(asked or ()) - set(known))
+        if unknown:
+            raise ValueError(f"--{name}: {unknown} not in the grid (it has {list(known)})")
+    keep = [r for r in grid.regimes if regimes is None or r in regimes]
+    return replace(grid, regimes={r: grid.regimes[r] for r in keep}, lrs={r: grid.lrs[r] for r in keep},
+                   methods=tuple(m for m in grid.methods if methods is None or m in methods),
+                   seeds=tuple(s for s in grid.seeds if seeds is None or s in seeds))
 
 
 def main(argv=None) -> int:
@@ -464,8 +516,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default="runs/study")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=None, help="run only these methods of the grid")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds of the grid")
+    ap.add_argument("--regimes", nargs="+", default=None, help="run only these regimes of the grid")
     ns = ap.parse_args(argv)
-    grid = GRIDS[ns.grid]
+    grid = restrict(GRIDS[ns.grid], methods=ns.methods, seeds=ns.seeds, regimes=ns.regimes)
     t0 = time.perf_counter()
     run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir,
               log=lambda *a: print(f"[{time.perf_counter() - t0:7.0f}s]", *a, flush=True))

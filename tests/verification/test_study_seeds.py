@@ -52,11 +52,22 @@ def test_smoke_study_runs_and_resumes(tmp_path, monkeypatch):
     res = json.loads(S.result_path(tmp_path / "data", "t", "proma", 1e-3, 1).read_text())
     assert res["final_eval"]["n"] == 16 and len(res["final_eval"]["hits"]) == 16
     assert len(res["metrics"]) == 2 * 2  # 2 rollout steps x 2 minibatches
+    assert set(res["code"]) == {"commit", "dirty", "root"} and len(res["code"]["commit"]) == 40
     assert S.run_study(grid, tmp_path / "data", tmp_path / "runs", jobs=1, log=lambda *a: None) == []
     table = S.aggregate(S.load_results(tmp_path / "data", "t"))
     assert table[("proma", 1e-3)]["n_seeds"] == 2
     assert table[("proma", 1e-3)]["ratio_local_kl"] is None  # the smoke policy earns no reward: zero local KL
     assert "n/a (a run has zero local KL)" in S.markdown_tables(table)
+
+
+def test_restrict_keeps_only_the_named_parts_of_a_grid():
+    small = S.restrict(S.StudyGrid(), methods=["grpo", "reinforce"], seeds=[5, 6], regimes=["collapse"])
+    assert small.runs() == [("collapse", m, 3e-4, s) for s in (5, 6) for m in ("reinforce", "grpo")]
+    assert S.restrict(S.StudyGrid()) == S.StudyGrid()
+    with pytest.raises(ValueError, match="--seeds: \\[15\\]"):
+        S.restrict(S.StudyGrid(), seeds=[15])
+    with pytest.raises(ValueError, match="--methods"):
+        S.restrict(S.StudyGrid(), methods=["ppo"])
 
 
 def test_reward_kl_curve_and_gain_within_kl():

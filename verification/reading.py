@@ -10,35 +10,14 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .report_seeds import DEFAULT_JOBS as SEED_STUDY_JOBS
+from .seed_sections import SEED_STUDY_JOBS, resumed_seed_study, seed_headline, seed_tables, secondary_section, verdicts_section
+from .textfmt import f, pct, table
 
 PROJECTED = ("proma", "proma-paper", "intra")
 COLLAPSE_RATIO = 0.5  # "entropy collapse": final entropy below half of the initial entropy
 
 
 # ------------------------------------------------------------------------------------------- helpers
-def f(x, digits: int = 3) -> str:
-    """Compact number: 3 significant digits, scientific when small or large, '-' for missing."""
-    if x is None or (isinstance(x, float) and not math.isfinite(x)):
-        return "-"
-    x = float(x)
-    if x == 0:
-        return "0"
-    if abs(x) < 1e-3 or abs(x) >= 1e5:
-        return f"{x:.{digits - 1}e}"
-    return f"{x:.{digits}g}"
-
-
-def pct(x) -> str:
-    return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
-
-
-def table(headers, rows) -> str:
-    lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
-
-
 def _by(summaries, method, lr):
     return next((s for s in summaries if s["method"] == method and s["lr"] == lr), None)
 
@@ -88,29 +67,8 @@ def _headline(meta, oracle, studies, seeds=None) -> list:
     total = sum(meta["timings_s"].values())
     lines.append(f"- Wall time of this report: {total / 60:.1f} min ("
                  + ", ".join(f"{k} {v / 60:.1f}" for k, v in meta["timings_s"].items()) + ")."
-                 + _resumed_seed_study(meta, seeds))
+                 + resumed_seed_study(meta, seeds))
     return lines
-
-
-def _resumed_seed_study(meta, seeds) -> str:
-    """The cost of seed runs this report found already done in ``data/seeds`` (a resumed study), or ``""``."""
-    if not seeds or not seeds.get("run_seconds"):
-        return ""
-    spent = meta["timings_s"].get("seed_study", 0.0)
-    jobs = SEED_STUDY_JOBS
-    if spent >= seeds["run_seconds"] / jobs / 2:
-        return ""
-    # a regime's own warm-start (other step count than the grid's, whose training is in this report's timings)
-    own = {r: w for r, w in seeds.get("warmstarts", {}).items()
-           if w["steps"] != meta["harness_config"]["warmstart_steps"]}
-    warm_s = sum(w["seconds"] for w in own.values())
-    warm_txt = "".join(f", plus {w['seconds'] / 60:.0f} min to train the {w['steps']}-step warm-start of `{r}`"
-                       for r, w in own.items())
-    total = sum(meta["timings_s"].values()) - spent + seeds["run_seconds"] / jobs + warm_s
-    return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
-            f"only loaded them); run from scratch they take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
-            f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers{warm_txt}, so the whole report takes "
-            f"about {total / 60:.0f} min ({total / 3600:.1f} h).")
 
 
 def _configuration(meta) -> list:
@@ -525,110 +483,6 @@ def _learning(r: ReportInputs) -> list:
             f"![validation accuracy]({r.figures['val']})", ""]
 
 
-def _seeds(r: ReportInputs) -> list:
-    from .study_seeds import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
-
-    if not r.seeds:
-        return ["The seed study did not run.", ""]
-    grid, mode = r.seeds["grid"], r.meta["mode"]
-    scored = ("the whole test split" if grid.eval_items is None
-              else f"the first {grid.eval_items} items of a fixed shuffle of the test split")
-    lines = [f"Methods {', '.join(grid.methods)}; seeds {', '.join(map(str, grid.seeds))}; preset `{grid.preset}`. "
-             "Every run of a regime starts from one shared warm-start and runs with one seed see the same prompts, "
-             f"so comparisons to GRPO are paired by seed. Final validation: greedy exact match on {scored}. Raw "
-             "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items; "
-             "`warmstart.json`: its training record)."]
-    if r.seeds.get("run_seconds"):
-        lines.append(f"Cost: the runs took {r.seeds['run_seconds'] / 60:.1f} minutes of one single-threaded worker "
-                     f"each in total (training and whole-split evaluation), i.e. about "
-                     f"{r.seeds['run_seconds'] / 60 / SEED_STUDY_JOBS:.0f} minutes of wall time on "
-                     f"{SEED_STUDY_JOBS} cores with {SEED_STUDY_JOBS} workers.")
-    if mode == "full":
-        lines.append("How the regimes were chosen from GRPO-only pilots, and the 80-step version of the learn regime "
-                     "that the 240-step one replaced (GRPO did not demonstrably learn in 80 steps; its runs are kept "
-                     "in `data/seeds/learn-80/`): `PILOT.md` sections 4-6. The 240-step horizon was chosen after "
-                     "GRPO's 240-step runs and before any other method's; the rules of section 6 did not change.")
-    else:
-        lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
-                     "path, not evidence, and no verdict is issued.")
-    lines.append("")
-    for regime, table in r.seeds["tables"].items():
-        over = ", ".join(f"{k}={v}" for k, v in grid.regimes[regime].items())
-        lrs = ", ".join(f"{lr:g}" for lr in grid.lrs[regime])
-        start = r.seeds.get("start", {}).get(regime)
-        start_txt = (f"; warm-start validation {f(start['accuracy'])} ± {f(start['se'])} on {start['n']} items"
-                     if start else "")
-        lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
-        lines += [markdown_tables(table) if table else "No finished run.", ""]
-        if table:
-            lines += ["Final greedy validation per seed (accuracy ± binomial standard error sqrt(p(1-p)/n) over the "
-                      "n scored test items):", "", markdown_validation_per_seed(r.seeds["results"][regime]), ""]
-        eq = r.seeds.get("equal_kl", {}).get(regime)
-        if eq:
-            lines += [f"Reward gain at equal cumulative local KL (per seed: budget = the smaller of the two runs' "
-                      f"final cumulative local KL; each run's gain, last quarter minus first quarter, over its "
-                      f"rollout steps up to the first one whose cumulative KL reaches the budget, at least "
-                      f"{MIN_EQUAL_KL_STEPS}; 95% t-intervals over seeds, difference paired by seed):", "",
-                      markdown_equal_kl(eq), ""]
-    return lines
-
-
-def _seed_headline(r: ReportInputs) -> list:
-    """Headline numbers of the seed study, each with its 95% interval over seeds (section 5 has them all)."""
-    from .claims import JUDGED_MODES
-    from .stats import format_interval as fi
-
-    lines = []
-    for regime, tab in (r.seeds or {}).get("tables", {}).items():
-        if not tab:
-            continue
-        lr_rows = {}
-        for (m, lr), row in tab.items():
-            lr_rows.setdefault(lr, {})[m] = row
-        for lr, rows in lr_rows.items():
-            counts = [row["n_seeds"] for row in rows.values()]
-            # a study in progress has fewer seeds for some methods: name the range
-            n = f"{min(counts)}-{max(counts)}" if min(counts) < max(counts) else f"{max(counts)}"
-            ratios = ", ".join(f"{m} {fi(row['ratio_local_kl'])}" for m, row in rows.items()
-                               if row.get("ratio_local_kl"))
-            vals = ", ".join(f"{m} {fi(row['columns']['val_final'])}" for m, row in rows.items())
-            gains = ", ".join(f"{m} {fi(row['columns']['reward_gain'], '+.3f')}" for m, row in rows.items())
-            note = "" if r.meta["mode"] in JUDGED_MODES else f"; {r.meta['mode']} mode: the code path, not evidence"
-            lines.append(f"- Seed study, regime `{regime}`, lr {lr:g} ({n} seeds; 95% t-intervals{note}; section 5): "
-                         f"mean local KL as a ratio to GRPO's, paired by seed: {ratios or 'n/a'}; final greedy "
-                         f"validation: {vals}; reward gain: {gains}.")
-    return lines
-
-
-def _verdict_lines(r: ReportInputs) -> list:
-    """One headline line per verdict of the seed study (section 6)."""
-    from .claims import JUDGED_MODES
-
-    if not r.seeds:
-        return []
-    if r.meta["mode"] not in JUDGED_MODES:
-        return [f"- Verdicts on the paper's claims: none in {r.meta['mode']} mode (section 6)."]
-    return [f"- {kind} ({v.where}): {v.claim}: **{v.verdict}**" + (f" ({v.evidence})." if v.evidence != "-" else ".")
-            for kind, key in (("Regime condition", "regime_checks"), ("Verdict", "verdicts"))
-            for v in r.seeds.get(key, [])]
-
-
-def _verdict_table(r: ReportInputs) -> list:
-    from . import claims
-
-    if not r.seeds:
-        return ["No verdict: the seed study did not run.", ""]
-    lines = [f"Rules fixed before the numbers (`verification.claims`): a claim is judged only in full mode, with at "
-             f"least {claims.MIN_SEEDS} seeds paired by seed, from 95% Student-t intervals over seeds.", ""]
-    if r.meta["mode"] not in claims.JUDGED_MODES:
-        lines += [f"{r.meta['mode']} mode issues no verdict: every claim reads '{claims.NOT_JUDGED_QUICK}' (quick "
-                  "and smoke alike).", ""]
-    if r.seeds.get("regime_checks"):
-        lines += ["Can each regime decide the claims? Conditions on GRPO's runs, by the same kind of rule:", "",
-                  claims.markdown(r.seeds["regime_checks"], first="condition"), ""]
-    return lines + ["The claims:", "", claims.markdown(r.seeds["verdicts"]), ""]
-
-
 def _first_order(r: ReportInputs) -> list:
     from .first_order import markdown, reading
 
@@ -659,8 +513,8 @@ def _raw_data(r: ReportInputs) -> list:
 
 # The report: (heading, renderer) in order; a renderer returns the lines after its heading and a blank line.
 SECTIONS = (
-    ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.seeds) + _seed_headline(r)
-     + _verdict_lines(r) + [""]),
+    ("## Verdicts on the paper's claims (pre-registered)", verdicts_section),
+    ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.seeds) + seed_headline(r) + [""]),
     ("## Configuration", lambda r: _configuration(r.meta) + [""]),
     ("## 1. Oracle: implementations against the golden cases", lambda r: _oracle(r.oracle) + [""]),
     ("## 2. Projection error on real GSM8K microbatches", _study_intro),
@@ -674,8 +528,8 @@ SECTIONS = (
     ("### 3.3 KL to the rollout policy", _kl_rollout),
     ("### 3.4 PROMA vs GRPO", _proma_vs_grpo_section),
     ("## 4. Entropy and learning", _learning),
-    ("## 5. Seeds and regimes", _seeds),
-    ("## 6. Verdicts on the paper's claims", _verdict_table),
+    ("## 5. Seeds and regimes", seed_tables),
+    ("## 6. Secondary analyses (pre-registered, decide nothing)", secondary_section),
     ("## 7. First-order check of the mechanism", _first_order),
     ("## 8. Reading of the single-seed grid against the paper's claims",
      lambda r: _claims(r.meta, r.studies, r.summaries) + [""]),

@@ -276,6 +276,9 @@ def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
     out = {
         "reward_gain": float(reward[-q:].mean() - reward[:q].mean()),
         "local_kl_mean": float(local_kl.mean()),
+        "local_kl_median": float(np.median(local_kl)),
+        "local_kl_last_quarter": float(local_kl[-max(1, int(round(GAIN_FRACTION * local_kl.size))):].mean()),
+        **{f"local_kl_third_{k + 1}": float(part.mean()) for k, part in enumerate(np.array_split(local_kl, 3))},
         "local_kl_cum": float(local_kl.sum()),
         "entropy_start": float(entropy[0]),
         "entropy_min_ratio": float(entropy.min() / entropy[0]),
@@ -291,6 +294,9 @@ def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
 COLUMNS = {
     "reward_gain": "mean rollout reward over the last quarter of rollout steps minus over the first quarter",
     "local_kl_mean": "mean over optimizer steps of the exact local KL (per scored token, before || after step)",
+    "local_kl_median": "median over optimizer steps of the exact local KL",
+    "local_kl_last_quarter": "mean exact local KL over the last quarter of optimizer steps",
+    "local_kl_third_1": "mean exact local KL over the first third of optimizer steps (_2, _3: the middle and last)",
     "local_kl_cum": "sum over optimizer steps of the exact local KL",
     "entropy_min_ratio": "lowest per-step token entropy of the rollouts divided by the first step's",
     "entropy_end_ratio": "token entropy over the last quarter of rollout steps divided by the first step's",

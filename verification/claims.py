@@ -9,7 +9,7 @@ this module holds the descriptive rules printed beside them, unchanged from the 
   divided by its first step's (``entropy_end_ratio``) is below :data:`COLLAPSE_FRACTION`; a method collapses
   in a regime iff the interval of that ratio over seeds lies below it, and avoids collapse iff it lies above.
 
-Input: per-run numbers ``{(method, lr, seed): {column: value}}`` (``verification.study_seeds.load_results``).
+Input: per-run numbers ``{(method, lr, seed): {column: value}}`` (``verification.seed_tables.load_results``).
 A condition is checked only with at least :data:`MIN_SEEDS` seeds, and never in quick mode.
 """
 from __future__ import annotations

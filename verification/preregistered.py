@@ -1,7 +1,7 @@
 """The primary family of ``reports/PREREGISTRATION.md``: eleven hypotheses, their tests, Holm, the verdicts.
 
 Input: ``{regime: runs}`` with ``runs = {(method, lr, seed): per-run numbers}``
-(:func:`verification.study_seeds.load_results`; one learning rate per regime). Every comparison is paired by
+(:func:`verification.seed_tables.load_results`; one learning rate per regime). Every comparison is paired by
 seed over the seeds both methods ran.
 
 Tests (n paired seeds, two-sided):

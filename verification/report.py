@@ -5,7 +5,7 @@ implementation; 2. the grid of training runs (every method x learning rate, one 
 3. the projection study on real microbatches of the runs (start and end policy); 4. the seed study (every
 method over seeds in each regime, ``verification.report_seeds``: intervals, the verdict table) and the
 first-order check of the mechanism; 5. summaries, plots and the report text, generated from the measured
-values (``verification.reading``).
+values (``verification.report_text``).
 
 Modes: ``full`` (the default small configuration of the harness, the committed report), ``quick`` (a
 reduced warm-start and few steps: a few minutes), ``smoke`` (the harness's smoke preset: seconds, for CI).
@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .reading import render
+from .report_text import render
 from .runs import GridConfig, quiet_transformers, run_dir, run_grid
 
 MODES = {

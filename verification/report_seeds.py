@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import claims, first_order, study_seeds
+from . import claims, first_order, seed_tables, study_seeds
 
 SEED_GRIDS = {
     "full": study_seeds.StudyGrid(),
@@ -57,7 +57,7 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
 def load_seeds(mode: str, data_dir) -> dict:
     """The mode's seed study as far as ``data_dir`` holds it (the dictionary of :func:`seeds_phase`); runs nothing."""
     grid = SEED_GRIDS[mode]
-    results = {regime: study_seeds.load_results(data_dir, regime) for regime in grid.regimes}
+    results = {regime: seed_tables.load_results(data_dir, regime) for regime in grid.regimes}
     start = {}
     for regime in grid.regimes:
         path = Path(data_dir) / regime / "start_eval.json"
@@ -70,8 +70,8 @@ def load_seeds(mode: str, data_dir) -> dict:
     warm = {regime: json.loads(f.read_text()) for regime in grid.regimes
             if (f := Path(data_dir) / regime / "warmstart.json").is_file()}
     return {"grid": grid, "results": results, "start": start, "run_seconds": compute, "warmstarts": warm,
-            "tables": {regime: study_seeds.aggregate(runs) for regime, runs in results.items()},
-            "equal_kl": {regime: study_seeds.equal_kl(study_seeds.load_curves(data_dir, regime))
+            "tables": {regime: seed_tables.aggregate(runs) for regime, runs in results.items()},
+            "equal_kl": {regime: seed_tables.equal_kl(seed_tables.load_curves(data_dir, regime))
                          for regime in grid.regimes},
             "regime_checks": claims.regime_checks(results, mode=mode)}
 

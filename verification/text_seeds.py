@@ -1,6 +1,6 @@
 """The report's seed-study text: the pre-registered verdicts (first), the seed tables and the secondary analyses.
 
-Renderers take the report's :class:`verification.reading.ReportInputs` (``r``) and return markdown lines.
+Renderers take the report's :class:`verification.report_inputs.ReportInputs` (``r``) and return markdown lines.
 The rules are ``reports/PREREGISTRATION.md``'s, implemented in :mod:`verification.preregistered`; the
 analyses that decide nothing are :mod:`verification.secondary`'s.
 """
@@ -39,7 +39,7 @@ def resumed_seed_study(meta, seeds) -> str:
 
 
 def seed_tables(r) -> list:
-    from .study_seeds import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
+    from .seed_tables import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
 
     if not r.seeds:
         return ["The seed study did not run.", ""]
@@ -65,15 +65,15 @@ def seed_tables(r) -> list:
         lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
                      "path, not evidence, and no verdict is issued.")
     lines.append("")
-    for regime, table in r.seeds["tables"].items():
+    for regime, tab in r.seeds["tables"].items():
         over = ", ".join(f"{k}={v}" for k, v in grid.regimes[regime].items())
         lrs = ", ".join(f"{lr:g}" for lr in grid.lrs[regime])
         start = r.seeds.get("start", {}).get(regime)
         start_txt = (f"; warm-start validation {f(start['accuracy'])} ± {f(start['se'])} on {start['n']} items"
                      if start else "")
         lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
-        lines += [markdown_tables(table) if table else "No finished run.", ""]
-        if table:
+        lines += [markdown_tables(tab) if tab else "No finished run.", ""]
+        if tab:
             lines += ["Final greedy validation per seed (accuracy ± binomial standard error sqrt(p(1-p)/n) over the "
                       "n scored test items):", "", markdown_validation_per_seed(r.seeds["results"][regime]), ""]
         eq = r.seeds.get("equal_kl", {}).get(regime)

@@ -23,6 +23,16 @@ GAIN_FRACTION = 0.25
 MIN_EQUAL_KL_STEPS = 4
 
 
+def thirds(x: np.ndarray) -> list[np.ndarray]:
+    """``x`` (n,) cut into first, middle and last third: x[floor(k n / 3) : floor((k + 1) n / 3)], each at least one
+    element long (with n < 3 a third repeats its neighbour's element)."""
+    n = x.size
+    if n == 0:
+        raise ValueError("thirds: empty array")
+    cuts = [k * n // 3 for k in range(4)]
+    return [x[min(a, n - 1):max(b, min(a, n - 1) + 1)] for a, b in zip(cuts[:-1], cuts[1:])]
+
+
 def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
     """Per-run scalars of one result JSON (definitions in :data:`COLUMNS`)."""
     recs = result["metrics"]
@@ -39,7 +49,7 @@ def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
         "local_kl_mean": float(local_kl.mean()),
         "local_kl_median": float(np.median(local_kl)),
         "local_kl_last_quarter": float(local_kl[-max(1, int(round(GAIN_FRACTION * local_kl.size))):].mean()),
-        **{f"local_kl_third_{k + 1}": float(part.mean()) for k, part in enumerate(np.array_split(local_kl, 3))},
+        **{f"local_kl_third_{k + 1}": float(part.mean()) for k, part in enumerate(thirds(local_kl))},
         "local_kl_cum": float(local_kl.sum()),
         "entropy_start": float(entropy[0]),
         "entropy_min_ratio": float(entropy.min() / entropy[0]),

@@ -1,6 +1,8 @@
 """verification.study_seeds: the resumable grid (smoke policy) and its aggregation."""
 import json
 
+import numpy as np
+
 import pytest
 
 from verification import seed_tables as T
@@ -137,3 +139,11 @@ def test_validation_per_seed_table_marks_missing_seeds():
     assert lines[0] == "| method | lr | seed 0 | seed 1 |"
     assert lines[2:] == ["| grpo | 0.0001 | 0.312 ± 0.007 | 0.250 ± 0.007 |",
                          "| proma | 0.0001 | - | 0.500 ± 0.008 |"]
+
+
+def test_thirds_cover_the_run_in_order_and_are_never_empty():
+    assert [t.tolist() for t in T.thirds(np.arange(7))] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [t.tolist() for t in T.thirds(np.arange(2))] == [[0], [0], [1]]
+    assert [len(t) for t in T.thirds(np.arange(480))] == [160, 160, 160]
+    with pytest.raises(ValueError, match="empty"):
+        T.thirds(np.arange(0))

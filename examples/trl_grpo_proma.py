@@ -34,7 +34,7 @@ from proma.options import ACCUMULATOR_SOLVERS, VARIANTS
 from proma.rl.config import DEFAULT_NEW_TOKENS, PRESETS, TrainConfig
 from proma.rl.data import make_examples, reward
 from proma.rl.policy import build_policy, count_parameters, get_warmstarted, load_policy, warmstart_key
-from proma.rl.setup import prompt_pool
+from proma.rl.build import prompt_pool
 from proma.rl.tokenizer import get_tokenizer
 
 TASK = "gsm8k-calc"

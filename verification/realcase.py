@@ -49,19 +49,20 @@ CAPTURE_RTOL = 1e-9
 def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
     """First rollout step >= ``start_step`` whose minibatch has non-zero weights in the most microbatches.
 
-    ``s`` is a ``proma.rl.setup.Setup``. Rollouts are drawn exactly as training draws them (step-seeded).
+    ``s`` is a ``proma.rl.build.RunParts``. Rollouts are drawn exactly as training draws them (step-seeded).
     Returns ``(step, batches, weights)``: per microbatch a sequence batch and its (b_m,) float64 weights.
     """
-    from proma.rl import sampling
-    from proma.rl.rollout import select
+    from proma.rl.batching import microbatch_weights, minibatch_order, minibatch_rows
+    from proma.rl.generation import select
+    from proma.rl.rollout import collect_rollout
 
     cfg, best = s.cfg, None
     for step in range(start_step, start_step + max_scan):
-        ro = sampling.do_rollout(s, step)
-        order = sampling.minibatch_order(cfg, step)
+        ro = collect_rollout(s, step)
+        order = minibatch_order(cfg, step)
         for mb_index in range(cfg.minibatches):
-            rows = sampling.minibatch_rows(cfg, order, mb_index)
-            mbs, mb_weights = sampling.microbatch_weights(cfg, ro, rows)
+            rows = minibatch_rows(cfg, order, mb_index)
+            mbs, mb_weights = microbatch_weights(cfg, ro, rows)
             ws = [w.double().cpu().numpy() for w in mb_weights]
             score = (sum(bool(np.any(x)) for x in ws), sum(int(np.count_nonzero(x)) for x in ws))
             if best is None or score > best[0]:
@@ -77,13 +78,13 @@ def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
 def real_rollout(*, seed: int = 0, cache_dir=None, log=None, **overrides):
     """Build the real-case policy (:data:`REAL_POLICY`) and pick a real minibatch: ``(setup, step, batches, weights)``."""
     from proma.rl.config import TrainConfig
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
     quiet = log or (lambda *a, **k: None)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_preset("smoke", **{**REAL_POLICY, **overrides, "seed": seed, "out": tmp,
                                                   "cache_dir": str(cache_dir or Path(tmp) / "cache")})
-        s = setup(cfg, log=quiet)
+        s = build_run(cfg, log=quiet)
     step, batches, ws = pick_minibatch(s)
     quiet(f"real case: rollout step {step}, {sum(bool(np.any(w)) for w in ws)}/{len(ws)} microbatches "
           "with non-zero weights")
@@ -131,11 +132,11 @@ def capture_case_arrays(model, seq_logp_fn, batches, weights) -> tuple:
 
 def real_cases(*, seed: int = 0, cache_dir=None, log=print) -> list:
     """The real Qwen3 / GSM8K cases (one per setting of :data:`REAL_SETTINGS`), expected from the reference."""
-    from proma.rl.sampling import sequence_logprobs
+    from proma.rl.losses import completion_logprobs
 
     s, step, batches, weights = real_rollout(seed=seed, cache_dir=cache_dir, log=log)
     model = copy.deepcopy(s.model).double()
-    layers, arrays = capture_case_arrays(model, sequence_logprobs, batches, weights)
+    layers, arrays = capture_case_arrays(model, completion_logprobs, batches, weights)
     bounds = [0] + np.cumsum([len(w) for w in weights]).tolist()
     n_params = sum(layer.size for layer in layers)
     cases = []

@@ -90,14 +90,14 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
     """
     import torch
 
-    from proma.rl.sampling import sequence_logprobs
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
+    from proma.rl.losses import completion_logprobs
 
     from .realcase import pick_minibatch
     from .study_projection import projection_study
 
     cfg = grid.train_config("proma", grid.lrs[0], runs_dir)
-    s = setup(cfg, log=lambda *a, **k: None)
+    s = build_run(cfg, log=lambda *a, **k: None)
     start = 0
     if snapshot == "end":
         ckpt = torch.load(run_dir(runs_dir, "proma", grid.lrs[0]) / "ckpt.pt", map_location="cpu", weights_only=True)
@@ -117,7 +117,7 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
         policy = (f"FALLBACK: the real-case policy of `verification.realcase` (the runs' {snapshot} policy had no "
                   "rollout with a non-zero advantage)")
     log(f"projection study ({snapshot}): rollout step {step}, {len(batches)} microbatches")
-    out = projection_study(model, sequence_logprobs, batches, weights, intra_ranks=intra_ranks)
+    out = projection_study(model, completion_logprobs, batches, weights, intra_ranks=intra_ranks)
     out.update(snapshot=snapshot, rollout_step=step, policy=policy,
                nonzero_weights=[int(np.count_nonzero(w)) for w in weights])
     return out

@@ -97,9 +97,9 @@ def warmstart_config(grid: StudyGrid, regime: str, cache_dir):
 
 def ensure_warmstart(grid: StudyGrid, regime: str, cache_dir, *, log=print) -> Path:
     """Train (or load from ``cache_dir``) the regime's warm-start; returns its checkpoint directory."""
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
-    s = setup(warmstart_config(grid, regime, cache_dir), log=log)
+    s = build_run(warmstart_config(grid, regime, cache_dir), log=log)
     if s.warmstart_dir is None:
         raise ValueError(f"regime {regime!r}: its config has no warm-start (warmstart_steps=0 or model set)")
     return Path(s.warmstart_dir)
@@ -137,10 +137,10 @@ def whole_split_eval(cfg_dict: dict, state_dict=None, *, items: int | None = Non
     import torch
 
     from proma.rl.config import TrainConfig
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
     cfg = TrainConfig(**{**cfg_dict, "eval_size": items or WHOLE_SPLIT})
-    s = setup(cfg, log=lambda *a, **k: None)
+    s = build_run(cfg, log=lambda *a, **k: None)
     if state_dict is not None:
         s.model.load_state_dict(state_dict)
     with torch.no_grad():

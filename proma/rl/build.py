@@ -1,7 +1,7 @@
 """What a run is built from: the device, the prompt pool, the fixed evaluation subset and the (warm-started) policy.
 
-``setup(cfg)`` -> :class:`Setup`, shared by ``train``, ``sampling.sample_microbatch`` and the verification suite
-(which builds the same policy and data a run trains on).
+``build_run(cfg)`` -> :class:`RunParts`, shared by ``train``, ``batching.sample_microbatch`` and the verification
+suite (which builds the same policy and data a run trains on).
 """
 from __future__ import annotations
 
@@ -34,7 +34,9 @@ def resolve_device(name: str) -> torch.device:
 
 
 @dataclass
-class Setup:
+class RunParts:
+    """Everything a run needs before its first rollout (``build_run``)."""
+
     cfg: TrainConfig
     device: torch.device
     run_dir: Path
@@ -60,7 +62,7 @@ def eval_subset(cfg: TrainConfig, test_examples: list) -> list:
     return [test_examples[i] for i in order]
 
 
-def setup(cfg: TrainConfig, *, log=print) -> Setup:
+def build_run(cfg: TrainConfig, *, log=print) -> RunParts:
     """Build (or load) everything ``cfg``'s run needs before its first rollout."""
     if cfg.num_threads:
         torch.set_num_threads(cfg.num_threads)
@@ -82,4 +84,4 @@ def setup(cfg: TrainConfig, *, log=print) -> Setup:
     if cfg.model is None and cfg.warmstart_steps > 0:
         warm_dir = get_warmstarted(cfg, model, tokenizer, train_examples, device, cache_dir, log=log)
     log(f"policy: {count_parameters(model):,} parameters, vocab {len(tokenizer)}, device {device}")
-    return Setup(cfg, device, run_dir, tokenizer, model, prompt_pool(cfg, train_examples), eval_examples, warm_dir)
+    return RunParts(cfg, device, run_dir, tokenizer, model, prompt_pool(cfg, train_examples), eval_examples, warm_dir)

@@ -18,7 +18,7 @@ from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
 from trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
 from verification import check_callable, load_cases  # noqa: E402
-from verification.impls import run_torch  # noqa: E402
+from verification.oracle.impls import run_torch  # noqa: E402
 from verification.tolerances import FLOAT32_RTOL  # noqa: E402
 
 # relative change of the candidate's outputs that the oracle must reject

@@ -1,8 +1,8 @@
 """Fixtures shared by the verification tests: one synthetic case directory per session."""
 import pytest
 
-from verification.cases import generator_info, synthetic_cases
-from verification.format import save_cases
+from verification.oracle.cases import generator_info, synthetic_cases
+from verification.oracle.format import save_cases
 
 
 @pytest.fixture(scope="session")

@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from verification.check import check_callable, check_candidate, compare_case, write_candidate
+from verification.oracle.check import check_callable, check_candidate, compare_case, write_candidate
 from verification.cli import main
-from verification.format import load_cases
-from verification.impls import run_reference, run_reference_step
+from verification.oracle.format import load_cases
+from verification.oracle.impls import run_reference, run_reference_step
 
 # perturbations at these multiples of rtol (relative to the array's scale) must fail / pass
 OVER_TOLERANCE, UNDER_TOLERANCE = 2.0, 0.5

@@ -70,15 +70,26 @@ def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
     return best[1], best[2], best[3]
 
 
+def warmstart_cache() -> Path:
+    """Default directory of the real-case policy's warm-start checkpoint: under the user's cache directory, so the
+    5-minute warm-start runs once per machine (the checkpoint's name is a hash of its configuration)."""
+    from .oracle.golden import cache_root
+
+    return cache_root() / "realcase-warmstart"
+
+
 def real_rollout(*, seed: int = 0, cache_dir=None, log=None, **overrides):
-    """Build the real-case policy (:data:`REAL_POLICY`) and pick a real minibatch: ``(setup, step, batches, weights)``."""
+    """Build the real-case policy (:data:`REAL_POLICY`) and pick a real minibatch: ``(setup, step, batches, weights)``.
+
+    ``cache_dir``: where the warm-start checkpoint is kept (default :func:`warmstart_cache`).
+    """
     from proma.rl.config import TrainConfig
     from proma.rl.setup import setup
 
     quiet = log or (lambda *a, **k: None)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_preset("smoke", **{**REAL_POLICY, **overrides, "seed": seed, "out": tmp,
-                                                  "cache_dir": str(cache_dir or Path(tmp) / "cache")})
+                                                  "cache_dir": str(cache_dir or warmstart_cache())})
         s = setup(cfg, log=quiet)
     step, batches, ws = pick_minibatch(s)
     quiet(f"real case: rollout step {step}, {sum(bool(np.any(w)) for w in ws)}/{len(ws)} microbatches "

@@ -1,6 +1,6 @@
 """The PROMA oracle: golden cases, their format, the checker, verdicts, the pytest plugin and the CLI parts.
 
-- ``format``: the case format of ``verification/FORMAT.md`` (schema version 2): load, validate, save.
+- ``format`` (with ``settings``): the case format of ``verification/FORMAT.md`` (schema version 2): load, validate, save.
 - ``cases``: golden cases from the NumPy reference (``proma-verify cases``).
 - ``golden``: the default case set generated once, versioned, checksummed and cached per version.
 - ``check``: compare a candidate file or a callable with the cases (``proma-verify check``).

@@ -7,14 +7,14 @@ microbatch m, layer (parameter tensor) k, use u of that layer.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-import reference
+from .settings import (  # noqa: F401  (re-exported: the format's public names)
+    INTRA_FORMS, SOLVERS, USE_KINDS, VARIANTS, FormatError, Layer, Settings, is_int, is_real)
 
 FORMAT_NAME = "proma-verify-cases"
 SCHEMA_VERSION = 2
@@ -23,22 +23,11 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
-# Option names and defaults come from the judge (reference), which mirrors proma.options under
-# tests/house/test_options_mirror.py: a new solver is one reference function and one registry line. Its "none"
-# solver is variant "none" here.
-VARIANTS = ("none", "proma", "intra")
-SOLVERS = tuple(name for name in reference.SOLVERS if name != "none")
-INTRA_FORMS = reference.FORMS
-USE_KINDS = ("linear", "dense")
 LINEAR_ARRAYS = ("X", "D", "seq")
 DENSE_ARRAYS = ("seq_grads",)
 EXPECTED_ARRAYS = ("G_in", "pg", "G_out")
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class FormatError(ValueError):
-    """A case directory, case archive or candidate file does not follow FORMAT.md."""
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -63,101 +52,6 @@ def candidate_key(case_id: str, m: int, k: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------- objects
-@dataclass(frozen=True)
-class Settings:
-    """The accumulation a case asks for (see FORMAT.md, "settings")."""
-
-    variant: str = "proma"
-    solver: str = "exact"
-    passes: int = reference.DEFAULT_PASSES
-    ridge: float = reference.DEFAULT_RIDGE
-    relative_bound: float | None = None
-    shrinkage: float = 1.0
-    intra_rank: int = 1
-    intra_form: str = "two_sided"
-
-    def to_json(self) -> dict:
-        return {
-            "variant": self.variant, "solver": self.solver, "passes": self.passes, "ridge": self.ridge,
-            "relative_bound": self.relative_bound, "shrinkage": self.shrinkage,
-            "intra_rank": self.intra_rank, "intra_form": self.intra_form,
-        }
-
-    @classmethod
-    def from_json(cls, obj, where: str) -> "Settings":
-        if not isinstance(obj, dict):
-            raise FormatError(f"{where}: settings must be an object; got {type(obj).__name__}")
-        expected = set(cls().to_json())
-        if set(obj) != expected:
-            missing, extra = sorted(expected - set(obj)), sorted(set(obj) - expected)
-            raise FormatError(f"{where}: settings keys wrong (missing {missing}, unknown {extra})")
-        s = cls(**obj)
-        s.validate(where)
-        return s
-
-    def validate(self, where: str) -> None:
-        def bad(msg):
-            raise FormatError(f"{where}: settings.{msg}")
-
-        if self.variant not in VARIANTS:
-            bad(f"variant must be one of {VARIANTS}; got {self.variant!r}")
-        if self.solver not in SOLVERS:
-            bad(f"solver must be one of {SOLVERS}; got {self.solver!r}")
-        if not _is_int(self.passes) or self.passes < 1:
-            bad(f"passes must be an integer >= 1; got {self.passes!r}")
-        if not _is_real(self.ridge) or not self.ridge > 0:
-            bad(f"ridge must be a number > 0; got {self.ridge!r}")
-        if self.relative_bound is not None and (not _is_real(self.relative_bound) or self.relative_bound < 0):
-            bad(f"relative_bound must be null or a number >= 0; got {self.relative_bound!r}")
-        if not _is_real(self.shrinkage):
-            bad(f"shrinkage must be a finite number; got {self.shrinkage!r}")
-        if not _is_int(self.intra_rank) or self.intra_rank < 0:
-            bad(f"intra_rank must be an integer >= 0; got {self.intra_rank!r}")
-        if self.intra_form not in INTRA_FORMS:
-            bad(f"intra_form must be one of {INTRA_FORMS}; got {self.intra_form!r}")
-
-    def label(self) -> str:
-        """Short human label, e.g. ``proma/gram_schmidt(passes=2, bound=0.5)``."""
-        if self.variant == "none":
-            return "none"
-        if self.variant == "intra":
-            return f"intra/{self.intra_form}(rank={self.intra_rank})"
-        opts = {"gram_schmidt": f"passes={self.passes}", "ridge": f"ridge={self.ridge:g}"}.get(self.solver, "")
-        extra = [o for o in (opts,
-                             f"bound={self.relative_bound:g}" if self.relative_bound is not None else "",
-                             f"shrinkage={self.shrinkage:g}" if self.shrinkage != 1.0 else "") if o]
-        return f"proma/{self.solver}" + (f"({', '.join(extra)})" if extra else "")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One parameter tensor (one projection block): its name, shape and the kinds of its uses."""
-
-    name: str
-    shape: tuple
-    uses: tuple
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "uses": list(self.uses)}
-
-    @classmethod
-    def from_json(cls, obj, where: str) -> "Layer":
-        if not isinstance(obj, dict) or set(obj) != {"name", "shape", "uses"}:
-            raise FormatError(f"{where}: a layer must be an object with keys name, shape, uses; got {obj!r}")
-        shape, uses = obj["shape"], obj["uses"]
-        if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 1 for d in shape):
-            raise FormatError(f"{where}: shape must be a non-empty list of positive integers; got {shape!r}")
-        if not isinstance(uses, list) or not uses or not all(u in USE_KINDS for u in uses):
-            raise FormatError(f"{where}: uses must be a non-empty list of {USE_KINDS}; got {uses!r}")
-        if "linear" in uses and len(shape) != 2:
-            raise FormatError(f"{where}: a layer with a linear use must have a 2-D shape (o, i); got {shape}")
-        return cls(name=str(obj["name"]), shape=tuple(int(d) for d in shape), uses=tuple(uses))
-
-
 @dataclass
 class Case:
     """One oracle case: settings, layers, microbatch boundaries and the arrays of its ``.npz``.
@@ -230,14 +124,6 @@ def default_tolerances() -> dict:
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def validate_case(case: Case, *, expected: bool = True) -> None:
     """Check that every array of ``case`` is present, well shaped, finite and of the right dtype.
 
@@ -253,7 +139,7 @@ def validate_case(case: Case, *, expected: bool = True) -> None:
     if not case.layers:
         raise FormatError(f"{where}: must have at least one layer")
     c = case.boundaries
-    if (not isinstance(c, list) or len(c) < 2 or c[0] != 0 or not all(_is_int(v) for v in c)
+    if (not isinstance(c, list) or len(c) < 2 or c[0] != 0 or not all(is_int(v) for v in c)
             or any(b <= a for a, b in zip(c[:-1], c[1:]))):
         raise FormatError(f"{where}: microbatch_boundaries must be [0, c_1, ..., c_M] strictly increasing; got {c!r}")
 
@@ -309,6 +195,59 @@ def _validate_microbatch(case: Case, m: int, where: str, expected: bool) -> None
 
 
 # --------------------------------------------------------------------------------------- load / save
+def read_manifest(cases_dir) -> dict:
+    """Read and check the top level of ``DIR/manifest.json`` (format name, schema version, tolerances)."""
+    path = Path(cases_dir) / MANIFEST
+    if not path.is_file():
+        raise FormatError(f"{path}: no manifest (is {cases_dir} a case directory made by `proma-verify cases`?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise FormatError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(manifest, dict):
+        raise FormatError(f"{path}: the manifest must be a JSON object")
+    if manifest.get("format") != FORMAT_NAME:
+        raise FormatError(f"{path}: format must be {FORMAT_NAME!r}; got {manifest.get('format')!r}")
+    version = manifest.get("schema_version")
+    if not is_int(version) or version not in READABLE_VERSIONS:
+        raise FormatError(f"{path}: schema_version {version!r} is not supported (this reader knows "
+                          f"{', '.join(map(str, READABLE_VERSIONS))})")
+    tol = manifest.get("tolerances")
+    if not isinstance(tol, dict) or not all(
+            isinstance(tol.get(d), dict) and is_real(tol[d].get("rtol")) and is_real(tol[d].get("atol"))
+            for d in ("float64", "float32")):
+        raise FormatError(f"{path}: tolerances must give rtol and atol for float64 and float32")
+    if not isinstance(manifest.get("cases"), list) or not manifest["cases"]:
+        raise FormatError(f"{path}: cases must be a non-empty list")
+    return manifest
+
+
+def case_from_entry(entry, cases_dir: Path, index: int) -> Case:
+    """Case ``index`` of a manifest, its archive read (not yet validated: see :func:`validate_case`)."""
+    where = f"{cases_dir / MANIFEST}: cases[{index}]"
+    need = {"id", "file", "description", "settings", "layers", "microbatch_boundaries"}
+    if not isinstance(entry, dict) or not need <= set(entry):
+        raise FormatError(f"{where}: a case needs the keys {sorted(need)}")
+    cid = entry["id"]
+    if not isinstance(cid, str) or not _CASE_ID.match(cid):
+        raise FormatError(f"{where}: id {cid!r} must match {_CASE_ID.pattern}")
+    where = f"case {cid!r}"
+    if not isinstance(entry["layers"], list):
+        raise FormatError(f"{where}: layers must be a list")
+    layers = [Layer.from_json(obj, f"{where}: layers[{k}]") for k, obj in enumerate(entry["layers"])]
+    path = cases_dir / entry["file"]
+    if not path.is_file():
+        raise FormatError(f"{where}: archive {path} not found")
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            arrays = {key: z[key] for key in z.files}
+    except Exception as exc:  # zipfile/pickle errors of a damaged archive
+        raise FormatError(f"{where}: cannot read {path} ({exc})") from None
+    return Case(id=cid, description=str(entry["description"]),
+                settings=Settings.from_json(entry["settings"], where), layers=layers,
+                boundaries=entry["microbatch_boundaries"], arrays=arrays, tags=list(entry.get("tags", [])))
+
+
 def load_cases(cases_dir, *, only=None) -> tuple[list, dict]:
     """Load and validate a case directory.
 
@@ -325,8 +264,6 @@ def load_cases(cases_dir, *, only=None) -> tuple[list, dict]:
     manifest : dict
         The parsed manifest (tolerances, generator).
     """
-    from .manifest import case_from_entry, read_manifest
-
     cases_dir = Path(cases_dir)
     manifest = read_manifest(cases_dir)
     entries = manifest["cases"]

@@ -9,7 +9,7 @@ A ``transformers.TrainerCallback`` that ``proma.integrations.trl.PromaGRPOTraine
 The trainer calls ``on_proma_microbatch(trainer, record)`` after each ``acc.backward`` (``record``: the
 microbatch's ``input_ids`` and ``attention_mask`` (b, T), ``loss_mask`` (b, K), ``logits_to_keep`` K and
 the weights ``w`` (b,) PROMA received) and ``on_proma_step_end(trainer)`` after ``acc.synchronize()``.
-The first optimizer step is written as one case (FORMAT.md):
+One optimizer step (``step``, default the first) is written as one case (FORMAT.md):
 
 - one process: ``out_dir``;
 - several processes, ``sync="local"``: rank r writes its own microbatches to ``out_dir/rank{r}`` (the case's
@@ -50,29 +50,36 @@ SETTING_NAMES = ("variant", "solver", "passes", "ridge", "relative_bound", "shri
 
 
 class OracleCaseWriter(TrainerCallback):
-    """Writes the first optimizer step of a ``PromaGRPOTrainer`` run as an oracle case into ``out_dir``.
+    """Writes one optimizer step of a ``PromaGRPOTrainer`` run as an oracle case into ``out_dir``.
 
     Parameters
     ----------
     out_dir : path of the case directory (per rank ``out_dir/rank{r}`` for several processes, sync "local").
     params : names or fnmatch patterns of the parameters to write (default: every projected parameter).
+    step : which optimizer step (1 = the first).
     log : callable taking one line (default ``print``); every rank prints its size estimate.
     """
 
-    def __init__(self, out_dir, *, params=(), log=print):
-        self.out_dir, self.params, self.log = Path(out_dir), tuple(params), log
-        self.records, self.done, self.written = [], False, None
+    def __init__(self, out_dir, *, params=(), step: int = 1, log=print):
+        if isinstance(step, bool) or not isinstance(step, int) or step < 1:
+            raise ValueError(f"step must be an int >= 1; got {step!r}")
+        self.out_dir, self.params, self.step, self.log = Path(out_dir), tuple(params), step, log
+        self.records, self.windows, self.written = [], 0, None
+
+    @property
+    def done(self) -> bool:
+        return self.windows >= self.step
 
     def on_proma_microbatch(self, trainer, record: dict) -> None:
-        """Keep one microbatch of the first optimizer step (tensors detached)."""
-        if not self.done:
+        """Keep one microbatch of the chosen optimizer step (tensors detached)."""
+        if self.windows == self.step - 1:
             self.records.append({k: v.detach() if torch.is_tensor(v) else v for k, v in record.items()})
 
     def on_proma_step_end(self, trainer) -> None:
         """Capture and write the kept microbatches (a collective with several processes: every rank calls it)."""
-        if self.done:
+        self.windows += 1
+        if self.windows != self.step:
             return
-        self.done = True
         world, rank = trainer.accelerator.num_processes, trainer.accelerator.process_index
         options = trainer.proma_options
         with trainer.accumulator.paused():
@@ -87,7 +94,7 @@ class OracleCaseWriter(TrainerCallback):
         if not any(layer.uses for layer in layers):
             raise RuntimeError("the oracle's float64 copy reached none of the case's parameters (every layer has "
                                "no use): the case would be empty")
-        where = dict(rank=rank, world=world, sync=options["sync"])
+        where = dict(rank=rank, world=world, sync=options["sync"], step=self.step)
         if world > 1 and options["sync"] == "global":
             parts = gather_to_rank0((layers, arrays))
             if rank != 0:
@@ -224,6 +231,6 @@ def build_case(layers, arrays: dict, options: dict, where: dict, params=()) -> C
     restricted = f"; parameters restricted to {list(params)}" if params else ""
     excluded = f"; proma_exclude {sorted(options['exclude'])} left out" if options["exclude"] else ""
     return Case(id=f"trl_grpo_{settings['variant']}_{settings['solver']}{suffix}",
-                description=f"first optimizer step of a TRL PromaGRPOTrainer run, {scope}{restricted}{excluded}",
+                description=f"optimizer step {where['step']} of a TRL PromaGRPOTrainer run, {scope}{restricted}{excluded}",
                 settings=Settings(**settings), layers=list(layers), boundaries=[0] + np.cumsum(sizes).tolist(),
                 arrays=arrays, tags=["real", "trl"])

@@ -51,3 +51,7 @@ def test_plugin_reports_a_failing_case_with_its_layer_table(cases_dir, tmp_path)
                        plant=("G[k] = Gk + sign * pg", "G[k] = Gk + sign * pg * 1.001"))
     assert run.returncode == 1, run.stdout + run.stderr
     assert "PROMA oracle check failed" in run.stdout and "fc1.weight" in run.stdout and "rel err" in run.stdout
+    # the case's description follows its FAIL lines; neither the case's arrays nor the plugin's frame is shown
+    assert "  exact_single_microbatch is: exact PROMA" in run.stdout
+    assert "arrays=" not in run.stdout and "pytest_plugin.py" not in run.stdout
+    assert "proma_case = Case('exact_single_microbatch', proma/exact, 1 microbatches," in run.stdout

@@ -67,6 +67,11 @@ class Case:
     arrays: dict = field(default_factory=dict)
     tags: list = field(default_factory=list)
 
+    def __repr__(self) -> str:
+        # short on purpose: pytest prints a failing test's arguments, and the arrays would fill the screen
+        return (f"Case({self.id!r}, {self.settings.label()}, {self.n_microbatches} microbatches, "
+                f"{len(self.layers)} layers)")
+
     @property
     def n_microbatches(self) -> int:
         return len(self.boundaries) - 1

@@ -8,10 +8,22 @@ An outside project that has installed ``proma`` writes, in its own test suite::
 
 and ``pytest`` runs that test once per case (ids are the case ids). Cases come from ``--proma-cases DIR``
 (or the ini option ``proma_cases``), a directory written by ``proma-verify cases``; without one the plugin
-writes the synthetic default set once per session into a temporary directory. ``proma_check(case,
-outputs, *, allow_missing=False, dtype=None)`` raises AssertionError with the per-case and per-layer table
-when a checked array fails, and skips the test when nothing was checked. Loaded only when a test asks for
-``proma_case``; otherwise it costs nothing.
+writes the synthetic default set once per session into a temporary directory. Loaded only when a test asks
+for ``proma_case``; otherwise it costs nothing.
+
+The objects a test sees (FORMAT.md, "Using the oracle from pytest"):
+
+- ``proma_case``: a :class:`verification.oracle.format.Case`: ``.id``, ``.description``, ``.tags``,
+  ``.settings`` (a :class:`~verification.oracle.settings.Settings`: ``variant``, ``solver``, ``passes``,
+  ``ridge``, ``relative_bound``, ``shrinkage``, ``intra_rank``, ``intra_form``, and ``.label()``), ``.layers``
+  (one :class:`~verification.oracle.settings.Layer` per parameter tensor: ``.name`` e.g. ``"fc1.weight"``,
+  ``.shape`` a tuple such as ``(o, i)``, ``.uses`` a tuple of ``"linear"`` / ``"dense"``, ``.size``),
+  ``.n_microbatches``, ``.batch_size(m)``, ``.weights(m)`` (b_m,), ``.use(m, k, u)`` (``{"X", "D", "seq"}`` or
+  ``{"seq_grads"}``) and ``.expected(m, k, name)`` with name ``"G_in"``, ``"pg"`` or ``"G_out"``;
+- ``proma_check(case, outputs, *, allow_missing=False, dtype=None)``: returns the
+  :class:`~verification.oracle.verdicts.CheckResult` when every checked array passes, skips the test when
+  nothing was checked, and otherwise raises AssertionError with the per-case and per-layer table, each FAIL
+  line followed by the case's description (the plugin's own frames are hidden from the traceback).
 """
 from __future__ import annotations
 
@@ -63,12 +75,17 @@ def pytest_generate_tests(metafunc):
 
 @pytest.fixture
 def proma_check(request):
-    """``check(case, outputs, *, allow_missing=False, dtype=None)``: assert ``outputs`` match the case."""
+    """``check(case, outputs, *, allow_missing=False, dtype=None)``: assert ``outputs`` match the case.
+
+    ``outputs[m][k]``: the running gradient of layer k after microbatch m (``None`` for a layer not handled,
+    with ``allow_missing=True``); ``dtype`` picks the tolerance class (default: the outputs' own dtype).
+    """
     from .check import check_outputs
 
     _, manifest = _load(request.config)
 
     def check(case, outputs, *, allow_missing=False, dtype=None):
+        __tracebackhide__ = True  # the failure is the caller's: pytest shows the test's line, then the table
         result = check_outputs(case, outputs, manifest["tolerances"], dtype=dtype, allow_missing=allow_missing)
         if result.exit_code == 0:
             return result

@@ -1,6 +1,6 @@
 """PromaGRPOConfig's proma_* fields: checked when the config is built (also through TrlParser), errors naming
 the field; the gradient_accumulation_steps=1 warning; options that do not fit the model fail at trainer
-construction; an empty completion's weight. No training here: each test builds a config or a trainer (well under a second)."""
+construction; an empty completion's weight. No training here: each test builds a config or a trainer."""
 from __future__ import annotations
 
 import copy

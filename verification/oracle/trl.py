@@ -107,7 +107,7 @@ class OracleCaseWriter(TrainerCallback):
         self.written = save_cases(out_dir, [compute_expected(case)], generator={"name": "verification.oracle.trl"})
         size = sum(f.stat().st_size for f in Path(self.written).parent.iterdir() if f.is_file())
         self.log(f"oracle case {case.id}: {case.n_microbatches} microbatches, {len(layers)} tensors, "
-                 f"{size / MEGABYTE:.2f} MB written to {self.written}")
+                 f"{size / MEGABYTE:.2f} MB written to {Path(self.written).parent}")
 
 
 def float64_twin(model: nn.Module, exclude, patterns=()) -> nn.Module:
@@ -230,7 +230,7 @@ def build_case(layers, arrays: dict, options: dict, where: dict, params=()) -> C
             f"_rank{where['rank']}"
     restricted = f"; parameters restricted to {list(params)}" if params else ""
     excluded = f"; proma_exclude {sorted(options['exclude'])} left out" if options["exclude"] else ""
-    return Case(id=f"trl_grpo_{settings['variant']}_{settings['solver']}{suffix}",
-                description=f"optimizer step {where['step']} of a TRL PromaGRPOTrainer run, {scope}{restricted}{excluded}",
+    what = f"optimizer step {where['step']} of a TRL PromaGRPOTrainer run, {scope}{restricted}{excluded}"
+    return Case(id=f"trl_grpo_{settings['variant']}_{settings['solver']}{suffix}", description=what,
                 settings=Settings(**settings), layers=list(layers), boundaries=[0] + np.cumsum(sizes).tolist(),
                 arrays=arrays, tags=["real", "trl"])

@@ -8,7 +8,7 @@ An outside project that has installed ``proma`` writes, in its own test suite::
 
 and ``pytest`` runs that test once per case (ids are the case ids). Cases come from ``--proma-cases DIR``
 (or the ini option ``proma_cases``), a directory written by ``proma-verify cases``; without one the plugin
-writes the synthetic default set once per session into a temporary directory. Loaded only when a test asks
+copies the shipped synthetic golden set once per session into a temporary directory. Loaded only when a test asks
 for ``proma_case``; otherwise it costs nothing.
 
 The objects a test sees (FORMAT.md, "Using the oracle from pytest"):
@@ -38,7 +38,7 @@ OPTION, INI = "--proma-cases", "proma_cases"
 def pytest_addoption(parser):
     parser.addoption(OPTION, default=None, metavar="DIR",
                      help="PROMA oracle case directory for the proma_case fixture (default: the synthetic set, "
-                          "generated once per session)")
+                          "copied once per session)")
     parser.addini(INI, "PROMA oracle case directory for the proma_case fixture", default="")
 
 
@@ -48,11 +48,10 @@ def _cases_dir(config) -> Path:
         return Path(chosen)
     cached = getattr(config, "_proma_cases_dir", None)
     if cached is None:
-        from .cases import generator_info, synthetic_cases
-        from .format import save_cases
+        from .golden import default_cases
 
         cached = Path(tempfile.mkdtemp(prefix="proma-cases-"))
-        save_cases(cached, synthetic_cases(0), generator=generator_info(0))
+        default_cases(cached, real=False, log=lambda *a: None)  # the shipped synthetic set, copied
         config._proma_cases_dir = cached
     return cached
 

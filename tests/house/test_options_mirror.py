@@ -43,3 +43,11 @@ def test_format_settings_defaults_mirror_proma():
 def test_published_settings_are_a_valid_case_setting():
     F.Settings(**P.PUBLISHED_SETTINGS).validate("published")
     assert reference.AccumulationOptions(**{k: v for k, v in P.PUBLISHED_SETTINGS.items() if k != "variant"})
+
+
+def test_the_oracles_published_case_uses_the_published_settings():
+    """The synthetic "paper_settings" case spells the published run out (the oracle does not import proma)."""
+    from verification.oracle.cases import default_recipes
+
+    paper = next(r for r in default_recipes() if r.id == "paper_settings")
+    assert paper.settings == F.Settings(**P.PUBLISHED_SETTINGS)

@@ -14,14 +14,18 @@ form raises a ValueError at the first microbatch (a safety net behind the option
 
 Log-probabilities come from the model's own (unfused) LM head: TRL's fused head reads the tied weight
 without calling ``lm_head``, a use PROMA's hooks cannot see (the accumulator's coverage check would raise).
-The unfused head materialises the (b, K, vocab) logits of a microbatch in float32.
+The unfused head materialises the (b, K, vocab) logits of a microbatch in float32; in float32 it agrees with
+TRL's fused head to rounding, under bf16 autocast it rounds differently (measured in docs/trl.md).
 
 Gradient accumulation: ``zero_grad`` at the first microbatch of each optimizer step, ``synchronize`` at the
 last (before clipping and ``optimizer.step()``); every forward and backward runs inside
 ``accelerator.no_sync`` so DDP does not reduce gradients (the accumulator does, per ``proma_sync``).
 
 Oracle: with ``proma_oracle_dir`` set, the first optimizer step's microbatches are written as oracle cases
-(``verification/FORMAT.md``) from a float64 copy of the policy, the weights being the ones PROMA received.
+(``verification/FORMAT.md``) by the oracle's writer callback ``verification.oracle.trl.OracleCaseWriter``,
+attached by name (:data:`ORACLE_WRITER`; this library never imports the oracle package) unless one is passed
+in ``callbacks``. The trainer hands it each microbatch PROMA received and the end of each accumulation
+window (``on_proma_microbatch`` / ``on_proma_step_end``).
 """
 from __future__ import annotations
 

@@ -95,7 +95,7 @@ def test_oracle_cases_from_the_first_step(tokenizer, policy, tmp_path, capsys):
     _assert_matches(grads, _expected(cases_dir))
     logged = trainer.state.log_history[0]["proma/removed_ratio"]
     assert logged == pytest.approx(_removed_ratio(cases_dir), rel=FLOAT32_RTOL)
-    printed = [float(re.search(r"about ([0-9.]+) MB", line).group(1))
+    printed = [float(re.search(r"about ([0-9.]+) MiB", line).group(1))
                for line in capsys.readouterr().out.splitlines() if line.startswith("oracle case microbatch")]
     stored = [sum(case.array(key).nbytes for key in case.arrays if key.startswith(f"mb{m}/")) / MEGABYTE
               for m in range(case.n_microbatches)]
@@ -121,7 +121,7 @@ def test_lora_case_holds_the_adapters_restricted_to_named_ones(tokenizer, policy
     _assert_matches(grads, want)
     assert [line.split(":")[0] for line in lines] == ["oracle case microbatch 0", "oracle case microbatch 1",
                                                       "oracle case trl_grpo_proma_exact"]
-    assert "MB float64" in lines[0] and "written to" in lines[-1]
+    assert "MiB float64" in lines[0] and "written to" in lines[-1]
 
 
 def test_oracle_params_matching_nothing_fail(tokenizer, policy, tmp_path):

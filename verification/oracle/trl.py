@@ -107,7 +107,7 @@ class OracleCaseWriter(TrainerCallback):
         self.written = save_cases(out_dir, [compute_expected(case)], generator={"name": "verification.oracle.trl"})
         size = sum(f.stat().st_size for f in Path(self.written).parent.iterdir() if f.is_file())
         self.log(f"oracle case {case.id}: {case.n_microbatches} microbatches, {len(layers)} tensors, "
-                 f"{size / MEGABYTE:.2f} MB written to {Path(self.written).parent}")
+                 f"{size / MEGABYTE:.2f} MiB written to {Path(self.written).parent}")
 
 
 def float64_twin(model: nn.Module, exclude, patterns=()) -> nn.Module:
@@ -167,9 +167,9 @@ def size_lines(twin: nn.Module, records: list) -> list:
         expected = 3 * sum(p.numel() for _, p in params)
         total = BYTES_PER_NUMBER * (linear + sum(dense.values()) + expected + b)
         biggest = max(dense, key=dense.get) if dense else None
-        lines.append(f"microbatch {m}: b={b}, {t} tokens, about {total / MEGABYTE:.2f} MB float64 (linear factors "
-                     f"{BYTES_PER_NUMBER * linear / MEGABYTE:.2f} MB, dense per-sequence gradients "
-                     f"{BYTES_PER_NUMBER * sum(dense.values()) / MEGABYTE:.2f} MB"
+        lines.append(f"microbatch {m}: b={b}, {t} tokens, about {total / MEGABYTE:.2f} MiB float64 (linear factors "
+                     f"{BYTES_PER_NUMBER * linear / MEGABYTE:.2f} MiB, dense per-sequence gradients "
+                     f"{BYTES_PER_NUMBER * sum(dense.values()) / MEGABYTE:.2f} MiB"
                      + (f", largest {biggest}" if biggest else "") + "); restrict with proma_oracle_params")
     return lines
 

@@ -85,18 +85,14 @@ class AccumulationOptions:
         if self.solver not in SOLVER_REGISTRY:
             raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
         checked = dict(passes=as_int(self.passes, "passes", minimum=1),
-                       ridge=as_real(self.ridge, "ridge", minimum=0.0, strict=True),
-                       shrinkage=as_real(self.shrinkage, "shrinkage"))
+                       ridge=as_real(self.ridge, "ridge", minimum=0.0, strict=True))
         if self.relative_bound is not None:
             checked["relative_bound"] = as_real(self.relative_bound, "relative_bound", minimum=0.0)
+        checked["shrinkage"] = as_real(self.shrinkage, "shrinkage")
         if self.rcond is not None:
             checked["rcond"] = as_real(self.rcond, "rcond", minimum=0.0)
         for name, value in checked.items():
             object.__setattr__(self, name, value)
-
-    @property
-    def solver_options(self) -> SolverOptions:
-        return SolverOptions(passes=self.passes, ridge=self.ridge, rcond=self.rcond)
 
 
 @dataclass(frozen=True, eq=False)

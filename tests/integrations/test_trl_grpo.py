@@ -113,3 +113,20 @@ def test_unsupported_options_raise(opts, match, tokenizer, policy, tmp_path):
     with pytest.raises(ValueError, match=match):
         PromaGRPOTrainer(model=copy.deepcopy(policy), reward_funcs=length_reward, train_dataset=dataset(),
                          args=config(PromaGRPOConfig, tmp_path, **opts), processing_class=tokenizer)
+
+
+def test_none_equals_trl_with_lora(tokenizer, policy, tmp_path):
+    """A PEFT model (TRL patches the base model's forward with its fused head): "none" gives TRL's gradient of
+    the LoRA tensors, the only ones with a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from trl_lora_ranks import LORA
+
+    lora = get_peft_model(copy.deepcopy(policy), LoraConfig(**LORA))   # random A and B, drawn once
+    grads = []
+    for cls, cfg_cls, opts in ((GRPOTrainer, GRPOConfig, {}), (PromaGRPOTrainer, PromaGRPOConfig,
+                                                              {"proma_variant": "none"})):
+        grads.append(run(cls, config(cfg_cls, tmp_path / cls.__name__, **opts), tokenizer, copy.deepcopy(lora))[1])
+    names = [n for n, g in grads[0].items() if g is not None]
+    assert names and all("lora_" in n for n in names)
+    assert sorted(names) == sorted(n for n, g in grads[1].items() if g is not None)
+    assert _rel(_flat(grads[1], names), _flat(grads[0], names)) <= FLOAT32_RTOL

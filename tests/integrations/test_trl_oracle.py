@@ -37,6 +37,10 @@ MEGABYTE = 2 ** 20
 PRINTED_MB_ATOL = 0.005
 # relative change of the candidate's outputs that the oracle must reject
 PERTURBATION = 1e-3
+# prompts of different token lengths (4, 5, 6, 7, 8, 10, 13, 19 tokens): whichever two a step draws, the
+# shorter one is left-padded
+RAGGED_PROMPTS = ["1+2=", "5+6=3", "3+4= 5", "the answer 7+8=", "the answer is 2*3=", "the answer is 3 4*5=",
+                  "the answer is 7 11 6-1=", "the answer is 7 11 12 30 9-3="]
 # a child torchrun with two ranks importing trl, 2 x 2 short runs
 TORCHRUN_TIMEOUT_S = 300
 
@@ -122,6 +126,20 @@ def test_lora_case_holds_the_adapters_restricted_to_named_ones(tokenizer, policy
     assert [line.split(":")[0] for line in lines] == ["oracle case microbatch 0", "oracle case microbatch 1",
                                                       "oracle case trl_grpo_proma_exact"]
     assert "MiB float64" in lines[0] and "written to" in lines[-1]
+
+
+def test_eager_attention_with_left_padded_prompts(tokenizer, policy, tmp_path):
+    """Prompts of different lengths are left-padded; with HF's eager attention (softmax taken in float32) a
+    float64 copy would spread NaN from the padding queries. The case is finite and passes."""
+    model = copy.deepcopy(policy)
+    model.set_attn_implementation("eager")
+    cases_dir = tmp_path / "cases"
+    _, grads = run(PromaGRPOTrainer, config(PromaGRPOConfig, tmp_path / "run", proma_oracle_dir=str(cases_dir)),
+                   tokenizer, model, prompts=RAGGED_PROMPTS)
+    (case,), _ = load_cases(cases_dir)
+    assert len({len(tokenizer(p)["input_ids"]) for p in RAGGED_PROMPTS}) == len(RAGGED_PROMPTS)
+    check_callable(cases_dir, run_torch).raise_if_failed()
+    _assert_matches(grads, _expected(cases_dir))
 
 
 def test_oracle_params_matching_nothing_fail(tokenizer, policy, tmp_path):

@@ -111,7 +111,8 @@ class OracleCaseWriter(TrainerCallback):
 
 
 def float64_twin(model: nn.Module, exclude, patterns=()) -> nn.Module:
-    """A float64 copy of ``model`` running its classes' forwards, with only the case's parameters trainable.
+    """A float64 copy of ``model`` running its classes' forwards (eager attention as SDPA), with only the case's
+    parameters trainable.
 
     The case's parameters: the trainable ones not in ``exclude``; with ``patterns``, those whose name matches
     one of them (fnmatch). Raises ValueError when none is left.
@@ -119,6 +120,14 @@ def float64_twin(model: nn.Module, exclude, patterns=()) -> nn.Module:
     twin = copy.deepcopy(model).double()
     for module in twin.modules():
         module.__dict__.pop("forward", None)   # TRL's fused head / accelerate's wrapper: bound to the original
+    if getattr(getattr(twin, "config", None), "_attn_implementation", None) == "eager":
+        # HF's eager attention takes its softmax in float32: float64's mask value becomes -inf there, a left-padded
+        # row's padding queries give NaN, and 0 * NaN spreads it to the real tokens. SDPA computes the same
+        # attention in float64.
+        try:
+            twin.set_attn_implementation("sdpa")
+        except (ValueError, ImportError, AttributeError):
+            pass
     names = [n for n, p in twin.named_parameters() if p.requires_grad and n not in set(exclude)]
     if patterns:
         unmatched = [pat for pat in patterns if not any(fnmatch.fnmatchcase(n, pat) for n in names)]

@@ -149,9 +149,11 @@ def step_printer(log):
             if not logs or "reward" not in logs:
                 return
             self.records.append(dict(logs, step=state.global_step))
-            removed, rank = logs.get("proma/removed_ratio"), logs.get("proma/gram_rank_mean")
+            rank = logs.get("proma/gram_rank_mean")
+            key = "intra_removed_ratio" if "proma/intra_removed_ratio" in logs else "removed_ratio"
+            removed = logs.get(f"proma/{key}")
             log(f"step {state.global_step:3d}  reward {logs['reward']:.3f}  "
-                f"removed_ratio {'-' if removed is None else f'{removed:.4f}'}  "
+                f"{key} {'-' if removed is None else f'{removed:.4f}'}  "
                 f"gram_rank {'-' if rank is None else f'{rank:.1f}'}  "
                 f"completion_len {logs.get('completions/mean_length', float('nan')):.1f}")
 

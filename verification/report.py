@@ -63,10 +63,10 @@ def _write_json(path: Path, obj) -> Path:
 # ---------------------------------------------------------------------------------------------- phases
 def oracle_phase(work_dir: Path, *, real: bool, seed: int, realcase_cache, log) -> dict:
     """Write the golden cases and check this project's implementations against them."""
-    from .cases import generator_info, synthetic_cases
-    from .check import check_callable
-    from .format import save_cases
-    from .impls import IMPLEMENTATIONS
+    from .oracle.cases import generator_info, synthetic_cases
+    from .oracle.check import check_callable
+    from .oracle.format import save_cases
+    from .oracle.impls import IMPLEMENTATIONS
 
     cases = synthetic_cases(seed)
     if real:

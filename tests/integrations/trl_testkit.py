@@ -33,10 +33,10 @@ def tiny_policy(tokenizer, seed=0):
     return model
 
 
-def dataset():
+def dataset(prompts=PROMPTS):
     from datasets import Dataset
 
-    return Dataset.from_dict({"prompt": PROMPTS})
+    return Dataset.from_dict({"prompt": list(prompts)})
 
 
 def length_reward(completions, **kwargs):
@@ -54,7 +54,7 @@ def config(cls, out_dir, **overrides):
     return cls(**kw)
 
 
-def run(trainer_cls, args, tokenizer, model, callbacks=()):
+def run(trainer_cls, args, tokenizer, model, callbacks=(), prompts=PROMPTS):
     """Train; return (trainer, {parameter name: gradient before the first optimizer step}).
 
     ``trainer.grad_history`` keeps that dict for every optimizer step.
@@ -70,7 +70,7 @@ def run(trainer_cls, args, tokenizer, model, callbacks=()):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        trainer = trainer_cls(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset(),
+        trainer = trainer_cls(model=model, reward_funcs=length_reward, args=args, train_dataset=dataset(prompts),
                               processing_class=tokenizer, callbacks=[Snapshot(), *callbacks])
         trainer.train()
     trainer.grad_history = history

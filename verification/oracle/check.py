@@ -91,7 +91,7 @@ def compare_case(case: Case, outputs, manifest: dict, *, dtype=None, rtol=None, 
     M, L = case.n_microbatches, len(case.layers)
 
     def error(msg):
-        return CaseResult(case.id, label, STATUS_ERROR, message=msg)
+        return CaseResult(case.id, label, STATUS_ERROR, message=msg, description=case.description)
 
     try:
         n_out = len(outputs)
@@ -127,7 +127,25 @@ def compare_case(case: Case, outputs, manifest: dict, *, dtype=None, rtol=None, 
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         problems.insert(0, f"missing array {missing[0]!r}{more}; {ALLOW_MISSING_HINT}")
     message = "; ".join(problems)
-    return CaseResult(case.id, label, _case_status(arrays), arrays, rtol, atol, cls, message)
+    return CaseResult(case.id, label, _case_status(arrays), arrays, rtol, atol, cls, message, case.description)
+
+
+def _skips_in_candidate_dtype(result: CheckResult, manifest: dict, dtype, rtol, atol) -> None:
+    """Give cases with no array checked (SKIP) the tolerance class of the arrays the candidate did provide.
+
+    A skipped case has no array of its own to take a dtype from; without this its row would show float64
+    tolerances next to a float32 candidate's. The class is ``dtype`` when given, else the widest class among
+    the judged cases (float32 if any judged case is float32, which is what the candidate holds).
+    """
+    if dtype is None:
+        judged = {r.dtype for r in result.results if r.checked()}
+        if not judged:
+            return
+        dtype = "float32" if "float32" in judged else "float64"
+    cls, rtol, atol = tolerance(manifest, dtype, rtol, atol)
+    for r in result.results:
+        if r.status == STATUS_SKIP:
+            r.dtype, r.rtol, r.atol = cls, rtol, atol
 
 
 # ------------------------------------------------------------------------------------------ entry points
@@ -179,10 +197,11 @@ def check_callable(cases_dir, fn, *, only=None, dtype=None, rtol=None, atol=None
             outputs = _run_steps(case, fn) if step else fn(case)
         except Exception as exc:  # the candidate's failure is a result, not a crash of the checker
             result.results.append(CaseResult(case.id, case.settings.label(), STATUS_ERROR,
-                                             message=f"{type(exc).__name__}: {exc}"))
+                                             message=f"{type(exc).__name__}: {exc}", description=case.description))
             continue
         result.results.append(compare_case(case, outputs, manifest, dtype=dtype, rtol=rtol, atol=atol,
                                            allow_missing=allow_missing))
+    _skips_in_candidate_dtype(result, manifest, dtype, rtol, atol)
     return result
 
 
@@ -245,6 +264,7 @@ def check_candidate(cases_dir, candidate_path, *, only=None, dtype=None, rtol=No
         if res.message:
             res.message = f"{name}: {res.message}"
         result.results.append(res)
+    _skips_in_candidate_dtype(result, manifest, dtype, rtol, atol)
     known = {e.get("id") for e in manifest["cases"] if isinstance(e, dict)}
     result.unexpected_keys = sorted(key for key in set(arrays) - used if key.split("/", 1)[0] not in known)
     return result

@@ -13,6 +13,11 @@ STATUS_PASS, STATUS_FAIL, STATUS_ERROR, STATUS_SKIP = "PASS", "FAIL", "ERROR", "
 JSON_FORMAT = "proma-verify-check"
 JSON_VERSION = 1
 MODE_CHAIN, MODE_STEP = "chain", "step"
+# After a chain-mode FAIL: how to see each microbatch judged on its own. Rerunning the same candidate with
+# --step changes nothing; the candidate itself must be recomputed from the stored running gradients.
+STEP_HINT = ("To judge each microbatch on its own, recompute the candidate so that every microbatch m starts "
+             "from the stored mb{m}/layer{k}/G_in (not from your own G_out of mb{m-1}), then check it with --step "
+             "(with --impl: --step runs it so)")
 # a case's table shows this many skipped layer names before "..."
 SKIPPED_NAMES_SHOWN = 6
 
@@ -53,6 +58,7 @@ class CaseResult:
     atol: float = float("nan")
     dtype: str = ""
     message: str = ""
+    description: str = ""
 
     def checked(self) -> list:
         return [a for a in self.arrays if a.status in (STATUS_PASS, STATUS_FAIL)]
@@ -95,6 +101,7 @@ class CaseResult:
         out = {"case_id": self.case_id, "settings": self.settings, "status": self.status, "dtype": self.dtype,
                "rtol": self.rtol, "atol": self.atol, "max_abs_err": self.max_abs_err,
                "max_rel_err": self.max_rel_err, "worst": self.worst, "message": self.message,
+               "description": self.description,
                "n_checked": len(self.checked()), "n_skipped": len(self.skipped()), "n_arrays": len(self.arrays),
                "arrays": [asdict(a) for a in self.arrays]}
         return _json_safe(out)
@@ -185,11 +192,13 @@ class CheckResult:
             lines.append(f"ERROR {r.case_id}: {r.message}")
         for a in r.failing():
             if a.status == STATUS_FAIL:
-                    lines.append(f"{a.status} {r.case_id}: {a.message}")
+                lines.append(f"{a.status} {r.case_id}: {a.message}")
+        if r.status in (STATUS_FAIL, STATUS_ERROR) and r.description:
+            lines.append(f"  {r.case_id} is: {r.description}")
         if r.status == STATUS_FAIL and self.mode == MODE_CHAIN:
             first = min(a.m for a in r.failing())
             lines.append(f"  {r.case_id}: first failing microbatch mb{first}; later microbatches carry its error "
-                         "forward (check --step judges each microbatch from the stored G_in)")
+                         "forward. " + STEP_HINT)
         if r.skipped():
             lines.append(f"SKIP {r.case_id}: {r.coverage()}")
         return lines

@@ -14,6 +14,14 @@ import numpy as np
 import torch
 from torch import nn
 
+import reference
+
+from .format import Layer, use_key, weights_key
+
+# Relative agreement required between autograd per-sequence gradients and those from the captured linear
+# factors (float64 model; both are exact up to rounding).
+CAPTURE_RTOL = 1e-9
+
 
 def trainable_parameters(model: nn.Module) -> list:
     """``[(name, parameter)]`` of trainable parameters, each shared parameter once (first name)."""
@@ -110,3 +118,39 @@ def linear_weight_owners(model: nn.Module) -> dict:
             other[id(p)] = other.get(id(p), False) or not linear_weight
     return other
 
+
+def capture_case_arrays(model, seq_logp_fn, batches, weights) -> tuple:
+    """Layers and arrays (FORMAT.md keys, no expected arrays) of ``model`` on the given microbatches.
+
+    ``model`` should be float64 (a copy); it is put in eval mode.
+    """
+    model.eval()
+    named = trainable_parameters(model)
+    other_owner = linear_weight_owners(model)
+    arrays, layers = {}, None
+    for m, (batch, w) in enumerate(zip(batches, weights)):
+        b = batch["input_ids"].shape[0]
+        _, factors = linear_factors(model, seq_logp_fn, batch, batch["attention_mask"])
+        grads = per_sequence_grads(model, seq_logp_fn, batch, [p for _, p in named])
+        arrays[weights_key(m)] = np.asarray(w, dtype=np.float64)
+        mb_layers = []
+        for k, ((name, p), total) in enumerate(zip(named, grads)):
+            calls = factors.get(id(p), [])
+            linear_part = np.zeros_like(total)
+            for u, (X, D, seq) in enumerate(calls):
+                arrays[use_key(m, k, u, "X")], arrays[use_key(m, k, u, "D")] = X, D
+                arrays[use_key(m, k, u, "seq")] = seq
+                linear_part += reference.linear_seq_grads(X, D, seq, b)
+            uses = ["linear"] * len(calls)
+            if other_owner.get(id(p), True):
+                arrays[use_key(m, k, len(calls), "seq_grads")] = total - linear_part
+                uses.append("dense")
+            else:
+                err = np.linalg.norm(total - linear_part) / max(np.linalg.norm(total), 1e-300)
+                if err > CAPTURE_RTOL:
+                    raise RuntimeError(f"captured factors of {name} disagree with autograd (rel err {err:.2e})")
+            mb_layers.append(Layer(name, tuple(p.shape), tuple(uses)))
+        if layers is not None and mb_layers != layers:
+            raise RuntimeError(f"microbatch {m} has different layer uses than microbatch 0")
+        layers = mb_layers
+    return layers, arrays

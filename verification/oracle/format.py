@@ -7,12 +7,14 @@ microbatch m, layer (parameter tensor) k, use u of that layer.
 from __future__ import annotations
 
 import json
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from .settings import (  # noqa: F401  (re-exported: the format's public names)
+    INTRA_FORMS, SOLVERS, USE_KINDS, VARIANTS, FormatError, Layer, Settings, is_int, is_real)
 
 FORMAT_NAME = "proma-verify-cases"
 SCHEMA_VERSION = 2
@@ -21,19 +23,11 @@ SCHEMA_VERSION = 2
 READABLE_VERSIONS = (1, 2)
 MANIFEST = "manifest.json"
 
-VARIANTS = ("none", "proma", "intra")
-SOLVERS = ("exact", "gram_schmidt", "ridge")
-INTRA_FORMS = ("two_sided", "kron")
-USE_KINDS = ("linear", "dense")
 LINEAR_ARRAYS = ("X", "D", "seq")
 DENSE_ARRAYS = ("seq_grads",)
 EXPECTED_ARRAYS = ("G_in", "pg", "G_out")
 
 _CASE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
-
-
-class FormatError(ValueError):
-    """A case directory, case archive or candidate file does not follow FORMAT.md."""
 
 
 # ----------------------------------------------------------------------------------------------- names
@@ -58,101 +52,6 @@ def candidate_key(case_id: str, m: int, k: int) -> str:
 
 
 # -------------------------------------------------------------------------------------------- objects
-@dataclass(frozen=True)
-class Settings:
-    """The accumulation a case asks for (see FORMAT.md, "settings")."""
-
-    variant: str = "proma"
-    solver: str = "exact"
-    passes: int = 2
-    ridge: float = 1e-2
-    relative_bound: float | None = None
-    shrinkage: float = 1.0
-    intra_rank: int = 1
-    intra_form: str = "two_sided"
-
-    def to_json(self) -> dict:
-        return {
-            "variant": self.variant, "solver": self.solver, "passes": self.passes, "ridge": self.ridge,
-            "relative_bound": self.relative_bound, "shrinkage": self.shrinkage,
-            "intra_rank": self.intra_rank, "intra_form": self.intra_form,
-        }
-
-    @classmethod
-    def from_json(cls, obj, where: str) -> "Settings":
-        if not isinstance(obj, dict):
-            raise FormatError(f"{where}: settings must be an object; got {type(obj).__name__}")
-        expected = set(cls().to_json())
-        if set(obj) != expected:
-            missing, extra = sorted(expected - set(obj)), sorted(set(obj) - expected)
-            raise FormatError(f"{where}: settings keys wrong (missing {missing}, unknown {extra})")
-        s = cls(**obj)
-        s.validate(where)
-        return s
-
-    def validate(self, where: str) -> None:
-        def bad(msg):
-            raise FormatError(f"{where}: settings.{msg}")
-
-        if self.variant not in VARIANTS:
-            bad(f"variant must be one of {VARIANTS}; got {self.variant!r}")
-        if self.solver not in SOLVERS:
-            bad(f"solver must be one of {SOLVERS}; got {self.solver!r}")
-        if not _is_int(self.passes) or self.passes < 1:
-            bad(f"passes must be an integer >= 1; got {self.passes!r}")
-        if not _is_real(self.ridge) or not self.ridge > 0:
-            bad(f"ridge must be a number > 0; got {self.ridge!r}")
-        if self.relative_bound is not None and (not _is_real(self.relative_bound) or self.relative_bound < 0):
-            bad(f"relative_bound must be null or a number >= 0; got {self.relative_bound!r}")
-        if not _is_real(self.shrinkage):
-            bad(f"shrinkage must be a finite number; got {self.shrinkage!r}")
-        if not _is_int(self.intra_rank) or self.intra_rank < 0:
-            bad(f"intra_rank must be an integer >= 0; got {self.intra_rank!r}")
-        if self.intra_form not in INTRA_FORMS:
-            bad(f"intra_form must be one of {INTRA_FORMS}; got {self.intra_form!r}")
-
-    def label(self) -> str:
-        """Short human label, e.g. ``proma/gram_schmidt(passes=2, bound=0.5)``."""
-        if self.variant == "none":
-            return "none"
-        if self.variant == "intra":
-            return f"intra/{self.intra_form}(rank={self.intra_rank})"
-        opts = {"gram_schmidt": f"passes={self.passes}", "ridge": f"ridge={self.ridge:g}"}.get(self.solver, "")
-        extra = [o for o in (opts,
-                             f"bound={self.relative_bound:g}" if self.relative_bound is not None else "",
-                             f"shrinkage={self.shrinkage:g}" if self.shrinkage != 1.0 else "") if o]
-        return f"proma/{self.solver}" + (f"({', '.join(extra)})" if extra else "")
-
-
-@dataclass(frozen=True)
-class Layer:
-    """One parameter tensor (one projection block): its name, shape and the kinds of its uses."""
-
-    name: str
-    shape: tuple
-    uses: tuple
-
-    @property
-    def size(self) -> int:
-        return int(np.prod(self.shape, dtype=np.int64))
-
-    def to_json(self) -> dict:
-        return {"name": self.name, "shape": list(self.shape), "uses": list(self.uses)}
-
-    @classmethod
-    def from_json(cls, obj, where: str) -> "Layer":
-        if not isinstance(obj, dict) or set(obj) != {"name", "shape", "uses"}:
-            raise FormatError(f"{where}: a layer must be an object with keys name, shape, uses; got {obj!r}")
-        shape, uses = obj["shape"], obj["uses"]
-        if not isinstance(shape, list) or not shape or not all(_is_int(d) and d >= 1 for d in shape):
-            raise FormatError(f"{where}: shape must be a non-empty list of positive integers; got {shape!r}")
-        if not isinstance(uses, list) or not uses or not all(u in USE_KINDS for u in uses):
-            raise FormatError(f"{where}: uses must be a non-empty list of {USE_KINDS}; got {uses!r}")
-        if "linear" in uses and len(shape) != 2:
-            raise FormatError(f"{where}: a layer with a linear use must have a 2-D shape (o, i); got {shape}")
-        return cls(name=str(obj["name"]), shape=tuple(int(d) for d in shape), uses=tuple(uses))
-
-
 @dataclass
 class Case:
     """One oracle case: settings, layers, microbatch boundaries and the arrays of its ``.npz``.
@@ -167,6 +66,11 @@ class Case:
     boundaries: list
     arrays: dict = field(default_factory=dict)
     tags: list = field(default_factory=list)
+
+    def __repr__(self) -> str:
+        # short on purpose: pytest prints a failing test's arguments, and the arrays would fill the screen
+        return (f"Case({self.id!r}, {self.settings.label()}, {self.n_microbatches} microbatches, "
+                f"{len(self.layers)} layers)")
 
     @property
     def n_microbatches(self) -> int:
@@ -218,21 +122,13 @@ def default_tolerances() -> dict:
     ``rtol`` bounds the error relative to the array's own scale; ``atol`` is used only where that scale is 0
     (every expected array of the layer is zero: then the candidate must be zero to within it).
     """
-    from .tolerances import FLOAT32_ATOL, FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
+    from ..tolerances import FLOAT32_ATOL, FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
 
     return {"float64": {"rtol": FLOAT64_RTOL, "atol": FLOAT64_ATOL},
             "float32": {"rtol": FLOAT32_RTOL, "atol": FLOAT32_ATOL}}
 
 
 # --------------------------------------------------------------------------------------------- checks
-def _is_int(x) -> bool:
-    return isinstance(x, (int, np.integer)) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, (int, float, np.integer, np.floating)) and not isinstance(x, bool) and math.isfinite(x)
-
-
 def validate_case(case: Case, *, expected: bool = True) -> None:
     """Check that every array of ``case`` is present, well shaped, finite and of the right dtype.
 
@@ -248,7 +144,7 @@ def validate_case(case: Case, *, expected: bool = True) -> None:
     if not case.layers:
         raise FormatError(f"{where}: must have at least one layer")
     c = case.boundaries
-    if (not isinstance(c, list) or len(c) < 2 or c[0] != 0 or not all(_is_int(v) for v in c)
+    if (not isinstance(c, list) or len(c) < 2 or c[0] != 0 or not all(is_int(v) for v in c)
             or any(b <= a for a, b in zip(c[:-1], c[1:]))):
         raise FormatError(f"{where}: microbatch_boundaries must be [0, c_1, ..., c_M] strictly increasing; got {c!r}")
 
@@ -260,40 +156,47 @@ def validate_case(case: Case, *, expected: bool = True) -> None:
     extra = sorted(set(case.arrays) - allowed)
     if extra:
         raise FormatError(f"{where}: unknown array {extra[0]!r} (FORMAT.md lists the allowed keys)")
-
-    def arr(key, shape, kind="f"):
-        a = case.arrays[key]
-        if not isinstance(a, np.ndarray):
-            raise FormatError(f"{where}: array {key!r} is not an ndarray")
-        if kind == "f" and a.dtype != np.float64:
-            raise FormatError(f"{where}: array {key!r} must be float64; got {a.dtype}")
-        if kind == "i" and not np.issubdtype(a.dtype, np.integer):
-            raise FormatError(f"{where}: array {key!r} must be an integer array; got {a.dtype}")
-        if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
-            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
-            raise FormatError(f"{where}: array {key!r} has shape {a.shape}; expected {want}")
-        if kind == "f" and not np.all(np.isfinite(a)):
-            raise FormatError(f"{where}: array {key!r} contains NaN or inf")
-        return a
-
     for m in range(case.n_microbatches):
-        b = case.batch_size(m)
-        arr(weights_key(m), (b,))
-        for k, layer in enumerate(case.layers):
-            for u, kind in enumerate(layer.uses):
-                if kind == "linear":
-                    o, i = layer.shape
-                    X = arr(use_key(m, k, u, "X"), (None, i))
-                    t = X.shape[0]
-                    arr(use_key(m, k, u, "D"), (t, o))
-                    seq = arr(use_key(m, k, u, "seq"), (t,), kind="i")
-                    if t and (seq.min() < 0 or seq.max() >= b):
-                        raise FormatError(f"{where}: array {use_key(m, k, u, 'seq')!r} holds sequence indices outside 0..{b - 1}")
-                else:
-                    arr(use_key(m, k, u, "seq_grads"), (b, *layer.shape))
-            if expected:
-                for name in EXPECTED_ARRAYS:
-                    arr(layer_key(m, k, name), layer.shape)
+        _validate_microbatch(case, m, where, expected)
+
+
+def _checked_array(case: Case, key: str, shape: tuple, where: str, kind: str = "f") -> np.ndarray:
+    """``case.arrays[key]`` checked: an ndarray of float64 (``kind="f"``, finite) or integers (``"i"``) of
+    ``shape`` (``None`` matches any length)."""
+    a = case.arrays[key]
+    if not isinstance(a, np.ndarray):
+        raise FormatError(f"{where}: array {key!r} is not an ndarray")
+    if kind == "f" and a.dtype != np.float64:
+        raise FormatError(f"{where}: array {key!r} must be float64; got {a.dtype}")
+    if kind == "i" and not np.issubdtype(a.dtype, np.integer):
+        raise FormatError(f"{where}: array {key!r} must be an integer array; got {a.dtype}")
+    if len(shape) != a.ndim or any(s is not None and s != d for s, d in zip(shape, a.shape)):
+        want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+        raise FormatError(f"{where}: array {key!r} has shape {a.shape}; expected {want}")
+    if kind == "f" and not np.all(np.isfinite(a)):
+        raise FormatError(f"{where}: array {key!r} contains NaN or inf")
+    return a
+
+
+def _validate_microbatch(case: Case, m: int, where: str, expected: bool) -> None:
+    """The arrays of microbatch m: weights (b,), each use's factors or seq_grads, the expected arrays."""
+    b = case.batch_size(m)
+    _checked_array(case, weights_key(m), (b,), where)
+    for k, layer in enumerate(case.layers):
+        for u, kind in enumerate(layer.uses):
+            if kind == "dense":
+                _checked_array(case, use_key(m, k, u, "seq_grads"), (b, *layer.shape), where)
+                continue
+            o, i = layer.shape
+            t = _checked_array(case, use_key(m, k, u, "X"), (None, i), where).shape[0]
+            _checked_array(case, use_key(m, k, u, "D"), (t, o), where)
+            seq = _checked_array(case, use_key(m, k, u, "seq"), (t,), where, kind="i")
+            if t and (seq.min() < 0 or seq.max() >= b):
+                raise FormatError(f"{where}: array {use_key(m, k, u, 'seq')!r} holds sequence indices outside "
+                                  f"0..{b - 1}")
+        if expected:
+            for name in EXPECTED_ARRAYS:
+                _checked_array(case, layer_key(m, k, name), layer.shape, where)
 
 
 # --------------------------------------------------------------------------------------- load / save
@@ -311,12 +214,12 @@ def read_manifest(cases_dir) -> dict:
     if manifest.get("format") != FORMAT_NAME:
         raise FormatError(f"{path}: format must be {FORMAT_NAME!r}; got {manifest.get('format')!r}")
     version = manifest.get("schema_version")
-    if not _is_int(version) or version not in READABLE_VERSIONS:
+    if not is_int(version) or version not in READABLE_VERSIONS:
         raise FormatError(f"{path}: schema_version {version!r} is not supported (this reader knows "
                           f"{', '.join(map(str, READABLE_VERSIONS))})")
     tol = manifest.get("tolerances")
     if not isinstance(tol, dict) or not all(
-            isinstance(tol.get(d), dict) and _is_real(tol[d].get("rtol")) and _is_real(tol[d].get("atol"))
+            isinstance(tol.get(d), dict) and is_real(tol[d].get("rtol")) and is_real(tol[d].get("atol"))
             for d in ("float64", "float32")):
         raise FormatError(f"{path}: tolerances must give rtol and atol for float64 and float32")
     if not isinstance(manifest.get("cases"), list) or not manifest["cases"]:
@@ -324,7 +227,8 @@ def read_manifest(cases_dir) -> dict:
     return manifest
 
 
-def _case_from_entry(entry, cases_dir: Path, index: int) -> Case:
+def case_from_entry(entry, cases_dir: Path, index: int) -> Case:
+    """Case ``index`` of a manifest, its archive read (not yet validated: see :func:`validate_case`)."""
     where = f"{cases_dir / MANIFEST}: cases[{index}]"
     need = {"id", "file", "description", "settings", "layers", "microbatch_boundaries"}
     if not isinstance(entry, dict) or not need <= set(entry):
@@ -380,7 +284,7 @@ def load_cases(cases_dir, *, only=None) -> tuple[list, dict]:
     for index, entry in enumerate(entries):
         if only is not None and entry.get("id") not in only:
             continue
-        case = _case_from_entry(entry, cases_dir, index)
+        case = case_from_entry(entry, cases_dir, index)
         validate_case(case)
         cases.append(case)
     return cases, manifest

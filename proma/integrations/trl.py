@@ -22,14 +22,15 @@ last (before clipping and ``optimizer.step()``); every forward and backward runs
 ``accelerator.no_sync`` so DDP does not reduce gradients (the accumulator does, per ``proma_sync``).
 
 Oracle: with ``proma_oracle_dir`` set, the first optimizer step's microbatches are written as oracle cases
-(``verification/FORMAT.md``) by the oracle's writer callback ``verification.oracle.trl.OracleCaseWriter``,
-attached by name (:data:`ORACLE_WRITER`; this library never imports the oracle package) unless one is passed
+(``verification/FORMAT.md``) by the oracle's writer callback, found through the entry-point group
+:data:`ORACLE_WRITER_GROUP` (the oracle registers ``verification.oracle.trl.OracleCaseWriter`` there; this
+library never names or imports the oracle package) unless one is passed
 in ``callbacks``. The trainer hands it each microbatch PROMA received and the end of each accumulation
 window (``on_proma_microbatch`` / ``on_proma_step_end``).
 """
 from __future__ import annotations
 
-import importlib
+import importlib.metadata
 import math
 import time
 import warnings
@@ -50,9 +51,9 @@ WEIGHT_RTOL = 1e-4
 _DEFAULTS = AccumulatorOptions()
 # TRL's default: one microbatch per optimizer step, where PROMA has nothing to project against
 SINGLE_MICROBATCH = 1
-# the oracle's TRL writer, attached by name when proma_oracle_dir is set and no writer was passed in
-# ``callbacks`` (the library never imports the oracle package itself)
-ORACLE_WRITER = "verification.oracle.trl:OracleCaseWriter"
+# Entry-point group of the oracle's TRL writer, attached when proma_oracle_dir is set and no writer was passed
+# in ``callbacks``: a plugin registered by the oracle (pyproject.toml), so the library depends on no oracle module.
+ORACLE_WRITER_GROUP = "proma.trl_oracle_writer"
 # the metrics logged per microbatch (PromaGRPOTrainer's docstring and docs/trl.md define them)
 METRIC_KEYS = ("proma/removed_ratio", "proma/intra_removed_ratio", "proma/gram_rank_mean")
 
@@ -175,17 +176,19 @@ def sequence_weights(coef: torch.Tensor, mask: torch.Tensor, *, rtol: float = WE
     return w
 
 
-def attach_oracle_writer(trainer, spec: str = ORACLE_WRITER):
-    """The oracle writer named ``spec`` ("module:attribute"), built on ``proma_oracle_dir`` and added as a callback.
+def attach_oracle_writer(trainer, group: str = ORACLE_WRITER_GROUP):
+    """The oracle writer registered in the entry-point ``group``, built on ``proma_oracle_dir``, added as a callback.
 
-    Named, not imported: ``proma`` does not depend on the oracle package, which is only loaded when asked for.
+    A plugin, not an import: ``proma`` does not depend on the oracle package, which registers its writer there.
     """
-    module, _, attr = spec.partition(":")
+    found = sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
+    if not found:
+        raise ValueError(f"proma_oracle_dir needs an oracle writer registered in the entry-point group {group!r} "
+                         "(the verification package installed with proma registers one); none is installed")
     try:
-        writer_cls = getattr(importlib.import_module(module), attr)
+        writer_cls = found[0].load()
     except (ImportError, AttributeError) as e:
-        raise ValueError(f"proma_oracle_dir needs the oracle's TRL writer {spec!r} (the verification package "
-                         f"installed with proma), which could not be loaded: {e}") from e
+        raise ValueError(f"proma_oracle_dir: the oracle writer {found[0].value!r} could not be loaded: {e}") from e
     writer = writer_cls(trainer.args.proma_oracle_dir, params=tuple(getattr(trainer.args, "proma_oracle_params", ())))
     trainer.add_callback(writer)
     return writer

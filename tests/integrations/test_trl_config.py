@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer, sequence_weights  # noqa: E402
 from proma.options import ACCUMULATOR_SOLVERS, INTRA_FORMS, STRATEGIES, SYNCS, VARIANTS  # noqa: E402
-from trl_testkit import config, dataset, length_reward, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, dataset, length_reward, tiny_policy, tiny_tokenizer  # noqa: E402
 
 # (field, mistyped value, what the error must show besides the field name)
 TYPOS = [

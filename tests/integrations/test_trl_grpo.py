@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
-from trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
 from verification.tolerances import FLOAT32_RTOL  # noqa: E402
 
 LOSS_TYPES = {
@@ -108,7 +108,7 @@ def test_fused_head_is_caught(tokenizer, policy, tmp_path):
     (dict(entropy_coef=0.01), "entropy bonus"),
 ])
 def test_unsupported_options_raise(opts, match, tokenizer, policy, tmp_path):
-    from trl_testkit import dataset, length_reward
+    from verification.trl_testkit import dataset, length_reward
 
     with pytest.raises(ValueError, match=match):
         PromaGRPOTrainer(model=copy.deepcopy(policy), reward_funcs=length_reward, train_dataset=dataset(),

@@ -22,7 +22,7 @@ pytest.importorskip("trl")
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
 from trl_lora_ranks import LORA  # noqa: E402
-from trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
 from verification import check_callable, load_cases  # noqa: E402
 from verification.oracle.impls import run_torch  # noqa: E402
 from verification.oracle.trl import OracleCaseWriter  # noqa: E402

@@ -17,7 +17,7 @@ pytest.importorskip("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
-from trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
 from verification import load_cases  # noqa: E402
 from verification.oracle.trl import OracleCaseWriter  # noqa: E402
 from verification.tolerances import FLOAT32_RTOL  # noqa: E402

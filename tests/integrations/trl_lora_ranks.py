@@ -14,9 +14,8 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))   # trl_testkit, under torchrun too
 
-from trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
 
 # random A and B: PEFT's default B = 0 makes every A gradient zero (an uninformative case)
 LORA = dict(r=2, lora_alpha=4, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, init_lora_weights=False)

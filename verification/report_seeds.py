@@ -60,9 +60,11 @@ def load_seeds(mode: str, data_dir) -> dict:
     results = {regime: seed_tables.load_results(data_dir, regime) for regime in grid.regimes}
     start = {}
     for regime in grid.regimes:
-        path = Path(data_dir) / regime / "start_eval.json"
-        if not path.is_file():
-            raise ValueError(f"{path}: missing; the seed study of regime {regime!r} has not started")
+        folder = Path(data_dir) / regime
+        # the first study's warm-start if the regime has it, else the (one) warm-start of a fresh study
+        path = next(iter(sorted(folder.glob("start_eval*.json"), key=lambda p: p.name != "start_eval.json")), None)
+        if path is None:
+            raise ValueError(f"{folder / 'start_eval.json'}: missing; the seed study of regime {regime!r} has not started")
         res = json.loads(path.read_text())
         start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
     compute = sum(json.loads(f.read_text())["seconds"]["total"]

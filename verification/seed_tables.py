@@ -147,15 +147,25 @@ def markdown_equal_kl(table: dict, *, baseline: str = BASELINE) -> str:
     return "\n".join(lines) + "\n"
 
 
+def start_eval_path(folder, warm_id: str | None) -> Path:
+    """The whole-split evaluation of the warm-start ``warm_id`` in a regime's data folder.
+
+    ``start_eval.json`` is the first study's warm-start (its runs predate warm-start ids); any other warm-start
+    has ``start_eval-<id>.json``. A warm-start id of the first study's weights is never written (unknown).
+    """
+    return Path(folder) / ("start_eval.json" if warm_id is None else f"start_eval-{warm_id}.json")
+
+
 def load_results(data_dir, regime: str) -> dict:
-    """``{(method, lr, seed): run numbers}`` of every result file of ``regime``."""
+    """``{(method, lr, seed): run numbers}`` of every result file of ``regime``; a run's validation change is
+    taken against the warm-start it started from (:func:`start_eval_path`)."""
     folder = Path(data_dir) / regime
-    start_path = folder / "start_eval.json"
-    start = json.loads(start_path.read_text()) if start_path.exists() else None
     out = {}
     for path in sorted(folder.glob("*-lr*-s*.json")):
         res = json.loads(path.read_text())
         c = res["config"]
+        start_path = start_eval_path(folder, res.get("warmstart", {}).get("id"))
+        start = json.loads(start_path.read_text()) if start_path.exists() else None
         out[(c["method"], c["lr"], c["seed"])] = run_numbers(res, start)
     return out
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .seed_tables import aggregate, load_results, markdown_tables
+from .seed_tables import aggregate, load_results, markdown_tables, start_eval_path
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
 BASELINE = "grpo"
@@ -176,7 +176,8 @@ def code_version() -> dict:
 def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str:
     """Train one run (resuming its directory), score its final policy on the whole test split, write JSON.
 
-    The JSON records the code it ran (:func:`code_version`, taken before training starts).
+    The JSON records the code it ran (:func:`code_version`, taken before training starts) and the warm-start it
+    started from (:func:`warmstart_provenance`).
     """
     import torch
 
@@ -187,14 +188,14 @@ def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str
 
     quiet_transformers()
     torch.set_num_threads(max(1, cfg_dict.get("num_threads") or 1))
-    code = code_version()
+    code, warm = code_version(), warmstart_provenance(cfg_dict["model"])
     t0 = time.perf_counter()
     run_dir = run(TrainConfig(**cfg_dict), log=lambda *a, **k: None)
     t_train = time.perf_counter() - t0
     ck = torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
     final = whole_split_eval(cfg_dict, ck["model"], items=eval_items)
     out = {"config": cfg_dict, "metrics": _read_jsonl(Path(run_dir) / "metrics.jsonl"),
-           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final, "code": code,
+           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final, "code": code, "warmstart": warm,
            "seconds": {"train": t_train, "total": time.perf_counter() - t0}}
     path = Path(out_json)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -216,10 +217,46 @@ def record_warmstart(warm_dir, folder) -> None:
         dst.write_text(src.read_text())
 
 
-def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=None, log=print) -> list[Path]:
+WARMSTART_ID_CHARS = 16
+
+
+def warmstart_id(warm_dir) -> str:
+    """Content hash of a warm-start's weights (first :data:`WARMSTART_ID_CHARS` hex digits of the SHA-256 of
+    ``model.safetensors``): the same configuration trained on another machine can give other weights, and the
+    runs of a study must say which ones they started from."""
+    import hashlib
+
+    return hashlib.sha256((Path(warm_dir) / "model.safetensors").read_bytes()).hexdigest()[:WARMSTART_ID_CHARS]
+
+
+def warmstart_provenance(warm_dir) -> dict:
+    """``{"id", **warmstart.json}`` of the warm-start a run starts from (recorded in every result JSON)."""
+    record = Path(warm_dir) / "warmstart.json"
+    return {"id": warmstart_id(warm_dir), **(json.loads(record.read_text()) if record.is_file() else {})}
+
+
+def sync_warmstart_archive(cache, archive) -> None:
+    """Make the committed warm-starts in ``archive`` and the ones in ``cache`` the same set (copy what is missing).
+
+    A warm-start folder is ``warmstart-<config key>``; the archive (the repository's ``data/warmstarts``) makes a
+    study resumed on another machine start from the same weights instead of retraining them.
+    """
+    import shutil
+
+    cache, archive = Path(cache), Path(archive)
+    for src_root, dst_root in ((archive, cache), (cache, archive)):
+        for src in sorted(src_root.glob("warmstart-*")) if src_root.is_dir() else []:
+            if (src / "warmstart.json").is_file() and not (dst_root / src.name).exists():
+                shutil.copytree(src, dst_root / src.name)
+
+
+def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=None, archive_dir=None,
+              log=print) -> list[Path]:
     """Run every missing run of ``grid``; returns the result files written now (existing ones are kept).
 
-    ``cache_dir`` (default ``runs_dir/cache``) holds the tokenizer and the warm-starts.
+    ``cache_dir`` (default ``runs_dir/cache``) holds the tokenizer and the warm-starts; ``archive_dir`` (None: no
+    archive) the committed copies of the warm-starts (:func:`sync_warmstart_archive`). Each regime's
+    warm-start is scored on the whole test split once (``start_eval-<warm-start id>.json``).
     """
     import multiprocessing as mp
 
@@ -227,11 +264,15 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
     cache = Path(cache_dir) if cache_dir else runs_dir / "cache"
     todo = []
     for regime in grid.regimes:
+        if archive_dir:
+            sync_warmstart_archive(cache, archive_dir)
         warm = ensure_warmstart(grid, regime, cache, log=log)
+        if archive_dir:
+            sync_warmstart_archive(cache, archive_dir)
         folder = data_dir / regime
         record_warmstart(warm, folder)
-        start = folder / "start_eval.json"
         first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
+        start = start_eval_path(folder, warmstart_id(warm))
         if not start.exists():
             folder.mkdir(parents=True, exist_ok=True)
             start.write_text(json.dumps(whole_split_eval(first, items=grid.eval_items)) + "\n")
@@ -300,13 +341,14 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default="runs/study")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--archive-dir", default="data/warmstarts", help="committed warm-starts ('' for none)")
     ap.add_argument("--methods", nargs="+", default=None, help="run only these methods of the grid")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds of the grid")
     ap.add_argument("--regimes", nargs="+", default=None, help="run only these regimes of the grid")
     ns = ap.parse_args(argv)
     grid = restrict(GRIDS[ns.grid], methods=ns.methods, seeds=ns.seeds, regimes=ns.regimes)
     t0 = time.perf_counter()
-    run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir,
+    run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir, archive_dir=ns.archive_dir or None,
               log=lambda *a: print(f"[{time.perf_counter() - t0:7.0f}s]", *a, flush=True))
     for regime in grid.regimes:
         print(f"\n## {regime}\n")

@@ -1,4 +1,5 @@
 """verification.study_seeds: the resumable grid (smoke policy) and its aggregation."""
+import hashlib
 import json
 
 import numpy as np
@@ -56,6 +57,10 @@ def test_smoke_study_runs_and_resumes(tmp_path, monkeypatch):
     assert res["final_eval"]["n"] == 16 and len(res["final_eval"]["hits"]) == 16
     assert len(res["metrics"]) == 2 * 2  # 2 rollout steps x 2 minibatches
     assert set(res["code"]) == {"commit", "dirty", "root"} and len(res["code"]["commit"]) == 40
+    warm = res["warmstart"]["id"]
+    assert len(warm) == S.WARMSTART_ID_CHARS and (tmp_path / "data" / "t" / f"start_eval-{warm}.json").is_file()
+    assert T.load_results(tmp_path / "data", "t")[("proma", 1e-3, 1)]["val_change"] == pytest.approx(
+        res["final_eval"]["accuracy"] - json.loads((tmp_path / "data" / "t" / f"start_eval-{warm}.json").read_text())["accuracy"])
     assert S.run_study(grid, tmp_path / "data", tmp_path / "runs", jobs=1, log=lambda *a: None) == []
     table = T.aggregate(T.load_results(tmp_path / "data", "t"))
     assert table[("proma", 1e-3)]["n_seeds"] == 2
@@ -139,6 +144,21 @@ def test_validation_per_seed_table_marks_missing_seeds():
     assert lines[0] == "| method | lr | seed 0 | seed 1 |"
     assert lines[2:] == ["| grpo | 0.0001 | 0.312 ± 0.007 | 0.250 ± 0.007 |",
                          "| proma | 0.0001 | - | 0.500 ± 0.008 |"]
+
+
+def test_warmstart_archive_round_trip(tmp_path):
+    cache, archive = tmp_path / "cache", tmp_path / "archive"
+    (cache / "warmstart-abc").mkdir(parents=True)
+    (cache / "warmstart-abc" / "warmstart.json").write_text('{"key": "abc"}')
+    (cache / "warmstart-abc" / "model.safetensors").write_bytes(b"weights")
+    (cache / "warmstart-unfinished").mkdir()            # no record: a warm-start still training is not archived
+    S.sync_warmstart_archive(cache, archive)
+    assert sorted(p.name for p in archive.iterdir()) == ["warmstart-abc"]
+    (archive / "warmstart-def").mkdir()
+    (archive / "warmstart-def" / "warmstart.json").write_text('{"key": "def"}')
+    S.sync_warmstart_archive(cache, archive)
+    assert (cache / "warmstart-def" / "warmstart.json").is_file()
+    assert S.warmstart_id(cache / "warmstart-abc") == hashlib.sha256(b"weights").hexdigest()[:S.WARMSTART_ID_CHARS]
 
 
 def test_thirds_cover_the_run_in_order_and_are_never_empty():

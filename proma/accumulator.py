@@ -65,6 +65,7 @@ from torch import nn
 
 from .capture import Capture
 from .distributed import RankSync
+from .fsdp import FsdpRoute
 from .grad_store import GradStore
 from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
@@ -118,7 +119,8 @@ class ProjectedAccumulator:
         # lockstep exchange only when it changes anything: PROMA across several ranks
         self._global = self.options.sync == "global" and self.options.variant == "proma" and self.world_size > 1
         self._updates = Updates(self.options)
-        self._grads = GradStore()
+        self._fsdp = self._fsdp_route(model)
+        self._grads = GradStore() if self._fsdp is None else self._fsdp.store
         self._stats: dict = {}          # name -> (rule label, UpdateRecord) of the last microbatch
         self._microbatches = 0
         self._capture = None
@@ -217,13 +219,18 @@ class ProjectedAccumulator:
         gradient on every rank keeps ``grad = None``. No-op in a single process. A collective: every rank
         must call it.
         """
-        if self.world_size == 1:
+        if self.world_size == 1 and self._fsdp is None:
             return
-        self._sync.check_agreement(self._microbatches, same_count=self._global)
+        if self.world_size > 1:
+            self._sync.check_agreement(self._microbatches, same_count=self._global)
         inv = self._inventory
         todo = inv.with_handling(Handling.EXCLUDED_WITH_RULE, Handling.NO_RULE_AUTOGRAD) if self._global \
             else inv.entries
-        self._grads.average_([e.param for e in todo], self._sync.average_)
+        if self._fsdp is None:
+            self._grads.average_([e.param for e in todo], self._sync.average_)
+        elif self.options.variant != "none":  # "none": FSDP2 reduced p.grad in the backward already
+            replicated = inv.with_handling(Handling.PROJECTED) if self._global else []
+            self._fsdp.finish([e.param for e in todo], [e.param for e in replicated], self._sync.ledger)
 
     def comm_stats(self) -> dict:
         """Communication by this rank since ``zero_grad``, next to a plain gradient all-reduce.
@@ -252,6 +259,16 @@ class ProjectedAccumulator:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+    def _fsdp_route(self, model: nn.Module) -> FsdpRoute | None:
+        """The FSDP2 route when the parameters are ``fully_shard`` DTensors (:mod:`proma.fsdp`), else None."""
+        no_rule = [] if self.options.variant == "none" else \
+            [e.name for e in self._inventory.with_handling(Handling.NO_RULE_AUTOGRAD)]
+        route = FsdpRoute.detect(model, self._inventory.entries, no_rule)
+        if route is not None and route.world_size != self.world_size:
+            raise ValueError(f"the FSDP2 mesh has {route.world_size} ranks but the accumulator's process group has "
+                             f"{self.world_size}; pass process_group=mesh.get_group()")
+        return route
 
     # -- the steps of backward -----------------------------------------------------------------------
     def _empty_microbatch(self, w: torch.Tensor, step) -> None:

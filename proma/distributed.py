@@ -95,6 +95,11 @@ def all_reduce_wire_bytes(nbytes: int, world: int) -> float:
     return 2.0 * (world - 1) / world * nbytes if world > 1 else 0.0
 
 
+def reduce_scatter_wire_bytes(nbytes: int, world: int) -> float:
+    """Bytes one rank sends in a ring reduce-scatter of ``nbytes`` (input size): ``(W - 1) / W * nbytes``."""
+    return (world - 1) / world * nbytes if world > 1 else 0.0
+
+
 def all_gather_wire_bytes(nbytes_each: int, world: int) -> float:
     """Bytes one rank sends in a ring all-gather of ``nbytes_each`` per rank: ``(W - 1) * nbytes_each``."""
     return float((world - 1) * nbytes_each)
@@ -121,6 +126,11 @@ class CommLedger:
         self.collectives += 1
         self.payload_bytes += nbytes
         self.wire_bytes += all_reduce_wire_bytes(nbytes, world)
+
+    def reduce_scatter(self, nbytes: int, world: int) -> None:
+        self.collectives += 1
+        self.payload_bytes += nbytes
+        self.wire_bytes += reduce_scatter_wire_bytes(nbytes, world)
 
     def reset(self) -> None:
         self.collectives, self.payload_bytes, self.wire_bytes = 0, 0, 0.0

@@ -234,22 +234,24 @@ class FsdpRoute:
         """Mean over ranks of the G of ``bucket`` [(p, G)], one reduce-scatter; sets each ``p.grad`` shard.
 
         The input holds, for each rank s in turn, rows ``[s c, (s + 1) c)`` of every G, zero-padded to c rows,
-        so that rank s receives exactly its shards.
+        so that rank s receives exactly its shards. Each G is copied in and freed (``bucket`` is emptied) before
+        the next, so the transient is the input plus its 1/W output, not a second copy of every G.
         """
         W = self.world_size
-        chunks = [math.ceil(p.shape[0] / W) * (G.numel() // max(p.shape[0], 1)) for p, G in bucket]
-        parts = []
-        for s in range(W):
-            for (p, G), size in zip(bucket, chunks):
-                flat = G.reshape(-1)[s * size:(s + 1) * size]
-                parts.append(flat)
-                if flat.numel() < size:
-                    parts.append(flat.new_zeros(size - flat.numel()))
-        inp = torch.cat(parts)
-        params = [p for p, _ in bucket]
-        parts.clear()
-        bucket.clear()   # the G are packed: free them (the caller's list) before the collective's output
-        out = inp.new_empty(inp.numel() // W)
+        sizes = [math.ceil(p.shape[0] / W) * (G.numel() // max(p.shape[0], 1)) for p, G in bucket]
+        section = sum(sizes)
+        inp = bucket[0][1].new_zeros(W * section)
+        params, offset = [], 0
+        for size in sizes:
+            p, G = bucket.pop(0)
+            flat = G.reshape(-1)
+            for s in range(W):
+                piece = flat[s * size:(s + 1) * size]
+                inp[s * section + offset:s * section + offset + piece.numel()].copy_(piece)
+            params.append(p)
+            offset += size
+            del G, flat, piece
+        out = inp.new_empty(section)
         if W > 1:
             dist.reduce_scatter_tensor(out, inp, op=dist.ReduceOp.SUM, group=self.group)
             ledger.reduce_scatter(inp.numel() * inp.element_size(), W)
@@ -258,7 +260,7 @@ class FsdpRoute:
             out.copy_(inp)
         del inp
         offset = 0
-        for p, size in zip(params, chunks):
+        for p, size in zip(params, sizes):
             _, count = self._rows(p)
             rows = out[offset:offset + size].view(-1, *p.shape[1:])[:count]
             p.grad = self._as_grad(p, rows.clone())

@@ -70,7 +70,7 @@ from .grad_store import GradStore
 from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
 from .microbatch import Collector, IntraFactors, captured_uses, check_microbatch
-from .options import AccumulatorOptions
+from .options import NO_SOLVER, AccumulatorOptions
 from .updates import PlainUpdate, Updates
 
 
@@ -118,13 +118,18 @@ class ProjectedAccumulator:
         self.world_size = self._sync.world_size
         # lockstep exchange only when it changes anything: PROMA across several ranks
         self._global = self.options.sync == "global" and self.options.variant == "proma" and self.world_size > 1
-        self._updates = Updates(self.options)
         self._fsdp = self._fsdp_route(model)
         self._grads = GradStore() if self._fsdp is None else self._fsdp.store
+        # under FSDP2 variant "none" also goes through the hooks (PROMA that removes nothing), so that p.grad
+        # never depends on FSDP's own gradient sync state (accelerate runs every microbatch inside no_sync)
+        self._hooked = self.options.variant != "none" or self._fsdp is not None
+        plain_via_hooks = self.options.variant == "none" and self._hooked
+        self._updates = Updates(self.options.replace(variant="proma", solver=NO_SOLVER) if plain_via_hooks
+                                else self.options)
         self._stats: dict = {}          # name -> (rule label, UpdateRecord) of the last microbatch
         self._microbatches = 0
         self._capture = None
-        if self.options.variant != "none":
+        if self._hooked:
             self._capture = Capture(self._inventory.hooked_modules(), on_grad=_ignore)
 
     @property
@@ -168,13 +173,13 @@ class ProjectedAccumulator:
         """
         lockstep = self._sync.lockstep(self._microbatches) if self._global else contextlib.nullcontext()
         with lockstep as step:
-            if self.options.variant != "none" and self._capture is None:
+            if self._hooked and self._capture is None:
                 raise ValueError("backward: the accumulator is closed")
             seq_logp, w = check_microbatch(seq_logp, weights)
             self._stats = {}
             if seq_logp.shape[0] == 0:
                 self._empty_microbatch(w, step)
-            elif self.options.variant == "none":
+            elif not self._hooked:
                 self._plain_backward(seq_logp, w)
             else:
                 uses = captured_uses(self._capture, seq_logp.shape[0])
@@ -228,7 +233,7 @@ class ProjectedAccumulator:
             else inv.entries
         if self._fsdp is None:
             self._grads.average_([e.param for e in todo], self._sync.average_)
-        elif self.options.variant != "none":  # "none": FSDP2 reduced p.grad in the backward already
+        else:
             replicated = inv.with_handling(Handling.PROJECTED) if self._global else []
             self._fsdp.finish([e.param for e in todo], [e.param for e in replicated], self._sync.ledger)
 
@@ -262,8 +267,7 @@ class ProjectedAccumulator:
 
     def _fsdp_route(self, model: nn.Module) -> FsdpRoute | None:
         """The FSDP2 route when the parameters are ``fully_shard`` DTensors (:mod:`proma.fsdp`), else None."""
-        no_rule = [] if self.options.variant == "none" else \
-            [e.name for e in self._inventory.with_handling(Handling.NO_RULE_AUTOGRAD)]
+        no_rule = [e.name for e in self._inventory.with_handling(Handling.NO_RULE_AUTOGRAD)]
         route = FsdpRoute.detect(model, self._inventory.entries, no_rule)
         if route is not None and route.world_size != self.world_size:
             raise ValueError(f"the FSDP2 mesh has {route.world_size} ranks but the accumulator's process group has "

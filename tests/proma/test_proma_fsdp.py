@@ -89,27 +89,8 @@ def _accumulate(net, mine, *, step=False, **acc_kwargs):
     return flat, facts
 
 
-def _oracle_mean_gradient(model, batches):
-    """variant "none": the mean over ranks of the plain gradient of sum_k sum_i w_i log p_i.
-
-    Like with like: the model's RMSNorm runs in float32 inside the float64 model, so its backward rounds the
-    weighted gradient; summing per-sequence gradients times w_i would differ by ~1e-7.
-    """
-    params = [p for _, p in trainable(model)]
-    total = [torch.zeros_like(p) for p in params]
-    for mine in batches:
-        for batch, w in mine:
-            lp = _qwen_forward(model, batch)
-            for t, g in zip(total, torch.autograd.grad((w * lp).sum(), params, allow_unused=True)):
-                if g is not None:
-                    t.add_(g)
-    return np.concatenate([t.reshape(-1).numpy() for t in total]) / WORLD
-
-
 def _oracle(model, batches, kw):
     fwd = _qwen_forward
-    if kw["variant"] == "none":
-        return _oracle_mean_gradient(model, batches)
     if kw["variant"] == "intra":
         return _oracle_intra(model, fwd, batches, kw)
     if kw.get("sync") == "global":

@@ -65,7 +65,7 @@ from torch import nn
 
 from .capture import Capture
 from .distributed import RankSync
-from .fsdp import FsdpRoute
+from .fsdp import FsdpRoute, reshard
 from .grad_store import GradStore
 from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
@@ -113,6 +113,7 @@ class ProjectedAccumulator:
             raise ValueError(f"pass options= or keyword options, not both; got options= and {sorted(keywords)}")
         self.options = options if options is not None else AccumulatorOptions(**keywords)
         self.model = model
+        reshard(model)   # FSDP2: the sharded parameters are the ones to know (the root stays unsharded after a forward)
         self._inventory = Inventory(model, self.options.exclude, require_rules=self.options.variant != "none")
         self._sync = RankSync(process_group, self._inventory.signature_items(), self.options.signature_items())
         self.world_size = self._sync.world_size

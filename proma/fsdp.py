@@ -58,6 +58,21 @@ def _dtensor_types():
     return DTensor, Shard, FSDPModule
 
 
+def reshard(model) -> None:
+    """Register the sharded parameters on every ``fully_shard`` module of ``model`` (no-op without FSDP2).
+
+    After a forward (e.g. a generation) FSDP2 leaves the root's parameters unsharded, and the module then
+    holds the unsharded tensors under the parameter names; the accumulator must know the sharded ``DTensor``
+    parameters, which are the ones the optimizer steps.
+    """
+    types = _dtensor_types()
+    if types is None:
+        return
+    for m in model.modules():
+        if isinstance(m, types[2]):
+            m.reshard()
+
+
 class ShardedGradStore(GradStore):
     """Running gradients of FSDP2-sharded parameters: full-shape G per parameter, kept off ``p.grad``.
 

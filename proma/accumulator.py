@@ -46,8 +46,13 @@ on the union microbatches (PROMA is homogeneous in the weights, so this equals P
   Memory: the factors of every layer are kept to the end of the backward pass (not freed layer by layer)
   and the exchanged buffer exists W + 1 times; every rank computes the blocks of all B sequences.
 
+FSDP2 (``fully_shard`` on the blocks and the root; :mod:`proma.fsdp`, docs/fsdp.md): the same modes and
+results; the running gradients are kept unsharded by the accumulator (``p.grad`` stays None meanwhile) and
+:meth:`synchronize` writes every ``p.grad`` as a ``DTensor`` sharded like its parameter (a reduce-scatter, or
+this rank's rows of the replicated G of ``sync="global"``); ``variant="none"`` then also runs through the hooks.
+
 Call :meth:`synchronize` after the last microbatch, before ``optimizer.step()`` (it is a no-op in one
-process). With ``DistributedDataParallel`` run the forwards and ``backward`` inside ``model.no_sync()``
+process without FSDP2). With ``DistributedDataParallel`` run the forwards and ``backward`` inside ``model.no_sync()``
 (or :func:`proma.distributed.no_sync`) so that gradients are not reduced twice.
 
 The parts, one job each: :mod:`proma.options` (validated options, presets), :mod:`proma.inventory` (which
@@ -222,7 +227,8 @@ class ProjectedAccumulator:
         projected ones are already global and equal on every rank). First checks, with one small
         all-gather, that the ranks agree on the model and the options (and, for ``sync="global"``, on the
         number of microbatches); raises the same ValueError on every rank otherwise. A parameter without a
-        gradient on every rank keeps ``grad = None``. No-op in a single process. A collective: every rank
+        gradient on every rank keeps ``grad = None``. Under FSDP2 every ``p.grad`` becomes a ``DTensor`` shard
+        (:meth:`proma.fsdp.FsdpRoute.finish`). No-op in a single process without FSDP2. A collective: every rank
         must call it.
         """
         if self.world_size == 1 and self._fsdp is None:

@@ -175,6 +175,11 @@ class FsdpRoute:
         if p.device_mesh != mesh:
             raise ValueError(f"parameter {e.name!r} is sharded on another device mesh than the first parameter's; "
                              "use one mesh for the whole model")
+        if p.device.type != p.device_mesh.device_type:
+            raise ValueError(f"parameter {e.name!r} lives on {p.device} while its mesh computes on "
+                             f"{p.device_mesh.device_type}: FSDP2 CPU offload (OffloadPolicy) is not supported by "
+                             "ProjectedAccumulator (the running gradients live on the compute device); shard "
+                             "without offload")
         if tuple(p.placements) != (Shard(0),) or p.dim() == 0:
             raise ValueError(f"parameter {e.name!r} is placed as {tuple(p.placements)} with shape {tuple(p.shape)}; "
                              "ProjectedAccumulator supports FSDP2's default Shard(0) of tensors with dim >= 1 "

@@ -289,3 +289,19 @@ def test_unsupported_layouts_raise(results, name, needle):
         got = results[r][name]
         assert got.get("raised") == "ValueError", f"rank {r}: {got}"
         assert needle in got["message"], f"rank {r}: {got['message']}"
+
+
+def test_cpu_offload_layout_is_rejected():
+    """CPU offload (sharded parameters on the CPU, compute on a GPU mesh) cannot be built on this CPU-only
+    machine: the layout check is exercised with a stand-in parameter."""
+    from types import SimpleNamespace
+
+    from torch.distributed.tensor import Shard
+
+    from proma.fsdp import FsdpRoute
+
+    mesh = SimpleNamespace(ndim=1, device_type="cuda")
+    param = SimpleNamespace(device=torch.device("cpu"), device_mesh=mesh, placements=(Shard(0),), shape=(4, 2),
+                            dim=lambda: 2)
+    with pytest.raises(ValueError, match="CPU offload"):
+        FsdpRoute._check_layout(SimpleNamespace(name="w", param=param), mesh, Shard)

@@ -2,9 +2,9 @@
 
 One ``mp.spawn`` runs every scenario (spawning costs seconds); each rank writes JSON and the tests assert on it.
 Every rank builds the same float64 tiny Qwen3 twice: one copy is sharded and accumulated, the other stays whole
-for rank 0's oracle (per-sequence autograd gradients and ``reference.accumulate``, the oracles of
-``test_proma_distributed``). After ``synchronize()`` each ``p.grad`` must be a ``DTensor`` sharded like ``p``; its
-``full_tensor()`` is compared with the oracle.
+for rank 0's oracle (per-sequence autograd gradients and ``reference.accumulate``, :mod:`dist_testkit`). After
+``synchronize()`` each ``p.grad`` must be a ``DTensor`` sharded like ``p``; its ``full_tensor()`` is compared with
+the oracle.
 """
 from __future__ import annotations
 
@@ -25,8 +25,7 @@ from verification.testkit import free_port, per_sequence_grads, pin_threads, rel
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
 from proma_testkit import ORACLE_RCOND_F32, tiny_qwen3
-from test_proma_distributed import WORLD, _oracle_global, _oracle_intra, _oracle_local, _qwen_batches, _qwen_forward, \
-    _ref_opts
+from dist_testkit import WORLD, oracle_global, oracle_intra, oracle_local, qwen_batches, qwen_forward, ref_opts
 
 pytestmark = pytest.mark.distributed
 
@@ -79,7 +78,7 @@ def _accumulate(net, mine, *, step=False, **acc_kwargs):
     with ProjectedAccumulator(net, **acc_kwargs) as acc:
         acc.zero_grad()
         for batch, w in mine:
-            acc.backward(_qwen_forward(net, batch), w)
+            acc.backward(qwen_forward(net, batch), w)
         acc.synchronize()
         comm = acc.comm_stats()
     params = [p for _, p in trainable(net)]
@@ -97,34 +96,34 @@ def _accumulate(net, mine, *, step=False, **acc_kwargs):
 
 
 def _oracle(model, batches, kw):
-    fwd = _qwen_forward
+    fwd = qwen_forward
     if kw["variant"] == "intra":
-        return _oracle_intra(model, fwd, batches, kw)
+        return oracle_intra(model, fwd, batches, kw)
     if kw.get("sync") == "global":
-        flat = _oracle_global(model, fwd, batches, _ref_opts(kw))
+        flat = oracle_global(model, fwd, batches, ref_opts(kw))
         if kw.get("exclude"):   # excluded parameters: mean over ranks of the plain sums
-            plain = _oracle_local(model, fwd, batches, {"solver": "none"})
+            plain = oracle_local(model, fwd, batches, {"solver": "none"})
             start = 0
             for name, p in trainable(model):
                 if name in kw["exclude"]:
                     flat[start:start + p.numel()] = plain[start:start + p.numel()]
                 start += p.numel()
         return flat
-    return _oracle_local(model, fwd, batches, _ref_opts(kw))
+    return oracle_local(model, fwd, batches, ref_opts(kw))
 
 
 def _scenario(name):
     kw = SCENARIOS_PROMA[name]
 
     def run(rank):
-        batches = _qwen_batches()
+        batches = qwen_batches()
         net = _shard(_model(torch.float64))
         got, facts = _accumulate(net, batches[rank], step=name == "global-exact", **kw)
         if rank == 0:
             facts["err"] = rel_err(got, _oracle(_model(torch.float64), batches, kw))
             if kw.get("sync") == "global":   # the other semantics must be told apart
-                facts["local_err"] = rel_err(got, _oracle_local(_model(torch.float64), _qwen_forward, batches,
-                                                                _ref_opts(kw)))
+                facts["local_err"] = rel_err(got, oracle_local(_model(torch.float64), qwen_forward, batches,
+                                                                ref_opts(kw)))
         return facts
     return run
 
@@ -134,7 +133,7 @@ def _oracle_f32_global(model, batches):
     params = trainable(model)
     mbs = []
     for k in range(len(batches[0])):
-        rows = [(per_sequence_grads(model, _qwen_forward(model, batches[r][k][0]), params), batches[r][k][1].numpy())
+        rows = [(per_sequence_grads(model, qwen_forward(model, batches[r][k][0]), params), batches[r][k][1].numpy())
                 for r in range(WORLD)]
         mbs.append((np.vstack([g for g, _ in rows]), np.concatenate([w for _, w in rows]) / WORLD))
     return reference.accumulate(mbs, blocks=[p.numel() for _, p in params], solver="exact", rcond=ORACLE_RCOND_F32)
@@ -144,7 +143,7 @@ def _scenario_mixed(param_dtype):
     def run(rank):
         from torch.distributed.fsdp import MixedPrecisionPolicy
 
-        batches = _qwen_batches()
+        batches = qwen_batches()
         policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32)
         net = _shard(_model(torch.float32), mp_policy=policy)
         got, facts = _accumulate(net, batches[rank], variant="proma", sync="global", solver="exact")
@@ -183,16 +182,16 @@ def _scenario_tensor_parallel(rank):
 
 
 def _scenario_backward_after_synchronize(rank):
-    batches = _qwen_batches()
+    batches = qwen_batches()
     net = _shard(_model(torch.float64))
     acc = ProjectedAccumulator(net, variant="proma", sync="local")
 
     def go():
         acc.zero_grad()
         batch, w = batches[rank][0]
-        acc.backward(_qwen_forward(net, batch), w)
+        acc.backward(qwen_forward(net, batch), w)
         acc.synchronize()
-        acc.backward(_qwen_forward(net, batch), w)
+        acc.backward(qwen_forward(net, batch), w)
     try:
         return _expect_error(go)
     finally:

@@ -206,6 +206,9 @@ def run(args) -> dict:
         for method in METHODS:
             mp.spawn(memory_worker, args=(args.world, free_port(), args, method, tmp), nprocs=args.world, join=True)
             res["memory"][method] = [json.load(open(os.path.join(tmp, f"mem{r}.json"))) for r in range(args.world)]
+            if args.json:   # partial results survive an interrupted run
+                with open(args.json, "w") as f:
+                    json.dump(res, f, indent=1)
         if args.repeats:
             mp.spawn(time_worker, args=(args.world, free_port(), args, tmp), nprocs=args.world, join=True)
             res["times"] = json.load(open(os.path.join(tmp, "time.json")))

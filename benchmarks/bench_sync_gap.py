@@ -26,9 +26,11 @@ import torch
 
 from proma import ProjectedAccumulator
 from proma.rl.config import TrainConfig
-from proma.rl.rollout import select
-from proma.rl.sampling import do_rollout, microbatches, minibatch_order, minibatch_weights, sequence_logprobs
-from proma.rl.setup import setup
+from proma.rl.batching import microbatches, minibatch_order, minibatch_weights
+from proma.rl.build import build_run
+from proma.rl.generation import select
+from proma.rl.losses import completion_logprobs
+from proma.rl.rollout import collect_rollout
 
 
 def accumulate(model, ro, mbs, weights_of, **kw):
@@ -37,7 +39,7 @@ def accumulate(model, ro, mbs, weights_of, **kw):
     with ProjectedAccumulator(model, **kw) as acc:
         acc.zero_grad()
         for rows in mbs:
-            acc.backward(sequence_logprobs(model, select(ro.batch, rows)), weights_of(rows))
+            acc.backward(completion_logprobs(model, select(ro.batch, rows)), weights_of(rows))
         return torch.cat([p.grad.reshape(-1).double() for p in params])
 
 
@@ -51,7 +53,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     cfg = TrainConfig(method="proma", cache_dir=args.cache_dir, out="runs/sync_gap", progress=False)
-    s = setup(cfg, log=lambda *a: print(*a, file=sys.stderr))
+    s = build_run(cfg, log=lambda *a: print(*a, file=sys.stderr))
     W, half = args.world, cfg.rollout_size // args.world
     lcfg = cfg.replace(prompts_per_step=cfg.prompts_per_step // W, microbatch_size=cfg.microbatch_size // W)
     lines = [f"small preset ({cfg.hidden_size} hidden, {cfg.num_layers} layers), proma exact, W = {W}, minibatch of "
@@ -59,7 +61,7 @@ def main(argv=None):
              "", "| step | reward | local vs global: rel. diff | cosine | plain vs global: rel. diff |",
              "|---|---|---|---|---|"]
     for step in range(args.steps):
-        ro = do_rollout(s, step)
+        ro = collect_rollout(s, step)
         order = minibatch_order(lcfg, step)[: lcfg.minibatch_size]
         ranks = [[r * half + int(i) for i in order] for r in range(W)]       # each rank's first local minibatch
         rows = [x for rk in ranks for x in rk]

@@ -11,12 +11,17 @@ network. The policy is, in order of preference:
    reuses it), or with ``--warmstart-steps 0`` the freshly initialised policy (its reward stays near 0).
 
 The script says which one it used. Each optimizer step prints the mean reward and PROMA's removed ratio
-(||R|| / ||incoming gradient||, logged by ``PromaGRPOTrainer`` per microbatch and averaged over the step by TRL;
-the first microbatch of a step has nothing to remove) and mean Gram rank. Run::
+(||R|| / ||incoming gradient|| of microbatches 2..M, the first having nothing to remove; docs/trl.md defines
+the metrics) and mean Gram rank. Run::
 
-    python examples/trl_grpo_proma.py                       # PROMA (exact), defaults: a few minutes on 2 cores
+    python examples/trl_grpo_proma.py                       # PROMA (exact) on the small preset
     python examples/trl_grpo_proma.py --variant none        # TRL's own gradient, for comparison
+    python examples/trl_grpo_proma.py --lora-rank 8 --oracle-dir cases/   # LoRA adapters; oracle case of step 1
+    proma-verify check --cases cases/ --impl torch          # ... checked
     python examples/trl_grpo_proma.py --help
+
+Under ``torchrun --nproc_per_node 2`` (add ``--sync global`` for the global projection), ``--oracle-dir``
+gets one case per rank (local) or one of the union microbatches (global).
 """
 from __future__ import annotations
 
@@ -30,11 +35,11 @@ from pathlib import Path
 import torch
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer
-from proma.options import ACCUMULATOR_SOLVERS, VARIANTS
+from proma.options import ACCUMULATOR_SOLVERS, SYNCS, VARIANTS
 from proma.rl.config import DEFAULT_NEW_TOKENS, PRESETS, TrainConfig
 from proma.rl.data import make_examples, reward
 from proma.rl.policy import build_policy, count_parameters, get_warmstarted, load_policy, warmstart_key
-from proma.rl.setup import prompt_pool
+from proma.rl.build import prompt_pool
 from proma.rl.tokenizer import get_tokenizer
 
 TASK = "gsm8k-calc"
@@ -52,6 +57,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                          "gradient off its dominant activation / output-gradient subspaces; none = TRL's gradient")
     ap.add_argument("--solver", choices=ACCUMULATOR_SOLVERS, default="exact",
                     help="projection solver of --variant proma (proma_solver)")
+    ap.add_argument("--sync", choices=SYNCS, default="local", help="several processes: proma_sync")
+    ap.add_argument("--lora-rank", type=int, default=0,
+                    help="train LoRA adapters of this rank on every attention and MLP projection (needs peft); "
+                         "0 = train the whole policy")
+    ap.add_argument("--oracle-dir", default=None,
+                    help="write the first optimizer step as an oracle case here (proma_oracle_dir)")
     ap.add_argument("--steps", type=int, default=8, help="optimizer steps (TRL max_steps)")
     ap.add_argument("--prompts-per-step", type=int, default=4, help="GSM8K-calc prompts per optimizer step")
     ap.add_argument("--group-size", type=int, default=8, help="completions per prompt (TRL num_generations)")
@@ -86,6 +97,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                  f"do not split into microbatches of --microbatch-size {args.microbatch_size}")
     if args.warmstart_steps < 0:
         ap.error("--warmstart-steps must be >= 0")
+    if args.lora_rank < 0:
+        ap.error("--lora-rank must be >= 0")
     return args
 
 
@@ -136,9 +149,11 @@ def step_printer(log):
             if not logs or "reward" not in logs:
                 return
             self.records.append(dict(logs, step=state.global_step))
-            removed, rank = logs.get("proma/removed_ratio"), logs.get("proma/gram_rank_mean")
+            rank = logs.get("proma/gram_rank_mean")
+            key = "intra_removed_ratio" if "proma/intra_removed_ratio" in logs else "removed_ratio"
+            removed = logs.get(f"proma/{key}")
             log(f"step {state.global_step:3d}  reward {logs['reward']:.3f}  "
-                f"removed_ratio {'-' if removed is None else f'{removed:.4f}'}  "
+                f"{key} {'-' if removed is None else f'{removed:.4f}'}  "
                 f"gram_rank {'-' if rank is None else f'{rank:.1f}'}  "
                 f"completion_len {logs.get('completions/mean_length', float('nan')):.1f}")
 
@@ -155,8 +170,20 @@ def grpo_config(args) -> PromaGRPOConfig:
         gradient_checkpointing=args.gradient_checkpointing == "on",
         loss_type="dapo", beta=0.0, num_iterations=1, temperature=1.0,
         use_cpu=True, bf16=False, logging_steps=1, report_to="none", save_strategy="no", disable_tqdm=True,
-        dataloader_num_workers=0, proma_variant=args.variant, proma_solver=args.solver,
+        dataloader_num_workers=0, proma_variant=args.variant, proma_solver=args.solver, proma_sync=args.sync,
+        proma_oracle_dir=args.oracle_dir,
     )
+
+
+LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def with_lora(model, rank: int):
+    """``model`` with LoRA adapters of ``rank`` (alpha = 2 rank, no dropout) on :data:`LORA_TARGETS`."""
+    from peft import LoraConfig, get_peft_model
+
+    return get_peft_model(model, LoraConfig(r=rank, lora_alpha=2 * rank, lora_dropout=0.0,
+                                            target_modules=LORA_TARGETS))
 
 
 def main(argv=None, log=print) -> list[dict]:
@@ -169,6 +196,9 @@ def main(argv=None, log=print) -> list[dict]:
     started = time.perf_counter()
     model, tokenizer, cfg, source = build(args, log=log)
     log(f"policy: {source}; {count_parameters(model):,} parameters")
+    if args.lora_rank:
+        model = with_lora(model, args.lora_rank)
+        log(f"LoRA rank {args.lora_rank}: {count_parameters(model):,} trainable parameters")
     printer = step_printer(log)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # TRL's notes on CPU-only and untuned settings

@@ -18,8 +18,11 @@ diagnostics  ``second_order_kl``, ``residual_overlap``.
 blocks       ``normalize_blocks``: block partitions (one block per parameter tensor).
 """
 from .accumulation import (
+    DEFAULT_PASSES,
+    DEFAULT_RIDGE,
     SOLVER_REGISTRY,
     SOLVERS,
+    AccumulationOptions,
     AccumulationStep,
     accumulate,
     accumulate_history,
@@ -41,7 +44,8 @@ from .policy import categorical_entropy, categorical_kl, group_advantages
 from .projection import default_rcond, project_out, row_space
 
 __all__ = [
-    "SOLVERS", "SOLVER_REGISTRY", "FORMS", "AccumulationStep",
+    "SOLVERS", "SOLVER_REGISTRY", "FORMS", "DEFAULT_PASSES", "DEFAULT_RIDGE", "AccumulationOptions",
+    "AccumulationStep",
     "project_out", "row_space", "default_rcond", "normalize_blocks",
     "accumulate", "accumulate_history", "accumulate_step", "removed_component",
     "intra_apply", "intra_project", "intra_subspaces",

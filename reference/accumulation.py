@@ -39,12 +39,60 @@ from .blocks import normalize_blocks
 from .projection import project_out
 
 
+# The option defaults, mirroring proma.options (the reference imports nothing of proma; equality is checked by
+# tests/house/test_options_mirror.py).
+DEFAULT_PASSES = 2
+DEFAULT_RIDGE = 1e-2
+
+
 class SolverOptions(NamedTuple):
     """What a solver may use besides G and the rows: Gram-Schmidt sweeps, ridge regulariser, exact cutoff."""
 
     passes: int
     ridge: float
     rcond: float | None
+
+
+@dataclass(frozen=True)
+class AccumulationOptions:
+    """The keyword options of :func:`accumulate`, :func:`accumulate_history` and :func:`accumulate_step`.
+
+    Validated once on construction (``ValueError`` naming the option); ``blocks`` is checked against n later,
+    by :func:`reference.normalize_blocks`.
+
+    Attributes
+    ----------
+    blocks : None or sequence of slices or sizes
+        Partition of ``range(n)``, one block per parameter tensor (layer-wise PROMA); ``None`` is one
+        block, the exact global projection.
+    solver : {"exact", "none", "gram_schmidt", "ridge"}, a key of :data:`SOLVER_REGISTRY`.
+    passes : int >= 1, sweeps of the Gram-Schmidt solver.
+    ridge : float > 0, regulariser of the ridge solver.
+    relative_bound : float >= 0 or None, cap ``||R_m[B]|| <= relative_bound * ||pg_m[B]||`` per block.
+    shrinkage : float, multiplier of the removed component.
+    rcond : float >= 0 or None, singular-value cutoff of the exact solver (see :func:`reference.project_out`).
+    """
+
+    blocks: object = None
+    solver: str = "exact"
+    passes: int = DEFAULT_PASSES
+    ridge: float = DEFAULT_RIDGE
+    relative_bound: float | None = None
+    shrinkage: float = 1.0
+    rcond: float | None = None
+
+    def __post_init__(self):
+        if self.solver not in SOLVER_REGISTRY:
+            raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
+        checked = dict(passes=as_int(self.passes, "passes", minimum=1),
+                       ridge=as_real(self.ridge, "ridge", minimum=0.0, strict=True))
+        if self.relative_bound is not None:
+            checked["relative_bound"] = as_real(self.relative_bound, "relative_bound", minimum=0.0)
+        checked["shrinkage"] = as_real(self.shrinkage, "shrinkage")
+        if self.rcond is not None:
+            checked["rcond"] = as_real(self.rcond, "rcond", minimum=0.0)
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass(frozen=True, eq=False)
@@ -63,19 +111,6 @@ class AccumulationStep:
     pg: np.ndarray
     removed: np.ndarray
     after: np.ndarray
-
-
-def _check_options(solver, passes, ridge, relative_bound, shrinkage, rcond):
-    if solver not in SOLVER_REGISTRY:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    passes = as_int(passes, "passes", minimum=1)
-    ridge = as_real(ridge, "ridge", minimum=0.0, strict=True)
-    if relative_bound is not None:
-        relative_bound = as_real(relative_bound, "relative_bound", minimum=0.0)
-    shrinkage = as_real(shrinkage, "shrinkage")
-    if rcond is not None:
-        rcond = as_real(rcond, "rcond", minimum=0.0)
-    return solver, passes, ridge, relative_bound, shrinkage, rcond
 
 
 def _check_microbatch(seq_grads, weights, n, where: str):
@@ -149,7 +184,8 @@ SOLVER_REGISTRY = {
 SOLVERS = tuple(SOLVER_REGISTRY)
 
 
-def removed_component(G, seq_grads, *, solver="exact", passes=2, ridge=1e-2, rcond=None) -> np.ndarray:
+def removed_component(G, seq_grads, *, solver="exact", passes=DEFAULT_PASSES, ridge=DEFAULT_RIDGE,
+                      rcond=None) -> np.ndarray:
     """The part R of ``G`` (shape (n,)) that ``solver`` removes against the rows of ``seq_grads`` (b, n).
 
     One block, no cap, no shrinkage; see the module docstring for the solvers.
@@ -161,19 +197,7 @@ def removed_component(G, seq_grads, *, solver="exact", passes=2, ridge=1e-2, rco
     return SOLVER_REGISTRY[solver](G, seq_grads, SolverOptions(passes=passes, ridge=ridge, rcond=rcond))
 
 
-def accumulate_step(
-    G,
-    seq_grads,
-    weights,
-    *,
-    blocks=None,
-    solver="exact",
-    passes=2,
-    ridge=1e-2,
-    relative_bound=None,
-    shrinkage=1.0,
-    rcond=None,
-) -> AccumulationStep:
+def accumulate_step(G, seq_grads, weights, **options) -> AccumulationStep:
     """One PROMA update ``G_m = G_{m-1} - shrinkage * R_m + pg_m``, block by block.
 
     Parameters
@@ -184,56 +208,37 @@ def accumulate_step(
         Per-sequence gradients g_i of the microbatch (flattened over all parameters).
     weights : array_like, shape (b_m,)
         Per-sequence loss weights w_i.
-    blocks, solver, passes, ridge, relative_bound, shrinkage, rcond
-        As in :func:`accumulate`.
+    **options
+        The keywords of :class:`AccumulationOptions` (blocks, solver, passes, ridge, relative_bound,
+        shrinkage, rcond).
 
     Returns
     -------
     AccumulationStep
     """
-    solver, passes, ridge, relative_bound, shrinkage, rcond = _check_options(
-        solver, passes, ridge, relative_bound, shrinkage, rcond
-    )
+    opts = AccumulationOptions(**options)
     G = as_array(G, "G", ndim=1)
     seq_grads, weights = _check_microbatch(seq_grads, weights, G.shape[0], "the microbatch")
-    return _step(G, seq_grads, weights, normalize_blocks(blocks, G.shape[0]),
-                 solver, passes, ridge, relative_bound, shrinkage, rcond)
+    return _step(G, seq_grads, weights, normalize_blocks(opts.blocks, G.shape[0]), opts)
 
 
-def _step(G, seq_grads, weights, blocks, solver, passes, ridge, relative_bound, shrinkage, rcond):
+def _step(G, seq_grads, weights, blocks, opts: AccumulationOptions) -> AccumulationStep:
     pg = weights @ seq_grads
     removed = np.zeros_like(G)
     for blk in blocks:
-        r = removed_component(G[blk], seq_grads[:, blk], solver=solver, passes=passes, ridge=ridge, rcond=rcond)
-        if relative_bound is not None:
-            cap = relative_bound * _norm(pg[blk])
+        r = removed_component(G[blk], seq_grads[:, blk], solver=opts.solver, passes=opts.passes, ridge=opts.ridge,
+                              rcond=opts.rcond)
+        if opts.relative_bound is not None:
+            cap = opts.relative_bound * _norm(pg[blk])
             norm = _norm(r)
             if norm > cap:
                 r = r * (cap / norm) if cap > 0 else np.zeros_like(r)
         removed[blk] = r
-    return AccumulationStep(before=G.copy(), pg=pg, removed=removed, after=G - shrinkage * removed + pg)
+    return AccumulationStep(before=G.copy(), pg=pg, removed=removed, after=G - opts.shrinkage * removed + pg)
 
 
-def accumulate_history(
-    microbatches,
-    *,
-    blocks=None,
-    solver="exact",
-    passes=2,
-    ridge=1e-2,
-    relative_bound=None,
-    shrinkage=1.0,
-    rcond=None,
-) -> list[AccumulationStep]:
-    """PROMA accumulation, returning one :class:`AccumulationStep` per microbatch (G_0 = 0).
-
-    ``steps[m].before`` is the running gradient entering microbatch m and ``steps[m].after`` the one
-    leaving it (what oracle case files store); ``steps[-1].after`` is :func:`accumulate`'s result.
-    Arguments as in :func:`accumulate`.
-    """
-    solver, passes, ridge, relative_bound, shrinkage, rcond = _check_options(
-        solver, passes, ridge, relative_bound, shrinkage, rcond
-    )
+def _check_microbatches(microbatches) -> list:
+    """``microbatches`` as a checked list of (seq_grads (b_m, n), weights (b_m,)) with one n."""
     if isinstance(microbatches, (str, bytes)) or not hasattr(microbatches, "__iter__"):
         raise ValueError("microbatches must be a sequence of (seq_grads, weights) pairs")
     checked, n = [], None
@@ -247,27 +252,30 @@ def accumulate_history(
         checked.append((seq_grads, weights))
     if not checked:
         raise ValueError("microbatches must hold at least one (seq_grads, weights) pair")
-    parts = normalize_blocks(blocks, n)
+    return checked
+
+
+def accumulate_history(microbatches, **options) -> list[AccumulationStep]:
+    """PROMA accumulation, returning one :class:`AccumulationStep` per microbatch (G_0 = 0).
+
+    ``steps[m].before`` is the running gradient entering microbatch m and ``steps[m].after`` the one
+    leaving it (what oracle case files store); ``steps[-1].after`` is :func:`accumulate`'s result.
+    Arguments as in :func:`accumulate`.
+    """
+    opts = AccumulationOptions(**options)
+    checked = _check_microbatches(microbatches)
+    n = checked[0][0].shape[1]
+    parts = normalize_blocks(opts.blocks, n)
     G = np.zeros(n)
     steps = []
     for seq_grads, weights in checked:
-        step = _step(G, seq_grads, weights, parts, solver, passes, ridge, relative_bound, shrinkage, rcond)
+        step = _step(G, seq_grads, weights, parts, opts)
         steps.append(step)
         G = step.after
     return steps
 
 
-def accumulate(
-    microbatches,
-    *,
-    blocks=None,
-    solver="exact",
-    passes=2,
-    ridge=1e-2,
-    relative_bound=None,
-    shrinkage=1.0,
-    rcond=None,
-) -> np.ndarray:
+def accumulate(microbatches, **options) -> np.ndarray:
     """PROMA accumulation of microbatch policy gradients; returns the final G, shape (n,).
 
     Parameters
@@ -276,20 +284,11 @@ def accumulate(
         ``seq_grads`` shape (b_m, n): gradients g_i of each sequence's total log-probability, flattened
         over all parameters (same n for every microbatch; b_m may differ, and may be 0). ``weights``
         shape (b_m,): per-sequence loss weights w_i, so ``pg_m = weights @ seq_grads``.
-    blocks : None or sequence of slices or sizes, optional
-        Partition of ``range(n)``, one block per parameter tensor (layer-wise PROMA); ``None`` is one
-        block, the exact global projection.
-    solver : {"exact", "none", "gram_schmidt", "ridge"}
-    passes : int >= 1
-        Sweeps of the Gram-Schmidt solver.
-    ridge : float > 0
-        Regulariser of the ridge solver.
-    relative_bound : float >= 0, optional
-        Cap ``||R_m[B]|| <= relative_bound * ||pg_m[B]||`` per block.
-    shrinkage : float
-        Multiplier of the removed component.
-    rcond : float, optional
-        Singular-value cutoff of the exact solver (see :func:`reference.project_out`).
+    **options
+        The keywords of :class:`AccumulationOptions`: ``blocks`` (None: one block, the exact global
+        projection; else slices or sizes partitioning n, one block per parameter tensor), ``solver``
+        ({"exact", "none", "gram_schmidt", "ridge"}), ``passes`` (int >= 1), ``ridge`` (float > 0),
+        ``relative_bound`` (float >= 0 or None), ``shrinkage`` (float), ``rcond`` (float >= 0 or None).
 
     Returns
     -------
@@ -301,9 +300,7 @@ def accumulate(
     ValueError
         Empty ``microbatches``, mismatched shapes, NaN/inf, ``blocks`` not partitioning n, unknown
         ``solver``, ``passes < 1``, ``ridge <= 0``, negative ``relative_bound``.
+    TypeError
+        An unknown keyword.
     """
-    steps = accumulate_history(
-        microbatches, blocks=blocks, solver=solver, passes=passes, ridge=ridge,
-        relative_bound=relative_bound, shrinkage=shrinkage, rcond=rcond,
-    )
-    return steps[-1].after
+    return accumulate_history(microbatches, **options)[-1].after

@@ -1,12 +1,9 @@
-"""Verification: the PROMA oracle (golden cases, checker, Python entry point) and generated reports.
+"""Verification: the PROMA oracle (:mod:`verification.oracle`) and the generated reports and studies.
 
-- ``verification.format``: the case format of FORMAT.md (schema version 2): load, validate, save.
-- ``verification.cases``: golden cases from the NumPy reference (``proma-verify cases``).
-- ``verification.check``: compare a candidate file or a callable with the cases (``proma-verify check``).
-- ``verification.verdicts``: per-array / per-case / per-check verdicts, their tables and JSON.
-- ``verification.pytest_plugin``: the ``pytest11`` plugin (fixtures ``proma_case``, ``proma_check``).
-- ``verification.impls``: this project's implementations as callables (``--impl reference|torch``).
-- ``verification.report``: the GSM8K report (``proma-verify report``).
+- ``verification.oracle``: golden cases, FORMAT.md's format, the checker, verdicts, pytest plugin, impls.
+- ``verification.realcase``: oracle cases captured from the RL harness's real Qwen3 / GSM8K microbatch.
+- ``verification.report`` and the ``study_*`` modules: the GSM8K report (``proma-verify report``).
+- ``verification.testkit``, ``verification.tolerances``: the tiny-model testkit and named tolerances.
 
 Use as an oracle from another test suite::
 
@@ -14,13 +11,19 @@ Use as an oracle from another test suite::
     check_callable("cases/", my_fn).raise_if_failed()   # my_fn(case) -> outputs[m][k]
     check_callable("cases/", my_step, step=True)        # my_step(case, m, G_in) -> per-layer G_out
 """
-__version__ = "0.1.0"
-
-from .check import check_callable, check_candidate, check_outputs, read_candidate, write_candidate  # noqa: E402
-from .format import Case, FormatError, Layer, Settings, load_cases, save_cases  # noqa: E402
-from .verdicts import CheckResult  # noqa: E402
-
-__all__ = [
-    "__version__", "Case", "Layer", "Settings", "FormatError", "load_cases", "save_cases",
-    "check_callable", "check_candidate", "check_outputs", "read_candidate", "write_candidate", "CheckResult",
-]
+from .oracle import (  # noqa: F401
+    Case,
+    CheckResult,
+    FormatError,
+    Layer,
+    Settings,
+    __all__,
+    __version__,
+    check_callable,
+    check_candidate,
+    check_outputs,
+    load_cases,
+    read_candidate,
+    write_candidate,
+    save_cases,
+)

@@ -277,12 +277,12 @@ def reading(result: dict) -> list:
 def real_first_order(*, seed: int = 0, cache_dir=None, settings=SETTINGS, step_lengths=STEP_LENGTHS,
                      log=print) -> dict:
     """The check on a real GSM8K-calc minibatch chain of the real-case policy (``verification.realcase``)."""
-    from proma.rl.sampling import sequence_logprobs
+    from proma.rl.losses import completion_logprobs
 
     from .realcase import real_rollout
 
     s, step, batches, weights = real_rollout(seed=seed, cache_dir=cache_dir, log=log)
-    result = first_order_check(s.model, sequence_logprobs, batches, weights, settings=settings,
+    result = first_order_check(s.model, completion_logprobs, batches, weights, settings=settings,
                                step_lengths=step_lengths)
     n_params = sum(p.numel() for p in s.model.parameters())
     where = (f"real GSM8K-calc microbatches of the oracle's real-case policy (`verification.realcase`, a "

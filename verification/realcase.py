@@ -8,10 +8,10 @@ non-zero weights in the most microbatches is used (groups whose samples all got 
 advantage, and a case whose weights are all zero would test nothing).
 
 The factors are captured from a float64 copy of the policy with this package's own hooks
-(:mod:`verification.capture`): every ``nn.Linear`` call is a ``"linear"`` use, and every parameter with any
+(:mod:`verification.oracle.capture`): every ``nn.Linear`` call is a ``"linear"`` use, and every parameter with any
 other owner (the embedding tied to the head, norm weights) gets a ``"dense"`` use holding its per-sequence
 gradients from b backward passes minus what its linear uses contribute. Expected results: the NumPy
-reference (:func:`verification.cases.compute_expected`).
+reference (:func:`verification.oracle.cases.compute_expected`).
 """
 from __future__ import annotations
 
@@ -21,12 +21,11 @@ from pathlib import Path
 
 import numpy as np
 
-import reference
-
 from proma.options import PUBLISHED_SETTINGS
 
-from .cases import compute_expected
-from .format import Case, Layer, Settings, use_key, weights_key
+from .oracle.capture import capture_case_arrays  # noqa: F401  (re-exported: the TRL writer imports it here)
+from .oracle.cases import compute_expected
+from .oracle.format import Case, Settings
 
 # The policy and rollout of the real cases: a shrunk Qwen3 (about 56k parameters) with a short warm-start.
 REAL_POLICY = dict(
@@ -41,27 +40,25 @@ REAL_SETTINGS = (
     ("qwen3_gsm8k_intra", "intra-microbatch projection, two-sided, rank 1",
      Settings(variant="intra", intra_rank=1, intra_form="two_sided")),
 )
-# Relative agreement required between autograd per-sequence gradients and those from the captured linear
-# factors (float64 model; both are exact up to rounding).
-CAPTURE_RTOL = 1e-9
 
 
 def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
     """First rollout step >= ``start_step`` whose minibatch has non-zero weights in the most microbatches.
 
-    ``s`` is a ``proma.rl.setup.Setup``. Rollouts are drawn exactly as training draws them (step-seeded).
+    ``s`` is a ``proma.rl.build.RunParts``. Rollouts are drawn exactly as training draws them (step-seeded).
     Returns ``(step, batches, weights)``: per microbatch a sequence batch and its (b_m,) float64 weights.
     """
-    from proma.rl import sampling
-    from proma.rl.rollout import select
+    from proma.rl.batching import microbatch_weights, minibatch_order, minibatch_rows
+    from proma.rl.generation import select
+    from proma.rl.rollout import collect_rollout
 
     cfg, best = s.cfg, None
     for step in range(start_step, start_step + max_scan):
-        ro = sampling.do_rollout(s, step)
-        order = sampling.minibatch_order(cfg, step)
+        ro = collect_rollout(s, step)
+        order = minibatch_order(cfg, step)
         for mb_index in range(cfg.minibatches):
-            rows = sampling.minibatch_rows(cfg, order, mb_index)
-            mbs, mb_weights = sampling.microbatch_weights(cfg, ro, rows)
+            rows = minibatch_rows(cfg, order, mb_index)
+            mbs, mb_weights = microbatch_weights(cfg, ro, rows)
             ws = [w.double().cpu().numpy() for w in mb_weights]
             score = (sum(bool(np.any(x)) for x in ws), sum(int(np.count_nonzero(x)) for x in ws))
             if best is None or score > best[0]:
@@ -74,68 +71,40 @@ def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
     return best[1], best[2], best[3]
 
 
+def warmstart_cache() -> Path:
+    """Default directory of the real-case policy's warm-start checkpoint: under the user's cache directory, so the
+    5-minute warm-start runs once per machine (the checkpoint's name is a hash of its configuration)."""
+    from .oracle.golden import cache_root
+
+    return cache_root() / "realcase-warmstart"
+
+
 def real_rollout(*, seed: int = 0, cache_dir=None, log=None, **overrides):
-    """Build the real-case policy (:data:`REAL_POLICY`) and pick a real minibatch: ``(setup, step, batches, weights)``."""
+    """Build the real-case policy (:data:`REAL_POLICY`) and pick a real minibatch: ``(run parts, step, batches, weights)``.
+
+    ``cache_dir``: where the warm-start checkpoint is kept (default :func:`warmstart_cache`).
+    """
     from proma.rl.config import TrainConfig
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
     quiet = log or (lambda *a, **k: None)
     with tempfile.TemporaryDirectory() as tmp:
         cfg = TrainConfig.from_preset("smoke", **{**REAL_POLICY, **overrides, "seed": seed, "out": tmp,
-                                                  "cache_dir": str(cache_dir or Path(tmp) / "cache")})
-        s = setup(cfg, log=quiet)
+                                                  "cache_dir": str(cache_dir or warmstart_cache())})
+        s = build_run(cfg, log=quiet)
     step, batches, ws = pick_minibatch(s)
     quiet(f"real case: rollout step {step}, {sum(bool(np.any(w)) for w in ws)}/{len(ws)} microbatches "
           "with non-zero weights")
     return s, step, batches, ws
 
 
-def capture_case_arrays(model, seq_logp_fn, batches, weights) -> tuple:
-    """Layers and arrays (FORMAT.md keys, no expected arrays) of ``model`` on the given microbatches.
-
-    ``model`` should be float64 (a copy); it is put in eval mode.
-    """
-    from .capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
-
-    model.eval()
-    named = trainable_parameters(model)
-    other_owner = linear_weight_owners(model)
-    arrays, layers = {}, None
-    for m, (batch, w) in enumerate(zip(batches, weights)):
-        b = batch["input_ids"].shape[0]
-        _, factors = linear_factors(model, seq_logp_fn, batch, batch["attention_mask"])
-        grads = per_sequence_grads(model, seq_logp_fn, batch, [p for _, p in named])
-        arrays[weights_key(m)] = np.asarray(w, dtype=np.float64)
-        mb_layers = []
-        for k, ((name, p), total) in enumerate(zip(named, grads)):
-            calls = factors.get(id(p), [])
-            linear_part = np.zeros_like(total)
-            for u, (X, D, seq) in enumerate(calls):
-                arrays[use_key(m, k, u, "X")], arrays[use_key(m, k, u, "D")] = X, D
-                arrays[use_key(m, k, u, "seq")] = seq
-                linear_part += reference.linear_seq_grads(X, D, seq, b)
-            uses = ["linear"] * len(calls)
-            if other_owner.get(id(p), True):
-                arrays[use_key(m, k, len(calls), "seq_grads")] = total - linear_part
-                uses.append("dense")
-            else:
-                err = np.linalg.norm(total - linear_part) / max(np.linalg.norm(total), 1e-300)
-                if err > CAPTURE_RTOL:
-                    raise RuntimeError(f"captured factors of {name} disagree with autograd (rel err {err:.2e})")
-            mb_layers.append(Layer(name, tuple(p.shape), tuple(uses)))
-        if layers is not None and mb_layers != layers:
-            raise RuntimeError(f"microbatch {m} has different layer uses than microbatch 0")
-        layers = mb_layers
-    return layers, arrays
-
-
 def real_cases(*, seed: int = 0, cache_dir=None, log=print) -> list:
     """The real Qwen3 / GSM8K cases (one per setting of :data:`REAL_SETTINGS`), expected from the reference."""
-    from proma.rl.sampling import sequence_logprobs
+    from proma.rl.losses import completion_logprobs
 
     s, step, batches, weights = real_rollout(seed=seed, cache_dir=cache_dir, log=log)
     model = copy.deepcopy(s.model).double()
-    layers, arrays = capture_case_arrays(model, sequence_logprobs, batches, weights)
+    layers, arrays = capture_case_arrays(model, completion_logprobs, batches, weights)
     bounds = [0] + np.cumsum([len(w) for w in weights]).tolist()
     n_params = sum(layer.size for layer in layers)
     cases = []

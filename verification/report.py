@@ -5,7 +5,7 @@ implementation; 2. the grid of training runs (every method x learning rate, one 
 3. the projection study on real microbatches of the runs (start and end policy); 4. the seed study (every
 method over seeds in each regime, ``verification.report_seeds``: intervals, the verdict table) and the
 first-order check of the mechanism; 5. summaries, plots and the report text, generated from the measured
-values (``verification.reading``).
+values (``verification.report_text``).
 
 Modes: ``full`` (the default small configuration of the harness, the committed report), ``quick`` (a
 reduced warm-start and few steps: a few minutes), ``smoke`` (the harness's smoke preset: seconds, for CI).
@@ -16,12 +16,13 @@ import json
 import math
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 
-from .reading import render
+from .report_text import render
 from .runs import GridConfig, quiet_transformers, run_dir, run_grid
 
 MODES = {
@@ -62,10 +63,10 @@ def _write_json(path: Path, obj) -> Path:
 # ---------------------------------------------------------------------------------------------- phases
 def oracle_phase(work_dir: Path, *, real: bool, seed: int, realcase_cache, log) -> dict:
     """Write the golden cases and check this project's implementations against them."""
-    from .cases import generator_info, synthetic_cases
-    from .check import check_callable
-    from .format import save_cases
-    from .impls import IMPLEMENTATIONS
+    from .oracle.cases import generator_info, synthetic_cases
+    from .oracle.check import check_callable
+    from .oracle.format import save_cases
+    from .oracle.impls import IMPLEMENTATIONS
 
     cases = synthetic_cases(seed)
     if real:
@@ -89,14 +90,14 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
     """
     import torch
 
-    from proma.rl.sampling import sequence_logprobs
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
+    from proma.rl.losses import completion_logprobs
 
     from .realcase import pick_minibatch
     from .study_projection import projection_study
 
     cfg = grid.train_config("proma", grid.lrs[0], runs_dir)
-    s = setup(cfg, log=lambda *a, **k: None)
+    s = build_run(cfg, log=lambda *a, **k: None)
     start = 0
     if snapshot == "end":
         ckpt = torch.load(run_dir(runs_dir, "proma", grid.lrs[0]) / "ckpt.pt", map_location="cpu", weights_only=True)
@@ -116,7 +117,7 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
         policy = (f"FALLBACK: the real-case policy of `verification.realcase` (the runs' {snapshot} policy had no "
                   "rollout with a non-zero advantage)")
     log(f"projection study ({snapshot}): rollout step {step}, {len(batches)} microbatches")
-    out = projection_study(model, sequence_logprobs, batches, weights, intra_ranks=intra_ranks)
+    out = projection_study(model, completion_logprobs, batches, weights, intra_ranks=intra_ranks)
     out.update(snapshot=snapshot, rollout_step=step, policy=policy,
                nonzero_weights=[int(np.count_nonzero(w)) for w in weights])
     return out
@@ -139,17 +140,12 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     warm-start caches; ``realcase_cache`` (default ``runs_dir/cache-realcase``) the real-case policy's.
     """
     from . import report_seeds
-    from proma.rl.summary import read_jsonl, summarize_run
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
     spec = MODES[mode]
     quiet_transformers()
-    grid = asdict(spec["grid"])
-    grid.update(seed=seed, **({"steps": int(steps)} if steps else {}), **({"lrs": tuple(lrs)} if lrs else {}))
-    if grid["steps"] < 1 or len(grid["lrs"]) < 1 or any(not lr > 0 for lr in grid["lrs"]):
-        raise ValueError(f"steps must be >= 1 and learning rates > 0; got steps={grid['steps']}, lrs={grid['lrs']}")
-    grid = GridConfig(**grid)
+    grid = _grid(spec, seed=seed, steps=steps, lrs=lrs)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs_dir = Path(runs_dir) if runs_dir else out / "runs"
@@ -157,32 +153,66 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     realcase_cache = Path(realcase_cache) if realcase_cache else runs_dir / "cache-realcase"
     timings = {}
 
-    t = time.perf_counter()
-    log("1/5 oracle cases: reference and torch against the golden files")
-    oracle = oracle_phase(runs_dir, real=spec["real_cases"], seed=seed, realcase_cache=realcase_cache, log=log)
-    timings["oracle"] = time.perf_counter() - t
+    with _timed(timings, "oracle"):
+        log("1/5 oracle cases: reference and torch against the golden files")
+        oracle = oracle_phase(runs_dir, real=spec["real_cases"], seed=seed, realcase_cache=realcase_cache, log=log)
 
-    t = time.perf_counter()
-    log(f"2/5 training {len(grid.methods)} methods x {len(grid.lrs)} learning rates, {grid.steps} steps each")
-    dirs = run_grid(grid, runs_dir, jobs=jobs, log=log)
-    timings["training"] = time.perf_counter() - t
+    with _timed(timings, "training"):
+        log(f"2/5 training {len(grid.methods)} methods x {len(grid.lrs)} learning rates, {grid.steps} steps each")
+        dirs = run_grid(grid, runs_dir, jobs=jobs, log=log)
 
-    t = time.perf_counter()
-    log("3/5 projection study on real microbatches")
-    studies = {snap: study_phase(grid, runs_dir, snap, intra_ranks=spec["intra_ranks"],
-                                 realcase_cache=realcase_cache, log=log) for snap in spec["snapshots"]}
-    timings["projection_study"] = time.perf_counter() - t
+    with _timed(timings, "projection_study"):
+        log("3/5 projection study on real microbatches")
+        studies = {snap: study_phase(grid, runs_dir, snap, intra_ranks=spec["intra_ranks"],
+                                     realcase_cache=realcase_cache, log=log) for snap in spec["snapshots"]}
 
-    t = time.perf_counter()
-    log("4/5 seed study (resumable: data/seeds) and first-order check")
-    seeds = report_seeds.seeds_phase(mode, data / "seeds", runs_dir, jobs=jobs, log=log)
-    timings["seed_study"] = time.perf_counter() - t
-    t = time.perf_counter()
-    first = report_seeds.first_order_phase(mode, seed=seed, realcase_cache=realcase_cache, log=log)
-    timings["first_order"] = time.perf_counter() - t
+    with _timed(timings, "seed_study"):
+        log("4/5 seed study (resumable: data/seeds) and first-order check")
+        seeds = report_seeds.seeds_phase(mode, data / "seeds", runs_dir, jobs=jobs, log=log)
+    with _timed(timings, "first_order"):
+        first = report_seeds.first_order_phase(mode, seed=seed, realcase_cache=realcase_cache, log=log)
 
+    with _timed(timings, "report"):
+        log("5/5 summaries, plots and REPORT.md")
+        runs, summaries = _collect_runs(grid, dirs, data)
+        cfg0 = json.loads((dirs[(grid.methods[0], grid.lrs[0])] / "config.json").read_text())
+        figures = _figures(out, runs, summaries, studies, steps=grid.steps)
+
+    command = (f"proma-verify report --out {out}" + ("" if mode == "full" else f" --{mode}")
+               + (f" --steps {steps}" if steps else "") + (f" --lrs {','.join(f'{x:g}' for x in lrs)}" if lrs else ""))
+    meta = {"mode": mode, "grid": asdict(grid), "harness_config": cfg0, "timings_s": timings,
+            "machine": {"python": platform.python_version(), "platform": platform.platform(),
+                        "processor": platform.processor() or platform.machine()}, "command": command}
+    for name, obj in {"oracle": oracle, **{f"projection_{snap}": st for snap, st in studies.items()},
+                      "summaries": summaries, "meta": meta, "first_order": first}.items():
+        _write_json(data / f"{name}.json", obj)
+    return _write_text(out, meta=meta, oracle=oracle, studies=studies, summaries=summaries, figures=figures,
+                       seeds=seeds, first=first, runs=runs)
+
+
+@contextmanager
+def _timed(timings: dict, name: str):
+    """Store the wall seconds of the ``with`` block in ``timings[name]``."""
     t = time.perf_counter()
-    log("5/5 summaries, plots and REPORT.md")
+    try:
+        yield
+    finally:
+        timings[name] = time.perf_counter() - t
+
+
+def _grid(spec: dict, *, seed: int, steps: int | None, lrs) -> GridConfig:
+    """The mode's single-seed grid with the command line's seed, steps and learning rates applied."""
+    grid = asdict(spec["grid"])
+    grid.update(seed=seed, **({"steps": int(steps)} if steps else {}), **({"lrs": tuple(lrs)} if lrs else {}))
+    if grid["steps"] < 1 or len(grid["lrs"]) < 1 or any(not lr > 0 for lr in grid["lrs"]):
+        raise ValueError(f"steps must be >= 1 and learning rates > 0; got steps={grid['steps']}, lrs={grid['lrs']}")
+    return GridConfig(**grid)
+
+
+def _collect_runs(grid: GridConfig, dirs: dict, data: Path) -> tuple[list, list]:
+    """Each grid run's records and summary; writes ``data/runs/<method>_lr<lr>.json`` as it goes."""
+    from proma.rl.summary import read_jsonl, summarize_run
+
     runs, summaries = [], []
     for method in grid.methods:
         for lr in grid.lrs:
@@ -192,25 +222,7 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
             summaries.append(summarize_run(d))
             _write_json(data / "runs" / f"{method}_lr{lr:g}.json",
                         {"config": json.loads((d / "config.json").read_text()), "metrics": records, "eval": evals})
-    cfg0 = json.loads((dirs[(grid.methods[0], grid.lrs[0])] / "config.json").read_text())
-    figures = _figures(out, runs, summaries, studies, steps=grid.steps)
-    timings["report"] = time.perf_counter() - t
-
-    meta = {
-        "mode": mode, "grid": asdict(grid), "harness_config": cfg0, "timings_s": timings,
-        "machine": {"python": platform.python_version(), "platform": platform.platform(),
-                    "processor": platform.processor() or platform.machine()},
-        "command": f"proma-verify report --out {out}" + ("" if mode == "full" else f" --{mode}")
-                   + (f" --steps {steps}" if steps else "") + (f" --lrs {','.join(f'{x:g}' for x in lrs)}" if lrs else ""),
-    }
-    _write_json(data / "oracle.json", oracle)
-    for snap, study in studies.items():
-        _write_json(data / f"projection_{snap}.json", study)
-    _write_json(data / "summaries.json", summaries)
-    _write_json(data / "meta.json", meta)
-    _write_json(data / "first_order.json", first)
-    return _write_text(out, meta=meta, oracle=oracle, studies=studies, summaries=summaries, figures=figures,
-                       seeds=seeds, first=first, runs=runs)
+    return runs, summaries
 
 
 def _figures(out: Path, runs: list, summaries: list, studies: dict, *, steps: int) -> dict:

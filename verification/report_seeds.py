@@ -1,7 +1,7 @@
 """The report's evidence over seeds: the seed study of each mode, the verdict table and the first-order check.
 
 One grid per report mode (:data:`SEED_GRIDS`): ``full`` runs the planned study of
-:mod:`verification.study_seeds` (every method x 5 seeds in each regime, final policy scored on the whole test
+:mod:`verification.study_seeds` (every method x 15 seeds in each regime, final policy scored on the whole test
 split), ``quick`` a tiny grid of 2 methods x 2 seeds and a few rollout steps (its intervals are wide and it issues no
 verdict), ``smoke`` the cheapest grid that exercises the code path (CI). Results go to
 ``<report>/data/seeds/<regime>/`` as the study runs, so an interrupted report resumes where it stopped.
@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import claims, first_order, study_seeds
+from . import claims, first_order, seed_tables, study_seeds
 
 SEED_GRIDS = {
     "full": study_seeds.StudyGrid(),
@@ -39,7 +39,7 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
     """Run (or resume) the mode's seed study.
 
     Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl",
-    "regime_checks", "verdicts"}``; ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
+    "regime_checks"}`` (the verdicts are computed from ``results`` by :mod:`verification.preregistered`); ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
     states the study's cost even when it was run in several sittings; ``warmstarts`` the records
     (``{"key", "steps", "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
 
@@ -57,7 +57,7 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
 def load_seeds(mode: str, data_dir) -> dict:
     """The mode's seed study as far as ``data_dir`` holds it (the dictionary of :func:`seeds_phase`); runs nothing."""
     grid = SEED_GRIDS[mode]
-    results = {regime: study_seeds.load_results(data_dir, regime) for regime in grid.regimes}
+    results = {regime: seed_tables.load_results(data_dir, regime) for regime in grid.regimes}
     start = {}
     for regime in grid.regimes:
         path = Path(data_dir) / regime / "start_eval.json"
@@ -70,11 +70,10 @@ def load_seeds(mode: str, data_dir) -> dict:
     warm = {regime: json.loads(f.read_text()) for regime in grid.regimes
             if (f := Path(data_dir) / regime / "warmstart.json").is_file()}
     return {"grid": grid, "results": results, "start": start, "run_seconds": compute, "warmstarts": warm,
-            "tables": {regime: study_seeds.aggregate(runs) for regime, runs in results.items()},
-            "equal_kl": {regime: study_seeds.equal_kl(study_seeds.load_curves(data_dir, regime))
+            "tables": {regime: seed_tables.aggregate(runs) for regime, runs in results.items()},
+            "equal_kl": {regime: seed_tables.equal_kl(seed_tables.load_curves(data_dir, regime))
                          for regime in grid.regimes},
-            "regime_checks": claims.regime_checks(results, mode=mode),
-            "verdicts": claims.verdicts(results, mode=mode)}
+            "regime_checks": claims.regime_checks(results, mode=mode)}
 
 
 def first_order_phase(mode: str, *, seed: int, realcase_cache, log=print) -> dict:

@@ -61,10 +61,10 @@ def _train_one(cfg_dict: dict) -> str:
 
 def _warm_start(grid: GridConfig, runs_dir: Path, log) -> None:
     """Train (or load) the shared warm-start once, so parallel runs do not all train it."""
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
     cfg = grid.train_config(grid.methods[0], grid.lrs[0], runs_dir)
-    setup(cfg, log=log)
+    build_run(cfg, log=log)
 
 
 def run_grid(grid: GridConfig, runs_dir, *, jobs: int | None = None, log=print) -> dict:

@@ -107,3 +107,88 @@ def format_interval(iv: dict, fmt: str = ".3f") -> str:
     if iv["n"] < 2:
         return f"{iv['mean']:{fmt}} (1 seed, no interval)"
     return f"{iv['mean']:{fmt}} [{iv['lo']:{fmt}}, {iv['hi']:{fmt}}]"
+
+
+# ------------------------------------------------------------------------------------------ tests and power
+def paired_t_p(d) -> float:
+    """Two-sided p-value of the one-sample t-test of mean(d) = 0 (d: per-seed paired differences, n >= 2).
+
+    t = mean(d) / (s / sqrt(n)) with n - 1 degrees of freedom; p = 2 P(T > |t|). All-equal d gives p = 0 when
+    mean(d) != 0 and p = 1 when it is 0 (the limit of the formula).
+    """
+    a = _values(d, "d")
+    s = a.std(ddof=1)
+    if s == 0:
+        return 0.0 if a.mean() != 0 else 1.0
+    t = a.mean() / (s / math.sqrt(a.size))
+    return float(2 * sps.t.sf(abs(t), a.size - 1))
+
+
+def wilcoxon_p(d) -> float:
+    """Two-sided exact Wilcoxon signed-rank p-value of the per-seed differences ``d`` (zeros dropped).
+
+    With n nonzero differences the smallest attainable p is 2 / 2^n (0.0625 at n = 5).
+    """
+    a = _values(d, "d")
+    a = a[a != 0]
+    if a.size == 0:
+        return 1.0
+    return float(sps.wilcoxon(a, alternative="two-sided", method="exact").pvalue)
+
+
+def holm(pvalues) -> list[float]:
+    """Holm step-down adjusted p-values, in the input's order.
+
+    Sorted ascending p_(1) <= ... <= p_(m): adj_(i) = max_{j <= i} min(1, (m - j + 1) p_(j)). Rejecting every
+    hypothesis whose adjusted p is below alpha controls the family-wise error rate at alpha.
+    """
+    p = np.asarray(pvalues, dtype=np.float64)
+    if p.ndim != 1 or np.any((p < 0) | (p > 1)) or not np.all(np.isfinite(p)):
+        raise ValueError(f"pvalues must be a 1-d list of numbers in [0, 1]; got {pvalues!r}")
+    m = p.size
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum(1.0, (m - np.arange(m)) * p[order])
+    adj = np.maximum.accumulate(adj)
+    out = np.empty(m)
+    out[order] = adj
+    return out.tolist()
+
+
+def paired_t_power(effect: float, sd: float, n: int, alpha: float) -> float:
+    """Power of the two-sided paired t-test at level ``alpha`` with n pairs, true mean ``effect``, spread ``sd``.
+
+    P(|T'| > t_{1-alpha/2, n-1}) for T' noncentral t with n - 1 degrees of freedom and noncentrality
+    effect / sd * sqrt(n).
+    """
+    if n < 2 or sd <= 0:
+        raise ValueError(f"need n >= 2 and sd > 0; got n={n}, sd={sd}")
+    crit = sps.t.ppf(1 - alpha / 2, n - 1)
+    nc = effect / sd * math.sqrt(n)
+    return float(sps.nct.sf(crit, n - 1, nc) + sps.nct.cdf(-crit, n - 1, nc))
+
+
+MAX_POWER_SEEDS = 10_000
+
+
+def seeds_for_power(d, alpha: float, power: float = 0.8) -> int | None:
+    """Fewest seeds n for which a paired t-test at ``alpha`` has ``power``, taking the observed mean and spread of
+    the per-seed differences ``d`` as the truth; None when the observed mean is 0 or more than
+    :data:`MAX_POWER_SEEDS` would be needed."""
+    a = _values(d, "d")
+    effect, sd = abs(float(a.mean())), float(a.std(ddof=1))
+    if effect == 0:
+        return None
+    if sd == 0:
+        return 2
+    lo, hi = 2, 2
+    while paired_t_power(effect, sd, hi, alpha) < power:
+        lo, hi = hi, hi * 2
+        if hi > MAX_POWER_SEEDS:
+            return None
+    while lo < hi:  # power grows with n: bisect for the first n that reaches it
+        mid = (lo + hi) // 2
+        if paired_t_power(effect, sd, mid, alpha) >= power:
+            hi = mid
+        else:
+            lo = mid + 1
+    return hi

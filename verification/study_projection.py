@@ -31,7 +31,7 @@ import numpy as np
 import reference
 from proma.options import PUBLISHED_SETTINGS
 
-from .capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
+from .oracle.capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
 
 # name -> (reference.accumulate_step keyword arguments, layer-wise?)
 REFERENCE_SETTINGS = {
@@ -97,10 +97,7 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
     seq_logp_fn : callable ``(model, batch) -> (b,)``
     batches : list of sequence batches (one per microbatch); weights : list of (b_m,) arrays
     """
-    import torch
     from tqdm.auto import tqdm
-
-    from proma import ProjectedAccumulator
 
     model64 = copy.deepcopy(model).double().eval()
     named = trainable_parameters(model64)
@@ -112,21 +109,11 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
 
     G = {name: np.zeros(P) for name in REFERENCE_SETTINGS}
     track = {name: {"overlap_global": 0.0, "overlap_layer": 0.0, "removed_frac": []} for name in REFERENCE_SETTINGS}
-    intra_keys = [(r, f) for r in intra_ranks for f in ("two_sided", "kron")]
-    G_intra = {key: np.zeros(P) for key in intra_keys}
-    intra_removed = {key: [] for key in intra_keys}
+    G_intra = {(r, f): np.zeros(P) for r in intra_ranks for f in ("two_sided", "kron")}
+    intra_removed = {key: [] for key in G_intra}
     plain_total = np.zeros(P)
 
-    # torch accumulators, one model copy each, alive across the microbatches
-    runs = []
-    for dtype in torch_dtypes:
-        tdtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
-        for label, (kwargs, ref_name) in TORCH_SETTINGS.items():
-            m_copy = copy.deepcopy(model).to(tdtype).eval()
-            acc = ProjectedAccumulator(m_copy, **kwargs)
-            acc.zero_grad()
-            runs.append({"dtype": dtype, "label": label, "model": m_copy, "acc": acc, "ref": ref_name,
-                         "params": [p for _, p in trainable_parameters(m_copy)], "max_rel_err": 0.0, "worst": ""})
+    runs = _torch_runs(model, torch_dtypes)  # one model copy and accumulator each, alive across the microbatches
 
     smallest = {}  # (m, k) -> smallest relative singular value of the tensor's g_i above the float64 cutoff
     bar = tqdm(total=len(batches), desc="projection study", unit="mb", disable=not progress, leave=False)
@@ -141,25 +128,9 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
             plain_total += pg
             for k, blk in enumerate(blocks):
                 smallest[m, k] = _smallest_rel_sv(g[:, blk])
-            states = {}
-            for name, (kw, layerwise) in REFERENCE_SETTINGS.items():
-                step = reference.accumulate_step(G[name], g, w, blocks=blocks if layerwise else None, **kw)
-                if m >= 1:
-                    og, ol = _overlaps(g, step.after - step.pg, blocks)
-                    track[name]["overlap_global"] = max(track[name]["overlap_global"], og)
-                    track[name]["overlap_layer"] = max(track[name]["overlap_layer"], ol)
-                    nin = np.linalg.norm(step.before)
-                    track[name]["removed_frac"].append(float(np.linalg.norm(step.removed) / nin) if nin > 0 else 0.0)
-                states[name] = step
-                G[name] = step.after
-            intra_states = {}
+            states = _reference_step(G, track, g, w, blocks, first=m == 0)
             subspaces = _intra_subspaces(model64, seq_logp_fn, batch, named, owners, max(intra_ranks))
-            for key in intra_keys:
-                new = _intra_update(pg, subspaces, blocks, named, *key)
-                npg = np.linalg.norm(pg)
-                intra_removed[key].append(float(np.linalg.norm(pg - new) / npg) if npg > 0 else 0.0)
-                intra_states[key] = (G_intra[key].copy(), pg, G_intra[key] + new)
-                G_intra[key] = G_intra[key] + new
+            intra_states = _intra_step(G_intra, intra_removed, pg, subspaces, blocks, named)
             # torch on the same microbatch
             for run in runs:
                 ref = run["ref"]
@@ -175,6 +146,58 @@ def projection_study(model, seq_logp_fn, batches, weights, *, intra_ranks=(1, 2,
             run["acc"].close()
 
     return _results(batches, weights, named, P, G, track, G_intra, intra_removed, plain_total, runs, smallest)
+
+
+def _torch_runs(model, torch_dtypes) -> list[dict]:
+    """One model copy (in each dtype) and one accumulator per :data:`TORCH_SETTINGS` entry."""
+    import torch
+
+    from proma import ProjectedAccumulator
+
+    runs = []
+    for dtype in torch_dtypes:
+        tdtype = {"float64": torch.float64, "float32": torch.float32}[dtype]
+        for label, (kwargs, ref_name) in TORCH_SETTINGS.items():
+            m_copy = copy.deepcopy(model).to(tdtype).eval()
+            acc = ProjectedAccumulator(m_copy, **kwargs)
+            acc.zero_grad()
+            runs.append({"dtype": dtype, "label": label, "model": m_copy, "acc": acc, "ref": ref_name,
+                         "params": [p for _, p in trainable_parameters(m_copy)], "max_rel_err": 0.0, "worst": ""})
+    return runs
+
+
+def _reference_step(G: dict, track: dict, g: np.ndarray, w: np.ndarray, blocks: list, *, first: bool) -> dict:
+    """Every :data:`REFERENCE_SETTINGS` entry on one microbatch: updates ``G`` and ``track`` in place.
+
+    ``g`` (b, P) float64 sequence gradients, ``w`` (b,) weights; returns ``{setting: reference step}``.
+    """
+    states = {}
+    for name, (kw, layerwise) in REFERENCE_SETTINGS.items():
+        step = reference.accumulate_step(G[name], g, w, blocks=blocks if layerwise else None, **kw)
+        if not first:
+            og, ol = _overlaps(g, step.after - step.pg, blocks)
+            track[name]["overlap_global"] = max(track[name]["overlap_global"], og)
+            track[name]["overlap_layer"] = max(track[name]["overlap_layer"], ol)
+            nin = np.linalg.norm(step.before)
+            track[name]["removed_frac"].append(float(np.linalg.norm(step.removed) / nin) if nin > 0 else 0.0)
+        states[name] = step
+        G[name] = step.after
+    return states
+
+
+def _intra_step(G_intra: dict, removed: dict, pg: np.ndarray, subspaces, blocks: list, named) -> dict:
+    """Every (rank, form) of the intra variant on one microbatch; updates ``G_intra`` and ``removed`` in place.
+
+    Returns ``{(rank, form): (G before, pg, G after)}``; removed fraction = ||pg - new|| / ||pg||.
+    """
+    states = {}
+    npg = np.linalg.norm(pg)
+    for key in G_intra:
+        new = _intra_update(pg, subspaces, blocks, named, *key)
+        removed[key].append(float(np.linalg.norm(pg - new) / npg) if npg > 0 else 0.0)
+        states[key] = (G_intra[key].copy(), pg, G_intra[key] + new)
+        G_intra[key] = G_intra[key] + new
+    return states
 
 
 def _smallest_rel_sv(g: np.ndarray) -> float:

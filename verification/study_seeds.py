@@ -9,21 +9,21 @@ study is resumed by rerunning it. Training directories (checkpoints) live under 
 committed. Runs execute in a process pool of ``jobs`` workers with one torch thread each.
 
 Aggregation into tables (headline numbers with 95% intervals, ratios to GRPO paired by seed, reward gain
-against cumulative local KL) is :func:`aggregate` / :func:`markdown_tables`; the interval formulas are in
-:mod:`verification.stats`.
+against cumulative local KL) is :mod:`verification.seed_tables`.
 """
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
-from . import stats
+from .seed_tables import aggregate, load_results, markdown_tables
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
 BASELINE = "grpo"
@@ -44,13 +44,10 @@ REGIMES = {
     "collapse": dict(train_pool=64, steps=60),
 }
 REGIME_LRS = {"learn-240": (1e-4,), "collapse": (3e-4,)}
-SEEDS = (0, 1, 2, 3, 4)
+# Seeds 0-4 ran first (REPORT.md of 2026-11-28); 5-14 after reports/PREREGISTRATION.md (issue 21).
+SEEDS = tuple(range(15))
 # Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
 WHOLE_SPLIT = 10**9
-# Fraction of rollout steps averaged at each end of a run for the reward gain (last quarter minus first).
-GAIN_FRACTION = 0.25
-# Fewest rollout steps over which a reward gain is taken at equal KL (a quarter of them is one step).
-MIN_EQUAL_KL_STEPS = 4
 
 
 @dataclass(frozen=True)
@@ -100,9 +97,9 @@ def warmstart_config(grid: StudyGrid, regime: str, cache_dir):
 
 def ensure_warmstart(grid: StudyGrid, regime: str, cache_dir, *, log=print) -> Path:
     """Train (or load from ``cache_dir``) the regime's warm-start; returns its checkpoint directory."""
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
-    s = setup(warmstart_config(grid, regime, cache_dir), log=log)
+    s = build_run(warmstart_config(grid, regime, cache_dir), log=log)
     if s.warmstart_dir is None:
         raise ValueError(f"regime {regime!r}: its config has no warm-start (warmstart_steps=0 or model set)")
     return Path(s.warmstart_dir)
@@ -140,10 +137,10 @@ def whole_split_eval(cfg_dict: dict, state_dict=None, *, items: int | None = Non
     import torch
 
     from proma.rl.config import TrainConfig
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
     cfg = TrainConfig(**{**cfg_dict, "eval_size": items or WHOLE_SPLIT})
-    s = setup(cfg, log=lambda *a, **k: None)
+    s = build_run(cfg, log=lambda *a, **k: None)
     if state_dict is not None:
         s.model.load_state_dict(state_dict)
     with torch.no_grad():
@@ -157,8 +154,30 @@ def _read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def code_version() -> dict:
+    """The code a run executes: ``{"commit", "dirty", "root"}`` of the checkout that holds the loaded ``proma``.
+
+    ``dirty`` is True when tracked files of ``proma/``, ``reference/`` or ``verification/`` differ from the commit
+    (the run then executes code that no commit holds); ``commit`` is None outside a git checkout.
+    """
+    import proma
+
+    root = Path(proma.__file__).resolve().parent.parent
+
+    def git(*args):
+        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    commit = git("rev-parse", "HEAD")
+    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "proma", "reference", "verification"))
+    return {"commit": commit, "dirty": dirty if commit else None, "root": str(root)}
+
+
 def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str:
-    """Train one run (resuming its directory), score its final policy on the whole test split, write JSON."""
+    """Train one run (resuming its directory), score its final policy on the whole test split, write JSON.
+
+    The JSON records the code it ran (:func:`code_version`, taken before training starts).
+    """
     import torch
 
     from proma.rl import run
@@ -168,13 +187,14 @@ def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str
 
     quiet_transformers()
     torch.set_num_threads(max(1, cfg_dict.get("num_threads") or 1))
+    code = code_version()
     t0 = time.perf_counter()
     run_dir = run(TrainConfig(**cfg_dict), log=lambda *a, **k: None)
     t_train = time.perf_counter() - t0
     ck = torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
     final = whole_split_eval(cfg_dict, ck["model"], items=eval_items)
     out = {"config": cfg_dict, "metrics": _read_jsonl(Path(run_dir) / "metrics.jsonl"),
-           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final,
+           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final, "code": code,
            "seconds": {"train": t_train, "total": time.perf_counter() - t0}}
     path = Path(out_json)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,228 +240,20 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
                 todo.append((run_config(grid, *key, warm_dir=warm, runs_dir=runs_dir), result_path(data_dir, *key)))
     log(f"study: {len(todo)} runs to do, {jobs} jobs")
     done = []
-    if jobs <= 1:
+    if jobs <= 1:  # in this process: the code is imported once, so keep the checkout still while it runs
         for cfg, path in todo:
             done.append(Path(run_one(cfg, str(path), grid.eval_items)))
             log(f"done {path}")
         return done
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+    # One fresh process per run: a run imports the code as it is when the run starts, so the commit it records
+    # is the code it executed even when the checkout moves on while a long study is in flight.
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
+                             max_tasks_per_child=1) as pool:
         futures = [pool.submit(run_one, cfg, str(path), grid.eval_items) for cfg, path in todo]
         for fut in as_completed(futures):
             done.append(Path(fut.result()))
             log(f"done {done[-1]}")
     return done
-
-
-# ---------------------------------------------------------------------------------------------- aggregation
-def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
-    """Per-run scalars of one result JSON (definitions in :data:`COLUMNS`)."""
-    recs = result["metrics"]
-    per_step = {}
-    for r in recs:
-        per_step.setdefault(r["step"], r)
-    steps = [per_step[k] for k in sorted(per_step)]
-    q = max(1, int(round(GAIN_FRACTION * len(steps))))
-    reward = np.array([r["reward"] for r in steps])
-    entropy = np.array([r["entropy"] for r in steps])
-    local_kl = np.array([r["local_kl"] for r in recs])
-    out = {
-        "reward_gain": float(reward[-q:].mean() - reward[:q].mean()),
-        "local_kl_mean": float(local_kl.mean()),
-        "local_kl_cum": float(local_kl.sum()),
-        "entropy_start": float(entropy[0]),
-        "entropy_min_ratio": float(entropy.min() / entropy[0]),
-        "entropy_end_ratio": float(entropy[-q:].mean() / entropy[0]),
-        "val_final": result["final_eval"]["accuracy"],
-        "val_final_se": result["final_eval"]["se"],
-    }
-    if start_eval is not None:
-        out["val_change"] = out["val_final"] - start_eval["accuracy"]
-    return out
-
-
-COLUMNS = {
-    "reward_gain": "mean rollout reward over the last quarter of rollout steps minus over the first quarter",
-    "local_kl_mean": "mean over optimizer steps of the exact local KL (per scored token, before || after step)",
-    "local_kl_cum": "sum over optimizer steps of the exact local KL",
-    "entropy_min_ratio": "lowest per-step token entropy of the rollouts divided by the first step's",
-    "entropy_end_ratio": "token entropy over the last quarter of rollout steps divided by the first step's",
-    "val_final": "greedy exact-match accuracy of the final policy on the scored test items (the whole test "
-                 "split unless the grid's eval_items caps it)",
-    "val_change": "val_final minus the warm-start's accuracy on the same split",
-}
-
-
-def reward_kl_curve(result: dict) -> tuple[np.ndarray, np.ndarray]:
-    """(rollout reward per rollout step, cumulative exact local KL at the end of each rollout step), both (S,)."""
-    reward, kl = {}, {}
-    for r in result["metrics"]:
-        reward.setdefault(r["step"], r["reward"])
-        kl[r["step"]] = kl.get(r["step"], 0.0) + r["local_kl"]
-    steps = sorted(reward)
-    return np.array([reward[k] for k in steps]), np.cumsum([kl[k] for k in steps])
-
-
-def gain_within_kl(reward: np.ndarray, cum_kl: np.ndarray, budget: float) -> tuple[float, int]:
-    """Reward gain of a run over the rollout steps that spend at most ``budget`` cumulative local KL.
-
-    n = the first rollout step whose cumulative KL reaches ``budget`` (all S steps if none does; at least
-    :data:`MIN_EQUAL_KL_STEPS`); gain = mean reward of the last quarter of those n steps minus the first quarter's.
-    Returns (gain, n).
-    """
-    n = int(np.searchsorted(cum_kl, budget, side="left")) + 1
-    n = min(len(reward), max(n, MIN_EQUAL_KL_STEPS))
-    q = max(1, int(round(GAIN_FRACTION * n)))
-    return float(reward[n - q:n].mean() - reward[:q].mean()), n
-
-
-def load_curves(data_dir, regime: str) -> dict:
-    """``{(method, lr, seed): (reward, cumulative local KL)}`` (:func:`reward_kl_curve`) of ``regime``'s runs."""
-    out = {}
-    for path in sorted((Path(data_dir) / regime).glob("*-lr*-s*.json")):
-        res = json.loads(path.read_text())
-        c = res["config"]
-        out[(c["method"], c["lr"], c["seed"])] = reward_kl_curve(res)
-    return out
-
-
-def equal_kl(curves: dict, *, baseline: str = BASELINE, level: float = 0.95) -> dict:
-    """Reward gain at equal cumulative local KL, each method against ``baseline``, paired by seed.
-
-    Per seed k: budget K_k = the smaller of the two runs' final cumulative local KL; each run's gain is
-    :func:`gain_within_kl` at K_k (the run that spends KL faster is cut earlier). Returns per (method, lr)
-    ``{"budget", "gain", "gain_base", "diff", "steps", "steps_base"}``: t-intervals over seeds (``diff`` the
-    paired difference method - baseline); methods with fewer than 2 paired seeds are left out.
-    """
-    out = {}
-    for m, lr in sorted({(m, lr) for m, lr, _ in curves if m != baseline}):
-        seeds = sorted(s for mm, ll, s in curves if (mm, ll) == (m, lr) and (baseline, lr, s) in curves)
-        if len(seeds) < 2:
-            continue
-        rows = []
-        for s in seeds:
-            (ra, ka), (rb, kb) = curves[(m, lr, s)], curves[(baseline, lr, s)]
-            budget = min(ka[-1], kb[-1])
-            rows.append((budget, *gain_within_kl(ra, ka, budget), *gain_within_kl(rb, kb, budget)))
-        budget, gain, steps, gain_b, steps_b = (np.array(c, dtype=float) for c in zip(*rows))
-        out[(m, lr)] = {"budget": stats.t_interval(budget, level=level), "gain": stats.t_interval(gain, level=level),
-                        "gain_base": stats.t_interval(gain_b, level=level),
-                        "diff": stats.paired_difference_t(gain, gain_b, level=level),
-                        "steps": float(steps.mean()), "steps_base": float(steps_b.mean())}
-    return out
-
-
-def markdown_equal_kl(table: dict, *, baseline: str = BASELINE) -> str:
-    """:func:`equal_kl`'s table (markdown)."""
-    f = stats.format_interval
-    lines = [f"| method | lr | KL budget (cumulative local KL) | steps used (method / {baseline}) | reward gain | "
-             f"{baseline} reward gain | difference (paired) |", "|---|---|---|---|---|---|---|"]
-    for (m, lr), row in table.items():
-        lines.append(f"| {m} | {lr:g} | {f(row['budget'], '.3g')} | {row['steps']:.0f} / {row['steps_base']:.0f} | "
-                     f"{f(row['gain'])} | {f(row['gain_base'])} | {f(row['diff'], '+.3f')} |")
-    return "\n".join(lines) + "\n"
-
-
-def load_results(data_dir, regime: str) -> dict:
-    """``{(method, lr, seed): run numbers}`` of every result file of ``regime``."""
-    folder = Path(data_dir) / regime
-    start_path = folder / "start_eval.json"
-    start = json.loads(start_path.read_text()) if start_path.exists() else None
-    out = {}
-    for path in sorted(folder.glob("*-lr*-s*.json")):
-        res = json.loads(path.read_text())
-        c = res["config"]
-        out[(c["method"], c["lr"], c["seed"])] = run_numbers(res, start)
-    return out
-
-
-def aggregate(runs: dict, *, baseline: str = BASELINE, level: float = 0.95) -> dict:
-    """Per (method, lr): t-intervals over seeds of every column, and paired ratios / differences to ``baseline``.
-
-    ``runs`` is :func:`load_results`'s dict. Ratios (local KL) use the log-ratio t-interval over seeds run by
-    both methods (:func:`verification.stats.paired_ratio_t`); differences (reward gain, validation) the paired
-    t-interval of the per-seed differences.
-    """
-    table = {}
-    keys = sorted({(m, lr) for m, lr, _ in runs})
-    for m, lr in keys:
-        seeds = sorted(s for mm, ll, s in runs if (mm, ll) == (m, lr))
-        # a study in progress can have one seed of a method: its value, without an interval
-        cols = {c: (stats.t_interval([runs[(m, lr, s)][c] for s in seeds], level=level) if len(seeds) > 1
-                    else stats.single_value(runs[(m, lr, seeds[0])][c]))
-                for c in runs[(m, lr, seeds[0])]}
-        row = {"n_seeds": len(seeds), "columns": cols}
-        base = [s for s in seeds if (baseline, lr, s) in runs]
-        if m != baseline and len(base) >= 2:
-            a = [runs[(m, lr, s)]["local_kl_mean"] for s in base]
-            b = [runs[(baseline, lr, s)]["local_kl_mean"] for s in base]
-            # a run with zero local KL (no non-zero advantage in any step) has no ratio
-            row["ratio_local_kl"] = stats.paired_ratio_t(a, b, level=level) if min(a + b) > 0 else None
-            for c in ("reward_gain", "val_final"):
-                row[f"diff_{c}"] = stats.paired_difference_t(
-                    [runs[(m, lr, s)][c] for s in base], [runs[(baseline, lr, s)][c] for s in base], level=level)
-        table[(m, lr)] = row
-    return table
-
-
-def markdown_tables(table: dict) -> str:
-    """Headline table, paired comparison to GRPO, and reward gain against cumulative local KL (markdown)."""
-    f = stats.format_interval
-    lines = ["| method | lr | seeds | reward gain | val final | val change | mean local KL | "
-             "entropy min / start | entropy last quarter / start |", "|---|---|---|---|---|---|---|---|---|"]
-    for (m, lr), row in table.items():
-        c = row["columns"]
-        change = f(c["val_change"], "+.3f") if "val_change" in c else "-"
-        lines.append(f"| {m} | {lr:g} | {row['n_seeds']} | {f(c['reward_gain'])} | {f(c['val_final'])} | {change} | "
-                     f"{f(c['local_kl_mean'], '.3g')} | {f(c['entropy_min_ratio'])} | {f(c['entropy_end_ratio'])} |")
-    lines += ["", f"Paired by seed against {BASELINE} (same warm-start and prompts):", "",
-              "| method | lr | local KL ratio | reward gain difference | val final difference |",
-              "|---|---|---|---|---|"]
-    for (m, lr), row in table.items():
-        if "ratio_local_kl" in row:
-            ratio = f(row["ratio_local_kl"]) if row["ratio_local_kl"] else "n/a (a run has zero local KL)"
-            lines.append(f"| {m} | {lr:g} | {ratio} | {f(row['diff_reward_gain'])} | "
-                         f"{f(row['diff_val_final'])} |")
-    lines += ["", "Reward gain against cumulative local KL (compare methods at equal KL):", "",
-              "| method | lr | cumulative local KL | reward gain | gain per unit cumulative KL |",
-              "|---|---|---|---|---|"]
-    for (m, lr), row in table.items():
-        c = row["columns"]
-        cum = c["local_kl_cum"]["mean"]
-        per = f"{c['reward_gain']['mean'] / cum:.3g}" if cum > 0 else "n/a (zero local KL)"
-        lines.append(f"| {m} | {lr:g} | {f(c['local_kl_cum'], '.3g')} | {f(c['reward_gain'])} | {per} |")
-    lines += ["", "Intervals: 95% Student-t over seeds (ratios: t-interval of the per-seed log-ratio, "
-              "exponentiated). Columns: " + "; ".join(f"{k}: {v}" for k, v in COLUMNS.items()) + "."]
-    return "\n".join(lines) + "\n"
-
-
-def markdown_validation_per_seed(runs: dict) -> str:
-    """Final greedy validation of every run, one row per (method, lr) and one column per seed (markdown).
-
-    ``runs`` is :func:`load_results`'s dict; each cell is ``accuracy ± se`` with the binomial standard error
-    se = sqrt(p (1 - p) / n) over the n scored test items ("-" where that seed has not run).
-    """
-    seeds = sorted({s for _, _, s in runs})
-    lines = ["| method | lr | " + " | ".join(f"seed {s}" for s in seeds) + " |",
-             "|---|---|" + "---|" * len(seeds)]
-    for m, lr in sorted({(m, lr) for m, lr, _ in runs}):
-        cells = [f"{runs[(m, lr, s)]['val_final']:.3f} ± {runs[(m, lr, s)]['val_final_se']:.3f}"
-                 if (m, lr, s) in runs else "-" for s in seeds]
-        lines.append(f"| {m} | {lr:g} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def estimate_wall_seconds(grid: StudyGrid, step_seconds: dict, *, eval_seconds: float, setup_seconds: float,
-                         jobs: int) -> float:
-    """Planned wall time: sum over runs of (steps x step_seconds[method] + eval + setup), divided by ``jobs``.
-
-    ``step_seconds`` are per-method seconds per rollout step of one single-threaded worker (measured in the
-    pilot or a previous report, with ``jobs`` workers running); excludes the warm-starts (cached) and the
-    whole-split evaluation of each regime's start policy (one ``eval_seconds`` each).
-    """
-    total = sum(grid.regimes[r]["steps"] * step_seconds[m] + eval_seconds + setup_seconds
-                for r, m, _, _ in grid.runs())
-    return total / jobs + eval_seconds * len(grid.regimes)
 
 
 # ---------------------------------------------------------------------------------------------- command line
@@ -451,7 +263,31 @@ PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
 # The first study's 80-step "learn" regime (PILOT.md sections 4-6; every method x 5 seeds, data committed): GRPO did
 # not demonstrably learn in 80 steps, so the full grid runs the same regime for 240 steps instead.
 LEARN_80_GRID = StudyGrid(regimes={"learn-80": dict(LEARN, steps=80)}, lrs={"learn-80": (1e-4,)})
-GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID}
+# The held-out pilot (PILOT.md section 7): GRPO only, candidates tried in order, seeds 0-2 then 3-4.
+_ALL_POOL = dict(train_pool=0, warmstart_steps=1000)
+HELDOUT_REGIMES = {
+    "heldout-all-240": dict(_ALL_POOL, steps=240),
+    "heldout-all-480": dict(_ALL_POOL, steps=480),
+    "heldout-all-lr5e-5": dict(_ALL_POOL, steps=480),
+    "heldout-w500-all": dict(_ALL_POOL, warmstart_steps=500, steps=240),
+    "heldout-h256-all": dict(_ALL_POOL, hidden_size=256, intermediate_size=683, steps=240),
+}
+HELDOUT_LRS = {**{r: (1e-4,) for r in HELDOUT_REGIMES}, "heldout-all-lr5e-5": (5e-5,)}
+HELDOUT_GRID = StudyGrid(regimes=HELDOUT_REGIMES, lrs=HELDOUT_LRS, methods=("grpo",), seeds=(0, 1, 2, 3, 4))
+GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID, "heldout": HELDOUT_GRID}
+
+
+def restrict(grid: StudyGrid, *, methods=None, seeds=None, regimes=None) -> StudyGrid:
+    """``grid`` with only the given methods, seeds and regimes (None keeps all); unknown names are an error."""
+    for name, asked, known in (("methods", methods, grid.methods), ("seeds", seeds, grid.seeds),
+                               ("regimes", regimes, tuple(grid.regimes))):
+        unknown = sorted(set(asked or ()) - set(known))
+        if unknown:
+            raise ValueError(f"--{name}: {unknown} not in the grid (it has {list(known)})")
+    keep = [r for r in grid.regimes if regimes is None or r in regimes]
+    return replace(grid, regimes={r: grid.regimes[r] for r in keep}, lrs={r: grid.lrs[r] for r in keep},
+                   methods=tuple(m for m in grid.methods if methods is None or m in methods),
+                   seeds=tuple(s for s in grid.seeds if seeds is None or s in seeds))
 
 
 def main(argv=None) -> int:
@@ -464,8 +300,11 @@ def main(argv=None) -> int:
     ap.add_argument("--runs-dir", default="runs/study")
     ap.add_argument("--cache-dir", default=None)
     ap.add_argument("--jobs", type=int, default=2)
+    ap.add_argument("--methods", nargs="+", default=None, help="run only these methods of the grid")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds of the grid")
+    ap.add_argument("--regimes", nargs="+", default=None, help="run only these regimes of the grid")
     ns = ap.parse_args(argv)
-    grid = GRIDS[ns.grid]
+    grid = restrict(GRIDS[ns.grid], methods=ns.methods, seeds=ns.seeds, regimes=ns.regimes)
     t0 = time.perf_counter()
     run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir,
               log=lambda *a: print(f"[{time.perf_counter() - t0:7.0f}s]", *a, flush=True))

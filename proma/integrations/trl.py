@@ -14,62 +14,129 @@ form raises a ValueError at the first microbatch (a safety net behind the option
 
 Log-probabilities come from the model's own (unfused) LM head: TRL's fused head reads the tied weight
 without calling ``lm_head``, a use PROMA's hooks cannot see (the accumulator's coverage check would raise).
-The unfused head materialises the (b, K, vocab) logits of a microbatch in float32.
+The unfused head materialises the (b, K, vocab) logits of a microbatch in float32; in float32 it agrees with
+TRL's fused head to rounding, under bf16 autocast it rounds differently (measured in docs/trl.md).
 
 Gradient accumulation: ``zero_grad`` at the first microbatch of each optimizer step, ``synchronize`` at the
 last (before clipping and ``optimizer.step()``); every forward and backward runs inside
 ``accelerator.no_sync`` so DDP does not reduce gradients (the accumulator does, per ``proma_sync``).
 
 Oracle: with ``proma_oracle_dir`` set, the first optimizer step's microbatches are written as oracle cases
-(``verification/FORMAT.md``) from a float64 copy of the policy, the weights being the ones PROMA received.
+(``verification/FORMAT.md``) by the oracle's writer callback, found through the entry-point group
+:data:`ORACLE_WRITER_GROUP` (the oracle registers ``verification.oracle.trl.OracleCaseWriter`` there; this
+library never names or imports the oracle package) unless one is passed
+in ``callbacks``. The trainer hands it each microbatch PROMA received and the end of each accumulation
+window (``on_proma_microbatch`` / ``on_proma_step_end``).
 """
 from __future__ import annotations
 
-import copy
+import importlib.metadata
+import math
 import time
+import warnings
 from dataclasses import dataclass, field
 
 import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..accumulator import ProjectedAccumulator
+from ..options import ACCUMULATOR_SOLVERS, INTRA_FORMS, NO_SOLVER, STRATEGIES, SYNCS, VARIANTS, AccumulatorOptions
 
 # relative deviation (to the largest coefficient) allowed between TRL's per-token loss coefficients and
 # w_i * mask: they are the same float32 expression per token, so only rounding separates them
 WEIGHT_RTOL = 1e-4
 
 
+# the accumulator's defaults: the one source of every proma_* default below
+_DEFAULTS = AccumulatorOptions()
+# TRL's default: one microbatch per optimizer step, where PROMA has nothing to project against
+SINGLE_MICROBATCH = 1
+# Entry-point group of the oracle's TRL writer, attached when proma_oracle_dir is set and no writer was passed
+# in ``callbacks``: a plugin registered by the oracle (pyproject.toml), so the library depends on no oracle module.
+ORACLE_WRITER_GROUP = "proma.trl_oracle_writer"
+# the metrics logged per microbatch (PromaGRPOTrainer's docstring and docs/trl.md define them)
+METRIC_KEYS = ("proma/removed_ratio", "proma/intra_removed_ratio", "proma/gram_rank_mean")
+
+
 @dataclass
 class PromaGRPOConfig(GRPOConfig):
-    """``GRPOConfig`` plus the options of :class:`proma.ProjectedAccumulator` (``proma_`` + its argument name)."""
+    """``GRPOConfig`` plus the options of :class:`proma.ProjectedAccumulator` (``proma_`` + its argument name).
 
-    proma_variant: str = field(default="proma", metadata={"help": "'proma', 'intra' or 'none' (plain accumulation)."})
-    proma_solver: str = field(default="exact", metadata={"help": "'exact', 'gram_schmidt' or 'ridge'."})
-    proma_passes: int = field(default=2, metadata={"help": "Gram-Schmidt sweeps."})
-    proma_ridge: float = field(default=1e-2, metadata={"help": "Ridge regulariser."})
-    proma_relative_bound: float | None = field(default=None, metadata={"help": "Cap ||R|| <= bound * ||pg||."})
-    proma_shrinkage: float = field(default=1.0, metadata={"help": "Multiplier of the removed component."})
-    proma_intra_rank: int = field(default=1, metadata={"help": "Intra variant: dominant directions per side."})
-    proma_intra_form: str = field(default="two_sided", metadata={"help": "Intra variant: 'two_sided' or 'kron'."})
-    proma_exclude: list[str] = field(default_factory=list, metadata={"help": "Parameters accumulated plainly."})
-    proma_sync: str = field(default="local", metadata={"help": "Several processes: 'local' or 'global'."})
+    Every ``proma_*`` field is checked when the config is built (also through ``TrlParser``) by the
+    accumulator's own validation (:class:`proma.options.AccumulatorOptions`); an error names the field.
+
+    Raises
+    ------
+    ValueError naming the first invalid ``proma_*`` field and its allowed values.
+    """
+
+    proma_variant: str = field(default=_DEFAULTS.variant, metadata={
+        "help": f"One of {VARIANTS}: 'proma' projects each microbatch against the accumulated gradient, "
+                "'intra' within each microbatch, 'none' accumulates plainly (TRL's gradient)."})
+    proma_solver: str = field(default=_DEFAULTS.solver, metadata={"help": f"One of {ACCUMULATOR_SOLVERS}."})
+    proma_passes: int = field(default=_DEFAULTS.passes, metadata={"help": "Gram-Schmidt sweeps (int >= 1)."})
+    proma_ridge: float = field(default=_DEFAULTS.ridge, metadata={"help": "Ridge regulariser (float > 0)."})
+    proma_relative_bound: float | None = field(default=_DEFAULTS.relative_bound, metadata={
+        "help": "Cap ||R|| <= bound * ||pg|| per parameter tensor (None: no cap)."})
+    proma_shrinkage: float = field(default=_DEFAULTS.shrinkage, metadata={"help": "Multiplier of the removed part."})
+    proma_intra_rank: int = field(default=_DEFAULTS.intra_rank, metadata={
+        "help": "Intra variant: dominant directions per side (int >= 0)."})
+    proma_intra_form: str = field(default=_DEFAULTS.intra_form, metadata={
+        "help": f"Intra variant: one of {INTRA_FORMS}."})
+    proma_strategy: str = field(default=_DEFAULTS.strategy, metadata={
+        "help": f"Route of the per-layer Gram: one of {STRATEGIES}."})
+    proma_exclude: list[str] = field(default_factory=list, metadata={
+        "help": "Names of trainable parameters accumulated plainly."})
+    proma_sync: str = field(default=_DEFAULTS.sync, metadata={"help": f"Several processes: one of {SYNCS}."})
     proma_oracle_dir: str | None = field(default=None, metadata={
-        "help": "Write the first optimizer step's microbatches as oracle cases into this directory."})
+        "help": "Write the first optimizer step's microbatches as oracle cases into this directory "
+                "(docs/trl.md: size, LoRA, several processes)."})
+    proma_oracle_params: list[str] = field(default_factory=list, metadata={
+        "help": "Oracle cases: only these parameters (names or fnmatch patterns); default every projected one."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        options = proma_options(self)
+        if (options.variant == "proma" and options.solver != NO_SOLVER
+                and self.gradient_accumulation_steps == SINGLE_MICROBATCH):
+            warnings.warn("PromaGRPOConfig: gradient_accumulation_steps=1 with proma_variant='proma' leaves "
+                          "nothing to project against (every optimizer step is one microbatch): PROMA changes "
+                          "nothing; set gradient_accumulation_steps >= 2", UserWarning, stacklevel=3)
 
 
 ACCUMULATOR_OPTIONS = ("variant", "solver", "passes", "ridge", "relative_bound", "shrinkage", "intra_rank",
-                       "intra_form", "exclude", "sync")
+                       "intra_form", "strategy", "exclude", "sync")
 
 
 def accumulator_options(args) -> dict:
     """Keyword arguments of ``ProjectedAccumulator`` from a config (defaults for a plain ``GRPOConfig``)."""
-    defaults = PromaGRPOConfig.__dataclass_fields__
-    out = {}
-    for name in ACCUMULATOR_OPTIONS:
-        f = defaults[f"proma_{name}"]
-        out[name] = getattr(args, f"proma_{name}", [] if name == "exclude" else f.default)
-    out["exclude"] = tuple(out["exclude"] or ())
+    out = {name: getattr(args, f"proma_{name}", getattr(_DEFAULTS, name)) for name in ACCUMULATOR_OPTIONS}
+    exclude = out["exclude"] or ()
+    out["exclude"] = (exclude,) if isinstance(exclude, str) else tuple(exclude)
     return out
+
+
+def proma_options(args) -> AccumulatorOptions:
+    """The config's ``proma_*`` fields checked by :class:`AccumulatorOptions`; ValueError names the field.
+
+    Each field is checked alone first (the others at their defaults), so the error names the one that is
+    wrong; then all together (options that do not go together, e.g. sync='global' with variant='intra').
+    """
+    values = accumulator_options(args)
+    bad_names = [x for x in values["exclude"] if not isinstance(x, str)]
+    if bad_names:
+        raise ValueError(f"proma_exclude={list(values['exclude'])!r} is invalid: it must be a list of parameter "
+                         f"names (str); got {bad_names!r}")
+    for name, value in values.items():
+        try:
+            AccumulatorOptions(**{name: value})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"proma_{name}={value!r} is invalid: {e}") from None
+    try:
+        return AccumulatorOptions(**values)
+    except (TypeError, ValueError) as e:
+        changed = {f"proma_{k}": v for k, v in values.items() if v != getattr(_DEFAULTS, k) and k != "exclude"}
+        raise ValueError(f"the options {changed} do not go together: {e}") from None
 
 
 def check_supported(args) -> None:
@@ -109,48 +176,41 @@ def sequence_weights(coef: torch.Tensor, mask: torch.Tensor, *, rtol: float = WE
     return w
 
 
-def _oracle_seq_logp(model, batch):
-    """Sequence log-probabilities of an oracle microbatch from full logits (a float64 copy of the policy)."""
-    k = batch["logits_to_keep"]
-    out = type(model).forward(model, input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                              use_cache=False)
-    logits = out.logits[:, -k - 1:-1] / batch["temperature"]
-    lp = torch.log_softmax(logits, -1).gather(-1, batch["input_ids"][:, -k:, None]).squeeze(-1)
-    return (lp * batch["loss_mask"]).sum(-1)
+def attach_oracle_writer(trainer, group: str = ORACLE_WRITER_GROUP):
+    """The oracle writer registered in the entry-point ``group``, built on ``proma_oracle_dir``, added as a callback.
 
-
-def write_oracle_cases(out_dir, model, microbatches, options: dict, temperature: float):
-    """Oracle cases (FORMAT.md) of ``microbatches`` [(input_ids, attention_mask, loss_mask, K, w)] on ``model``.
-
-    Per-sequence factors come from a float64 copy (verification's own capture, independent of proma);
-    expected results from the NumPy reference. Returns the case directory.
+    A plugin, not an import: ``proma`` does not depend on the oracle package, which registers its writer there.
     """
-    import numpy as np
-
-    from verification.cases import compute_expected
-    from verification.format import Case, Settings, save_cases
-    from verification.realcase import capture_case_arrays
-
-    twin = copy.deepcopy(model).double()
-    batches = [{"input_ids": ids, "attention_mask": am, "loss_mask": lm.double(), "logits_to_keep": k,
-                "temperature": temperature} for ids, am, lm, k, _ in microbatches]
-    weights = [w.double().cpu().numpy() for *_, w in microbatches]
-    layers, arrays = capture_case_arrays(twin, _oracle_seq_logp, batches, weights)
-    settings = Settings(**{k: options[k] for k in ("variant", "solver", "passes", "ridge", "relative_bound",
-                                                   "shrinkage", "intra_rank", "intra_form")})
-    case = Case(id=f"trl_grpo_{options['variant']}_{options['solver']}",
-                description="first optimizer step of a TRL GRPOTrainer run (PromaGRPOTrainer)", settings=settings,
-                layers=list(layers), boundaries=[0] + np.cumsum([len(w) for w in weights]).tolist(),
-                arrays=arrays, tags=["real", "trl"])
-    return save_cases(out_dir, [compute_expected(case)], generator={"name": "proma.integrations.trl"})
+    found = sorted(importlib.metadata.entry_points(group=group), key=lambda e: e.name)
+    if not found:
+        raise ValueError(f"proma_oracle_dir needs an oracle writer registered in the entry-point group {group!r} "
+                         "(the verification package installed with proma registers one); none is installed")
+    try:
+        writer_cls = found[0].load()
+    except (ImportError, AttributeError) as e:
+        raise ValueError(f"proma_oracle_dir: the oracle writer {found[0].value!r} could not be loaded: {e}") from e
+    writer = writer_cls(trainer.args.proma_oracle_dir, params=tuple(getattr(trainer.args, "proma_oracle_params", ())))
+    trainer.add_callback(writer)
+    return writer
 
 
 class PromaGRPOTrainer(GRPOTrainer):
     """``GRPOTrainer`` whose microbatch gradients are accumulated by :class:`proma.ProjectedAccumulator`.
 
     Takes the arguments of ``GRPOTrainer``; ``args`` is a :class:`PromaGRPOConfig` (a plain ``GRPOConfig``
-    gets the accumulator's defaults). PROMA's statistics of each microbatch are logged as
-    ``proma/removed_ratio`` and ``proma/gram_rank_mean`` (mean over the projected parameters).
+    gets the accumulator's defaults). The accumulator is built with the trainer, so options that do not fit
+    the model (``proma_exclude`` naming no trainable parameter, a parameter without a rule) fail here, before
+    any rollout. Metrics (docs/trl.md):
+
+    - ``proma/removed_ratio`` (variant "proma"): ||R|| / ||pg|| of microbatches 2..M of each optimizer step
+      (the first has nothing to project against), each the mean over ranks;
+    - ``proma/intra_removed_ratio`` (variant "intra"): the part removed within each microbatch 1..M, mean
+      over ranks;
+    - ``proma/gram_rank_mean``: rank of the per-parameter Gram, mean over the parameters that had one.
+
+    Oracle hooks: a callback with ``on_proma_microbatch(trainer, record)`` and ``on_proma_step_end(trainer)``
+    (the oracle's writer, ``verification.oracle.trl``) gets every microbatch PROMA received and the end of
+    each accumulation window; with ``proma_oracle_dir`` set and no such callback, one is attached by name.
     """
 
     def __init__(self, *args, **kwargs):
@@ -159,17 +219,26 @@ class PromaGRPOTrainer(GRPOTrainer):
             check_supported(config)
         super().__init__(*args, **kwargs)
         check_supported(self.args)
-        self.proma_options = accumulator_options(self.args)
+        self.proma_options = proma_options(self.args).as_kwargs()
         self._proma_acc = None
         self._proma_window_open = False
-        self._proma_oracle = [] if getattr(self.args, "proma_oracle_dir", None) else None
+        try:
+            self.accumulator   # noqa: B018 (built now: options that do not fit the model fail before a rollout)
+        except ValueError as e:
+            raise ValueError(f"PromaGRPOTrainer: the proma_* options do not fit the model "
+                             f"(proma_exclude={list(self.proma_options['exclude'])}): {e}") from e
+        if getattr(self.args, "proma_oracle_dir", None) and not self._oracle_hooks():
+            attach_oracle_writer(self)
 
     @property
     def accumulator(self) -> ProjectedAccumulator:
-        """The accumulator (built on first use, on the unwrapped policy)."""
+        """The accumulator, on the unwrapped policy."""
         if self._proma_acc is None:
             self._proma_acc = ProjectedAccumulator(self.accelerator.unwrap_model(self.model), **self.proma_options)
         return self._proma_acc
+
+    def _oracle_hooks(self) -> list:
+        return [cb for cb in self.callback_handler.callbacks if hasattr(cb, "on_proma_microbatch")]
 
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, **multimodal):
@@ -207,11 +276,8 @@ class PromaGRPOTrainer(GRPOTrainer):
         if self.accelerator.sync_gradients:   # last microbatch: before clipping and optimizer.step()
             acc.synchronize()
             self._proma_window_open = False
-            if self._proma_oracle:
-                with acc.paused():
-                    write_oracle_cases(self.args.proma_oracle_dir, self.accelerator.unwrap_model(model),
-                                       self._proma_oracle, self.proma_options, self.temperature)
-                self._proma_oracle = None
+            for hook in self._oracle_hooks():
+                hook.on_proma_step_end(self)
         self._step += 1
         self._current_train_step_time += time.perf_counter() - started
         if self._step % self.current_gradient_accumulation_steps == 0:
@@ -241,18 +307,35 @@ class PromaGRPOTrainer(GRPOTrainer):
         w = sequence_weights(coef, mask)
         seq_logp = (seen["logps"] * mask.to(seen["logps"].dtype)).sum(-1)
         acc.backward(seq_logp, w)
-        if self._proma_oracle is not None:
-            ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
-            am = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
-            self._proma_oracle.append((ids, am, mask, inputs["completion_ids"].size(1), w))
+        hooks = self._oracle_hooks()
+        if hooks:
+            record = {"input_ids": torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1),
+                      "attention_mask": torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1),
+                      "loss_mask": mask, "logits_to_keep": inputs["completion_ids"].size(1), "weights": w}
+            for hook in hooks:
+                hook.on_proma_microbatch(self, record)
         self._log_proma_stats(acc)
         return loss
 
     def _log_proma_stats(self, acc) -> None:
+        """Append this microbatch's PROMA metrics (each value the mean over ranks; see the class docstring)."""
         if acc.options.variant == "none":
             return
         stats = acc.stats()
-        self._metrics["train"]["proma/removed_ratio"].append(stats["summary"]["removed_ratio"])
+        summary, nan = stats["summary"], float("nan")
         ranks = [d["gram_rank"] for d in stats["params"].values() if d.get("gram_rank") is not None]
-        if ranks:
-            self._metrics["train"]["proma/gram_rank_mean"].append(sum(ranks) / len(ranks))
+        intra = acc.options.variant == "intra"
+        # the first microbatch of a window has nothing to project against: its 0 is not a measurement
+        projected = not intra and summary["microbatches"] >= 2
+        values = [summary["removed_ratio"] if projected else nan, summary["removed_ratio"] if intra else nan,
+                  sum(ranks) / len(ranks) if ranks else nan]
+        for key, value in zip(METRIC_KEYS, self._mean_over_ranks(values)):
+            if not math.isnan(value):
+                self._metrics["train"][key].append(value)
+
+    def _mean_over_ranks(self, values: list) -> list:
+        """Each of ``values`` averaged over the ranks that have it (NaN: absent); the same list on one rank."""
+        if self.accelerator.num_processes == 1:
+            return values
+        local = torch.tensor([values], dtype=torch.float64, device=self.accelerator.device)
+        return [float(v) for v in self.accelerator.gather(local).nanmean(0)]

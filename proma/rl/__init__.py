@@ -3,10 +3,12 @@
 ``proma.rl.run(TrainConfig(...))`` trains one run and returns its directory (``from proma.rl.config import
 TrainConfig``); command line ``proma train --task gsm8k-calc --method proma --steps N --out runs/NAME``. The
 methods use PROMA only through the public ``proma.ProjectedAccumulator`` API. Modules: config, data (GSM8K, tasks,
-rewards), tokenizer, policy (model + supervised warm-start), setup (what a run is built from), rollout
-(generation, batches), sampling (step-seeded rollouts, minibatches, sequence log-probs), losses, metrics, update
-(the micro-step loop and step diagnostics), rundir (logs and checkpoints), evaluation (greedy validation),
-train (the loop), distributed, summary, cli.
+rewards), tokenizer, policy (model + supervised warm-start), build (what a run is built from), generation
+(sampling completions, sequence batches), rollout (a training step's step-seeded rollout), batching
+(minibatches, microbatches, their weights, a real microbatch), losses (log-probs, advantages, weights, GRPO's
+surrogate), metrics (KL, entropy), diagnostics (what a step records besides the loss), rundir (logs and
+checkpoints), evaluation (greedy validation), train (the loop and its micro-step loop), distributed, summary,
+cli.
 """
 
 

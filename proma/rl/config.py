@@ -4,9 +4,9 @@
 from a preset and overrides fields. Invalid combinations raise ``ValueError`` naming the option.
 
 RL prompts are drawn from ``train_pool`` examples of the task's train split (a fixed, seed-independent
-subset; 0 = the whole split), so that a short run revisits each prompt a few times; with the small model, RL
-on the whole split barely moves the reward within a short run (the measurement is in the README). The
-warm-start always uses the whole train split; evaluation uses the test split.
+subset; 0 = the whole split), so that a short run revisits each prompt a few times (what the pool size does
+to a short run is measured in reports/PILOT.md, sections 2 and 4: a 64-prompt pool against the default 1024).
+The warm-start always uses the whole train split; evaluation uses the test split.
 
 Every field carries a one-line comment: ``proma train --help`` shows it as the option's help, and
 :data:`CHOICES` lists the values of every enumerated option.
@@ -37,7 +37,8 @@ DEFAULT_NEW_TOKENS = {"gsm8k-calc": 10, "gsm8k": 256}
 MIN_VOCAB_SIZE = 2 + 256  # the special tokens and the byte alphabet of the BPE tokenizer
 
 # How each method accumulates microbatch gradients: ProjectedAccumulator keyword arguments (None = plain
-# backward of a token-level loss). proma-paper = the published run's settings.
+# backward of a token-level loss). The method PUBLISHED_NAME ("proma-paper", the key of the committed run data)
+# runs PUBLISHED_SETTINGS, the published run's settings (proma.options).
 METHOD_ACCUMULATOR = {
     "reinforce": {"variant": "none"},
     "grpo": None,

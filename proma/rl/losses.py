@@ -58,9 +58,18 @@ def token_logprobs(model, batch: dict, *, params=None, full: bool = False):
     return logp, full_logp
 
 
-def sequence_logprob(logp: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
-    """(b,) total log-probability of each sequence's scored tokens: sum_t logp_it."""
+def sum_scored_logprobs(logp: torch.Tensor, score_mask: torch.Tensor) -> torch.Tensor:
+    """(b,) sum over each sequence's scored tokens of the (b, t) token log-probs ``logp``: sum_t logp_it."""
     return (logp * score_mask).sum(dim=1)
+
+
+def completion_logprobs(model, batch: dict) -> torch.Tensor:
+    """(b,) total log-probability under ``model`` of each sequence's completion (its scored tokens): one forward.
+
+    What PROMA projects: ``ProjectedAccumulator.backward(completion_logprobs(model, batch), weights)``.
+    """
+    logp, _ = token_logprobs(model, batch)
+    return sum_scored_logprobs(logp, batch["score_mask"])
 
 
 def group_advantages(rewards: torch.Tensor, group_size: int, *, kind: str = "grpo", eps: float = 1e-6):

@@ -29,7 +29,7 @@ import contextlib
 
 import torch
 
-from .losses import sequence_logprob, token_logprobs
+from .losses import sum_scored_logprobs, token_logprobs
 
 
 def categorical_entropy(logp: torch.Tensor) -> torch.Tensor:
@@ -68,7 +68,7 @@ def directional_derivatives(model, batch: dict, params_before: dict, direction: 
     """
     def seq_logp(params):
         logp, _ = token_logprobs(model, batch, params=params)
-        return sequence_logprob(logp, batch["score_mask"])
+        return sum_scored_logprobs(logp, batch["score_mask"])
 
     was_training = model.training
     model.eval()  # no dropout in the directional derivative

@@ -135,7 +135,7 @@ def warmstart_key(cfg, tokenizer) -> str:
 
 def supervised_batch(tokenizer, examples, device):
     """Right-padded teacher-forcing batch ``prompt + target + EOS`` with the target and EOS tokens scored."""
-    from .rollout import pack
+    from .generation import pack
 
     prompts = [tokenizer(e.prompt, add_special_tokens=False)["input_ids"] for e in examples]
     targets = [tokenizer(e.target, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]

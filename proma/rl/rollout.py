@@ -1,100 +1,78 @@
-"""Rollouts: sample completions with the KV cache (``model.generate``), score them, and pack sequences.
+"""The rollout of one training step: prompts, G sampled completions each, rewards, group advantages and the
+rollout policy's log-probs, as a :class:`RolloutBatch`.
 
-Batch layout used everywhere after generation (a "sequence batch", a dict of tensors, b sequences, t tokens):
-
-``input_ids`` (b, t) long
-    prompt tokens then completion tokens, RIGHT-padded with the pad id (so positions are 0..len-1 with no
-    offset, and a causal model's outputs at real tokens do not depend on padding).
-``attention_mask`` (b, t) long
-    1 on real tokens.
-``score_mask`` (b, t) float
-    1 on completion tokens (generated tokens up to and including EOS); token t is predicted by the logits at
-    t - 1, so column 0 is always 0.
-
-Generation uses LEFT padding (what batched generation needs); sequences are re-packed right-padded afterwards.
+Used by the training loop and, unchanged, by the verification suite and the benchmarks, so that a "real
+microbatch" outside training is exactly one that training would see. All randomness of rollout step s is drawn
+from generators seeded by (seed, s, purpose), so the same seed gives the same rollouts, resumed or not. Rewards
+are looked up as ``data.reward`` at call time: one seam for a replacement reward (the tests use one).
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
+from . import data
+from .build import RunParts
+from .config import TrainConfig
+from .distributed import Ranks
+from .generation import generate, pack, select
+from .losses import group_advantages, token_logprobs
+from .metrics import categorical_entropy
 
-def pack(prompts: list[list[int]], completions: list[list[int]], pad_id: int, device) -> dict:
-    """Right-padded sequence batch of ``prompt_i + completion_i`` with the completion tokens scored."""
-    if len(prompts) != len(completions):
-        raise ValueError(f"{len(prompts)} prompts but {len(completions)} completions")
-    lengths = [len(p) + len(c) for p, c in zip(prompts, completions)]
-    b, t = len(prompts), max(lengths)
-    input_ids = torch.full((b, t), pad_id, dtype=torch.long)
-    attention_mask = torch.zeros((b, t), dtype=torch.long)
-    score_mask = torch.zeros((b, t), dtype=torch.float32)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        if not p:
-            raise ValueError(f"sequence {i}: empty prompt (the first completion token needs a context)")
-        n = len(p) + len(c)
-        input_ids[i, :n] = torch.tensor(p + c, dtype=torch.long)
-        attention_mask[i, :n] = 1
-        score_mask[i, len(p):n] = 1.0
-    return {
-        "input_ids": input_ids.to(device),
-        "attention_mask": attention_mask.to(device),
-        "score_mask": score_mask.to(device),
-    }
-
-
-def select(batch: dict, idx) -> dict:
-    """Rows ``idx`` of a sequence batch, trimmed to their longest sequence."""
-    out = {k: v[idx] for k, v in batch.items()}
-    t = int(out["attention_mask"].sum(1).max().item())
-    return {k: v[:, :t] for k, v in out.items()}
+# What each per-step generator draws (the third seed word of ``step_rng``).
+PROMPTS, SAMPLING, MINIBATCH_ORDER = 0, 1, 2
 
 
 @dataclass
-class Rollout:
-    """Completions for ``len(prompts)`` prompts x ``group_size`` samples (group-major: rows g*G .. g*G+G-1)."""
+class RolloutBatch:
+    batch: dict                 # sequence batch (generation.py layout) + "old_logp" (n, t) rollout-policy log-probs
+    rewards: torch.Tensor       # (n,)
+    advantages: torch.Tensor    # (n,)
+    n_tokens: torch.Tensor      # (n,) scored tokens per sequence
+    rollout_logp: list          # per sequence (n_i, V) rollout-policy log-softmax rows (kl_metrics only)
+    entropy: float
+    truncated_frac: float
+    texts: list
 
-    prompt_ids: list[list[int]]      # per sequence (repeated within a group)
-    completion_ids: list[list[int]]  # per sequence, generated tokens through EOS when it was produced
-    texts: list[str]                 # decoded completions without special tokens
-    truncated: list[bool]            # True when the length limit cut the completion before EOS
+
+def step_rng(cfg: TrainConfig, step: int, purpose: int) -> np.random.Generator:
+    """Generator of step ``step`` for one ``purpose`` (PROMPTS, SAMPLING or MINIBATCH_ORDER)."""
+    return np.random.default_rng([cfg.seed, step, purpose])
 
 
-@torch.no_grad()
-def generate(model, tokenizer, prompts: list[str], *, group_size: int, max_new_tokens: int,
-             greedy: bool = False, temperature: float = 1.0, device="cpu") -> Rollout:
-    """Sample ``group_size`` completions per prompt (pure temperature sampling: no top-k / top-p), or greedy.
-
-    Sampling draws from torch's global RNG: seed it before calling for reproducible rollouts.
-    """
-    enc = tokenizer(prompts, add_special_tokens=False, padding=True, return_tensors="pt")
-    if tokenizer.padding_side != "left":
-        raise ValueError("tokenizer.padding_side must be 'left' for batched generation")
-    ids = enc["input_ids"].repeat_interleave(group_size, 0).to(device)
-    mask = enc["attention_mask"].repeat_interleave(group_size, 0).to(device)
-    was_training = model.training
-    model.eval()
-    sample_kwargs = dict(do_sample=False) if greedy else dict(do_sample=True, temperature=temperature, top_k=0, top_p=1.0)
-    out = model.generate(
-        input_ids=ids,
-        attention_mask=mask,
-        max_new_tokens=max_new_tokens,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        use_cache=True,
-        **sample_kwargs,
-    )
-    model.train(was_training)
-    gen = out[:, ids.shape[1]:].tolist()
-    eos = tokenizer.eos_token_id
-    completion_ids, truncated = [], []
-    for row in gen:
-        if eos in row:
-            completion_ids.append(row[: row.index(eos) + 1])
-            truncated.append(False)
-        else:
-            completion_ids.append(row)
-            truncated.append(True)
-    prompt_rows = [[int(x) for x, m in zip(r, mr) if m] for r, mr in zip(ids.tolist(), mask.tolist())]
-    texts = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-    return Rollout(prompt_rows, completion_ids, texts, truncated)
+def collect_rollout(parts: RunParts, step: int, ranks: Ranks = Ranks()) -> RolloutBatch:
+    """Rollout step ``step``: prompts, G completions each (temperature ``cfg.temperature``), rewards, group
+    advantages and the rollout policy's log-probs (for GRPO's ratio, ``kl`` and ``entropy``)."""
+    cfg, model, tok = parts.cfg, parts.model, parts.tokenizer
+    idx = step_rng(cfg, step, PROMPTS).choice(len(parts.train_examples), size=cfg.prompts_per_step, replace=False)
+    examples = [parts.train_examples[i] for i in idx[ranks.split(cfg.prompts_per_step, "prompts_per_step")]]
+    # generate() samples from the global RNG; each rank draws its own stream
+    torch.manual_seed(int(step_rng(cfg, step, SAMPLING).integers(2**62)) + ranks.rank)
+    completions = generate(model, tok, [e.prompt for e in examples], group_size=cfg.group_size,
+                           max_new_tokens=cfg.new_tokens, temperature=cfg.temperature, device=parts.device)
+    answers = [e.answer for e in examples for _ in range(cfg.group_size)]
+    rewards = torch.tensor([data.reward(cfg.task, t, a, format_reward=cfg.format_reward)
+                            for t, a in zip(completions.texts, answers)], dtype=torch.float64)
+    adv = group_advantages(rewards, cfg.group_size, kind=cfg.advantage, eps=cfg.adv_eps)
+    batch = pack(completions.prompt_ids, completions.completion_ids, tok.pad_token_id, parts.device)
+    # Rollout-policy log-probs, in microbatch-sized chunks to bound memory.
+    n = len(completions.texts)
+    old_logp = torch.zeros(batch["input_ids"].shape, dtype=torch.float32, device=parts.device)
+    rollout_logp, ent_sum = [], 0.0
+    with torch.no_grad():
+        for lo in range(0, n, cfg.microbatch_size):
+            rows = list(range(lo, min(n, lo + cfg.microbatch_size)))
+            mb = select(batch, rows)
+            logp, full = token_logprobs(model, mb, full=cfg.kl_metrics)
+            old_logp[rows, : logp.shape[1]] = logp.float()
+            if cfg.kl_metrics:
+                ent_sum += float(categorical_entropy(full).sum())
+                counts = mb["score_mask"][:, 1:].sum(1).long().tolist()
+                rollout_logp.extend(torch.split(full.float(), counts))
+    batch["old_logp"] = old_logp
+    n_tokens = batch["score_mask"].sum(1)
+    entropy = ent_sum / float(n_tokens.sum()) if cfg.kl_metrics else float("nan")
+    return RolloutBatch(batch, rewards, adv, n_tokens, rollout_logp, entropy,
+                        float(np.mean(completions.truncated)), completions.texts)

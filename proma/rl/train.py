@@ -5,15 +5,16 @@
 ``val/accuracy`` on a fixed test subset, its item count ``val/n`` and binomial standard error ``val/se``),
 ``ckpt.pt`` (resume point) and ``cache/`` (tokenizer + warm-start, unless ``cache_dir`` points elsewhere).
 
-Each rollout step, in this order:
+One ``ProjectedAccumulator`` serves the whole run (none for grpo). Each rollout step, in this order:
   1. eval/checkpoint  every ``eval_every`` / ``ckpt_every`` steps (and at the start and the end)
   2. rollout          sample prompts, G completions each (KV cache), rewards, group advantages, rollout-policy
-                      log-probs (``sampling``)
+                      log-probs (``rollout``)
   3. per minibatch    lr (constant after an optional linear warm-up, so resuming with more steps changes
-                      nothing) -> micro-step loop (``update``) -> optimizer step -> diagnostics -> one record
+                      nothing) -> the micro-step loop (``minibatch_gradient``: ``acc.backward`` per microbatch,
+                      or grpo's ``loss.backward()``) -> optimizer step -> diagnostics -> one record
 
-Methods differ only in the micro-step (see ``update``). The setup lives in ``setup``, the run directory's files
-in ``rundir``; this module is the loop and the helpers it alone uses.
+Methods differ only in the micro-step. What a run is built from lives in ``build``, the slicing of a rollout
+in ``batching``, the run directory's files in ``rundir``; this module is the loop and the helpers it alone uses.
 
 Reproducibility: all randomness of step s is drawn from generators seeded by (seed, s), so a run resumed from a
 checkpoint produces the same records as an uninterrupted one, and the same seed gives the same metrics.
@@ -25,19 +26,25 @@ union of the ranks' microbatches (``sync="global"``). Rank 0 writes the run dire
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
 import torch
 
+from proma import ProjectedAccumulator
+
+from .batching import microbatches, minibatch_order, minibatch_rows, minibatch_weights
+from .build import RunParts, build_run, resolve_device
 from .config import TrainConfig
+from .diagnostics import gradient_norm, parameter_snapshot, step_diagnostics, summarize_stats
 from .distributed import Ranks
 from .distributed import init as init_ranks
 from .evaluation import eval_record
+from .generation import select
+from .losses import clipped_fraction_tokens, grpo_loss, sum_scored_logprobs, token_logprobs
+from .rollout import RolloutBatch, collect_rollout
 from .rundir import append_jsonl, check_same_config, load_checkpoint, save_checkpoint, truncate_jsonl
-from .sampling import RolloutBatch, do_rollout, minibatch_order, minibatch_rows
-from .setup import Setup, resolve_device, setup
-from .update import accumulate_gradient, accumulator_class, gradient_norm, parameter_snapshot, step_diagnostics
 
 METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
 # Metrics already equal on every rank, and the token means among the others (see Ranks.combine).
@@ -50,11 +57,12 @@ def _quiet(*args, **kwargs):
     """The ``log`` of ranks other than 0."""
 
 
-def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[Setup, torch.optim.Optimizer, int, int]:
-    """Run directory, policy and optimizer, resumed from ``ckpt.pt`` if any: ``(setup, opt, start, opt_step)``.
+def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[RunParts, torch.optim.Optimizer, int, int]:
+    """Run directory, policy and optimizer, resumed from ``ckpt.pt`` if any:
+    ``(parts, optimizer, start_step, opt_step)``.
 
-    A finished run (``start >= cfg.steps``) is left as it is; otherwise the logs are cut back to ``start``, the
-    config is (re)written and every rank starts from rank 0's weights.
+    A finished run (``start_step >= cfg.steps``) is left as it is; otherwise the logs are cut back to
+    ``start_step``, the config is (re)written and every rank starts from rank 0's weights.
     """
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -63,26 +71,36 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[Setup, torch.optim.Op
     # rank 0 builds (and caches) the tokenizer and warm-start first; the others then load them from the cache
     if not ranks.is_main:
         ranks.barrier()
-    s = setup(cfg, log=log)
+    parts = build_run(cfg, log=log)
     if ranks.is_main:
         ranks.barrier()
-    if cfg.method != "grpo":
-        accumulator_class()  # fail now, not after the first rollout, if the method's API is missing
-    opt = torch.optim.Adam(s.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
-                           weight_decay=cfg.weight_decay)
-    start, opt_step = 0, 0
-    resumed = load_checkpoint(run_dir, s.model, opt, s.device)
+    optimizer = torch.optim.Adam(parts.model.parameters(), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
+                                 weight_decay=cfg.weight_decay)
+    start_step, opt_step = 0, 0
+    resumed = load_checkpoint(run_dir, parts.model, optimizer, parts.device)
     if resumed is not None:
-        start, opt_step = resumed
-        log(f"resume: {run_dir / 'ckpt.pt'} at step {start}")
-        if start >= cfg.steps:
-            return s, opt, start, opt_step
-    ranks.broadcast_(s.model)
+        start_step, opt_step = resumed
+        log(f"resume: {run_dir / 'ckpt.pt'} at step {start_step}")
+        if start_step >= cfg.steps:
+            return parts, optimizer, start_step, opt_step
+    ranks.broadcast_(parts.model)
     if ranks.is_main:
-        truncate_jsonl(run_dir / METRICS_FILE, start)
-        truncate_jsonl(run_dir / EVAL_FILE, start)
+        truncate_jsonl(run_dir / METRICS_FILE, start_step)
+        truncate_jsonl(run_dir / EVAL_FILE, start_step)
         (run_dir / "config.json").write_text(cfg.to_json())
-    return s, opt, start, opt_step
+    return parts, optimizer, start_step, opt_step
+
+
+def method_accumulator(cfg: TrainConfig, model):
+    """Context giving the run's one ``ProjectedAccumulator`` with ``cfg.method``'s options (its hooks removed on
+    exit), or None for grpo, whose token-level loss is back-propagated as it is."""
+    options = cfg.accumulator_kwargs
+    return contextlib.nullcontext() if options is None else ProjectedAccumulator(model, **options)
+
+
+def lr_at(cfg: TrainConfig, opt_step: int) -> float:
+    """Learning rate of optimizer step ``opt_step`` (0-based): linear warm-up, then constant."""
+    return cfg.lr * min(1.0, (opt_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
 def reward_stats(cfg: TrainConfig, rewards: torch.Tensor) -> dict:
@@ -94,103 +112,155 @@ def reward_stats(cfg: TrainConfig, rewards: torch.Tensor) -> dict:
     }
 
 
-def rollout_record(cfg: TrainConfig, ro: RolloutBatch, step: int, ranks: Ranks) -> dict:
+def rollout_record(cfg: TrainConfig, rollout: RolloutBatch, step: int, ranks: Ranks) -> dict:
     """The rollout's share of each of its minibatches' records (global over ranks)."""
-    return {"step": step, **reward_stats(cfg, ranks.gather(ro.rewards)),
-            "completion_len": float(ranks.gather(ro.n_tokens.float()).mean()),
-            **ranks.combine({"truncated_frac": ro.truncated_frac, "entropy": ro.entropy},
-                            token_keys=("entropy",), tokens=float(ro.n_tokens.sum()))}
+    return {"step": step, **reward_stats(cfg, ranks.gather(rollout.rewards)),
+            "completion_len": float(ranks.gather(rollout.n_tokens.float()).mean()),
+            **ranks.combine({"truncated_frac": rollout.truncated_frac, "entropy": rollout.entropy},
+                            token_keys=("entropy",), tokens=float(rollout.n_tokens.sum()))}
 
 
-def lr_at(cfg: TrainConfig, opt_step: int) -> float:
-    """Learning rate of optimizer step ``opt_step`` (0-based): linear warm-up, then constant."""
-    return cfg.lr * min(1.0, (opt_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
-
-
-def microbatch_saver(cfg: TrainConfig, s: Setup):
+def microbatch_saver(cfg: TrainConfig, parts: RunParts):
     """``on_microbatch`` callback that saves the first microbatch it sees to ``<out>/microbatch.pt``."""
-    def save(mb, w, adv):
-        path = s.run_dir / "microbatch.pt"
+    def save(batch, weights, advantages):
+        path = parts.run_dir / "microbatch.pt"
         if not path.exists():
-            torch.save({"input_ids": mb["input_ids"].cpu(), "attention_mask": mb["attention_mask"].cpu(),
-                        "score_mask": mb["score_mask"].cpu(), "weights": w.cpu(), "advantages": adv.cpu(),
-                        "method": cfg.method, "aggregation": cfg.aggregation, "config": cfg.to_dict(),
-                        "model_dir": str(s.warmstart_dir) if s.warmstart_dir else cfg.model}, path)
+            torch.save({"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
+                        "score_mask": batch["score_mask"].cpu(), "weights": weights.cpu(),
+                        "advantages": advantages.cpu(), "method": cfg.method, "aggregation": cfg.aggregation,
+                        "config": cfg.to_dict(),
+                        "model_dir": str(parts.warmstart_dir) if parts.warmstart_dir else cfg.model}, path)
 
     return save
 
 
+def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: list[int], acc, *,
+                       ranks: Ranks = Ranks(), on_microbatch=None) -> dict:
+    """The micro-step loop of minibatch ``rows``: leaves its gradient (the mean over ranks) in p.grad.
+
+    grpo (``acc`` None) back-propagates each microbatch's token-level PPO-clip surrogate; the other methods hand
+    each microbatch's (b,) sequence log-probs and per-sequence weights (``losses``) to the run's accumulator.
+    Returns ``loss`` (the minibatch loss), ``clip_ratio``, ``proj`` (the accumulator's statistics) and, per
+    microbatch, the pre-step log-softmax rows ``pre_logp`` (n_scored, V) and token log-probs ``pre_tok_logp``
+    (b, t) (both empty unless ``cfg.kl_metrics``).
+    """
+    weights, token_coef = minibatch_weights(cfg, rollout, rows, ranks)
+    position = {row: k for k, row in enumerate(rows)}
+    loss_sum, n_clipped, pre_logp, pre_tok_logp, summaries = 0.0, 0.0, [], [], []
+    if acc is not None:
+        acc.zero_grad()
+    for mb_rows in microbatches(cfg, rows):
+        batch, k = select(rollout.batch, mb_rows), [position[r] for r in mb_rows]
+        token_logp, full_logp = token_logprobs(model, batch, full=cfg.kl_metrics)
+        mask, adv = batch["score_mask"], rollout.advantages[mb_rows].to(batch["score_mask"].device)
+        if acc is None:  # grpo: PPO-clip surrogate per token against the rollout policy, plain backward
+            loss, clipped = grpo_loss(token_logp, batch["old_logp"], adv, token_coef[k].to(mask.device), mask,
+                                      cfg.clip_eps)
+            loss.backward()
+        else:            # the others: sum_i w_i logp_i through the accumulator (PROMA projects here)
+            seq_logp = sum_scored_logprobs(token_logp, mask)
+            w = weights[k].to(device=seq_logp.device, dtype=seq_logp.dtype)
+            acc.backward(seq_logp, w)
+            summaries.append(acc.stats().get("summary", {}))  # stats() describes the last microbatch only
+            loss = (w * seq_logp.detach()).sum()
+            clipped = clipped_fraction_tokens(token_logp.detach(), batch["old_logp"], adv, mask, cfg.clip_eps)
+        if on_microbatch is not None:
+            on_microbatch(batch, weights[k], adv)
+        loss_sum += float(loss.detach())
+        n_clipped += float(clipped)
+        if cfg.kl_metrics:
+            pre_logp.append(full_logp.detach())
+            pre_tok_logp.append(token_logp.detach())
+    if acc is not None:
+        acc.synchronize()  # the mean over ranks (no-op in one process)
+    else:
+        ranks.average_gradients(model)
+    return {"loss": loss_sum, "clip_ratio": n_clipped / max(1.0, float(rollout.n_tokens[rows].sum())),
+            "proj": summarize_stats(summaries), "pre_logp": pre_logp, "pre_tok_logp": pre_tok_logp}
+
+
+def train_minibatch(cfg: TrainConfig, model, optimizer, acc, rollout: RolloutBatch, rows: list[int], *,
+                    lr: float, ranks: Ranks, on_microbatch=None) -> tuple[dict, float, float]:
+    """One optimizer step on minibatch ``rows``: ``(its record's entries, train seconds, metrics seconds)``."""
+    t_start = time.perf_counter()
+    # lr
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # the micro-step loop
+    optimizer.zero_grad(set_to_none=True)
+    pre_step = minibatch_gradient(cfg, model, rollout, rows, acc, ranks=ranks, on_microbatch=on_microbatch)
+    grad_norm = gradient_norm(model)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+    before = parameter_snapshot(model) if cfg.second_order else None
+    # step
+    optimizer.step()
+    t_stepped = time.perf_counter()
+    # the step's diagnostics (their forwards are no microbatch: not captured)
+    with acc.paused() if acc is not None else contextlib.nullcontext():
+        diagnostics = step_diagnostics(cfg, model, rollout, rows, pre_step, before)
+    entries = {"loss": pre_step["loss"], **diagnostics, "clip_ratio": pre_step["clip_ratio"],
+               "grad_norm": grad_norm, **pre_step["proj"]}
+    return entries, t_stepped - t_start, time.perf_counter() - t_stepped
+
+
 def train(cfg: TrainConfig, *, log=print) -> Path:
+    """Run ``cfg`` (resuming from its checkpoint, if any) and return its run directory."""
     from tqdm.auto import tqdm
 
     ranks = init_ranks(resolve_device(cfg.device))  # one process without torchrun
-    lcfg = ranks.local_config(cfg)                  # this rank's share of the prompts and of each microbatch
+    rank_cfg = ranks.local_config(cfg)              # this rank's share of the prompts and of each microbatch
     log = log if ranks.is_main else _quiet
-    s, opt, start, opt_step = open_run(cfg, ranks, log)
-    if start >= cfg.steps:  # already complete: leave its logs as they are
-        return s.run_dir
-    model, metrics_path, eval_path = s.model, s.run_dir / METRICS_FILE, s.run_dir / EVAL_FILE
+    parts, optimizer, start_step, opt_step = open_run(cfg, ranks, log)
+    if start_step >= cfg.steps:  # already complete: leave its logs as they are
+        return parts.run_dir
+    model, run_dir = parts.model, parts.run_dir
 
-    def write(path, record):
+    def write(file_name, record):
         if ranks.is_main:
-            append_jsonl(path, record)
+            append_jsonl(run_dir / file_name, record)
 
-    save_microbatch = microbatch_saver(cfg, s) if cfg.save_microbatch and ranks.is_main else None
-    bar = tqdm(range(start, cfg.steps), desc=f"{cfg.method}", disable=not (cfg.progress and ranks.is_main),
-               initial=start, total=cfg.steps)
+    save_microbatch = microbatch_saver(cfg, parts) if cfg.save_microbatch and ranks.is_main else None
+    bar = tqdm(range(start_step, cfg.steps), desc=cfg.method, disable=not (cfg.progress and ranks.is_main),
+               initial=start_step, total=cfg.steps)
     val_acc = None
-    for step in bar:
-        # eval / checkpoint (before the step: the record of step s describes the policy that starts it)
-        if step % cfg.eval_every == 0:
-            ev = eval_record(s, step, opt_step, ranks)
-            val_acc = ev["val/accuracy"]
-            write(eval_path, ev)
-        if step % cfg.ckpt_every == 0 and step > start and ranks.is_main:
-            save_checkpoint(s.run_dir, model, opt, step, opt_step)
-
-        # rollout
-        t0 = time.perf_counter()
-        ro = do_rollout(s, step, ranks)
-        t_rollout = time.perf_counter() - t0
-        common = rollout_record(cfg, ro, step, ranks)
-        order = minibatch_order(lcfg, step)
-
-        for m in range(cfg.minibatches):
-            rows = minibatch_rows(lcfg, order, m)
-            t1 = time.perf_counter()
-            # lr
-            for group in opt.param_groups:
-                group["lr"] = lr_at(cfg, opt_step)
-            # micro-step loop
-            opt.zero_grad(set_to_none=True)
-            pre = accumulate_gradient(lcfg, model, ro, rows, ranks=ranks,
-                                      on_microbatch=save_microbatch if m == 0 else None)
-            grad_norm = gradient_norm(model)
-            if cfg.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-            before = parameter_snapshot(model) if cfg.second_order else None
-            # step
-            opt.step()
-            opt_step += 1
-            t2 = time.perf_counter()
-            diag = step_diagnostics(lcfg, model, ro, rows, pre, before)
-            t3 = time.perf_counter()
-            # log
-            rec = {**common, "opt_step": opt_step, "minibatch": m, "lr": lr_at(cfg, opt_step - 1),
-                   "loss": pre["loss"], **diag, "clip_ratio": pre["clip_ratio"], "grad_norm": grad_norm,
-                   **pre["proj"], "time/rollout": t_rollout / cfg.minibatches, "time/train": t2 - t1,
-                   "time/metrics": t3 - t2, "step_time": t_rollout / cfg.minibatches + (t3 - t1)}
-            # every rank's share -> the global record (token means weighted by the rank's scored tokens)
-            rec = ranks.combine(rec, keep=GLOBAL_KEYS, token_keys=TOKEN_MEAN_KEYS, tokens=float(ro.n_tokens[rows].sum()))
-            if val_acc is not None and m == 0 and step % cfg.eval_every == 0:
-                rec["val/accuracy"] = val_acc
-            write(metrics_path, rec)
-        if cfg.progress:
-            bar.set_postfix(reward=f"{common['reward']:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
+    with method_accumulator(rank_cfg, model) as acc:
+        for step in bar:
+            # eval / checkpoint (before the step: the record of step s describes the policy that starts it)
+            if step % cfg.eval_every == 0:
+                evaluation = eval_record(parts, step, opt_step, ranks)
+                val_acc = evaluation["val/accuracy"]
+                write(EVAL_FILE, evaluation)
+            if step % cfg.ckpt_every == 0 and step > start_step and ranks.is_main:
+                save_checkpoint(run_dir, model, optimizer, step, opt_step)
+            # rollout
+            t_start = time.perf_counter()
+            rollout = collect_rollout(parts, step, ranks)
+            rollout_seconds = (time.perf_counter() - t_start) / cfg.minibatches  # each minibatch's share
+            shared = rollout_record(cfg, rollout, step, ranks)
+            order = minibatch_order(rank_cfg, step)
+            for minibatch in range(cfg.minibatches):
+                rows = minibatch_rows(rank_cfg, order, minibatch)
+                lr = lr_at(cfg, opt_step)
+                entries, train_seconds, metrics_seconds = train_minibatch(
+                    rank_cfg, model, optimizer, acc, rollout, rows, lr=lr, ranks=ranks,
+                    on_microbatch=save_microbatch if minibatch == 0 else None)
+                opt_step += 1
+                # log: every rank's share -> the global record (token means weighted by the rank's scored tokens)
+                record = {**shared, "opt_step": opt_step, "minibatch": minibatch, "lr": lr, **entries,
+                          "time/rollout": rollout_seconds, "time/train": train_seconds, "time/metrics": metrics_seconds,
+                          "step_time": rollout_seconds + train_seconds + metrics_seconds}
+                record = ranks.combine(record, keep=GLOBAL_KEYS, token_keys=TOKEN_MEAN_KEYS,
+                                       tokens=float(rollout.n_tokens[rows].sum()))
+                if val_acc is not None and minibatch == 0 and step % cfg.eval_every == 0:
+                    record["val/accuracy"] = val_acc
+                write(METRICS_FILE, record)
+            if cfg.progress:
+                bar.set_postfix(reward=f"{shared['reward']:.3f}", val=f"{val_acc:.3f}" if val_acc is not None else "-")
 
     # final eval and checkpoint
-    write(eval_path, eval_record(s, cfg.steps, opt_step, ranks))
+    write(EVAL_FILE, eval_record(parts, cfg.steps, opt_step, ranks))
     if ranks.is_main:
-        save_checkpoint(s.run_dir, model, opt, cfg.steps, opt_step)
+        save_checkpoint(run_dir, model, optimizer, cfg.steps, opt_step)
     ranks.barrier()  # the run directory is complete when any rank returns
-    return s.run_dir
+    return run_dir

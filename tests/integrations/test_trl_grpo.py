@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 
-import numpy as np
 import pytest
 import torch
 
@@ -16,13 +15,8 @@ pytest.importorskip("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
-from trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
-from verification import check_callable, load_cases  # noqa: E402
-from verification.impls import run_torch  # noqa: E402
+from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
 from verification.tolerances import FLOAT32_RTOL  # noqa: E402
-
-# relative change of the candidate's outputs that the oracle must reject
-PERTURBATION = 1e-3
 
 LOSS_TYPES = {
     "dapo": {}, "grpo": {}, "bnpo": {}, "dr_grpo": {}, "sapo": {}, "vespo": {},
@@ -114,28 +108,25 @@ def test_fused_head_is_caught(tokenizer, policy, tmp_path):
     (dict(entropy_coef=0.01), "entropy bonus"),
 ])
 def test_unsupported_options_raise(opts, match, tokenizer, policy, tmp_path):
-    from trl_testkit import dataset, length_reward
+    from verification.trl_testkit import dataset, length_reward
 
     with pytest.raises(ValueError, match=match):
         PromaGRPOTrainer(model=copy.deepcopy(policy), reward_funcs=length_reward, train_dataset=dataset(),
                          args=config(PromaGRPOConfig, tmp_path, **opts), processing_class=tokenizer)
 
 
-@pytest.mark.slow
-def test_oracle_cases_from_the_first_step(tokenizer, policy, tmp_path):
-    """Cases written from TRL's microbatches: our torch accumulator passes them, a perturbed one fails, and the
-    trainer's own (float32, checkpointed) PROMA gradient matches the reference's expected result."""
-    cases_dir = tmp_path / "cases"
-    trainer, grads = run(PromaGRPOTrainer, config(PromaGRPOConfig, tmp_path / "run", proma_oracle_dir=str(cases_dir)),
-                         tokenizer, copy.deepcopy(policy))
-    check_callable(cases_dir, run_torch).raise_if_failed()
-    perturbed = check_callable(cases_dir, lambda case: [[np.asarray(G) * (1 + PERTURBATION) for G in mb]
-                                                        for mb in run_torch(case)])
-    assert not perturbed.ok
-    (case,), _ = load_cases(cases_dir)
-    assert case.n_microbatches == 2 and case.settings.variant == "proma"
-    last = case.n_microbatches - 1
-    for k, layer in enumerate(case.layers):
-        want = case.array(f"mb{last}/layer{k}/G_out")
-        got = grads[layer.name].numpy()
-        assert np.linalg.norm(got - want) <= FLOAT32_RTOL * np.linalg.norm(want), layer.name
+def test_none_equals_trl_with_lora(tokenizer, policy, tmp_path):
+    """A PEFT model (TRL patches the base model's forward with its fused head): "none" gives TRL's gradient of
+    the LoRA tensors, the only ones with a gradient."""
+    from peft import LoraConfig, get_peft_model
+    from trl_lora_ranks import LORA
+
+    lora = get_peft_model(copy.deepcopy(policy), LoraConfig(**LORA))   # random A and B, drawn once
+    grads = []
+    for cls, cfg_cls, opts in ((GRPOTrainer, GRPOConfig, {}), (PromaGRPOTrainer, PromaGRPOConfig,
+                                                              {"proma_variant": "none"})):
+        grads.append(run(cls, config(cfg_cls, tmp_path / cls.__name__, **opts), tokenizer, copy.deepcopy(lora))[1])
+    names = [n for n, g in grads[0].items() if g is not None]
+    assert names and all("lora_" in n for n in names)
+    assert sorted(names) == sorted(n for n, g in grads[1].items() if g is not None)
+    assert _rel(_flat(grads[1], names), _flat(grads[0], names)) <= FLOAT32_RTOL

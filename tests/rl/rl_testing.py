@@ -5,9 +5,11 @@ import contextlib
 import torch
 
 import proma.rl.data
+from proma.rl.distributed import Ranks
+from proma.rl.generation import pack
 from proma.rl.losses import group_advantages, token_logprobs
-from proma.rl.rollout import pack
-from proma.rl.sampling import RolloutBatch
+from proma.rl.rollout import RolloutBatch
+from proma.rl.train import method_accumulator, minibatch_gradient
 from verification import testkit
 
 
@@ -49,3 +51,10 @@ def synthetic_rollout(model, *, n_prompts=4, group_size=4, seed=0, vocab_size=64
     return RolloutBatch(batch=batch, rewards=rewards, advantages=group_advantages(rewards, group_size),
                         n_tokens=batch["score_mask"].sum(1), rollout_logp=list(torch.split(full, counts)),
                         entropy=0.0, truncated_frac=0.0, texts=[""] * n)
+
+
+def accumulate_gradient(cfg, model, ro: RolloutBatch, rows, ranks: Ranks = Ranks()) -> dict:
+    """The training loop's micro-step loop over minibatch ``rows`` with an accumulator of ``cfg.method`` opened for
+    this one minibatch (hooks removed afterwards): the gradient in p.grad, ``minibatch_gradient``'s dict returned."""
+    with method_accumulator(cfg, model) as acc:
+        return minibatch_gradient(cfg, model, ro, rows, acc, ranks=ranks)

@@ -20,14 +20,13 @@ import torch.multiprocessing as mp
 
 from proma.rl.config import TrainConfig
 from proma.rl.distributed import Ranks
-from proma.rl.sampling import RolloutBatch, do_rollout
-from proma.rl.setup import setup
+from proma.rl.build import build_run
+from proma.rl.rollout import RolloutBatch, collect_rollout
 from proma.rl.train import train
-from proma.rl.update import accumulate_gradient
 from verification.testkit import free_port, pin_threads
 from verification.tolerances import FLOAT64_RTOL
 
-from rl_testing import rewarding_parity
+from rl_testing import accumulate_gradient, rewarding_parity
 
 WORLD = 2
 TIME_KEYS = ("time/rollout", "time/train", "time/metrics", "step_time")
@@ -85,8 +84,8 @@ def one_step(tmp_path_factory):
     configs = {"reinforce": _cfg(tmp / "cache", tmp / "r", method="reinforce", minibatches=1),
                "proma": _cfg(tmp / "cache", tmp / "p", method="proma", minibatches=1)}
     with rewarding_parity():
-        s = setup(configs["reinforce"], log=lambda *a: None)
-        ro = do_rollout(s, 0)
+        s = build_run(configs["reinforce"], log=lambda *a: None)
+        ro = collect_rollout(s, 0)
     state = {k: v.clone() for k, v in s.model.state_dict().items()}
     n = ro.rewards.numel()
     single = {}
@@ -142,7 +141,7 @@ def test_train_under_torchrun_environment_is_reproducible(tmp_path):
     cfgs = [_cfg(tmp_path / "cache", tmp_path / name, method="proma", dtype="float32", steps=1)
             for name in ("a", "b")]
     with rewarding_parity():  # warm-start cache made once here, as a user's earlier run would have
-        setup(cfgs[0].replace(out=str(tmp_path / "warm")), log=lambda *a: None)
+        build_run(cfgs[0].replace(out=str(tmp_path / "warm")), log=lambda *a: None)
     mp.spawn(_train_worker, args=(free_port(), cfgs), nprocs=WORLD, join=True)
     runs = []
     for name in ("a", "b"):

@@ -8,11 +8,10 @@ from hypothesis import strategies as st
 import reference
 from proma.rl.config import TrainConfig
 from proma.rl.losses import group_advantages, sequence_weights, token_logprobs
-from proma.rl.rollout import select
-from proma.rl.update import accumulate_gradient
+from proma.rl.generation import select
 from verification.tolerances import FLOAT64_ATOL, FLOAT64_RTOL
 
-from rl_testing import synthetic_rollout, tiny_qwen3
+from rl_testing import accumulate_gradient, synthetic_rollout, tiny_qwen3
 
 # sdpa, not eager: eager attention runs its softmax in float32 even in a float64 model, and the
 # float32 row sums then depend on the padded length (the SIMD reduction order differs between CPUs),

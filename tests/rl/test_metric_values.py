@@ -41,16 +41,16 @@ def _params(model):
 def observed(tmp_path_factory):
     """(cfg, records, the rollout, eos id, the model, [(rows, params before, params after)] per optimizer step)."""
     seen = {"steps": []}
-    orig = {k: getattr(train_module, k) for k in ("do_rollout", "accumulate_gradient", "step_diagnostics")}
+    orig = {k: getattr(train_module, k) for k in ("collect_rollout", "minibatch_gradient", "step_diagnostics")}
 
-    def do_rollout(s, step, ranks):
+    def collect_rollout(s, step, ranks):
         seen["policy"], seen["eos"], seen["model"] = _params(s.model), s.tokenizer.eos_token_id, s.model
-        seen["ro"] = orig["do_rollout"](s, step, ranks)
+        seen["ro"] = orig["collect_rollout"](s, step, ranks)
         return seen["ro"]
 
-    def accumulate_gradient(cfg, model, ro, rows, **kw):
+    def minibatch_gradient(cfg, model, ro, rows, acc, **kw):
         seen["steps"].append([list(rows), _params(model), None])
-        return orig["accumulate_gradient"](cfg, model, ro, rows, **kw)
+        return orig["minibatch_gradient"](cfg, model, ro, rows, acc, **kw)
 
     def step_diagnostics(cfg, model, ro, rows, pre, before):
         seen["steps"][-1][2] = _params(model)

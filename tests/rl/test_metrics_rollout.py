@@ -7,14 +7,14 @@ import torch
 
 import reference
 from proma.rl.config import TrainConfig
-from proma.rl.losses import sequence_logprob, token_logprobs
+from proma.rl.diagnostics import step_diagnostics
+from proma.rl.generation import generate, pack
+from proma.rl.losses import sum_scored_logprobs, token_logprobs
 from proma.rl.metrics import categorical_entropy, categorical_kl, directional_derivatives
-from proma.rl.rollout import generate, pack
 from proma.rl.tokenizer import get_tokenizer
-from proma.rl.update import accumulate_gradient, step_diagnostics
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
 
-from rl_testing import synthetic_rollout, tiny_qwen3
+from rl_testing import accumulate_gradient, synthetic_rollout, tiny_qwen3
 
 
 def test_categorical_kl_and_entropy_match_reference():
@@ -42,7 +42,7 @@ def test_directional_derivative_equals_per_sequence_gradient_dot_direction(attn)
     for i in range(batch["input_ids"].shape[0]):
         model.zero_grad(set_to_none=True)
         logp, _ = token_logprobs(model, batch)
-        sequence_logprob(logp, batch["score_mask"])[i].backward()
+        sum_scored_logprobs(logp, batch["score_mask"])[i].backward()
         want.append(sum(float((p.grad * direction[n]).sum()) for n, p in model.named_parameters()))
     want = torch.tensor(want, dtype=torch.float64)
     # float32 tolerance although the model is float64: HF Qwen3's RMSNorm computes in float32 internally, so

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
+from proma.rl.batching import sample_microbatch
 from proma.rl.cli import main
 from proma.rl.config import METHODS, TrainConfig
-from proma.rl.sampling import sample_microbatch
 from proma.rl.tokenizer import get_tokenizer
 from proma.rl.train import train
 
@@ -143,12 +143,12 @@ def test_sample_microbatch(tmp_path, cache):
 
 @pytest.mark.slow
 def test_train_pool_is_a_fixed_subset_shared_by_seeds(tmp_path, cache):
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
 
     quiet = dict(log=lambda *a: None)
-    a = setup(smoke(tmp_path, cache, "a", train_pool=16, seed=0), **quiet).train_examples
-    b = setup(smoke(tmp_path, cache, "b", train_pool=16, seed=1), **quiet).train_examples
-    full = setup(smoke(tmp_path, cache, "c", train_pool=0), **quiet).train_examples
+    a = build_run(smoke(tmp_path, cache, "a", train_pool=16, seed=0), **quiet).train_examples
+    b = build_run(smoke(tmp_path, cache, "b", train_pool=16, seed=1), **quiet).train_examples
+    full = build_run(smoke(tmp_path, cache, "c", train_pool=0), **quiet).train_examples
     assert a == b and len(a) == 16 and set(a) <= set(full) and len(full) > 20000
     with pytest.raises(ValueError, match="train_pool=2"):
         smoke(tmp_path, cache, train_pool=2)
@@ -165,12 +165,12 @@ def test_summary_command(tmp_path, cache, capsys):
 @pytest.mark.slow
 def test_evaluate_per_item_hits_average_to_the_accuracy(tmp_path, cache, monkeypatch):
     import proma.rl.data
-    from proma.rl.setup import setup
+    from proma.rl.build import build_run
     from proma.rl.evaluation import evaluate
 
     # a hit decided by the item (the parity of its answer's characters), so that items differ
     monkeypatch.setattr(proma.rl.data, "reward", lambda task, text, answer, **kw: float(sum(map(ord, answer)) % 2))
-    s = setup(smoke(tmp_path, cache, eval_size=12), log=lambda *a, **k: None)
+    s = build_run(smoke(tmp_path, cache, eval_size=12), log=lambda *a, **k: None)
     acc, hits = evaluate(s, batch_size=5, per_item=True)  # 3 generation calls, the last one partial
     expected = [sum(map(ord, e.answer)) % 2 for e in s.eval_examples]
     assert hits.tolist() == expected and 0 < sum(expected) < 12  # some hits, not all: the check can fail

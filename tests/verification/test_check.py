@@ -2,10 +2,10 @@
 import numpy as np
 import pytest
 
-from verification.check import check_callable, check_candidate, read_candidate, write_candidate
+from verification.oracle.check import check_callable, check_candidate, read_candidate, write_candidate
 from verification.cli import main
-from verification.format import candidate_key, load_cases
-from verification.impls import run_reference
+from verification.oracle.format import candidate_key, load_cases
+from verification.oracle.impls import run_reference
 
 
 @pytest.fixture(scope="module")

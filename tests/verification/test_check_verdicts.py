@@ -4,10 +4,10 @@ import json
 import numpy as np
 import pytest
 
-from verification.check import check_callable, check_candidate, compare_case, write_candidate
+from verification.oracle.check import check_callable, check_candidate, compare_case, write_candidate
 from verification.cli import main
-from verification.format import load_cases
-from verification.impls import run_reference, run_reference_step
+from verification.oracle.format import load_cases
+from verification.oracle.impls import run_reference, run_reference_step
 
 # perturbations at these multiples of rtol (relative to the array's scale) must fail / pass
 OVER_TOLERANCE, UNDER_TOLERANCE = 2.0, 0.5
@@ -110,3 +110,32 @@ def test_step_mode_reports_an_error_where_it_is_made(cases_dir):
     assert {a.m for a in step.results[0].failing()} == {0}
     assert {a.m for a in chain.results[0].failing()} == {0}
     assert check_callable(cases_dir, run_reference_step, step=True).ok
+
+
+def test_fail_lines_are_followed_by_the_case_description(cases_dir, loaded, tmp_path):
+    cases, _, ref = loaded
+    ridge = next(c for c in cases if c.id == "ridge_1")
+    path = write_candidate(tmp_path / "c.npz", {"ridge_1": [[a * 1.01 for a in row] for row in ref["ridge_1"]]})
+    res = check_candidate(cases_dir, path, only=["ridge_1"])
+    lines = res.table().splitlines()
+    last_fail = max(i for i, line in enumerate(lines) if line.startswith("FAIL ridge_1"))
+    assert lines[last_fail + 1] == f"  ridge_1 is: {ridge.description}"
+    assert res.to_json()["cases"][0]["description"] == ridge.description
+    # the chain-mode hint says to recompute from G_in, not merely to rerun with --step
+    assert "recompute the candidate so that every microbatch m starts from the stored" in lines[last_fail + 2]
+
+
+def test_skipped_cases_show_the_candidates_tolerance_class(cases_dir, loaded, tmp_path):
+    """A float32 candidate covering one case: every skipped case's row shows float32 and its rtol."""
+    cases, manifest, ref = loaded
+    one = {"ridge_1": [[a.astype(np.float32) for a in row] for row in ref["ridge_1"]]}
+    res = check_candidate(cases_dir, write_candidate(tmp_path / "f32.npz", one), allow_missing=True)
+    skipped = [r for r in res.results if r.status == "SKIP"]
+    assert len(skipped) == len(cases) - 1
+    f32 = manifest["tolerances"]["float32"]
+    assert {(r.dtype, r.rtol, r.atol) for r in skipped} == {("float32", f32["rtol"], f32["atol"])}
+    calls = check_callable(cases_dir, lambda c: one.get(c.id, [None] * c.n_microbatches), allow_missing=True)
+    assert {r.dtype for r in calls.results} == {"float32"}
+    # an explicit --dtype wins
+    forced = check_candidate(cases_dir, tmp_path / "f32.npz", allow_missing=True, dtype="float64", only=["none_plain"])
+    assert forced.results[0].dtype == "float64"

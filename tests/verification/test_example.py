@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from verification.check import check_candidate
+from verification.oracle.check import check_candidate
 from verification.cli import main
 from verification.testkit import load_example
 

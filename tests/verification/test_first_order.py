@@ -18,7 +18,7 @@ LINEAR_RATIO_MIN = 0.05
 def result():
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
-    from proma.rl.sampling import sequence_logprobs
+    from proma.rl.losses import completion_logprobs
 
     torch.manual_seed(0)
     cfg = Qwen3Config(vocab_size=40, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
@@ -33,7 +33,7 @@ def result():
                         "attention_mask": torch.ones(4, 7, dtype=torch.long), "score_mask": score})
         weights.append(np.random.default_rng(m).normal(size=4))
     settings = {k: F.SETTINGS[k] for k in ("plain", "exact")}
-    return F.first_order_check(model, sequence_logprobs, batches, weights, settings=settings,
+    return F.first_order_check(model, completion_logprobs, batches, weights, settings=settings,
                                step_lengths=(1e-5, 1e-6, 1e-7))
 
 

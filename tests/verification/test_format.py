@@ -7,8 +7,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from verification.cases import synthetic_cases
-from verification.format import (
+from verification.oracle.cases import synthetic_cases
+from verification.oracle.format import (
     MANIFEST,
     SCHEMA_VERSION,
     FormatError,
@@ -89,7 +89,7 @@ def test_zero_weight_microbatch_under_relative_bound_removes_nothing(cases_dir):
 
 def test_exact_projection_is_orthogonal_to_the_microbatch(cases_dir):
     """G_out - pg is orthogonal to every sequence gradient of the microbatch, layer by layer."""
-    from verification.cases import layer_seq_grads
+    from verification.oracle.cases import layer_seq_grads
 
     cases, _ = load_cases(cases_dir)
     for case in (c for c in cases if c.settings.variant == "proma" and c.settings.solver == "exact"
@@ -205,8 +205,8 @@ def _format_md():
 
 
 def test_numpy_only_reader_in_format_md_runs(cases_dir, tmp_path):
-    from verification.check import write_candidate
-    from verification.impls import run_reference
+    from verification.oracle.check import write_candidate
+    from verification.oracle.impls import run_reference
 
     text = _format_md()
     code = text.split("<!-- numpy-reader -->\n```python\n", 1)[1].split("```", 1)[0]

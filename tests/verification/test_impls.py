@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from verification.cases import layer_seq_grads
-from verification.check import check_callable
-from verification.format import load_cases
-from verification.impls import build_replay_model, run_reference, run_torch
+from verification.oracle.cases import layer_seq_grads
+from verification.oracle.check import check_callable
+from verification.oracle.format import load_cases
+from verification.oracle.impls import build_replay_model, run_reference, run_torch
 from verification.tolerances import FLOAT64_RTOL
 
 

@@ -20,8 +20,9 @@ def _run_outside(tmp_path, *args, plant=None):
     if plant:
         impl = project / "tinyproma.py"
         impl.write_text(impl.read_text().replace(*plant))
-    installed = any(ep.value == "verification.pytest_plugin" for ep in entry_points(group="pytest11"))
-    plugin = [] if installed else ["-p", "verification.pytest_plugin"]  # worktree without the installed entry point
+    # an installed entry point (the current one or, before reinstalling, verification.pytest_plugin) loads it
+    installed = any(ep.name == "proma_verify" for ep in entry_points(group="pytest11"))
+    plugin = [] if installed else ["-p", "verification.oracle.pytest_plugin"]  # worktree without the installed entry point
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]))
     return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", *plugin, *args],
                           cwd=project, env=env, capture_output=True, text=True, timeout=600)
@@ -32,7 +33,7 @@ def test_outside_project_runs_every_case_through_the_plugin(cases_dir, tmp_path)
     run = _run_outside(tmp_path, f"--proma-cases={cases_dir}", "-rs")
     assert run.returncode == 0, run.stdout + run.stderr
     counts = dict((k, int(v)) for v, k in re.findall(r"(\d+) (passed|skipped|failed)", run.stdout))
-    from verification.format import load_cases
+    from verification.oracle.format import load_cases
 
     cases, _ = load_cases(cases_dir)
     supported = [c for c in cases if c.settings.variant == "none" or (
@@ -50,3 +51,7 @@ def test_plugin_reports_a_failing_case_with_its_layer_table(cases_dir, tmp_path)
                        plant=("G[k] = Gk + sign * pg", "G[k] = Gk + sign * pg * 1.001"))
     assert run.returncode == 1, run.stdout + run.stderr
     assert "PROMA oracle check failed" in run.stdout and "fc1.weight" in run.stdout and "rel err" in run.stdout
+    # the case's description follows its FAIL lines; neither the case's arrays nor the plugin's frame is shown
+    assert "  exact_single_microbatch is: exact PROMA" in run.stdout
+    assert "arrays=" not in run.stdout and "pytest_plugin.py" not in run.stdout
+    assert "proma_case = Case('exact_single_microbatch', proma/exact, 1 microbatches," in run.stdout

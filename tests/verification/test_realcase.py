@@ -3,10 +3,10 @@ import numpy as np
 import pytest
 import torch
 
-from verification.capture import linear_factors, per_sequence_grads, trainable_parameters
-from verification.check import check_callable
-from verification.format import load_cases, save_cases
-from verification.impls import run_reference, run_torch
+from verification.oracle.capture import linear_factors, per_sequence_grads, trainable_parameters
+from verification.oracle.check import check_callable
+from verification.oracle.format import load_cases, save_cases
+from verification.oracle.impls import run_reference, run_torch
 from verification.testkit import tiny_qwen3
 from verification.tolerances import FLOAT64_RTOL
 

@@ -2,10 +2,12 @@
 import json
 import re
 
+import numpy as np
+
 import pytest
 
-from verification import reading
-from verification.reading import SECTION_HEADINGS
+from verification import report_inputs, report_text, text_grid, text_seeds
+from verification.report_text import SECTION_HEADINGS
 from verification.report import generate_report, rerender_report
 
 
@@ -28,8 +30,8 @@ def test_smoke_report_end_to_end(tmp_path, realcase_cache):
     assert seeds == ["grpo-lr0.001-s0.json", "grpo-lr0.001-s1.json", "proma-lr0.001-s0.json",
                      "proma-lr0.001-s1.json", "start_eval.json", "warmstart.json"]
     assert json.loads((out / "data" / "seeds" / "smoke" / "warmstart.json").read_text())["seconds"] > 0
-    # claims: kl, entropy for proma; intra. Regime conditions: GRPO learns, GRPO collapses entropy
-    assert text.count("**not judged in quick mode**") == 3 + 2
+    # no verdict outside the full study: neither a claim nor a regime condition is judged
+    assert "smoke mode: no verdict" in text and "**supported**" not in text and "**met**" not in text
     assert "| exact | 2.0" in text or "| exact | 1.9" in text  # first-order slope of exact PROMA
     runs = sorted(p.name for p in (out / "data" / "runs").glob("*.json"))
     assert len(runs) == 10  # 5 methods x 2 learning rates
@@ -62,7 +64,7 @@ META = {"grid": {"steps": 4, "methods": [], "lrs": []}, "timings_s": {},
 @pytest.mark.parametrize("proma_kl", [0.5, 2.0])
 def test_single_seed_reading_quotes_the_kl_numbers_without_a_verdict(proma_kl):
     summaries = [_summary("grpo", 1e-4, 1.0), _summary("proma", 1e-4, proma_kl)]
-    text = "\n".join(reading._claims(META, {}, summaries))
+    text = "\n".join(text_grid._claims(META, {}, summaries))
     assert f"{proma_kl:g}x at lr 0.0001" in text
     assert "agree with the claim" not in text and "do not reproduce" not in text and "verdict table" in text
 
@@ -71,7 +73,7 @@ def test_reading_entropy_and_validation_verdicts():
     summaries = [_summary("grpo", 1e-4, 1.0, entropy=(1.0, 0.2), val=0.3),
                  _summary("proma", 1e-4, 1.0, entropy=(1.0, 0.9), val=0.4),
                  _summary("intra", 1e-4, 1.0, entropy=(1.0, 0.8), val=0.6)]
-    text = "\n".join(reading._claims(META, {}, summaries))
+    text = "\n".join(text_grid._claims(META, {}, summaries))
     assert "fell below half its start: grpo" in text and "proma" not in text.split("half its start: ")[1][:20]
     assert "at lr 0.0001, intra 0.6 ranks 1 of 3 (highest: intra 0.6;" in text
     assert "intra is best" not in text
@@ -89,7 +91,7 @@ def test_equal_gain_interpolation():
 
 def test_seed_sections_render_intervals_and_verdicts():
     """Sections 5-7 from synthetic seed-study results: interval tables, the verdict table, the KL bound rows."""
-    from verification import claims, study_seeds
+    from verification import seed_tables
     from verification.report_seeds import SEED_GRIDS
 
     grid = SEED_GRIDS["smoke"]
@@ -97,44 +99,53 @@ def test_seed_sections_render_intervals_and_verdicts():
                            "local_kl_cum": 2 * kl * (1 + 0.1 * s), "entropy_start": 1.0, "entropy_min_ratio": 0.9,
                            "entropy_end_ratio": 0.95, "val_final": 0.5, "val_final_se": 0.1, "val_change": 0.01}
             for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s in (0, 1)}
-    seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": study_seeds.aggregate(runs)},
-             "start": {"smoke": {"n": 16, "accuracy": 0.5, "se": 0.125}}, "run_seconds": 600.0,
-             "verdicts": claims.verdicts({"smoke": runs}, mode="smoke")}
+    seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": seed_tables.aggregate(runs)},
+             "start": {"smoke": {"n": 16, "accuracy": 0.5, "se": 0.125}}, "run_seconds": 600.0}
     meta = {**META, "mode": "smoke"}
-    inputs = reading.ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
+    inputs = report_inputs.ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
                                   [{"method": "grpo", "lr": 1e-3, "steps": 4, "exceeded_frac": 0.25,
                                     "ratio_median": 0.6, "ratio_max": 2.5}, {"method": "proma", "lr": 1e-3, "steps": 0}])
-    text = "\n".join(reading._seeds(inputs) + reading._verdict_table(inputs) + reading._first_order(inputs))
+    text = "\n".join(text_seeds.seed_tables(inputs) + text_seeds.verdicts_section(inputs)
+                     + report_text._first_order(inputs))
     assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text  # every seed's local-KL ratio to grpo is 0.5
     assert "first 16 items" in text and "warm-start validation 0.5 ± 0.125 on 16 items" in text
     assert "| grpo | 0.001 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in text  # validation per seed, with its SE
     assert "took 10.0 minutes of one single-threaded worker" in text and "about 5 minutes of wall time" in text
-    assert text.count("**not judged in quick mode**") == 3
+    assert "smoke mode: no verdict" in text and "**supported**" not in text
     assert "| grpo | 0.001 | 4 | 25.0% | 0.6 | 2.5 |" in text and "| proma | 0.001 | 0 | - | - | - |" in text
     assert "first-order check did not run" in text
 
 
-def test_full_mode_verdicts_reach_the_headline():
-    """Full mode, 5 paired seeds: the verdict table judges and the headline quotes each verdict."""
-    from verification import claims, study_seeds
+def test_full_mode_verdict_table_comes_first_and_decides():
+    """Full mode, 15 paired seeds: the first section's table decides with Holm p and states entropy both ways."""
+    from verification import claims
     from verification.report_seeds import SEED_GRIDS
 
-    jitter = (-0.02, 0.01, 0.0, 0.015, -0.005)
-    cols = {"grpo": (1.0, 0.3, 0.60), "proma": (0.5, 0.9, 0.60), "intra": (0.5, 0.9, 0.70)}
-    runs = {(m, 3e-4, s): {"local_kl_mean": kl * (1 + j), "entropy_end_ratio": ent * (1 + j), "val_final": v + j / 10}
-            for m, (kl, ent, v) in cols.items() for s, j in enumerate(jitter)}
-    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {}, "start": {},
-             "verdicts": claims.verdicts({"learn": runs}, mode="full")}
-    inputs = reading.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
-    lines = reading._verdict_lines(inputs)
-    assert lines == [f"- Verdict (learn, lr 0.0003): {v.claim}: **supported** ({v.evidence})." for v in seeds["verdicts"]]
-    assert len(lines) == 3 and "ratio 0.500 [" in lines[0]
-    assert "not judged" not in "\n".join(reading._verdict_table(inputs))
+    rng = np.random.default_rng(0)
+    cols = {"reinforce": (1.3, 0.3, 0.6), "grpo": (1.0, 0.3, 0.6), "proma": (0.5, 0.4, 0.6),
+            "proma-paper": (1.0, 0.3, 0.6), "intra": (0.5, 0.4, 0.7)}
+    results = {regime: {(m, lr, s): {"local_kl_mean": kl * (1 + 0.02 * rng.standard_normal()),
+                                     "entropy_end_ratio": ent + 0.01 * rng.standard_normal(),
+                                     "val_final": v + 0.002 * rng.standard_normal(), "reward_gain": 0.05,
+                                     "val_change": 0.0}
+                        for m, (kl, ent, v) in cols.items() for s in range(15)}
+               for regime, lr in (("learn-240", 1e-4), ("collapse", 3e-4))}
+    seeds = {"grid": SEED_GRIDS["full"], "results": results, "tables": {}, "start": {},
+             "regime_checks": claims.regime_checks(results, mode="full")}
+    text = "\n".join(text_seeds.verdicts_section(report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
+                                                                          seeds)))
+    assert "| KL-G-L | exact PROMA keeps the local KL tighter than GRPO | learn-240 | 15 | ratio 0.49" in text
+    # KL-P-* and EN-P-* have no effect; the other seven are clear
+    assert text.count("**supported**") == 7 and "In progress" not in text and "**contradicted**" not in text
+    assert "EN-G-C (collapse): proma on average keeps more entropy than GRPO" in text
+    assert "GRPO collapses (0.29" in text and "proma collapses (0.39" in text
+    assert "| GRPO collapses entropy |" in text and "PREREGISTRATION.md" in text
+    assert "KL-P-L: at the observed effect" in text
 
 
 def test_headline_quotes_seed_study_intervals_and_regime_conditions():
     """The headline's seed-study line: every method's paired KL ratio, validation and gain with intervals."""
-    from verification import claims, study_seeds
+    from verification import claims, seed_tables
     from verification.report_seeds import SEED_GRIDS
 
     jitter = (-0.02, 0.01, 0.0, 0.015, -0.005)
@@ -142,25 +153,23 @@ def test_headline_quotes_seed_study_intervals_and_regime_conditions():
                            "entropy_start": 1.0, "entropy_min_ratio": 0.5, "entropy_end_ratio": 0.8,
                            "val_final": 0.3 + j, "val_final_se": 0.007, "val_change": 0.01 + j}
             for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s, j in enumerate(jitter)}
-    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {"learn": study_seeds.aggregate(runs)},
-             "start": {}, "regime_checks": claims.regime_checks({"learn": runs}, mode="full"),
-             "verdicts": claims.verdicts({"learn": runs}, mode="full")}
-    inputs = reading.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
-    head = reading._seed_headline(inputs)
+    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {"learn": seed_tables.aggregate(runs)},
+             "start": {}, "regime_checks": claims.regime_checks({"learn": runs}, mode="full")}
+    inputs = report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
+    head = text_seeds.seed_headline(inputs)
     assert len(head) == 1 and "regime `learn`, lr 0.0001 (5 seeds; 95% t-intervals; section 5)" in head[0]
     assert "proma 0.500 [0.500, 0.500]" in head[0]       # every seed's KL ratio is 0.5
     assert "reward gain: grpo +0.050 [" in head[0]
-    lines = reading._verdict_lines(inputs)
-    assert lines[0].startswith("- Regime condition (learn, lr 0.0001): GRPO learns: **met** (reward gain 0.050 [")
-    assert "validation change +0.010 [" in lines[0]
-    assert "GRPO collapses entropy: **not met**" in lines[1] and lines[2].startswith("- Verdict (learn")
-    quick = reading.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
-    assert "quick mode: the code path, not evidence" in reading._seed_headline(quick)[0]
+    conditions = "\n".join(text_seeds.verdicts_section(inputs))
+    assert "| GRPO learns | " in conditions and "| learn, lr 0.0001 | reward gain 0.050 [" in conditions
+    assert "validation change +0.010 [" in conditions and "**not met**" in conditions
+    quick = report_inputs.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
+    assert "quick mode: the code path, not evidence" in text_seeds.seed_headline(quick)[0]
     # a study in progress: proma has 3 of grpo's 5 seeds, and the headline says so
     partial = {k: v for k, v in runs.items() if k[0] == "grpo" or k[2] < 3}
-    busy = reading.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
-                                {**seeds, "tables": {"learn": study_seeds.aggregate(partial)}})
-    assert "lr 0.0001 (3-5 seeds; 95% t-intervals; section 5)" in reading._seed_headline(busy)[0]
+    busy = report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
+                                {**seeds, "tables": {"learn": seed_tables.aggregate(partial)}})
+    assert "lr 0.0001 (3-5 seeds; 95% t-intervals; section 5)" in text_seeds.seed_headline(busy)[0]
 
 
 def test_render_only_names_the_missing_file(tmp_path):
@@ -173,10 +182,10 @@ def test_resumed_seed_study_states_the_cost_from_scratch():
     meta = {"timings_s": {"training": 600.0, "seed_study": 6.0}, "harness_config": {"warmstart_steps": 3000}}
     seeds = {"run_seconds": 7200.0, "warmstarts": {"learn-240": {"steps": 1000, "seconds": 720.0},
                                                    "collapse": {"steps": 3000, "seconds": 900.0}}}
-    text = reading._resumed_seed_study(meta, seeds)
+    text = text_seeds.resumed_seed_study(meta, seeds)
     # 600 s of this report + 7200 / 2 workers + 720 s of learn-240's own warm-start = 4920 s = 82 min
     assert "120 worker-minutes, about 60 min on 2 workers, plus 12 min to train the 1000-step warm-start of " \
            "`learn-240`, so the whole report takes about 82 min (1.4 h)." in text
     assert "collapse" not in text
     # a study that ran in this report (its seed_study phase took the runs' time) needs no estimate
-    assert reading._resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""
+    assert text_seeds.resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""

@@ -1,8 +1,11 @@
 """verification.study_seeds: the resumable grid (smoke policy) and its aggregation."""
 import json
 
+import numpy as np
+
 import pytest
 
+from verification import seed_tables as T
 from verification import study_seeds as S
 
 
@@ -14,7 +17,7 @@ def _result(method, seed, kl, rewards, val):
 
 
 def test_run_numbers_definitions():
-    out = S.run_numbers(_result("grpo", 0, 0.02, [0.1, 0.2, 0.3, 0.5], 0.6), {"accuracy": 0.55})
+    out = T.run_numbers(_result("grpo", 0, 0.02, [0.1, 0.2, 0.3, 0.5], 0.6), {"accuracy": 0.55})
     assert out["reward_gain"] == pytest.approx(0.4)          # last quarter (1 step) minus first
     assert out["local_kl_cum"] == pytest.approx(8 * 0.02)    # 8 optimizer steps
     assert out["entropy_min_ratio"] == pytest.approx(0.7)
@@ -27,10 +30,10 @@ def test_aggregate_pairs_by_seed(tmp_path):
     for s in range(5):
         for m, kl in (("grpo", 0.02 + 0.001 * s), ("proma", 0.01 + 0.0005 * s)):
             (folder / f"{S.run_name(m, 1e-3, s)}.json").write_text(json.dumps(_result(m, s, kl, [0.1, 0.3], 0.6)))
-    table = S.aggregate(S.load_results(tmp_path, "learn"))
+    table = T.aggregate(T.load_results(tmp_path, "learn"))
     ratio = table[("proma", 1e-3)]["ratio_local_kl"]
     assert ratio["mean"] == pytest.approx(0.5) and ratio["hi"] == pytest.approx(0.5)  # every seed's ratio is 0.5
-    text = S.markdown_tables(table)
+    text = T.markdown_tables(table)
     assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text and "reward_gain:" in text
 
 
@@ -52,41 +55,52 @@ def test_smoke_study_runs_and_resumes(tmp_path, monkeypatch):
     res = json.loads(S.result_path(tmp_path / "data", "t", "proma", 1e-3, 1).read_text())
     assert res["final_eval"]["n"] == 16 and len(res["final_eval"]["hits"]) == 16
     assert len(res["metrics"]) == 2 * 2  # 2 rollout steps x 2 minibatches
+    assert set(res["code"]) == {"commit", "dirty", "root"} and len(res["code"]["commit"]) == 40
     assert S.run_study(grid, tmp_path / "data", tmp_path / "runs", jobs=1, log=lambda *a: None) == []
-    table = S.aggregate(S.load_results(tmp_path / "data", "t"))
+    table = T.aggregate(T.load_results(tmp_path / "data", "t"))
     assert table[("proma", 1e-3)]["n_seeds"] == 2
     assert table[("proma", 1e-3)]["ratio_local_kl"] is None  # the smoke policy earns no reward: zero local KL
-    assert "n/a (a run has zero local KL)" in S.markdown_tables(table)
+    assert "n/a (a run has zero local KL)" in T.markdown_tables(table)
+
+
+def test_restrict_keeps_only_the_named_parts_of_a_grid():
+    small = S.restrict(S.StudyGrid(), methods=["grpo", "reinforce"], seeds=[5, 6], regimes=["collapse"])
+    assert small.runs() == [("collapse", m, 3e-4, s) for s in (5, 6) for m in ("reinforce", "grpo")]
+    assert S.restrict(S.StudyGrid()) == S.StudyGrid()
+    with pytest.raises(ValueError, match="--seeds: \\[15\\]"):
+        S.restrict(S.StudyGrid(), seeds=[15])
+    with pytest.raises(ValueError, match="--methods"):
+        S.restrict(S.StudyGrid(), methods=["ppo"])
 
 
 def test_reward_kl_curve_and_gain_within_kl():
     res = _result("grpo", 0, 0.5, [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7], 0.6)  # 2 optimizer steps per rollout step
-    reward, cum = S.reward_kl_curve(res)
+    reward, cum = T.reward_kl_curve(res)
     assert reward.tolist() == [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     assert cum.tolist() == [1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]
     # budget 4 is reached at the 4th rollout step: gain over steps 1..4 = 0.3 - 0.0 (quarters of one step)
-    assert S.gain_within_kl(reward, cum, 4.0) == (pytest.approx(0.3), 4)
+    assert T.gain_within_kl(reward, cum, 4.0) == (pytest.approx(0.3), 4)
     # budget 6 -> 6 steps, quarter = round(1.5) = 2 steps: mean(0.4, 0.5) - mean(0.0, 0.1)
-    assert S.gain_within_kl(reward, cum, 6.0) == (pytest.approx(0.4), 6)
+    assert T.gain_within_kl(reward, cum, 6.0) == (pytest.approx(0.4), 6)
     # never fewer than MIN_EQUAL_KL_STEPS steps; the whole run when the budget is never reached
-    assert S.gain_within_kl(reward, cum, 0.5)[1] == S.MIN_EQUAL_KL_STEPS
-    assert S.gain_within_kl(reward, cum, 100.0) == (pytest.approx(0.65 - 0.05), 8)
+    assert T.gain_within_kl(reward, cum, 0.5)[1] == T.MIN_EQUAL_KL_STEPS
+    assert T.gain_within_kl(reward, cum, 100.0) == (pytest.approx(0.65 - 0.05), 8)
 
 
 def test_equal_kl_cuts_the_faster_run_at_the_slower_ones_budget():
     rewards = [0.0, 0.1, 0.2, 0.3, 0.4, 0.5, 0.6, 0.7]
     curves = {}
     for s in range(3):
-        curves[("grpo", 1e-3, s)] = S.reward_kl_curve(_result("grpo", s, 0.5, rewards, 0.6))    # 1 KL per step
-        curves[("proma", 1e-3, s)] = S.reward_kl_curve(_result("proma", s, 0.25, rewards, 0.6))  # 0.5 per step
-    row = S.equal_kl(curves)[("proma", 1e-3)]
+        curves[("grpo", 1e-3, s)] = T.reward_kl_curve(_result("grpo", s, 0.5, rewards, 0.6))    # 1 KL per step
+        curves[("proma", 1e-3, s)] = T.reward_kl_curve(_result("proma", s, 0.25, rewards, 0.6))  # 0.5 per step
+    row = T.equal_kl(curves)[("proma", 1e-3)]
     assert row["budget"]["mean"] == pytest.approx(4.0)        # proma's final cumulative KL
     assert (row["steps"], row["steps_base"]) == (8, 4)       # grpo reaches 4.0 at its 4th step
     assert row["gain"]["mean"] == pytest.approx(0.6)         # proma: whole run, quarters of 2 steps
     assert row["gain_base"]["mean"] == pytest.approx(0.3)    # grpo: first 4 steps
     assert row["diff"]["mean"] == pytest.approx(0.3) and row["diff"]["lo"] == pytest.approx(0.3)
-    assert "| proma | 0.001 | 4 [4, 4] | 8 / 4 | 0.600 [0.600, 0.600] | 0.300" in S.markdown_equal_kl(
-        S.equal_kl(curves))
+    assert "| proma | 0.001 | 4 [4, 4] | 8 / 4 | 0.600 [0.600, 0.600] | 0.300" in T.markdown_equal_kl(
+        T.equal_kl(curves))
 
 
 def test_aggregate_of_a_study_in_progress(tmp_path):
@@ -96,9 +110,9 @@ def test_aggregate_of_a_study_in_progress(tmp_path):
     for m, seeds in (("grpo", (0, 1)), ("proma", (0,))):
         for s in seeds:
             (folder / f"{S.run_name(m, 1e-3, s)}.json").write_text(json.dumps(_result(m, s, 0.02, [0.1, 0.3], 0.6)))
-    table = S.aggregate(S.load_results(tmp_path, "learn"))
+    table = T.aggregate(T.load_results(tmp_path, "learn"))
     assert table[("proma", 1e-3)]["n_seeds"] == 1 and "ratio_local_kl" not in table[("proma", 1e-3)]
-    assert "| proma | 0.001 | 1 | 0.200 (1 seed, no interval) |" in S.markdown_tables(table)
+    assert "| proma | 0.001 | 1 | 0.200 (1 seed, no interval) |" in T.markdown_tables(table)
     assert table[("grpo", 1e-3)]["columns"]["reward_gain"]["lo"] == pytest.approx(0.2)
 
 
@@ -121,7 +135,15 @@ def test_validation_per_seed_table_marks_missing_seeds():
     runs = {("grpo", 1e-4, 0): {"val_final": 0.3125, "val_final_se": 0.0071},
             ("grpo", 1e-4, 1): {"val_final": 0.25, "val_final_se": 0.0066},
             ("proma", 1e-4, 1): {"val_final": 0.5, "val_final_se": 0.0077}}
-    lines = S.markdown_validation_per_seed(runs).splitlines()
+    lines = T.markdown_validation_per_seed(runs).splitlines()
     assert lines[0] == "| method | lr | seed 0 | seed 1 |"
     assert lines[2:] == ["| grpo | 0.0001 | 0.312 ± 0.007 | 0.250 ± 0.007 |",
                          "| proma | 0.0001 | - | 0.500 ± 0.008 |"]
+
+
+def test_thirds_cover_the_run_in_order_and_are_never_empty():
+    assert [t.tolist() for t in T.thirds(np.arange(7))] == [[0, 1], [2, 3], [4, 5, 6]]
+    assert [t.tolist() for t in T.thirds(np.arange(2))] == [[0], [0], [1]]
+    assert [len(t) for t in T.thirds(np.arange(480))] == [160, 160, 160]
+    with pytest.raises(ValueError, match="empty"):
+        T.thirds(np.arange(0))

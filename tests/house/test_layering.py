@@ -1,0 +1,83 @@
+"""The layering of the packages, read from the source with ``ast`` (lazy imports inside functions count too):
+
+- the library ``proma`` never imports ``verification``;
+- ``reference`` (the judge) imports neither ``proma`` nor ``verification``;
+- the oracle ``verification.oracle`` imports nothing of ``proma.rl``, and of the rest of ``verification`` only
+  the named tolerances (the studies, the report and the real cases built from the RL harness sit above it).
+"""
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+# what the oracle may import from verification outside its own subpackage
+ORACLE_MAY_IMPORT = ("verification.tolerances",)
+
+
+def _module_name(path: Path, root: Path = ROOT) -> str:
+    parts = list(path.relative_to(root).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def imported_modules(path: Path, root: Path = ROOT) -> set[str]:
+    """Absolute names of the modules ``path`` imports, relative imports resolved (``from . import x`` gives both
+    the package and ``package.x``)."""
+    package = _module_name(path, root).split(".")
+    if path.name != "__init__.py":
+        package = package[:-1]
+    out = set()
+    for node in ast.walk(ast.parse(path.read_text(), str(path))):
+        if isinstance(node, ast.Import):
+            out.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = package[: len(package) - node.level + 1] if node.level else []
+            mod = ".".join(base + ([node.module] if node.module else []))
+            out.add(mod)
+            out.update(f"{mod}.{alias.name}" for alias in node.names)
+    return out
+
+
+def _within(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+def offenders(folder: str, forbidden, allowed=(), root: Path = ROOT) -> list[str]:
+    """``file: module`` for every import under ``folder`` of a module within ``forbidden`` and not ``allowed``."""
+    out = []
+    for path in sorted((root / folder).rglob("*.py")):
+        for mod in sorted(imported_modules(path, root)):
+            if any(_within(mod, f) for f in forbidden) and not any(_within(mod, a) for a in allowed):
+                out.append(f"{path.relative_to(root)}: {mod}")
+    return out
+
+
+def test_the_resolver_sees_relative_and_lazy_imports():
+    pkg = ROOT / "verification" / "oracle"
+    names = imported_modules(pkg / "format.py") | imported_modules(pkg / "cli.py")
+    assert "verification.tolerances" in names  # format's lazy ``from ..tolerances import``
+    assert "verification.oracle.golden" in names  # cli's lazy ``from .golden import``
+
+
+@pytest.mark.parametrize("folder, forbidden, allowed", [
+    ("proma", ("verification",), ()),
+    ("reference", ("proma", "verification", "torch"), ()),
+    ("verification/oracle", ("proma.rl", "verification"), ("verification.oracle",) + ORACLE_MAY_IMPORT),
+], ids=["proma-never-imports-verification", "reference-imports-neither", "oracle-imports-no-rl-no-studies"])
+def test_layering(folder, forbidden, allowed):
+    assert offenders(folder, forbidden, allowed) == []
+
+
+def test_a_planted_import_is_caught(tmp_path):
+    """The check is not vacuous: an oracle module importing the RL harness lazily is reported."""
+    planted = tmp_path / "verification" / "oracle" / "probe.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text("def f():\n    from proma.rl import sampling\n    from ..report import generate_report\n"
+                       "    from ..tolerances import FLOAT64_RTOL\n    from .format import Case\n")
+    found = offenders("verification/oracle", ("proma.rl", "verification"),
+                      ("verification.oracle",) + ORACLE_MAY_IMPORT, root=tmp_path)
+    assert found == ["verification/oracle/probe.py: proma.rl", "verification/oracle/probe.py: proma.rl.sampling",
+                     "verification/oracle/probe.py: verification.report",
+                     "verification/oracle/probe.py: verification.report.generate_report"]

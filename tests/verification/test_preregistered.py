@@ -1,0 +1,118 @@
+"""The pre-registered family (verification.preregistered) and its statistics, on synthetic per-seed numbers.
+
+Independent evidence: Holm against its definition on hand-worked values, the t p-value against SciPy's
+``ttest_1samp``, the power formula against a Monte-Carlo simulation of the t-test.
+"""
+import numpy as np
+import pytest
+from scipy import stats as sps
+
+from verification import preregistered as P
+from verification import secondary, stats
+
+METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
+LR = {"learn-240": 1e-4, "collapse": 3e-4}
+MC_TRIALS = 20_000
+MC_TOL = 0.015   # Monte-Carlo standard error of a power near 0.8 with 20k trials is 0.003
+
+
+def synthetic(n_seeds=15, *, kl=None, ent=None, val=None, noise=0.02, seed=0):
+    """``{regime: runs}`` with per-method centres and independent multiplicative noise per run."""
+    rng = np.random.default_rng(seed)
+    kl = {"reinforce": 1.3, "grpo": 1.0, "proma": 0.8, "proma-paper": 1.0, "intra": 0.5, **(kl or {})}
+    ent = {"reinforce": 0.3, "grpo": 0.3, "proma": 0.4, "proma-paper": 0.3, "intra": 0.4, **(ent or {})}
+    val = {"reinforce": 0.30, "grpo": 0.30, "proma": 0.30, "proma-paper": 0.30, "intra": 0.30, **(val or {})}
+    out = {}
+    for regime, lr in LR.items():
+        out[regime] = {(m, lr, s): {"local_kl_mean": kl[m] * (1 + noise * rng.standard_normal()),
+                                    "entropy_end_ratio": ent[m] + noise * rng.standard_normal(),
+                                    "val_final": val[m] + noise / 10 * rng.standard_normal()}
+                       for m in METHODS for s in range(n_seeds)}
+    return out
+
+
+def by_id(outcomes):
+    return {o.hypothesis.id: o for o in outcomes}
+
+
+def test_family_is_the_eleven_registered_hypotheses():
+    ids = [h.id for h in P.family()]
+    assert ids == ["KL-G-L", "KL-G-C", "KL-R-L", "KL-R-C", "KL-P-L", "KL-P-C",
+                   "EN-G-L", "EN-G-C", "EN-P-L", "EN-P-C", "VAL"]
+    assert by_id([P.Outcome(h, 0, None, 1.0, False) for h in P.family()])["KL-R-C"].hypothesis.against == "reinforce"
+    assert P.family("heldout-x")[-1].regime == "heldout-x"
+
+
+def test_clear_effects_are_decided_each_way():
+    out = by_id(P.decide(synthetic(kl={"proma-paper": 1.5}, ent={"proma-paper": 0.2}, val={"intra": 0.35})))
+    assert out["KL-G-L"].verdict == P.SUPPORTED and out["KL-G-L"].estimate["mean"] == pytest.approx(0.8, rel=0.02)
+    assert out["KL-R-C"].verdict == P.SUPPORTED
+    assert out["KL-P-L"].verdict == P.CONTRADICTED     # the published settings loosen the KL here
+    assert out["EN-G-C"].verdict == P.SUPPORTED and out["EN-P-C"].verdict == P.CONTRADICTED
+    assert out["VAL"].verdict == P.SUPPORTED and out["VAL"].supports and set(out["VAL"].parts) == set(P.VAL_OTHERS)
+
+
+def test_no_effect_is_inconclusive_and_holm_is_never_below_raw_p():
+    res = synthetic(kl={m: 1.0 for m in METHODS}, ent={m: 0.3 for m in METHODS}, seed=3)
+    out = P.decide(res)
+    assert all(o.p_adj >= o.p for o in out)
+    assert sum(o.verdict == P.INCONCLUSIVE for o in out) >= 10
+
+
+def test_in_progress_until_every_comparison_has_fifteen_seeds_and_quick_never_judges():
+    res = synthetic()
+    res["collapse"] = {k: v for k, v in res["collapse"].items() if not (k[0] == "intra" or k[2] == 14)}
+    out = P.decide(res)
+    assert {o.verdict for o in out} == {P.IN_PROGRESS}
+    assert by_id(out)["KL-G-C"].n == 14 and by_id(out)["KL-G-L"].n == 15
+    assert {o.verdict for o in P.decide(synthetic(), full=False)} == {P.NOT_JUDGED}
+
+
+def test_val_intersection_union_and_its_opposite():
+    up = by_id(P.decide(synthetic(val={"intra": 0.31, "grpo": 0.305})))["VAL"]
+    # every comparison positive: p is the largest of the four, here the one against grpo (the closest method)
+    assert up.supports and up.binding == "grpo" and up.p == max(p for _, p, _ in up.parts.values())
+    down = by_id(P.decide(synthetic(val={"intra": 0.29})))["VAL"]
+    worst = min(p for iv, p, _ in down.parts.values() if iv["mean"] <= 0)
+    assert not down.supports and down.p == pytest.approx(min(1.0, 4 * worst))
+
+
+def test_paired_t_p_matches_scipy_and_holm_matches_hand_values():
+    d = np.array([0.1, 0.2, 0.15, 0.05, -0.02])
+    assert stats.paired_t_p(d) == pytest.approx(sps.ttest_1samp(d, 0.0).pvalue, rel=1e-12)
+    # sorted 0.01, 0.03, 0.04, 0.2 -> 4 x 0.01, max(0.04, 3 x 0.03), max(0.09, 2 x 0.04), max(0.09, 0.2)
+    assert stats.holm([0.01, 0.04, 0.03, 0.2]) == pytest.approx([0.04, 0.09, 0.09, 0.2])
+    assert stats.holm([0.5, 0.6]) == pytest.approx([1.0, 1.0])
+    with pytest.raises(ValueError, match="pvalues"):
+        stats.holm([0.1, 1.5])
+    assert stats.wilcoxon_p([0.1, 0.2, 0.15, 0.05, 0.3]) == pytest.approx(0.0625)   # 2 / 2^5
+
+
+def test_seeds_for_power_against_simulation():
+    rng = np.random.default_rng(1)
+    d = np.log([0.745, 1.050, 0.747, 0.763, 0.796])   # the first study's per-seed KL ratios (issue 21)
+    assert stats.seeds_for_power(d, 0.05) == 7 and stats.seeds_for_power(d, 0.05 / 11) == 11
+    effect, sd, alpha = abs(d.mean()), d.std(ddof=1), 0.05 / 11
+    for n in (10, 11):
+        x = effect + sd * rng.standard_normal((MC_TRIALS, n))
+        t = x.mean(1) / (x.std(1, ddof=1) / np.sqrt(n))
+        simulated = np.mean(np.abs(t) > sps.t.ppf(1 - alpha / 2, n - 1))
+        assert simulated == pytest.approx(stats.paired_t_power(effect, sd, n, alpha), abs=MC_TOL)
+    assert stats.paired_t_power(effect, sd, 10, alpha) < 0.8 <= stats.paired_t_power(effect, sd, 11, alpha)
+    assert stats.seeds_for_power([0.1, -0.1, 0.1, -0.1], 0.05) is None   # zero mean: no number of seeds
+
+
+def test_secondary_analyses_report_without_deciding():
+    res = synthetic()
+    for runs in res.values():
+        for v in runs.values():
+            v.update(local_kl_median=v["local_kl_mean"], local_kl_last_quarter=v["local_kl_mean"],
+                     local_kl_third_1=v["local_kl_mean"], local_kl_third_2=v["local_kl_mean"],
+                     local_kl_third_3=v["local_kl_mean"])
+    new = secondary.new_seeds_only(res)
+    assert {o.n for o in new} == {10} and {o.verdict for o in new} == {P.NOT_JUDGED}
+    rows = secondary.kl_summaries(res)
+    assert len(rows) == 6 * len(secondary.KL_SUMMARIES)
+    assert rows[0][2]["mean"] == pytest.approx(by_id(P.decide(res))["KL-G-L"].estimate["mean"])
+    loo = secondary.leave_one_out(res, by_id(P.decide(res))["KL-G-L"])
+    assert loo["subsets"] == 15 and loo["kept"] == 15 and loo["estimate"][0] <= 0.8 * 1.02

@@ -1,0 +1,238 @@
+"""The report's seed-study text: the pre-registered verdicts (first), the seed tables and the secondary analyses.
+
+Renderers take the report's :class:`verification.report_inputs.ReportInputs` (``r``) and return markdown lines.
+The rules are ``reports/PREREGISTRATION.md``'s, implemented in :mod:`verification.preregistered`; the
+analyses that decide nothing are :mod:`verification.secondary`'s.
+"""
+from __future__ import annotations
+
+from . import claims, secondary, stats
+from . import preregistered as P
+from .report_seeds import DEFAULT_JOBS as SEED_STUDY_JOBS
+from .textfmt import f, table
+
+PREREG = "reports/PREREGISTRATION.md"
+ABSOLUTE_COLLAPSE = claims.COLLAPSE_FRACTION
+
+
+def resumed_seed_study(meta, seeds) -> str:
+    """The cost of seed runs this report found already done in ``data/seeds`` (a resumed study), or ``""``."""
+    if not seeds or not seeds.get("run_seconds"):
+        return ""
+    spent = meta["timings_s"].get("seed_study", 0.0)
+    jobs = SEED_STUDY_JOBS
+    if spent >= seeds["run_seconds"] / jobs / 2:
+        return ""
+    # a regime's own warm-start (other step count than the grid's, whose training is in this report's timings)
+    own = {r: w for r, w in seeds.get("warmstarts", {}).items()
+           if w["steps"] != meta["harness_config"]["warmstart_steps"]}
+    warm_s = sum(w["seconds"] for w in own.values())
+    warm_txt = "".join(f", plus {w['seconds'] / 60:.0f} min to train the {w['steps']}-step warm-start of `{r}`"
+                       for r, w in own.items())
+    total = sum(meta["timings_s"].values()) - spent + seeds["run_seconds"] / jobs + warm_s
+    return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
+            f"only loaded them); run from scratch they take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
+            f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers{warm_txt}, so the whole report takes "
+            f"about {total / 60:.0f} min ({total / 3600:.1f} h).")
+
+
+
+
+def seed_tables(r) -> list:
+    from .seed_tables import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
+
+    if not r.seeds:
+        return ["The seed study did not run.", ""]
+    grid, mode = r.seeds["grid"], r.meta["mode"]
+    scored = ("the whole test split" if grid.eval_items is None
+              else f"the first {grid.eval_items} items of a fixed shuffle of the test split")
+    lines = [f"Methods {', '.join(grid.methods)}; seeds {', '.join(map(str, grid.seeds))}; preset `{grid.preset}`. "
+             "Every run of a regime starts from one shared warm-start and runs with one seed see the same prompts, "
+             f"so comparisons to GRPO are paired by seed. Final validation: greedy exact match on {scored}. Raw "
+             "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items; "
+             "`warmstart.json`: its training record)."]
+    if r.seeds.get("run_seconds"):
+        lines.append(f"Cost: the runs took {r.seeds['run_seconds'] / 60:.1f} minutes of one single-threaded worker "
+                     f"each in total (training and whole-split evaluation), i.e. about "
+                     f"{r.seeds['run_seconds'] / 60 / SEED_STUDY_JOBS:.0f} minutes of wall time on "
+                     f"{SEED_STUDY_JOBS} cores with {SEED_STUDY_JOBS} workers.")
+    if mode == "full":
+        lines.append("How the regimes were chosen from GRPO-only pilots, and the 80-step version of the learn regime "
+                     "that the 240-step one replaced (GRPO did not demonstrably learn in 80 steps; its runs are kept "
+                     "in `data/seeds/learn-80/`): `PILOT.md` sections 4-6. The 240-step horizon was chosen after "
+                     "GRPO's and exact PROMA's 240-step runs of seeds 0-4 (see the verdict section).")
+    else:
+        lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
+                     "path, not evidence, and no verdict is issued.")
+    lines.append("")
+    for regime, tab in r.seeds["tables"].items():
+        over = ", ".join(f"{k}={v}" for k, v in grid.regimes[regime].items())
+        lrs = ", ".join(f"{lr:g}" for lr in grid.lrs[regime])
+        start = r.seeds.get("start", {}).get(regime)
+        start_txt = (f"; warm-start validation {f(start['accuracy'])} ± {f(start['se'])} on {start['n']} items"
+                     if start else "")
+        lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
+        lines += [markdown_tables(tab) if tab else "No finished run.", ""]
+        if tab:
+            lines += ["Final greedy validation per seed (accuracy ± binomial standard error sqrt(p(1-p)/n) over the "
+                      "n scored test items):", "", markdown_validation_per_seed(r.seeds["results"][regime]), ""]
+        eq = r.seeds.get("equal_kl", {}).get(regime)
+        if eq:
+            lines += [f"Reward gain at equal cumulative local KL (per seed: budget = the smaller of the two runs' "
+                      f"final cumulative local KL; each run's gain, last quarter minus first quarter, over its "
+                      f"rollout steps up to the first one whose cumulative KL reaches the budget, at least "
+                      f"{MIN_EQUAL_KL_STEPS}; 95% t-intervals over seeds, difference paired by seed):", "",
+                      markdown_equal_kl(eq), ""]
+    return lines
+
+
+def seed_headline(r) -> list:
+    """Headline numbers of the seed study, each with its 95% interval over seeds (section 5 has them all)."""
+    from .claims import JUDGED_MODES
+    from .stats import format_interval as fi
+
+    lines = []
+    for regime, tab in (r.seeds or {}).get("tables", {}).items():
+        if not tab:
+            continue
+        lr_rows = {}
+        for (m, lr), row in tab.items():
+            lr_rows.setdefault(lr, {})[m] = row
+        for lr, rows in lr_rows.items():
+            counts = [row["n_seeds"] for row in rows.values()]
+            # a study in progress has fewer seeds for some methods: name the range
+            n = f"{min(counts)}-{max(counts)}" if min(counts) < max(counts) else f"{max(counts)}"
+            ratios = ", ".join(f"{m} {fi(row['ratio_local_kl'])}" for m, row in rows.items()
+                               if row.get("ratio_local_kl"))
+            vals = ", ".join(f"{m} {fi(row['columns']['val_final'])}" for m, row in rows.items())
+            gains = ", ".join(f"{m} {fi(row['columns']['reward_gain'], '+.3f')}" for m, row in rows.items())
+            note = "" if r.meta["mode"] in JUDGED_MODES else f"; {r.meta['mode']} mode: the code path, not evidence"
+            lines.append(f"- Seed study, regime `{regime}`, lr {lr:g} ({n} seeds; 95% t-intervals{note}; section 5): "
+                         f"mean local KL as a ratio to GRPO's, paired by seed: {ratios or 'n/a'}; final greedy "
+                         f"validation: {vals}; reward gain: {gains}.")
+    return lines
+
+
+
+
+# --------------------------------------------------------------------------- the pre-registered verdicts
+PREREG_COMMIT = "3538866"   # the commit that added PREREGISTRATION.md, before any run of seeds 5-14
+FORMATS = {"kl": ".3f", "entropy": "+.3f", "val": "+.4f"}
+KIND_WORDS = {"kl": "ratio", "entropy": "paired difference", "val": "paired difference"}
+
+
+def _estimate(o: P.Outcome) -> str:
+    if o.estimate is None:
+        return f"{o.n} paired seeds"
+    text = f"{KIND_WORDS[o.hypothesis.kind]} {stats.format_interval(o.estimate, FORMATS[o.hypothesis.kind])}"
+    return f"{text} (binding: vs {o.binding})" if o.binding else text
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def verdict_table(outcomes: list[P.Outcome]) -> str:
+    """| id | claim | regime | seeds | estimate [95% CI] | p | Holm p | verdict | (markdown)."""
+    rows = [(o.hypothesis.id, o.hypothesis.claim, o.hypothesis.regime, o.n, _estimate(o), _p(o.p), _p(o.p_adj),
+             f"**{o.verdict}**") for o in outcomes]
+    return table(["id", "claim", "regime", "seeds", "estimate [95% CI]", "p", "Holm p", "verdict"], rows)
+
+
+def power_lines(outcomes: list[P.Outcome]) -> list:
+    """One line per undecided hypothesis: seeds for 80% power at its observed effect and its Holm level."""
+    out = []
+    for o in outcomes:
+        if o.verdict in (P.SUPPORTED, P.CONTRADICTED) or o.estimate is None:
+            continue
+        n = P.seeds_needed(outcomes, o)
+        level = P.holm_level(outcomes, o)
+        side = "for" if o.supports else "against"
+        need = (f"about {n} seeds would give 80% power to decide it ({side} the claim, the observed side)" if n
+                else "no number of seeds would decide it in the claim's favour at this effect")
+        out.append(f"- {o.hypothesis.id}: at the observed effect and spread ({o.n} seeds), {need} at its Holm "
+                   f"level {level:.3g}.")
+    return out
+
+
+def entropy_sentences(outcomes: list[P.Outcome], results: dict) -> list:
+    """Each entropy hypothesis in words, the paired endpoint and the absolute rule side by side."""
+    out = []
+    for o in outcomes:
+        h = o.hypothesis
+        if h.kind != "entropy" or o.estimate is None:
+            continue
+        runs = results.get(h.regime, {})
+        base, mine = claims.absolute_entropy(runs, "grpo"), claims.absolute_entropy(runs, h.method)
+        more = "more" if o.estimate["mean"] > 0 else "less"
+        line = (f"- {h.id} ({h.regime}): {h.method} on average keeps {more} entropy than GRPO (end/start ratio, paired "
+                f"{stats.format_interval(o.estimate, '+.3f')}, Holm p {_p(o.p_adj)}: {o.verdict})")
+        if base and mine:
+            line += (f"; by the absolute rule (end/start below {ABSOLUTE_COLLAPSE:g} = collapse) GRPO "
+                     f"{base[1]} ({stats.format_interval(base[0])}) and {h.method} {mine[1]} "
+                     f"({stats.format_interval(mine[0])})")
+        out.append(line + ".")
+    return out
+
+
+def verdicts_section(r) -> list:
+    """The report's first section: the pre-registered verdict table, power, entropy in words, the conditions."""
+    if not r.seeds:
+        return ["No verdict: the seed study did not run.", ""]
+    results, full = r.seeds["results"], r.meta["mode"] in claims.JUDGED_MODES
+    lines = [f"Rules: [`PREREGISTRATION.md`](PREREGISTRATION.md), committed in `{PREREG_COMMIT}` before any run of "
+             f"seeds {P.NEW_SEEDS[0]}-{P.NEW_SEEDS[-1]} (each run's JSON records the commit it ran). Eleven "
+             f"hypotheses, two-sided paired t-tests over seeds, Holm across all eleven at family-wise "
+             f"alpha {P.ALPHA}; estimates with unadjusted 95% t-intervals, paired by seed.", ""]
+    if not full:
+        return lines + [f"{r.meta['mode']} mode: no verdict (the family's regimes are the full study's).", ""]
+    outcomes = P.decide(results)
+    counts = sorted({o.n for o in outcomes})
+    if any(o.verdict == P.IN_PROGRESS for o in outcomes):
+        lines += [f"**In progress**: comparisons have {counts[0]}-{counts[-1]} of the {P.N_SEEDS} pre-registered "
+                  "seeds; the numbers are shown, nothing is decided until every comparison has all of them.", ""]
+    lines += [verdict_table(outcomes), ""]
+    power = power_lines(outcomes)
+    if power:
+        lines += ["Seeds that would decide each undecided hypothesis (paired t, 80% power):", ""] + power + [""]
+    lines += ["Entropy, both readings (the paired endpoint decides; the absolute rule is printed beside it):", ""]
+    lines += entropy_sentences(outcomes, results) + [""]
+    lines += ["What each regime tests (conditions on GRPO's runs; they decide nothing): \"GRPO learns\" means "
+              "*reward on the training pool rises* (reward-gain interval above 0) while held-out accuracy does "
+              "not demonstrably fall; \"collapses\" is the absolute entropy rule. The validation claim (VAL) is "
+              f"judged in `{P.DEFAULT_VALIDATION_REGIME}`: no regime where GRPO's held-out accuracy rises has "
+              "been found yet (`PILOT.md` section 7). `learn-80`'s runs are bit-identical prefixes of "
+              "`learn-240`'s, not independent evidence; the 240-step horizon was chosen after exact PROMA's "
+              "240-step results on seeds 0-4 were in.", ""]
+    if r.seeds.get("regime_checks"):
+        lines += [claims.markdown(r.seeds["regime_checks"], first="condition"), ""]
+    return lines
+
+
+def secondary_section(r) -> list:
+    """Section 6: the analyses of PREREGISTRATION.md section 4, which decide nothing."""
+    if not r.seeds or r.meta["mode"] not in claims.JUDGED_MODES:
+        return ["No secondary analysis outside the full study.", ""]
+    results = r.seeds["results"]
+    outcomes = P.decide(results)
+    new = secondary.new_seeds_only(results)
+    rows = []
+    for o, n in zip(outcomes, new):
+        loo = secondary.leave_one_out(results, o)
+        w = secondary.wilcoxon(o)
+        loo_txt = (f"{loo['kept']}/{loo['subsets']}; estimate {loo['estimate'][0]:.3g} to {loo['estimate'][1]:.3g}"
+                   if loo else "-")
+        rows.append((o.hypothesis.id, o.hypothesis.regime, _estimate(n), _p(n.p) if n.estimate else "-",
+                     _p(o.p), "-" if w is None else _p(w), loo_txt))
+    lines = [f"Seeds {P.NEW_SEEDS[0]}-{P.NEW_SEEDS[-1]} alone (the runs collected after the pre-registration; "
+             "unadjusted p), the Wilcoxon signed-rank p beside the paired t p (all seeds), and leave-one-seed-out "
+             "(subsets of n - 1 seeds that keep p < 0.05 on the same side, and the range of the estimate):", "",
+             table(["id", "regime", f"seeds {P.NEW_SEEDS[0]}-{P.NEW_SEEDS[-1]}: estimate", "p (new seeds)",
+                    "p (t, all)", "p (Wilcoxon, all)", "leave-one-out"], rows), ""]
+    kl = [(h.id, h.regime, label, stats.format_interval(iv), _p(p)) for h, label, iv, p in secondary.kl_summaries(results)]
+    lines += ["Other summaries of the per-step local KL (paired log-ratio, 95% t-interval, unadjusted p):", "",
+              table(["id", "regime", "summary", "ratio", "p"], kl), ""]
+    lines += ["The four comparisons behind VAL (intra minus each method, final greedy validation):", ""]
+    val = next(o for o in outcomes if o.hypothesis.kind == "val")
+    lines += [f"- vs {m}: {stats.format_interval(iv, '+.4f')}, p {_p(p)}" for m, (iv, p, _) in (val.parts or {}).items()]
+    return lines + [""]

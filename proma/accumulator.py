@@ -70,7 +70,7 @@ from torch import nn
 
 from .capture import Capture
 from .distributed import RankSync
-from .fsdp import FsdpRoute, reshard
+from .fsdp import FsdpRoute, check_current, reshard
 from .grad_store import GradStore
 from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
@@ -146,6 +146,7 @@ class ProjectedAccumulator:
     # -- public API ----------------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Start a new accumulation: every trainable parameter's ``.grad`` is set to None."""
+        check_current(self.model, self._inventory.entries, self._inventory.modules)
         for e in self._inventory.entries:
             e.param.grad = None
         self._grads.clear()

@@ -73,6 +73,22 @@ def reshard(model) -> None:
             m.reshard()
 
 
+def check_current(model, entries: list, modules: dict) -> None:
+    """ValueError when a parameter the accumulator knows is no longer the one its module holds.
+
+    ``fully_shard`` (or ``accelerator.prepare`` with FSDP2) replaces every parameter by a ``DTensor``: an
+    accumulator built before that would write gradients to the old tensors, silently. ``entries`` are the
+    inventory's (``name``, ``param``, ``owners``), ``modules`` its {module name: module}.
+    """
+    reshard(model)
+    for e in entries:
+        mname, attr = e.owners[0]
+        if getattr(modules[mname], attr, None) is not e.param:
+            raise ValueError(f"parameter {e.name!r} was replaced after ProjectedAccumulator was built (e.g. "
+                             "fully_shard or accelerator.prepare applied afterwards); build the accumulator on "
+                             "the final (sharded / wrapped) model")
+
+
 class ShardedGradStore(GradStore):
     """Running gradients of FSDP2-sharded parameters: full-shape G per parameter, kept off ``p.grad``.
 

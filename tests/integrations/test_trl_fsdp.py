@@ -38,7 +38,7 @@ FSDP_ON_CPU = True
 
 
 def _train(name, outdir, rank):
-    import trl_testkit as tk
+    from verification import trl_testkit as tk
     from accelerate.state import PartialState
     from accelerate.utils import DistributedType
     from transformers import TrainerCallback
@@ -60,8 +60,8 @@ def _train(name, outdir, rank):
     class Snapshot(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kw):
             for n, p in model.named_parameters():
-                kinds.add(type(p.grad).__name__)
-                grads[n] = p.grad.full_tensor().detach().double().clone()
+                kinds.add(type(p.grad).__name__ if p.grad is not None else f"None: {n}")
+                grads[n] = None if p.grad is None else p.grad.full_tensor().detach().double().clone()
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

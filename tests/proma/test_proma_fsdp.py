@@ -198,6 +198,16 @@ def _scenario_backward_after_synchronize(rank):
         acc.close()
 
 
+def _scenario_built_before_sharding(rank):
+    model = _model(torch.float64)
+    acc = ProjectedAccumulator(model, variant="proma")
+    _shard(model)   # replaces every parameter by a DTensor: the accumulator's would be stale
+    try:
+        return _expect_error(acc.zero_grad)
+    finally:
+        acc.close()
+
+
 SCENARIOS = {name: _scenario(name) for name in SCENARIOS_PROMA}
 SCENARIOS.update({
     "mixed-float32": _scenario_mixed(torch.float32),
@@ -205,6 +215,7 @@ SCENARIOS.update({
     "error-hsdp": _scenario_hsdp,
     "error-tensor-parallel": _scenario_tensor_parallel,
     "error-backward-after-synchronize": _scenario_backward_after_synchronize,
+    "error-built-before-sharding": _scenario_built_before_sharding,
 })
 
 
@@ -289,6 +300,7 @@ def test_mixed_precision_bfloat16_runs(results):
     ("error-hsdp", "HSDP"),
     ("error-tensor-parallel", "tensor parallelism"),
     ("error-backward-after-synchronize", "zero_grad"),
+    ("error-built-before-sharding", "was replaced after ProjectedAccumulator was built"),
 ])
 def test_unsupported_layouts_raise(results, name, needle):
     for r in range(WORLD):

@@ -203,7 +203,7 @@ def run(args) -> dict:
     os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "131072")
     res = {"args": vars(args), "memory": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        for method in METHODS:
+        for method in args.methods:
             mp.spawn(memory_worker, args=(args.world, free_port(), args, method, tmp), nprocs=args.world, join=True)
             res["memory"][method] = [json.load(open(os.path.join(tmp, f"mem{r}.json"))) for r in range(args.world)]
             if args.json:   # partial results survive an interrupted run
@@ -236,9 +236,9 @@ def table(res) -> str:
 
     ref = mem["fsdp/plain"][0]
     times = res.get("times")
-    for m in METHODS:
+    for m in mem:
         r0 = mem[m][0]
-        t = f"{min(times[m]):.3f} | {min(times[m]) / min(times['fsdp/plain']):.2f}x" if times else "— | —"
+        t = f"{min(times[m]):.3f} | {min(times[m]) / min(times['fsdp/plain']):.2f}x" if times and m in times else "— | —"
         lines.append(f"| {m} | {extra(m):.1f} | {extra(m) / extra('fsdp/plain'):.2f}x | {peak(m):.0f} | "
                      f"{peak(m) / peak('fsdp/plain'):.2f}x | {r0['calls']} | {r0['payload'] / MIB:.2f} | "
                      f"{r0['wire'] / MIB:.2f} | {r0['wire'] / ref['wire']:.2f}x | {t} |")
@@ -256,6 +256,8 @@ def main(argv=None):
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--quick", action="store_true", help="hidden 128, T=32, 2 repetitions")
     ap.add_argument("--json", default=None, help="write the raw numbers here")
+    ap.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                    help="memory runs of these methods only (fsdp/plain is the table's baseline)")
     args = ap.parse_args(argv)
     if args.quick:
         args.hidden, args.T, args.repeats = 128, 32, 2

@@ -200,8 +200,10 @@ def all_gather_bytes(buf: torch.Tensor, sizes: list[int], group, ledger: CommLed
     """All-gather a 1-D uint8 buffer whose length on rank r is ``sizes[r]`` (padded to the largest)."""
     world = world_size(group)
     top = max(sizes)
-    padded = torch.zeros(top, dtype=torch.uint8, device=buf.device)
-    padded[:buf.numel()] = buf
+    padded = buf   # the largest rank sends its buffer as it is (no second copy)
+    if buf.numel() < top:
+        padded = torch.zeros(top, dtype=torch.uint8, device=buf.device)
+        padded[:buf.numel()] = buf
     out = [torch.empty_like(padded) for _ in range(world)]
     dist.all_gather(out, padded, group=group)
     ledger.all_gather(top, world)

@@ -68,10 +68,16 @@ class Packer:
         self.meta.append(row)
 
     def finish(self, device) -> torch.Tensor:
-        """``[meta (int64, pieces x META_LEN)] [pieces]`` as one uint8 tensor on ``device``."""
+        """``[meta (int64, pieces x META_LEN)] [pieces]`` as one uint8 tensor on ``device``.
+
+        The packer lets go of its pieces (copies of token rows among them), so that only the buffer stays alive
+        during the exchange.
+        """
         meta = torch.tensor(self.meta, dtype=torch.int64).reshape(-1)
         head = meta.view(torch.uint8).to(device)
-        return torch.cat([head] + [p.to(device) for p in self.parts])
+        buf = torch.cat([head] + [p.to(device) for p in self.parts])
+        self.parts = []
+        return buf
 
 
 def _token_keep(A: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

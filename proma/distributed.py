@@ -280,6 +280,25 @@ class RankSync:
                 "allreduce_wire_bytes": all_reduce_wire_bytes(grad_bytes, self.world_size)}
 
 
+# Parameters (by element count, the same on every rank) exchanged per round of a global microbatch: a round
+# packs, sends and applies its parameters before the next is packed, so the copies of the factors in flight
+# are bounded by one round's instead of the whole model's (small models take one round).
+EXCHANGE_ROUND_ELEMENTS = 1 << 22
+
+
+def exchange_rounds(held: list) -> list[list[int]]:
+    """Consecutive groups of indices into ``held`` of at most :data:`EXCHANGE_ROUND_ELEMENTS` parameter
+    elements each (one group at least); equal on every rank, since the ranks hold the same model."""
+    rounds, cur, size = [], [], 0
+    for k, (_, param, _) in enumerate(held):
+        if cur and size + param.numel() > EXCHANGE_ROUND_ELEMENTS:
+            rounds.append(cur)
+            cur, size = [], 0
+        cur.append(k)
+        size += param.numel()
+    return rounds + [cur]
+
+
 class LockstepStep:
     """The exchange of one global microbatch (``exchanged`` tells whether this rank's header went out)."""
 
@@ -291,7 +310,9 @@ class LockstepStep:
         """Send this rank's weights and factors, receive every rank's.
 
         Every rank builds the same blocks over the B = sum_r b_r sequences (ranks in order) and runs the
-        same solve on them, so the running gradients stay equal on every rank without an all-reduce.
+        same solve on them, so the running gradients stay equal on every rank without an all-reduce. The
+        parameters travel in rounds (:func:`exchange_rounds`); the first round, with the weights, runs here,
+        the others while the returned iterator is consumed (every rank must consume it to the end).
 
         Parameters
         ----------
@@ -306,10 +327,25 @@ class LockstepStep:
         merged : iterator of (index into ``held``, contributions over the B sequences), one parameter at a
             time (parameters no rank has sequences for are skipped).
         """
+        rounds = exchange_rounds(held)
+        pieces, headers, rank_weights = self._round(held, rounds[0], b, weights)
+        with_seqs = [r for r, h in enumerate(headers) if h.sequences > 0]
+        return torch.cat(rank_weights) / self.sync.world_size, self._merged_rounds(held, rounds, pieces, with_seqs, b)
+
+    def _merged_rounds(self, held: list, rounds: list, pieces: dict, with_seqs: list, b: int) -> Iterator:
+        yield from _merged(held, rounds[0], pieces, with_seqs)
+        for ks in rounds[1:]:
+            pieces, _, _ = self._round(held, ks, b)
+            yield from _merged(held, ks, pieces, with_seqs)
+
+    def _round(self, held: list, ks: list, b: int, weights: torch.Tensor | None = None):
+        """Pack ``held[k]`` for k in ``ks`` (and the weights), exchange: (pieces by k, use, rank; headers; weights)."""
         sync = self.sync
         packer = Packer()
-        packer.add(WEIGHTS_PARAM, 0, KIND_WEIGHTS, b, 0, 0, weights)
-        for k, (_, param, contribs) in enumerate(held):
+        if weights is not None:
+            packer.add(WEIGHTS_PARAM, 0, KIND_WEIGHTS, b, 0, 0, weights)
+        for k in ks:
+            _, param, contribs = held[k]
             for u, c in enumerate(contribs):
                 pack_contribution(packer, k, u, c, work_dtype_for(param.dtype))
             contribs.clear()
@@ -327,13 +363,13 @@ class LockstepStep:
                     rank_weights.append(piece.tensors[0].to(device=weights.device, dtype=torch.float64))
                 elif piece.b > 0:
                     pieces.setdefault(k, {}).setdefault(u, {})[r] = piece
-        with_seqs = [r for r, h in enumerate(headers) if h.sequences > 0]
-        return torch.cat(rank_weights) / sync.world_size, _merged(held, pieces, with_seqs)
+        return pieces, headers, rank_weights
 
 
-def _merged(held: list, pieces: dict, with_seqs: list) -> Iterator:
-    """(k, the global contributions of held[k]) for every parameter some rank sent pieces for."""
-    for k, (name, param, _) in enumerate(held):
+def _merged(held: list, ks: list, pieces: dict, with_seqs: list) -> Iterator:
+    """(k, the global contributions of held[k]) for every k in ``ks`` some rank sent pieces for."""
+    for k in ks:
+        name, param, _ = held[k]
         uses = pieces.get(k)
         if not uses:
             continue

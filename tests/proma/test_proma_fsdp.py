@@ -208,8 +208,25 @@ def _scenario_built_before_sharding(rank):
         acc.close()
 
 
+# parameter elements per exchange round small enough that the tiny model's global microbatch takes several rounds
+SMALL_ROUND = 2000
+
+
+def _scenario_rounds(rank):
+    import proma.distributed as pd
+
+    saved, pd.EXCHANGE_ROUND_ELEMENTS = pd.EXCHANGE_ROUND_ELEMENTS, SMALL_ROUND
+    try:
+        facts = _scenario("global-exact")(rank)
+        facts["rounds"] = len(pd.exchange_rounds([(n, p, []) for n, p in trainable(_model(torch.float64))]))
+    finally:
+        pd.EXCHANGE_ROUND_ELEMENTS = saved
+    return facts
+
+
 SCENARIOS = {name: _scenario(name) for name in SCENARIOS_PROMA}
 SCENARIOS.update({
+    "global-exact-rounds": _scenario_rounds,
     "mixed-float32": _scenario_mixed(torch.float32),
     "mixed-bfloat16": _scenario_mixed(torch.bfloat16),
     "error-hsdp": _scenario_hsdp,
@@ -262,6 +279,14 @@ def test_sharded_grads_match_reference(results, name):
 def test_global_differs_from_local(results, name):
     r0, _ = _ok(results, name)
     assert r0["local_err"] > 1e-3, f"{name}: union and per-rank projections agree ({r0['local_err']:.3g})"
+
+
+def test_global_exchange_in_rounds_matches_reference(results):
+    r0, r1 = _ok(results, "global-exact-rounds")
+    assert r0["dtensor"] and r1["dtensor"]
+    assert r0["err"] <= FLOAT64_RTOL, f"relative error {r0['err']:.3g} vs the reference"
+    # two microbatches, a header and a buffer per round, the header at synchronize
+    assert r0["comm"]["collectives"] == 2 * 2 * r0["rounds"] + 1 and r0["rounds"] > 2, r0
 
 
 def test_optimizer_steps_on_sharded_grads(results):

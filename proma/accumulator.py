@@ -44,7 +44,7 @@ on the union microbatches (PROMA is homogeneous in the weights, so this equals P
   k-th microbatches. Equals ``reference.accumulate`` on the unions with weights w / W. :meth:`synchronize`
   then only averages the excluded parameters and checks that every rank ran as many microbatches.
   Memory: the factors of every layer are kept to the end of the backward pass (not freed layer by layer)
-  and the exchanged buffer exists W + 1 times; every rank computes the blocks of all B sequences.
+  and one exchange round's buffer exists W + 1 times; every rank computes the blocks of all B sequences.
 
 FSDP2 (``fully_shard`` on the blocks and the root; :mod:`proma.fsdp`, docs/fsdp.md): the same modes and
 results; the running gradients are kept unsharded by the accumulator (``p.grad`` stays None meanwhile) and

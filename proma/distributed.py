@@ -20,7 +20,8 @@ products computed on one rank, so each rank sends, per use of a parameter, the c
 
 never a per-sequence copy of the whole model's gradient. Every rank then holds the same global block and
 computes the same K, h, solve and update (G stays replicated, so no gradient all-reduce is needed at all).
-A microbatch costs two collectives: an all-gather of a fixed 8-integer header (which also checks that the
+A microbatch costs two collectives per round (parameters travel in rounds of at most
+:data:`EXCHANGE_ROUND_ELEMENTS` elements, one round for small models): an all-gather of a fixed 8-integer header (which also checks that the
 ranks agree on the model, the options and the microbatch count) and one all-gather of one flat byte buffer
 holding every parameter's pieces (padded to the largest rank's buffer); the format is :mod:`proma.wire`.
 

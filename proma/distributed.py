@@ -21,9 +21,10 @@ products computed on one rank, so each rank sends, per use of a parameter, the c
 never a per-sequence copy of the whole model's gradient. Every rank then holds the same global block and
 computes the same K, h, solve and update (G stays replicated, so no gradient all-reduce is needed at all).
 A microbatch costs two collectives per round (parameters travel in rounds of at most
-:data:`EXCHANGE_ROUND_ELEMENTS` elements, one round for small models): an all-gather of a fixed 8-integer header (which also checks that the
-ranks agree on the model, the options and the microbatch count) and one all-gather of one flat byte buffer
-holding every parameter's pieces (padded to the largest rank's buffer); the format is :mod:`proma.wire`.
+:data:`EXCHANGE_ROUND_ELEMENTS` elements; one round for small models): an all-gather of a fixed 8-integer header
+(which also checks that the ranks agree on the model, the options and the microbatch count) and one all-gather
+of one flat byte buffer holding the round's pieces (padded to the largest rank's buffer); the format is
+:mod:`proma.wire`.
 
 Under FSDP2 (``fully_shard``) the same protocol runs unchanged; :mod:`proma.fsdp` keeps the running
 gradients and writes the sharded ``p.grad`` at the end.

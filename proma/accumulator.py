@@ -44,10 +44,15 @@ on the union microbatches (PROMA is homogeneous in the weights, so this equals P
   k-th microbatches. Equals ``reference.accumulate`` on the unions with weights w / W. :meth:`synchronize`
   then only averages the excluded parameters and checks that every rank ran as many microbatches.
   Memory: the factors of every layer are kept to the end of the backward pass (not freed layer by layer)
-  and the exchanged buffer exists W + 1 times; every rank computes the blocks of all B sequences.
+  and one exchange round's buffer exists W + 1 times; every rank computes the blocks of all B sequences.
+
+FSDP2 (``fully_shard`` on the blocks and the root; :mod:`proma.fsdp`, docs/fsdp.md): the same modes and
+results; the running gradients are kept unsharded by the accumulator (``p.grad`` stays None meanwhile) and
+:meth:`synchronize` writes every ``p.grad`` as a ``DTensor`` sharded like its parameter (a reduce-scatter, or
+this rank's rows of the replicated G of ``sync="global"``); ``variant="none"`` then also runs through the hooks.
 
 Call :meth:`synchronize` after the last microbatch, before ``optimizer.step()`` (it is a no-op in one
-process). With ``DistributedDataParallel`` run the forwards and ``backward`` inside ``model.no_sync()``
+process without FSDP2). With ``DistributedDataParallel`` run the forwards and ``backward`` inside ``model.no_sync()``
 (or :func:`proma.distributed.no_sync`) so that gradients are not reduced twice.
 
 The parts, one job each: :mod:`proma.options` (validated options, presets), :mod:`proma.inventory` (which
@@ -65,11 +70,12 @@ from torch import nn
 
 from .capture import Capture
 from .distributed import RankSync
+from .fsdp import FsdpRoute, check_current, reshard
 from .grad_store import GradStore
 from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
 from .microbatch import Collector, IntraFactors, captured_uses, check_microbatch
-from .options import AccumulatorOptions
+from .options import NO_SOLVER, AccumulatorOptions
 from .updates import PlainUpdate, Updates
 
 
@@ -112,17 +118,24 @@ class ProjectedAccumulator:
             raise ValueError(f"pass options= or keyword options, not both; got options= and {sorted(keywords)}")
         self.options = options if options is not None else AccumulatorOptions(**keywords)
         self.model = model
+        reshard(model)   # FSDP2: the sharded parameters are the ones to know (the root stays unsharded after a forward)
         self._inventory = Inventory(model, self.options.exclude, require_rules=self.options.variant != "none")
         self._sync = RankSync(process_group, self._inventory.signature_items(), self.options.signature_items())
         self.world_size = self._sync.world_size
         # lockstep exchange only when it changes anything: PROMA across several ranks
         self._global = self.options.sync == "global" and self.options.variant == "proma" and self.world_size > 1
-        self._updates = Updates(self.options)
-        self._grads = GradStore()
+        self._fsdp = self._fsdp_route(model)
+        self._grads = GradStore() if self._fsdp is None else self._fsdp.store
+        # under FSDP2 variant "none" also goes through the hooks (PROMA that removes nothing), so that p.grad
+        # never depends on FSDP's own gradient sync state (accelerate runs every microbatch inside no_sync)
+        self._hooked = self.options.variant != "none" or self._fsdp is not None
+        plain_via_hooks = self.options.variant == "none" and self._hooked
+        self._updates = Updates(self.options.replace(variant="proma", solver=NO_SOLVER) if plain_via_hooks
+                                else self.options)
         self._stats: dict = {}          # name -> (rule label, UpdateRecord) of the last microbatch
         self._microbatches = 0
         self._capture = None
-        if self.options.variant != "none":
+        if self._hooked:
             self._capture = Capture(self._inventory.hooked_modules(), on_grad=_ignore)
 
     @property
@@ -133,6 +146,7 @@ class ProjectedAccumulator:
     # -- public API ----------------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Start a new accumulation: every trainable parameter's ``.grad`` is set to None."""
+        check_current(self.model, self._inventory.entries, self._inventory.modules)
         for e in self._inventory.entries:
             e.param.grad = None
         self._grads.clear()
@@ -166,13 +180,13 @@ class ProjectedAccumulator:
         """
         lockstep = self._sync.lockstep(self._microbatches) if self._global else contextlib.nullcontext()
         with lockstep as step:
-            if self.options.variant != "none" and self._capture is None:
+            if self._hooked and self._capture is None:
                 raise ValueError("backward: the accumulator is closed")
             seq_logp, w = check_microbatch(seq_logp, weights)
             self._stats = {}
             if seq_logp.shape[0] == 0:
                 self._empty_microbatch(w, step)
-            elif self.options.variant == "none":
+            elif not self._hooked:
                 self._plain_backward(seq_logp, w)
             else:
                 uses = captured_uses(self._capture, seq_logp.shape[0])
@@ -214,16 +228,22 @@ class ProjectedAccumulator:
         projected ones are already global and equal on every rank). First checks, with one small
         all-gather, that the ranks agree on the model and the options (and, for ``sync="global"``, on the
         number of microbatches); raises the same ValueError on every rank otherwise. A parameter without a
-        gradient on every rank keeps ``grad = None``. No-op in a single process. A collective: every rank
+        gradient on every rank keeps ``grad = None``. Under FSDP2 every ``p.grad`` becomes a ``DTensor`` shard
+        (:meth:`proma.fsdp.FsdpRoute.finish`). No-op in a single process without FSDP2. A collective: every rank
         must call it.
         """
-        if self.world_size == 1:
+        if self.world_size == 1 and self._fsdp is None:
             return
-        self._sync.check_agreement(self._microbatches, same_count=self._global)
+        if self.world_size > 1:
+            self._sync.check_agreement(self._microbatches, same_count=self._global)
         inv = self._inventory
         todo = inv.with_handling(Handling.EXCLUDED_WITH_RULE, Handling.NO_RULE_AUTOGRAD) if self._global \
             else inv.entries
-        self._grads.average_([e.param for e in todo], self._sync.average_)
+        if self._fsdp is None:
+            self._grads.average_([e.param for e in todo], self._sync.average_)
+        else:
+            replicated = inv.with_handling(Handling.PROJECTED) if self._global else []
+            self._fsdp.finish([e.param for e in todo], [e.param for e in replicated], self._sync.ledger)
 
     def comm_stats(self) -> dict:
         """Communication by this rank since ``zero_grad``, next to a plain gradient all-reduce.
@@ -252,6 +272,15 @@ class ProjectedAccumulator:
     def __del__(self):
         with contextlib.suppress(Exception):
             self.close()
+
+    def _fsdp_route(self, model: nn.Module) -> FsdpRoute | None:
+        """The FSDP2 route when the parameters are ``fully_shard`` DTensors (:mod:`proma.fsdp`), else None."""
+        no_rule = [e.name for e in self._inventory.with_handling(Handling.NO_RULE_AUTOGRAD)]
+        route = FsdpRoute.detect(model, self._inventory.entries, no_rule)
+        if route is not None and route.world_size != self.world_size:
+            raise ValueError(f"the FSDP2 mesh has {route.world_size} ranks but the accumulator's process group has "
+                             f"{self.world_size}; pass process_group=mesh.get_group()")
+        return route
 
     # -- the steps of backward -----------------------------------------------------------------------
     def _empty_microbatch(self, w: torch.Tensor, step) -> None:

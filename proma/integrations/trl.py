@@ -227,6 +227,9 @@ class PromaGRPOTrainer(GRPOTrainer):
         except ValueError as e:
             raise ValueError(f"PromaGRPOTrainer: the proma_* options do not fit the model "
                              f"(proma_exclude={list(self.proma_options['exclude'])}): {e}") from e
+        # accelerator.prepare (FSDP2: fully_shard) replaces the parameters later: rebuilt at the first microbatch
+        self._proma_acc.close()
+        self._proma_acc = None
         if getattr(self.args, "proma_oracle_dir", None) and not self._oracle_hooks():
             attach_oracle_writer(self)
 

@@ -22,15 +22,12 @@ class IntraFactors:
     """The token rows of every use of one ``nn.Linear`` weight: inputs X (t, i) and output gradients D (t, o).
 
     ``linear_only`` turns False when some use is not a linear-weight use (a tied embedding): the intra
-    variant then accumulates the parameter plainly. ``key`` names the parameter across microbatches (the
-    intra search's warm start).
+    variant then accumulates the parameter plainly.
     """
 
     X: list = field(default_factory=list)
     D: list = field(default_factory=list)
     linear_only: bool = True
-    key: object = None
-
 
     def add(self, c) -> None:
         if isinstance(c, OuterFactors) and c.is_linear_weight:
@@ -85,8 +82,7 @@ class Collector:
     def _slot(self, entry) -> _Slot:
         slot = self._slots.get(entry)
         if slot is None:
-            slot = self._slots[entry] = _Slot(intra=IntraFactors(key=getattr(entry, "name", entry))
-                                              if self._collect_intra else None)
+            slot = self._slots[entry] = _Slot(intra=IntraFactors() if self._collect_intra else None)
         return slot
 
     def receive(self, use: Use) -> None:

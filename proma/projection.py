@@ -253,17 +253,14 @@ class Subspace:
         (a zero column removes nothing, so no count is read back to the host).
     used : (k,) bool, which columns are directions.
     residual : (k,) float64 relative Ritz residual of the search (0 from a dense eigh).
-    vectors : (n, k) the search's eigenvectors, the warm start of the same layer's next search.
     """
 
     V: torch.Tensor
     used: torch.Tensor
     residual: torch.Tensor
-    vectors: torch.Tensor
 
 
-def dominant_subspace(M: torch.Tensor, rank: int, *, start: torch.Tensor | None = None,
-                      row_mask: torch.Tensor | None = None) -> Subspace:
+def dominant_subspace(M: torch.Tensor, rank: int, *, row_mask: torch.Tensor | None = None) -> Subspace:
     """Top-``rank`` right singular vectors of M (t, d), rows outside ``row_mask`` (t,) counting as zero.
 
     From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by
@@ -274,7 +271,7 @@ def dominant_subspace(M: torch.Tensor, rank: int, *, start: torch.Tensor | None 
     """
     t, d = M.shape
     right = d <= t
-    theta, Q, residual = top_eigenpairs(M, rank, right, start=start, row_mask=row_mask)
+    theta, Q, residual = top_eigenpairs(M, rank, right, row_mask=row_mask)
     tokens = torch.tensor(float(t), dtype=torch.float64) if row_mask is None else row_mask.double().sum()
     tokens = tokens.to(theta.device)
     eps = float(torch.finfo(M.dtype).eps)
@@ -289,7 +286,7 @@ def dominant_subspace(M: torch.Tensor, rank: int, *, start: torch.Tensor | None 
         # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2; the
         # used columns are a prefix (s descending), which QR's first columns depend on alone
         V = torch.linalg.qr(V)[0]
-    return Subspace(V=V * used.to(V.dtype), used=used, residual=residual, vectors=Q)
+    return Subspace(V=V * used.to(V.dtype), used=used, residual=residual)
 
 
 def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:

@@ -124,19 +124,11 @@ class ProjectUpdate:
 class IntraUpdate:
     """Intra: add pg projected against the dominant subspaces of the weight's own activations and gradients.
 
-    The search of each weight's subspaces starts from the vectors found for the same weight in the previous
-    microbatch (kept here, (n, rank) per factor), which only speeds up :func:`proma.subspace.top_eigenpairs`.
     Padding tokens (no output gradient) are masked, not removed: removing them would read their count back.
     """
 
     def __init__(self, rank: int, form: str):
         self.rank, self.form = rank, form
-        self._starts: dict = {}   # (weight key, "D" / "X") -> previous microbatch's vectors
-
-    def _subspace(self, key, M: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
-        sub = dominant_subspace(M, self.rank, start=self._starts.get(key), row_mask=mask)
-        self._starts[key] = sub.vectors
-        return sub.V
 
     def __call__(self, block: Block, w: torch.Tensor, G: torch.Tensor | None,
                  factors: IntraFactors) -> tuple[torch.Tensor, UpdateRecord]:
@@ -147,8 +139,8 @@ class IntraUpdate:
         else:
             keep = (D != 0).any(dim=1).to(block.dtype)   # tokens without output gradient carry nothing
             D, X = D.to(block.dtype), X.to(block.dtype)
-            U = self._subspace((factors.key, "D"), D, keep).to(pg.dtype)
-            V = self._subspace((factors.key, "X"), X, keep).to(pg.dtype)
+            U = dominant_subspace(D, self.rank, row_mask=keep).V.to(pg.dtype)
+            V = dominant_subspace(X, self.rank, row_mask=keep).V.to(pg.dtype)
             new = project_factored(pg, U, V, self.form)
         incoming = pg.norm().double()
         record = UpdateRecord(UpdateMode.INTRA, FACTORED, incoming, (pg - new).norm().double(),

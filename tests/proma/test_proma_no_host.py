@@ -25,7 +25,7 @@ from proma import ProjectedAccumulator, subspace
 # of the weights and of seq_logp.
 HOST_READS_PER_MICROBATCH = 2
 WIDTH = subspace.DENSE_EIGH_MAX + 8    # features of every hidden activation: the Krylov route runs
-B, T, VOCAB, LAYERS = 4, 32, 11, 3     # b * T = 128 tokens > WIDTH
+B, T, VOCAB, LAYERS = 4, 48, 11, 3     # b * T = 192 tokens > WIDTH
 MICROBATCHES = 3
 
 READERS = ("item", "tolist", "numpy", "__float__", "__int__", "__bool__", "__index__", "__array__")

@@ -299,15 +299,26 @@ def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
     return sub.V[:, :int(sub.used.sum())]
 
 
-def project_factored(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
-    """``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or ``grad - UU^T grad VV^T`` (``"kron"``), grad (o, i),
-    U (o, r), V (i, r) in grad's dtype (zero columns allowed)."""
+def project_factored_(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
+    """In place: grad <- ``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or ``grad - UU^T grad VV^T``
+    (``"kron"``); returns the norm of what was removed, a () float64 tensor.
+
+    grad (o, i), U (o, r), V (i, r) in grad's dtype, orthonormal columns or zero columns. The removed part
+    is never formed: for two-sided it is ``U (U^T grad) + (I - UU^T) grad V V^T``, two mutually orthogonal
+    terms, so ``||removed||^2 = ||U^T grad||^2 + ||left V||^2`` with ``left = (I - UU^T) grad``; for kron it
+    is ``U (U^T grad V) V^T`` with norm ``||U^T grad V||``.
+    """
     if form == "kron":
-        return grad - U @ ((U.T @ grad) @ V) @ V.T
+        core = (U.T @ grad) @ V
+        grad.sub_(U @ core @ V.T)
+        return core.norm().double()
     if form != "two_sided":
         raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
-    left = grad - U @ (U.T @ grad)
-    return left - (left @ V) @ V.T
+    UtG = U.T @ grad
+    grad.addmm_(U, UtG, alpha=-1.0)
+    leftV = grad @ V
+    grad.addmm_(leftV, V.T, alpha=-1.0)
+    return (UtG.double().square().sum() + leftV.double().square().sum()).sqrt()
 
 
 def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank: int, form: str) -> torch.Tensor:
@@ -329,4 +340,6 @@ def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank:
         return grad.clone()
     U = dominant_subspace(D, rank).V.to(grad.dtype)
     V = dominant_subspace(X, rank).V.to(grad.dtype)
-    return project_factored(grad, U, V, form)
+    out = grad.clone()
+    project_factored_(out, U, V, form)
+    return out

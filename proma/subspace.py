@@ -83,18 +83,22 @@ def _lanczos(M: torch.Tensor, k: int, right: bool, row_mask, blocks: int):
     basis = M.new_zeros(blocks * k, n)
     images = M.new_empty(blocks * k, n)
     basis[:k] = _start_block(M if row_mask is None else M * row_mask[:, None], k, right).T
+    tiny = torch.finfo(M.dtype).tiny
     for j in range(blocks):
         lo, hi = j * k, (j + 1) * k
-        W = op(basis[lo:hi].T.contiguous())
+        W = op(basis[lo:hi].T)
         images[lo:hi] = W.T
         if j == blocks - 1:
             break
         B = basis[:hi]
-        W = W - B.T @ (B @ W)
-        W = W - B.T @ (B @ W)
-        Qn, Rn = torch.linalg.qr(W)
-        # a block that fell into the span (invariant subspace found) gets zero weight, not noise
-        basis[hi:hi + k] = (Qn * (Rn.diagonal().abs() > 0).to(Qn.dtype)).T
+        W = torch.addmm(W, B.T, B @ W, alpha=-1.0)
+        W = torch.addmm(W, B.T, B @ W, alpha=-1.0)
+        if k == 1:
+            # a vector that fell into the span (invariant subspace found) stays ~0 instead of becoming noise
+            torch.div(W.T, W.norm().clamp_min(tiny), out=basis[hi:hi + 1])
+        else:
+            Qn, Rn = torch.linalg.qr(W)
+            basis[hi:hi + k] = (Qn * (Rn.diagonal().abs() > 0).to(Qn.dtype)).T
     B, CB = basis.T.double(), images.T.double()
     T = B.T @ CB
     theta, Y = torch.linalg.eigh(0.5 * (T + T.T))

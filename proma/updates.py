@@ -24,7 +24,7 @@ from .inventory import Handling
 from .layers import Block
 from .microbatch import IntraFactors
 from .options import NO_SOLVER, AccumulatorOptions
-from .projection import dominant_subspace, project_factored, solve
+from .projection import dominant_subspace, project_factored_, solve
 
 
 class UpdateMode(enum.Enum):
@@ -133,18 +133,16 @@ class IntraUpdate:
     def __call__(self, block: Block, w: torch.Tensor, G: torch.Tensor | None,
                  factors: IntraFactors) -> tuple[torch.Tensor, UpdateRecord]:
         X, D = factors.stacked()
-        pg = block.weighted_sum(w)
-        if self.rank == 0 or X.shape[0] == 0:
-            new = pg
-        else:
+        new = block.weighted_sum(w)        # pg, projected in place below
+        incoming = new.norm().double()
+        removed = _zero().to(incoming.device)
+        if self.rank > 0 and X.shape[0] > 0:
             keep = (D != 0).any(dim=1).to(block.dtype)   # tokens without output gradient carry nothing
             D, X = D.to(block.dtype), X.to(block.dtype)
-            U = dominant_subspace(D, self.rank, row_mask=keep).V.to(pg.dtype)
-            V = dominant_subspace(X, self.rank, row_mask=keep).V.to(pg.dtype)
-            new = project_factored(pg, U, V, self.form)
-        incoming = pg.norm().double()
-        record = UpdateRecord(UpdateMode.INTRA, FACTORED, incoming, (pg - new).norm().double(),
-                              uses=len(block.contribs))
+            U = dominant_subspace(D, self.rank, row_mask=keep).V.to(new.dtype)
+            V = dominant_subspace(X, self.rank, row_mask=keep).V.to(new.dtype)
+            removed = project_factored_(new, U, V, self.form)
+        record = UpdateRecord(UpdateMode.INTRA, FACTORED, incoming, removed, uses=len(block.contribs))
         return (new if G is None else G.add_(new)), record
 
 

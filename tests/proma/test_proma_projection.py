@@ -143,7 +143,8 @@ def test_top_singular_vectors_of_large_factors_match_svd(t, d, dtype):
     M = torch.tensor((U * sv) @ W.T, dtype=dtype)
     assert min(t, d) > subspace.DENSE_EIGH_MAX  # the Krylov route is the one under test
     sub = projection.dominant_subspace(M, 1)
-    assert float(sub.residual[0]) <= SEARCH_RESIDUAL_EPS * float(torch.finfo(dtype).eps)  # converged
+    # converged (10x headroom: in float64 the residual's own rounding is of the order of the bound)
+    assert float(sub.residual[0]) <= 10 * SEARCH_RESIDUAL_EPS * float(torch.finfo(dtype).eps)
     V = top_right_singular_vectors(M, 1).numpy()
     _, _, vt = np.linalg.svd(M.double().numpy())
     gap = 1.0 - 0.95 ** 2  # relative gap of the top two Gram eigenvalues

@@ -52,24 +52,33 @@ def _operator(M: torch.Tensor, right: bool, row_mask: torch.Tensor | None):
     The Gram is formed (one GEMM of t n^2) when that costs less than the Krylov steps' products through the
     factor (``2 t n`` per step, memory-bound): for ``n <= t / FORMED_GRAM_RATIO``.
     """
-    Mm = M if row_mask is None else M * row_mask[:, None]
     t, d = M.shape
     n = d if right else t
-    if n * FORMED_GRAM_RATIO <= (t if right else d):
-        C = Mm.T @ Mm if right else Mm @ Mm.T
+    if right:  # the mask goes on the t-vectors M V: no masked copy of M
+        if n * FORMED_GRAM_RATIO <= t:
+            C = M.T @ (M if row_mask is None else M * row_mask[:, None])
+            return lambda V: C @ V
+        if row_mask is None:
+            return lambda V: M.T @ (M @ V)
+        return lambda V: M.T @ (row_mask[:, None] * (M @ V))
+    Mm = M if row_mask is None else M * row_mask[:, None]
+    if n * FORMED_GRAM_RATIO <= d:
+        C = Mm @ Mm.T
         return lambda V: C @ V
-    if right:
-        return lambda V: Mm.T @ (Mm @ V)
     return lambda V: Mm @ (Mm.T @ V)
 
 
-def _start_block(M: torch.Tensor, k: int, right: bool) -> torch.Tensor:
-    """Orthonormal (n, k) start: M's k longest rows (``right``) or columns, which lie in the Gram's range
-    (topk stays on the device), plus a small generic combination that keeps the block full rank."""
+def _start_block(M: torch.Tensor, k: int, right: bool, row_mask: torch.Tensor | None) -> torch.Tensor:
+    """Orthonormal (n, k) start: M's k longest (unmasked) rows (``right``) or columns, which lie in the Gram's
+    range (topk stays on the device), plus a small generic combination that keeps the block full rank."""
     n = M.shape[1] if right else M.shape[0]
-    lengths = (M * M).sum(dim=1 if right else 0)
-    pick = torch.topk(lengths, k).indices
-    S = M.index_select(0, pick).T if right else M.index_select(1, pick)
+    if right:
+        lengths = torch.linalg.vector_norm(M, dim=1)
+        pick = torch.topk(lengths if row_mask is None else lengths * row_mask, k).indices
+        S = M.index_select(0, pick).T
+    else:
+        Mm = M if row_mask is None else M * row_mask[:, None]
+        S = Mm.index_select(1, torch.topk(torch.linalg.vector_norm(Mm, dim=0), k).indices)
     S = S + torch.linspace(1e-3, 2e-3, n, dtype=M.dtype, device=M.device)[:, None] * S.abs().max()
     return torch.linalg.qr(S)[0]
 
@@ -82,7 +91,7 @@ def _lanczos(M: torch.Tensor, k: int, right: bool, row_mask, blocks: int):
     # rows are basis vectors: every block is a contiguous (k, n) slice, so the products see dense operands
     basis = M.new_zeros(blocks * k, n)
     images = M.new_empty(blocks * k, n)
-    basis[:k] = _start_block(M if row_mask is None else M * row_mask[:, None], k, right).T
+    basis[:k] = _start_block(M, k, right, row_mask).T
     tiny = torch.finfo(M.dtype).tiny
     for j in range(blocks):
         lo, hi = j * k, (j + 1) * k

@@ -114,7 +114,8 @@ def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tenso
     return s, mask, N
 
 
-def exact_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def exact_coefficients(K: torch.Tensor, h: torch.Tensor,
+                       settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients c of the orthogonal projection of G onto span{g_i}: R = sum_i c_i g_i.
 
     Parameters
@@ -143,7 +144,8 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSetting
     return a * mask / s, use.sum()
 
 
-def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor,
+                              settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients of the published Gram-Schmidt mode: ``settings.passes`` sweeps over the unit-normalised g_i
     in order.
 
@@ -166,7 +168,8 @@ def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor, settings: Solver
     return a * mask / s, mask.sum().to(torch.int64)
 
 
-def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
+def ridge_coefficients(K: torch.Tensor, h: torch.Tensor,
+                       settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i.
 
     ``N + ridge I`` is symmetric positive definite (ridge > 0), so a Cholesky solve, which needs no check on
@@ -181,7 +184,8 @@ def ridge_coefficients(K: torch.Tensor, h: torch.Tensor, settings: SolverSetting
 # name -> solver(K, h, settings) -> (c, rank), float64 tensors in and out on K's device, no host reads. A new
 # solver is one function and one entry here (and the same name in reference.accumulation.SOLVER_REGISTRY,
 # which the tests compare against).
-SOLVER_REGISTRY: dict[str, Callable[[torch.Tensor, torch.Tensor, SolverSettings], tuple[torch.Tensor, torch.Tensor]]] = {
+Solver = Callable[[torch.Tensor, torch.Tensor, SolverSettings], tuple[torch.Tensor, torch.Tensor]]
+SOLVER_REGISTRY: dict[str, Solver] = {
     "exact": exact_coefficients,
     "gram_schmidt": gram_schmidt_coefficients,
     "ridge": ridge_coefficients,

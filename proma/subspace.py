@@ -7,11 +7,11 @@ Two routes, picked from the shapes only (no host read):
 
 - ``n <= DENSE_EIGH_MAX``: a dense ``eigh`` of the Gram formed in M's dtype (exact to M's precision);
 - larger: block Lanczos with full reorthogonalisation on the factored operator ``v -> M^T (M v)`` (or
-  ``M (M^T v)``), ``LANCZOS_BLOCKS`` blocks of k vectors, then Rayleigh-Ritz on the Krylov basis in float64.
+  ``M (M^T v)``), ``lanczos_blocks(dtype)`` blocks of k vectors, plus the products through a formed Gram when it is small,, then Rayleigh-Ritz on the Krylov basis in float64.
   The start block is M's longest rows (columns), which lie in the Gram's range. (A warm start from the
   previous microbatch's vectors was measured useless on a freshly initialised Qwen3: the top vectors of
-  consecutive microbatches are nearly orthogonal, see reports/benchmarks.md.) The Ritz residual ``||C x - theta x|| / theta`` is
-  returned as a device tensor so that the caller can report it without reading it back per layer.
+  consecutive microbatches are nearly orthogonal, see reports/benchmarks.md.) The Ritz residual
+  ``||C x - theta x|| / theta`` is returned as a device tensor (tests read it; the backward pass does not).
 
 Why a fixed number of steps: a convergence test would read a value back to the host for every layer. After
 j steps Lanczos' angle error for the top eigenvector is at most ``tan(angle of the start) / T_j(1 + 2 gamma)``

@@ -6,9 +6,9 @@ Index conventions: M (t, d) a factor (t token rows, d features), n the side of t
 Two routes, picked from the shapes only (no host read):
 
 - ``n <= DENSE_EIGH_MAX``: a dense ``eigh`` of the Gram formed in M's dtype (exact to M's precision);
-- larger: block Lanczos with full reorthogonalisation on the factored operator ``v -> M^T (M v)`` (or
-  ``M (M^T v)``), ``lanczos_blocks(dtype)`` blocks of k vectors, plus the products through a formed Gram when it is small,, then Rayleigh-Ritz on the Krylov basis in float64.
-  The start block is M's longest rows (columns), which lie in the Gram's range. (A warm start from the
+- larger: block Lanczos with full reorthogonalisation on ``v -> M^T (M v)`` (or ``M (M^T v)``; through
+  the formed Gram when its side is small against the other dimension), ``lanczos_blocks(dtype)`` blocks of
+  k vectors, then Rayleigh-Ritz on the Krylov basis in float64. The start block is M's longest rows (columns), which lie in the Gram's range. (A warm start from the
   previous microbatch's vectors was measured useless on a freshly initialised Qwen3: the top vectors of
   consecutive microbatches are nearly orthogonal, see reports/benchmarks.md.) The Ritz residual
   ``||C x - theta x|| / theta`` is returned as a device tensor (tests read it; the backward pass does not).
@@ -21,8 +21,8 @@ freshly initialised model (sigma_2 / sigma_1 = 0.95, gamma ~ 0.11) ``T_j(1.22) ~
 (lam_2 / lam_1 = 0.988, small Qwen3 at initialisation) 28 steps in float32 agree with the float64 dense
 eigenvector to the float32 floor; the tests check the route against the dense answer.
 
-``tokens`` (optional): the number of rows of M that carry data, as a tensor; rows of M beyond them are
-zero (the caller masks padding instead of removing rows, which would need their count on the host).
+``row_mask`` (optional): a (t,) 0/1 mask of the rows of M that carry data (the caller masks padding instead
+of removing rows, which would need their count on the host).
 """
 from __future__ import annotations
 

@@ -9,8 +9,9 @@ Two routes, picked from the shapes only (no host read):
 - larger: block Lanczos with full reorthogonalisation on ``v -> M^T (M v)`` (or ``M (M^T v)``; through
   the formed Gram when its side is small against the other dimension), ``lanczos_blocks(dtype)`` blocks of
   k vectors, then Rayleigh-Ritz on the Krylov basis in float64. The start block is M's longest rows
-  (columns), which lie in the Gram's range. (A warm start from the previous microbatch's vectors was measured useless on a freshly initialised Qwen3: the top vectors of
-  consecutive microbatches are nearly orthogonal, see reports/benchmarks.md.) The Ritz residual
+  (columns), which lie in the Gram's range. (A warm start from the previous microbatch's vectors was
+  measured useless on a freshly initialised Qwen3: the top vectors of consecutive microbatches are
+  nearly orthogonal, see reports/benchmarks.md.) The Ritz residual
   ``||C x - theta x|| / theta`` is returned as a device tensor (tests read it; the backward pass does not).
 
 Why a fixed number of steps: a convergence test would read a value back to the host for every layer. After

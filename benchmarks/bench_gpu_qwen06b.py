@@ -20,6 +20,7 @@ Without CUDA it prints a message saying so and exits with status 0 (nothing is m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 import warnings
@@ -69,6 +70,20 @@ def make_step(model, batches, options: dict):
     return step, acc
 
 
+def alone(steps: dict) -> dict:
+    """``{name: (step, acc)}`` -> ``{name: step}`` with every other accumulator paused during a step (they share
+    the model; their hooks would otherwise tap every forward)."""
+    def wrap(name, step):
+        def run():
+            with contextlib.ExitStack() as stack:
+                for other, (_, acc) in steps.items():
+                    if other != name:
+                        stack.enter_context(acc.paused())
+                step()
+        return run
+    return {name: wrap(name, step) for name, (step, _) in steps.items()}
+
+
 def timed(step) -> float:
     torch.cuda.synchronize()
     t0 = time.perf_counter()
@@ -115,15 +130,22 @@ def main(argv=None) -> int:
         return 0
     model, batches = build(args.b, args.T)
     steps = {m: make_step(model, batches, o) for m, o in METHODS.items()}
-    for step, _ in steps.values():
-        step()  # warm-up (kernels, allocator)
+    runs = alone(steps)
+    for run in runs.values():
+        run()  # warm-up (kernels, allocator)
     wall = {m: [] for m in steps}
     for _ in range(args.repeats):
-        for m, (step, _) in steps.items():
-            wall[m].append(timed(step))
+        for m, run in runs.items():
+            wall[m].append(timed(run))
     best = {m: min(v) for m, v in wall.items()}
-    peak = {m: peak_bytes(step) for m, (step, _) in steps.items()}
-    syncs = {m: syncs_in_backward(model, batches, acc) for m, (_, acc) in steps.items()}
+    peak = {m: peak_bytes(run) for m, run in runs.items()}
+    syncs = {}
+    for m, (_, acc) in steps.items():
+        with contextlib.ExitStack() as stack:
+            for other, (_, a) in steps.items():
+                if other != m:
+                    stack.enter_context(a.paused())
+            syncs[m] = syncs_in_backward(model, batches, acc)
     print(f"{torch.cuda.get_device_name()}, torch {torch.__version__}, Qwen3-0.6B shapes, bf16, random init, "
           f"{MICROBATCHES} x ({args.b} x {args.T}) tokens, min of {args.repeats} interleaved steps after a warm-up")
     print("| method | step (ms) | x plain | peak memory (GiB) | x plain | syncs in one backward |")

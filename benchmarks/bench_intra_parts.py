@@ -27,7 +27,7 @@ import torch
 import proma.subspace as subspace
 import proma.updates as updates
 from proma.projection import Subspace
-from bench_targets import build, step_fn, time_steps  # noqa: E402  (benchmarks/ is the script's directory)
+from bench_targets import alone, build, step_fn, time_steps  # noqa: E402  (benchmarks/ is the script's directory)
 
 VERSIONS = ("plain", "intra", "intra, dense eigh", "intra, no subspace search")
 NO_LANCZOS = 10 ** 9
@@ -62,8 +62,8 @@ def _in_version(version: str, step):
 def time_versions(config: str, repeats: int) -> dict:
     """Minimum wall seconds per step of every version (interleaved, one warm-up step each)."""
     model, batches, forward = build(config)
-    steps = {v: _in_version(v, step_fn("plain" if v == "plain" else "intra", model, batches, forward)[0])
-             for v in VERSIONS}
+    made = {v: step_fn("plain" if v == "plain" else "intra", model, batches, forward) for v in VERSIONS}
+    steps = alone({v: (_in_version(v, step), acc) for v, (step, acc) in made.items()})
     return time_steps(steps, repeats)[0]
 
 

@@ -21,7 +21,8 @@ Gram-Schmidt, 2 passes, relative bound 0.5); ``proma/ridge``; ``intra`` (rank 1,
 
 Step time = ``zero_grad`` + 4 x (forward + ``acc.backward``); the headline is the minimum over ``--repeats``
 interleaved repetitions after one warm-up step of the step's **wall-clock** time, as a ratio to ``plain``
-measured in the same process (methods alternate, so load from other processes hits all of them). The
+measured in the same process (methods alternate, so load from other processes hits all of them; every other
+method's accumulator is paused during a step, so no step pays for another method's hooks). The
 process's CPU time (``time.process_time``, every thread of the process, so a library's own thread pool
 is counted) is an extra column in parentheses. Peak memory: each method in a fresh subprocess,
 ``VmHWM - VmRSS`` over one step after a warm-up (as :mod:`bench_accumulator`), reported as
@@ -30,6 +31,7 @@ is counted) is an extra column in parentheses. Peak memory: each method in a fre
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -94,9 +96,26 @@ def step_fn(method, model, batches, forward):
     return accumulator_step(model, batches, forward, METHODS[method])
 
 
+def alone(steps: dict) -> dict:
+    """``{name: (step, acc)}`` -> ``{name: step}`` where each step runs with every *other* accumulator paused.
+
+    The accumulators share one model, and each one's forward hooks would otherwise tap (and keep the inputs
+    of) every forward, also those of the other methods' steps, plain's included.
+    """
+    def wrap(name, step):
+        def run():
+            with contextlib.ExitStack() as stack:
+                for other, (_, acc) in steps.items():
+                    if other != name and acc is not None:
+                        stack.enter_context(acc.paused())
+                step()
+        return run
+    return {name: wrap(name, step) for name, (step, _) in steps.items()}
+
+
 def time_config(config, methods, repeats):
     model, batches, forward = build(config)
-    return time_steps({m: step_fn(m, model, batches, forward)[0] for m in methods}, repeats)
+    return time_steps(alone({m: step_fn(m, model, batches, forward) for m in methods}), repeats)
 
 
 def time_steps(steps: dict, repeats: int):

@@ -2,16 +2,16 @@
 
 Usage::
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_intra_parts.py                  # qwen128 and harness
-    OMP_NUM_THREADS=1 python benchmarks/bench_intra_parts.py --config qwen128 --repeats 7
+    PYTHONPATH=. python benchmarks/bench_intra_parts.py                  # qwen128 and harness
+    PYTHONPATH=. python benchmarks/bench_intra_parts.py --config qwen128 --repeats 7
 
 Steps of :mod:`bench_targets`' configurations (``zero_grad`` + 4 x (forward + ``acc.backward``), rank 1,
-two-sided), timed as there (minimum CPU time of one thread over interleaved repetitions after a warm-up, ratio to
+two-sided), timed as there (minimum wall-clock time over interleaved repetitions after a warm-up, ratio to
 ``variant="none"`` in the same process), in four versions:
 
 - ``plain``: ``variant="none"``;
-- ``intra``: as shipped (top singular vectors of D and X by ARPACK Lanczos on ``v -> M^T (M v)`` for Grams of
-  at least ``LANCZOS_MIN_SIZE`` rows, dense ``eigh`` below);
+- ``intra``: as shipped (top singular vectors of D and X by block Lanczos in torch
+  (:mod:`proma.subspace`) for Grams of side above ``DENSE_EIGH_MAX``, dense ``eigh`` below);
 - ``intra, dense eigh``: every subspace from a dense ``eigh`` of the formed Gram (the other exact route);
 - ``intra, no subspace search``: the subspace search replaced by an empty subspace, so the update is the plain
   microbatch gradient formed from the captured factors. Not a method: it is the floor of the intra pipeline
@@ -24,29 +24,32 @@ import contextlib
 
 import torch
 
-import proma.projection as projection
-from bench_targets import build, step_fn, time_steps  # noqa: E402  (benchmarks/ is the script's directory)
+import proma.subspace as subspace
+import proma.updates as updates
+from proma.projection import Subspace
+from bench_targets import alone, build, step_fn, time_steps  # noqa: E402  (benchmarks/ is the script's directory)
 
 VERSIONS = ("plain", "intra", "intra, dense eigh", "intra, no subspace search")
 NO_LANCZOS = 10 ** 9
 
 
-def _empty_subspace(M: torch.Tensor, rank: int) -> torch.Tensor:
-    return torch.zeros(M.shape[1], 0, dtype=torch.float64, device=M.device)
+def _empty_subspace(M: torch.Tensor, rank: int, row_mask=None) -> Subspace:
+    zero = torch.zeros(M.shape[1], rank, dtype=torch.float64, device=M.device)
+    return Subspace(V=zero, used=torch.zeros(rank, dtype=torch.bool), residual=torch.zeros(rank))
 
 
 @contextlib.contextmanager
 def patched(version: str):
-    """Swap the subspace search of :mod:`proma.projection` for the duration of one step."""
-    saved = projection.LANCZOS_MIN_SIZE, projection.top_right_singular_vectors
+    """Swap the subspace search of :mod:`proma.updates` for the duration of one step."""
+    saved = subspace.DENSE_EIGH_MAX, updates.dominant_subspace
     if version == "intra, dense eigh":
-        projection.LANCZOS_MIN_SIZE = NO_LANCZOS
+        subspace.DENSE_EIGH_MAX = NO_LANCZOS
     elif version == "intra, no subspace search":
-        projection.top_right_singular_vectors = _empty_subspace
+        updates.dominant_subspace = _empty_subspace
     try:
         yield
     finally:
-        projection.LANCZOS_MIN_SIZE, projection.top_right_singular_vectors = saved
+        subspace.DENSE_EIGH_MAX, updates.dominant_subspace = saved
 
 
 def _in_version(version: str, step):
@@ -57,11 +60,11 @@ def _in_version(version: str, step):
 
 
 def time_versions(config: str, repeats: int) -> dict:
-    """Minimum CPU seconds per step of every version (interleaved, one warm-up step each)."""
+    """Minimum wall seconds per step of every version (interleaved, one warm-up step each)."""
     model, batches, forward = build(config)
-    steps = {v: _in_version(v, step_fn("plain" if v == "plain" else "intra", model, batches, forward)[0])
-             for v in VERSIONS}
-    return time_steps(steps, repeats)[1]
+    made = {v: step_fn("plain" if v == "plain" else "intra", model, batches, forward) for v in VERSIONS}
+    steps = alone({v: (_in_version(v, step), acc) for v, (step, acc) in made.items()})
+    return time_steps(steps, repeats)[0]
 
 
 def main(argv=None) -> None:
@@ -71,7 +74,7 @@ def main(argv=None) -> None:
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, 1 thread, min of {args.repeats} interleaved steps after a warm-up; "
-          "CPU time as a ratio to plain in the same process")
+          "wall clock as a ratio to plain in the same process")
     print("| configuration | " + " | ".join(f"{v} x plain" for v in VERSIONS[1:]) + " | plain step (ms) |")
     print("|---|" + "---:|" * len(VERSIONS))
     for config in args.config or ["qwen128", "harness"]:

@@ -1,12 +1,14 @@
 """The cost table of issue 10: ProjectedAccumulator step time and peak memory as ratios to plain accumulation.
 
-Usage::
+Usage (no thread variables: the environment a user has)::
 
-    python benchmarks/bench_targets.py                 # every configuration, markdown rows -> stdout
-    python benchmarks/bench_targets.py --config harness --repeats 9
-    python benchmarks/bench_targets.py --profile harness:proma/exact   # cProfile of one method instead
+    PYTHONPATH=. python benchmarks/bench_targets.py                 # every configuration, markdown rows -> stdout
+    PYTHONPATH=. python benchmarks/bench_targets.py --config harness --repeats 9
+    PYTHONPATH=. python benchmarks/bench_targets.py --profile harness:proma/exact   # cProfile of one method instead
 
-Configurations (CPU, float32, ``torch.set_num_threads(--threads)``, 4 microbatches per optimizer step):
+(``PYTHONPATH=.`` so that the checkout's ``proma`` is imported, not an installed one.)
+
+Configurations (CPU, float32, ``torch.set_num_threads(--threads)``, default 1, 4 microbatches per optimizer step):
 
 - ``qwen128``: Qwen3 (hidden 256, 4 layers, 4/2 heads of 64, MLP 768, vocabulary 2048, tied embeddings),
   microbatches of 8 sequences x 128 tokens (random lengths T/2..T, right padding), every token scored;
@@ -18,16 +20,18 @@ Methods: ``plain`` = ``variant="none"``; ``proma/exact``; ``proma/gs2+b0.5`` (th
 Gram-Schmidt, 2 passes, relative bound 0.5); ``proma/ridge``; ``intra`` (rank 1, two-sided).
 
 Step time = ``zero_grad`` + 4 x (forward + ``acc.backward``); the headline is the minimum over ``--repeats``
-interleaved repetitions after one warm-up step of the step's CPU time (``time.thread_time``: with one torch
-thread the whole step runs on the calling thread, and CPU time is far less disturbed than wall time on an
-oversubscribed machine), wall-clock ratios in parentheses (methods alternate so that load from other processes hits all
-of them), reported as a ratio to ``plain`` measured in the same process. Peak memory: each method in a fresh
-subprocess, ``VmHWM - VmRSS`` over one step after a warm-up (as :mod:`bench_accumulator`), reported as
+interleaved repetitions after one warm-up step of the step's **wall-clock** time, as a ratio to ``plain``
+measured in the same process (methods alternate, so load from other processes hits all of them; every other
+method's accumulator is paused during a step, so no step pays for another method's hooks). The
+process's CPU time (``time.process_time``, every thread of the process, so a library's own thread pool
+is counted) is an extra column in parentheses. Peak memory: each method in a fresh subprocess,
+``VmHWM - VmRSS`` over one step after a warm-up (as :mod:`bench_accumulator`), reported as
 ``(extra - plain extra) / plain extra``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import cProfile
 import json
 import os
@@ -92,9 +96,26 @@ def step_fn(method, model, batches, forward):
     return accumulator_step(model, batches, forward, METHODS[method])
 
 
+def alone(steps: dict) -> dict:
+    """``{name: (step, acc)}`` -> ``{name: step}`` where each step runs with every *other* accumulator paused.
+
+    The accumulators share one model, and each one's forward hooks would otherwise tap (and keep the inputs
+    of) every forward, also those of the other methods' steps, plain's included.
+    """
+    def wrap(name, step):
+        def run():
+            with contextlib.ExitStack() as stack:
+                for other, (_, acc) in steps.items():
+                    if other != name and acc is not None:
+                        stack.enter_context(acc.paused())
+                step()
+        return run
+    return {name: wrap(name, step) for name, (step, _) in steps.items()}
+
+
 def time_config(config, methods, repeats):
     model, batches, forward = build(config)
-    return time_steps({m: step_fn(m, model, batches, forward)[0] for m in methods}, repeats)
+    return time_steps(alone({m: step_fn(m, model, batches, forward) for m in methods}), repeats)
 
 
 def time_steps(steps: dict, repeats: int):
@@ -105,9 +126,9 @@ def time_steps(steps: dict, repeats: int):
     wall, cpu = {m: [] for m in steps}, {m: [] for m in steps}
     for _ in range(repeats):
         for m, step in steps.items():
-            t0, c0 = time.perf_counter(), time.thread_time()
+            t0, c0 = time.perf_counter(), time.process_time()
             step()
-            cpu[m].append(time.thread_time() - c0)
+            cpu[m].append(time.process_time() - c0)
             wall[m].append(time.perf_counter() - t0)
     return {m: min(v) for m, v in wall.items()}, {m: min(v) for m, v in cpu.items()}
 
@@ -126,7 +147,7 @@ def memory_child(config, method, threads):
 
 
 def memory(config, method, threads):
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072", OMP_NUM_THREADS=str(threads))
+    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="131072")
     cmd = [sys.executable, __file__, "--child-memory", config, method, "--threads", str(threads)]
     out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])["extra_bytes"]
@@ -148,7 +169,7 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="default: all")
     ap.add_argument("--method", action="append", choices=[m for m in METHODS if m != "plain"], help="default: all")
-    ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-memory", action="store_true")
     ap.add_argument("--profile", metavar="CONFIG:METHOD")
@@ -162,20 +183,22 @@ def main(argv=None):
         profile(*args.profile.split(":", 1), top=30)
         return
     methods = ["plain"] + (args.method or [m for m in METHODS if m != "plain"])
-    print(f"torch {torch.__version__}, {args.threads} thread(s), min of {args.repeats} interleaved steps "
-          f"after a warm-up; ratio to plain in the same process")
-    print("| configuration | " + " | ".join(f"{m} x plain" for m in methods[1:]) + " | plain step (ms) |"
+    print(f"torch {torch.__version__}, torch.set_num_threads({args.threads}), thread variables: "
+          f"{ {k: v for k, v in os.environ.items() if k.endswith('NUM_THREADS')} or 'none'}, load average "
+          f"{os.getloadavg()[0]:.1f} at start; min of {args.repeats} interleaved steps after a warm-up; wall-clock "
+          "ratio to plain in the same process (process CPU-time ratio in parentheses)")
+    print("| configuration | " + " | ".join(f"{m} x plain" for m in methods[1:]) + " | plain step wall (CPU) ms |"
           + (" peak extra vs plain (per method) |" if not args.no_memory else ""))
     print("|---|" + "---:|" * (len(methods)) + ("---|" if not args.no_memory else ""))
     for config in args.config or list(CONFIGS):
         wall, cpu = time_config(config, methods, args.repeats)
-        row = f"| {config} | " + " | ".join(f"{cpu[m] / cpu['plain']:.2f} ({wall[m] / wall['plain']:.2f})"
+        row = f"| {config} | " + " | ".join(f"{wall[m] / wall['plain']:.2f} ({cpu[m] / cpu['plain']:.2f})"
                                            for m in methods[1:])
-        row += f" | {1e3 * cpu['plain']:.0f} ({1e3 * wall['plain']:.0f}) |"
+        row += f" | {1e3 * wall['plain']:.0f} ({1e3 * cpu['plain']:.0f}) |"
         if not args.no_memory:
             mem = {m: memory(config, m, args.threads) for m in methods}
             row += " " + ", ".join(f"{(mem[m] - mem['plain']) / mem['plain']:+.2f}" for m in methods[1:]) + " |"
-        print(row, flush=True)
+        print(row + f" load {os.getloadavg()[0]:.1f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,8 @@ class IntraFactors:
 
     def stacked(self) -> tuple[torch.Tensor, torch.Tensor]:
         """X (t, i) and D (t, o) of all uses, tokens stacked."""
+        if len(self.X) == 1:
+            return self.X[0], self.D[0]   # one use: no copy
         return torch.cat(self.X), torch.cat(self.D)
 
 

@@ -36,8 +36,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Callable
 
-import numpy as np
 import torch
+
+from .subspace import top_eigenpairs
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 # Multiplier of b * eps_w in the singular-value cutoff: rounding of b per-sequence gradients computed in the
@@ -56,7 +57,7 @@ class Solution:
     coef : (b,) ``R = sum_i coef_i g_i`` after the relative-bound cap (before shrinkage).
     removed_norm : () ``||R||`` after the cap.
     incoming_norm : () ``||pg||``.
-    rank : int, numerical rank of the Gram (number of directions the exact solver used; for the
+    rank : () int64 tensor, numerical rank of the Gram (number of directions the exact solver used; for the
         normalised solvers the number of non-zero sequence gradients).
     """
 
@@ -90,108 +91,101 @@ def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
     return max(ref, gradients, gram)
 
 
-def _norms_and_keep(K: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray]:
-    """Row norms ||g_i|| = sqrt(K_ii) and the rows that count as non-zero.
+def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Row norms, the rows that count as non-zero, and the Jacobi-normalised Gram, all on K's device.
 
-    A row is dropped when its norm is at most ``max(b, P) * eps64`` times the largest row norm, the
-    reference's singular-value cutoff (a lone row's singular value is its norm).
+    A row is dropped when its norm ``||g_i|| = sqrt(K_ii)`` is at most ``max(b, P) * eps64`` times the largest
+    row norm (the reference's singular-value cutoff: a lone row's singular value is its norm). Every solver
+    works on unit-normalised g_i (the published modes by definition, the exact one so that its rank decision
+    does not depend on how long each g_i is). Dropped rows are masked, not removed (no data-dependent
+    shapes, so no host read): they get a zero row and column in ``N``, a zero ``h'`` and so ``c_i = 0``.
+
+    Returns
+    -------
+    s : (b,) row norms, 1 where dropped (safe divisor).  keep : (b,) float64 mask, 1 for kept rows.
+    N : (b, b) ``N_ij = K_ij / (s_i s_j)`` on kept rows and columns, 0 elsewhere.
     """
-    norms = np.sqrt(np.clip(np.diag(K), 0.0, None))
-    top = norms.max() if norms.size else 0.0
-    keep = norms > max(K.shape[0], P, 1) * EPS64 * top
-    return norms, keep & (norms > 0)
+    b = K.shape[0]
+    norms = K.diagonal().clamp_min(0.0).sqrt()
+    keep = (norms > max(b, P, 1) * EPS64 * norms.max()) & (norms > 0)
+    s = torch.where(keep, norms, torch.ones_like(norms))
+    mask = keep.to(K.dtype)
+    N = K / torch.outer(s, s) * torch.outer(mask, mask)
+    return s, mask, N
 
 
-def _normalised_gram(K: np.ndarray, P: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The kept rows ``idx``, their norms ``s`` and the Jacobi-normalised Gram ``N_ij = K_ij / (s_i s_j)``.
-
-    Every solver works on unit-normalised g_i (the published modes by definition, the exact one so that its
-    rank decision does not depend on how long each g_i is); rows dropped by :func:`_norms_and_keep` get c_i = 0.
-    """
-    norms, keep = _norms_and_keep(K, P)
-    idx = np.flatnonzero(keep)
-    s = norms[idx]
-    return idx, s, K[np.ix_(idx, idx)] / np.outer(s, s)
-
-
-# The b x b algebra runs in NumPy float64 on the host: a solve is a few dozen operations on matrices of a
-# few dozen entries, where NumPy's per-call cost is several times below torch's dispatch.
-def _as_numpy(x: torch.Tensor) -> np.ndarray:
-    return x.detach().to("cpu", torch.float64).numpy()
-
-
-def exact_coefficients(K: np.ndarray, h: np.ndarray, settings: SolverSettings) -> tuple[np.ndarray, int]:
+def exact_coefficients(K: torch.Tensor, h: torch.Tensor,
+                       settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients c of the orthogonal projection of G onto span{g_i}: R = sum_i c_i g_i.
 
     Parameters
     ----------
-    K : (b, b) float64 Gram of the g_i.
+    K : (b, b) float64 Gram of the g_i (symmetric).
     h : (b,) float64, h_i = <g_i, G>.
-    settings : block size ``P`` (for the reference's cutoff) and ``work_dtype``, the dtype the Gram was
-        formed in (for the rounding cutoff).
+    settings : block size ``P`` (for the reference's cutoff) and ``work_dtype``, the dtype the Gram's
+        gradients were computed in (for the rounding cutoff).
 
     Returns
     -------
-    c : (b,) float64, rank : int
+    c : (b,) float64, rank : () int64 tensor (both on K's device)
 
     Notes
     -----
     With n_i = g_i / ||g_i||, N = diag(1/||g||) K diag(1/||g||) = Q diag(lam) Q^T and lam > cutoff,
     the projection is ``sum_ij n_i (N^+)_ij <n_j, G>``; c_i = (N^+ h')_i / ||g_i||. The Jacobi scaling makes
-    the rank decision independent of how long each g_i is, as the SVD of the basis is.
+    the rank decision independent of how long each g_i is, as the SVD of the basis is. Dropped eigenpairs
+    are masked (their 1/lam set to 0), not sliced off.
     """
-    b = K.shape[0]
-    c = np.zeros(b)
-    idx, s, N = _normalised_gram(K, settings.P)
-    if idx.size == 0:
-        return c, 0
-    lam, Q = np.linalg.eigh(N)
-    use = lam > eigen_cutoff(b, settings.P, settings.work_dtype) * lam[-1]
-    Q, lam = Q[:, use], lam[use]
-    a = Q @ ((Q.T @ (h[idx] / s)) / lam)
-    c[idx] = a / s
-    return c, int(use.sum())
+    s, mask, N = _normalised_gram(K, settings.P)
+    lam, Q = torch.linalg.eigh(N)
+    use = lam > eigen_cutoff(K.shape[0], settings.P, settings.work_dtype) * lam[-1]
+    inv = torch.where(use, 1.0 / torch.where(use, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    a = Q @ (inv * (Q.T @ (h * mask / s)))
+    return a * mask / s, use.sum()
 
 
-def gram_schmidt_coefficients(K: np.ndarray, h: np.ndarray, settings: SolverSettings) -> tuple[np.ndarray, int]:
+def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor,
+                              settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
     """Coefficients of the published Gram-Schmidt mode: ``settings.passes`` sweeps over the unit-normalised g_i
     in order.
 
     Parameters and returns as :func:`exact_coefficients` (``rank`` = number of non-zero g_i).
+
+    Notes
+    -----
+    One sweep is sequential by definition (sweep i uses the G already reduced by sweeps 1..i-1): with
+    ``R = sum_j a_j n_j`` it sets ``a_i += h'_i - sum_j N_ij a_j`` for i = 1..b, a_j already updated for
+    j < i. That is one Gauss-Seidel step with unit diagonal, ``a <- a + (I + L)^{-1} (h' - N a)`` with L the
+    strictly lower triangle of N: one triangular solve per pass instead of b^2 scalar steps.
     """
-    b = K.shape[0]
-    c = np.zeros(b)
-    idx, s, N = _normalised_gram(K, settings.P)
-    if idx.size == 0:
-        return c, 0
-    # sequential by definition: sweep i uses the G already reduced by sweeps 1..i-1
-    Nl, hl = N.tolist(), (h[idx] / s).tolist()
-    k = len(hl)
-    al = [0.0] * k
+    s, mask, N = _normalised_gram(K, settings.P)
+    eye = torch.eye(N.shape[0], dtype=N.dtype, device=N.device)
+    lower = torch.tril(N, diagonal=-1) + eye
+    hp = h * mask / s
+    a = torch.zeros_like(hp)
     for _ in range(settings.passes):
-        for i in range(k):
-            row = Nl[i]
-            r = hl[i] - sum(row[j] * al[j] for j in range(k))
-            al[i] += r
-    c[idx] = np.asarray(al) / s
-    return c, int(idx.size)
+        a = a + torch.linalg.solve_triangular(lower, (hp - N @ a)[:, None], upper=False)[:, 0]
+    return a * mask / s, mask.sum().to(torch.int64)
 
 
-def ridge_coefficients(K: np.ndarray, h: np.ndarray, settings: SolverSettings) -> tuple[np.ndarray, int]:
-    """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i."""
-    b = K.shape[0]
-    c = np.zeros(b)
-    idx, s, N = _normalised_gram(K, settings.P)
-    if idx.size == 0:
-        return c, 0
-    a = np.linalg.solve(N + settings.ridge * np.eye(idx.size), h[idx] / s)
-    c[idx] = a / s
-    return c, int(idx.size)
+def ridge_coefficients(K: torch.Tensor, h: torch.Tensor,
+                       settings: SolverSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """Coefficients of the published ridge mode: a = (N + ridge I)^{-1} h' on unit-normalised g_i.
+
+    ``N + ridge I`` is symmetric positive definite (ridge > 0), so a Cholesky solve, which needs no check on
+    the host (``cholesky_ex``), suffices. Dropped rows have a zero row in N and h' = 0, hence a_i = 0.
+    """
+    s, mask, N = _normalised_gram(K, settings.P)
+    L, _ = torch.linalg.cholesky_ex(N + settings.ridge * torch.eye(N.shape[0], dtype=N.dtype, device=N.device))
+    a = torch.cholesky_solve((h * mask / s)[:, None], L)[:, 0]
+    return a * mask / s, mask.sum().to(torch.int64)
 
 
-# name -> solver(K, h, settings) -> (c, rank), NumPy float64 in and out. A new solver is one function and one
-# entry here (and the same name in reference.accumulation.SOLVER_REGISTRY, which the tests compare against).
-SOLVER_REGISTRY: dict[str, Callable[[np.ndarray, np.ndarray, SolverSettings], tuple[np.ndarray, int]]] = {
+# name -> solver(K, h, settings) -> (c, rank), float64 tensors in and out on K's device, no host reads. A new
+# solver is one function and one entry here (and the same name in reference.accumulation.SOLVER_REGISTRY,
+# which the tests compare against).
+Solver = Callable[[torch.Tensor, torch.Tensor, SolverSettings], tuple[torch.Tensor, torch.Tensor]]
+SOLVER_REGISTRY: dict[str, Solver] = {
     "exact": exact_coefficients,
     "gram_schmidt": gram_schmidt_coefficients,
     "ridge": ridge_coefficients,
@@ -199,9 +193,9 @@ SOLVER_REGISTRY: dict[str, Callable[[np.ndarray, np.ndarray, SolverSettings], tu
 SOLVERS = tuple(SOLVER_REGISTRY)
 
 
-def _quad_norm(K: np.ndarray, v: np.ndarray) -> float:
-    """``||sum_i v_i g_i|| = sqrt(v^T K v)`` (clamped at 0 against rounding)."""
-    return float(np.sqrt(max(float(v @ (K @ v)), 0.0)))
+def _quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``||sum_i v_i g_i|| = sqrt(v^T K v)`` (clamped at 0 against rounding), a () tensor."""
+    return (v @ (K @ v)).clamp_min(0.0).sqrt()
 
 
 def solve(
@@ -216,7 +210,7 @@ def solve(
     P: int,
     work_dtype: torch.dtype = torch.float64,
 ) -> Solution:
-    """Removed-component coefficients for one block, with the relative-bound cap.
+    """Removed-component coefficients for one block, with the relative-bound cap, in torch on K's device.
 
     Parameters
     ----------
@@ -224,114 +218,111 @@ def solve(
     solver : a key of :data:`SOLVER_REGISTRY` ("exact", "gram_schmidt", "ridge")
     passes, ridge : solver options (see module docstring).
     relative_bound : cap ``||R|| <= relative_bound * ||pg||`` (None: no cap).
-    P : block size.  work_dtype : dtype the Gram was formed in.
+    P : block size.  work_dtype : dtype the Gram's gradients were computed in.
 
     Returns
     -------
-    Solution (tensors on K's device)
+    Solution (float64 tensors on K's device). Nothing is read back to the host: the cap is a
+    ``torch.where``, the rank a tensor.
     """
     if solver not in SOLVER_REGISTRY:
         raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
-    Kn, hn, wn = _as_numpy(K), _as_numpy(h), _as_numpy(w)
-    Kn = 0.5 * (Kn + Kn.T)
-    c, rank = SOLVER_REGISTRY[solver](Kn, hn, SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge))
-    removed = _quad_norm(Kn, c)
-    incoming = _quad_norm(Kn, wn)
+    K = K.to(torch.float64)
+    K = 0.5 * (K + K.T)
+    h, w = h.to(K.device, torch.float64), w.to(K.device, torch.float64)
+    settings = SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge)
+    c, rank = SOLVER_REGISTRY[solver](K, h, settings)
+    removed = _quad_norm(K, c)
+    incoming = _quad_norm(K, w)
     if relative_bound is not None:
         cap = relative_bound * incoming
-        if removed > cap:
-            scale = cap / removed
-            c = c * scale
-            removed = removed * scale
-
-    def out(x):
-        return torch.as_tensor(x, dtype=torch.float64).to(K.device)
-    return Solution(coef=out(c), removed_norm=out(removed), incoming_norm=out(incoming), rank=rank)
+        scale = torch.where(removed > cap, cap / torch.where(removed > 0, removed, torch.ones_like(removed)),
+                            torch.ones_like(removed))
+        c, removed = c * scale, removed * scale
+    return Solution(coef=c, removed_norm=removed, incoming_norm=incoming, rank=rank)
 
 
 # ---------------------------------------------------------------------------------------------------
-# Intra-microbatch variant: dominant subspaces of the factors.
+# Intra-microbatch variant: dominant subspaces of the factors (the search itself: :mod:`proma.subspace`).
 # ---------------------------------------------------------------------------------------------------
 
-# Gram side length above which the dominant eigenpairs come from ARPACK's Lanczos iteration on the factored
-# operator (a few dozen products with M) instead of a dense eigendecomposition of the formed Gram, and the
-# residual at which ARPACK stops, in units of eps_w * lambda_1 (the backward error of a dense eigh in M's
-# dtype).
-LANCZOS_MIN_SIZE = 160
-LANCZOS_TOL = 4.0
 
+@dataclass
+class Subspace:
+    """Dominant right singular directions of a factor M (t, d), masked instead of sliced.
 
-def _lanczos_pairs(M: torch.Tensor, rank: int, right: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """Top-``rank`` eigenpairs of ``M^T M`` (``right``) or ``M M^T`` by ARPACK, without forming the Gram.
-
-    Implicitly restarted Lanczos (``scipy.sparse.linalg.eigsh``) in float64 on ``v -> M^T (M v)``; it stops
-    when every wanted Ritz pair has ``||C x - theta x|| <= LANCZOS_TOL * eps_w * theta``, so the vectors are
-    at least as accurate as a dense ``eigh`` of the Gram formed in M's dtype. The start vector is M's
-    longest row (``right``) or column, which lies in the Gram's range (deterministic on every rank).
-
-    Returns (theta (rank,) descending, X (n, rank)) as float64 tensors; None when ARPACK does not converge
-    or M is zero (the caller then decomposes the formed Gram).
+    Attributes
+    ----------
+    V : (d, k) float64, orthonormal columns for the directions above the cutoff, zero columns for the others
+        (a zero column removes nothing, so no count is read back to the host).
+    used : (k,) bool, which columns are directions.
+    residual : (k,) float64 relative Ritz residual of the search (0 from a dense eigh).
     """
-    from scipy.sparse.linalg import ArpackNoConvergence, LinearOperator, eigsh
 
-    A = M.detach().double().numpy()
+    V: torch.Tensor
+    used: torch.Tensor
+    residual: torch.Tensor
+
+
+def dominant_subspace(M: torch.Tensor, rank: int, *, row_mask: torch.Tensor | None = None) -> Subspace:
+    """Top-``rank`` right singular vectors of M (t, d), rows outside ``row_mask`` (t,) counting as zero.
+
+    From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by
+    :func:`proma.subspace.top_eigenpairs` (cheaper than an SVD of M; exact to M's precision). A singular
+    value counts as zero when ``s <= cut * s_max`` with ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE *
+    min(t, d) * eps_M))``, t the rows that carry data: the reference's cutoff, raised to the rounding level
+    of a Gram in M's dtype. Only the top ``rank`` singular values are compared with the cutoff.
+    """
+    t, d = M.shape
+    right = d <= t
+    theta, Q, residual = top_eigenpairs(M, rank, right, row_mask=row_mask)
+    tokens = torch.tensor(float(t), dtype=torch.float64) if row_mask is None else row_mask.double().sum()
+    tokens = tokens.to(theta.device)
+    eps = float(torch.finfo(M.dtype).eps)
+    cut = torch.maximum(tokens.clamp_min(d) * EPS64, (GRAM_NOISE * tokens.clamp_max(d) * eps).sqrt())
+    s = theta.clamp_min(0).sqrt()
+    used = (s > cut * s[0]) & (s[0] > 0)
     if right:
-        n, start = A.shape[1], A[int(np.argmax((A * A).sum(axis=1)))]
-        op = LinearOperator((n, n), matvec=lambda v: A.T @ (A @ v), dtype=np.float64)
+        V = Q
     else:
-        n, start = A.shape[0], A[:, int(np.argmax((A * A).sum(axis=0)))]
-        op = LinearOperator((n, n), matvec=lambda v: A @ (A.T @ v), dtype=np.float64)
-    if not start.any():
-        return None
-    tol = LANCZOS_TOL * float(torch.finfo(M.dtype).eps)
-    try:
-        theta, X = eigsh(op, k=rank, which="LA", v0=np.ascontiguousarray(start), tol=tol)
-    except ArpackNoConvergence:
-        return None
-    order = np.argsort(theta)[::-1]
-    return torch.from_numpy(theta[order].copy()), torch.from_numpy(X[:, order].copy())
-
-
-def _top_eigenpairs(M: torch.Tensor, rank: int, right: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Eigenvalues (descending, float64) and eigenvectors (float64 columns) of ``M^T M`` or ``M M^T``.
-
-    Large Grams on the CPU get their top ``rank`` pairs from :func:`_lanczos_pairs`; otherwise (and when it
-    does not converge) every pair comes from a dense ``eigh`` of the Gram formed and decomposed in M's dtype
-    (on the CPU: dense eigh of a few hundred rows is faster there).
-    """
-    n = M.shape[1] if right else M.shape[0]
-    if M.device.type == "cpu" and n >= LANCZOS_MIN_SIZE and rank < n // 2:
-        found = _lanczos_pairs(M, rank, right)
-        if found is not None:
-            return found
-    lam, Q = torch.linalg.eigh((M.T @ M if right else M @ M.T).cpu())
-    return lam.double().flip(0), Q.double().flip(1).to(M.device)
+        Mm = M if row_mask is None else M * row_mask[:, None].to(M.dtype)
+        V = Mm.double().T @ (Q / torch.where(used, s, torch.ones_like(s)))
+        # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2; the
+        # used columns are a prefix (s descending), which QR's first columns depend on alone
+        V = torch.linalg.qr(V)[0]
+    return Subspace(V=V * used.to(V.dtype), used=used, residual=residual)
 
 
 def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank.
-
-    From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by :func:`_top_eigenpairs`
-    (cheaper than an SVD of M; exact to M's precision). A singular
-    value counts as zero when ``s <= cut * s_max`` with ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE *
-    min(t, d) * eps_M))``: the reference's cutoff, raised to the rounding level of a Gram in M's dtype.
-    Only the top ``rank`` singular values are compared with the cutoff.
-    """
+    """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank the number above
+    the cutoff of :func:`dominant_subspace` (read back to the host: for callers outside the backward pass)."""
     t, d = M.shape
     if rank == 0 or t == 0 or d == 0:
         return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
-    cut = max(max(t, d) * EPS64, (GRAM_NOISE * min(t, d) * float(torch.finfo(M.dtype).eps)) ** 0.5)
-    lam, Q = _top_eigenpairs(M, rank, right=d <= t)
-    if lam[0] <= 0:
-        return Q.new_zeros(d, 0)
-    s = lam[:rank].clamp_min(0).sqrt()
-    r = int((s > cut * s[0]).sum())
-    if d <= t:
-        return Q[:, :r]
-    V = M.double().T @ (Q[:, :r] / s[:r])
-    # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2
-    V, _ = torch.linalg.qr(V)
-    return V
+    sub = dominant_subspace(M, rank)
+    return sub.V[:, :int(sub.used.sum())]
+
+
+def project_factored_(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
+    """In place: grad <- ``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or ``grad - UU^T grad VV^T``
+    (``"kron"``); returns the norm of what was removed, a () float64 tensor.
+
+    grad (o, i), U (o, r), V (i, r) in grad's dtype, orthonormal columns or zero columns. The removed part
+    is never formed: for two-sided it is ``U (U^T grad) + (I - UU^T) grad V V^T``, two mutually orthogonal
+    terms, so ``||removed||^2 = ||U^T grad||^2 + ||left V||^2`` with ``left = (I - UU^T) grad``; for kron it
+    is ``U (U^T grad V) V^T`` with norm ``||U^T grad V||``.
+    """
+    if form == "kron":
+        core = (U.T @ grad) @ V
+        grad.sub_(U @ core @ V.T)
+        return core.norm().double()
+    if form != "two_sided":
+        raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
+    UtG = U.T @ grad
+    grad.addmm_(U, UtG, alpha=-1.0)
+    leftV = grad @ V
+    grad.addmm_(leftV, V.T, alpha=-1.0)
+    return (UtG.double().square().sum() + leftV.double().square().sum()).sqrt()
 
 
 def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank: int, form: str) -> torch.Tensor:
@@ -347,11 +338,12 @@ def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank:
     -------
     (o, i) tensor in grad's dtype: ``(I - UU^T) grad (I - VV^T)`` or ``grad - UU^T grad VV^T``.
     """
-    U = top_right_singular_vectors(D, rank).to(grad.dtype)
-    V = top_right_singular_vectors(X, rank).to(grad.dtype)
-    if form == "kron":
-        return grad - U @ ((U.T @ grad) @ V) @ V.T
-    if form != "two_sided":
+    if form not in ("two_sided", "kron"):
         raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
-    left = grad - U @ (U.T @ grad)
-    return left - (left @ V) @ V.T
+    if rank == 0 or X.shape[0] == 0:
+        return grad.clone()
+    U = dominant_subspace(D, rank).V.to(grad.dtype)
+    V = dominant_subspace(X, rank).V.to(grad.dtype)
+    out = grad.clone()
+    project_factored_(out, U, V, form)
+    return out

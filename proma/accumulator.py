@@ -25,9 +25,30 @@ every use, and its Gram holds every cross term. Intra variant: a Linear weight u
 the tokens of all its uses (X rows and D rows together); a weight that also has a non-Linear use (a tied
 embedding) gets plain accumulation.
 
-Precision: the per-layer algebra runs in the parameter dtype (float32 for bf16/fp16 parameters), the b x b
-solves in float64. For 16-bit parameters the running gradient lives in a float32 buffer owned by the
+Precision (the one place that states it): per-sequence gradients, factors, updates and the running gradient
+are in the work dtype (the parameter's, float32 for bf16/fp16 parameters); the b x b Gram is formed in float64
+on both routes (:data:`proma.layers.block.GRAM_DTYPE`); the inner products h_i = <g_i, G> are float64 on the
+materialize route and in the work dtype on the ghost route; the b x b solves run in float64
+(:mod:`proma.projection`). For 16-bit parameters the running gradient lives in a float32 buffer owned by the
 accumulator; after every ``backward`` each ``p.grad`` is set to that buffer rounded to the parameter dtype.
+
+The life of a microbatch, ``acc.backward(seq_logp, w)`` (file: function; one backward pass in all):
+
+1. ``accumulator.py: backward`` checks the inputs (``microbatch.check_microbatch``) and pairs the forward's
+   captured calls with the b sequences (``microbatch.captured_uses``).
+2. ``accumulator.py: _accumulate`` builds a ``microbatch.Collector`` and runs ``capture.Capture.backward``.
+3. ``capture.py: Capture.backward`` first walks the graph (``coverage.check_uses``: no uncaptured use of a
+   covered parameter), then back-propagates ``seq_logp.sum()`` to the hooked outputs only.
+4. As each call's output gradient D arrives, ``microbatch.Collector.receive`` asks the layer rule
+   (``layers/linear.py`` etc., ``Rule.contributions``) for that use's contribution (X, D, sequence index).
+5. When every use of a parameter has arrived: ``accumulator.py: _apply`` wraps them in a
+   ``layers/block.py: Block`` and calls ``updates.Updates.apply`` (project, intra or plain).
+6. ``updates.ProjectUpdate``: ``Block.gram_and_inner`` gives K and h, ``projection.solve`` the coefficients
+   (solver registry), ``Block.add_weighted_`` writes G - s R + pg in one pass; ``IntraUpdate`` uses
+   ``subspace`` instead.
+7. ``grad_store.GradStore.store`` puts the new G in ``p.grad`` (or the float32 buffer); the block's factors
+   are released. ``sync="global"`` holds the projected parameters until after the backward and exchanges
+   their contributions (``distributed``) before step 5.
 
 Data parallelism (torch.distributed; ``process_group``, default the world group when initialised; W ranks).
 Convention: every mode gives the *mean over ranks*, as DDP does, so each rank passes the weights it would
@@ -138,11 +159,6 @@ class ProjectedAccumulator:
         if self._hooked:
             self._capture = Capture(self._inventory.hooked_modules(), on_grad=_ignore)
 
-    @property
-    def _buffers(self) -> dict:
-        """The float32 running gradients of 16-bit parameters (id(p) -> tensor)."""
-        return self._grads.buffers
-
     # -- public API ----------------------------------------------------------------------------------
     def zero_grad(self) -> None:
         """Start a new accumulation: every trainable parameter's ``.grad`` is set to None."""
@@ -237,12 +253,12 @@ class ProjectedAccumulator:
         if self.world_size > 1:
             self._sync.check_agreement(self._microbatches, same_count=self._global)
         inv = self._inventory
-        todo = inv.with_handling(Handling.EXCLUDED_WITH_RULE, Handling.NO_RULE_AUTOGRAD) if self._global \
+        todo = inv.with_handling(Handling.RULE_PLAIN, Handling.AUTOGRAD_PLAIN) if self._global \
             else inv.entries
         if self._fsdp is None:
             self._grads.average_([e.param for e in todo], self._sync.average_)
         else:
-            replicated = inv.with_handling(Handling.PROJECTED) if self._global else []
+            replicated = inv.with_handling(Handling.RULE) if self._global else []
             self._fsdp.finish([e.param for e in todo], [e.param for e in replicated], self._sync.ledger)
 
     def comm_stats(self) -> dict:
@@ -275,7 +291,7 @@ class ProjectedAccumulator:
 
     def _fsdp_route(self, model: nn.Module) -> FsdpRoute | None:
         """The FSDP2 route when the parameters are ``fully_shard`` DTensors (:mod:`proma.fsdp`), else None."""
-        no_rule = [e.name for e in self._inventory.with_handling(Handling.NO_RULE_AUTOGRAD)]
+        no_rule = [e.name for e in self._inventory.with_handling(Handling.AUTOGRAD_PLAIN)]
         route = FsdpRoute.detect(model, self._inventory.entries, no_rule)
         if route is not None and route.world_size != self.world_size:
             raise ValueError(f"the FSDP2 mesh has {route.world_size} ranks but the accumulator's process group has "
@@ -301,7 +317,7 @@ class ProjectedAccumulator:
         w64 = w.double()
         no_rule = self._no_rule_grads(seq_logp, w)
         collector = Collector(self._inventory.routes, uses, collect_intra=self.options.variant == "intra",
-                              hold=lambda e: step is not None and e.handling is Handling.PROJECTED,
+                              hold=lambda e: step is not None and e.handling is Handling.RULE,
                               on_complete=lambda e, contribs, intra: self._apply(e, contribs, w64, intra))
         self._capture.on_grad = collector.receive
         try:
@@ -319,7 +335,7 @@ class ProjectedAccumulator:
 
     def _no_rule_grads(self, seq_logp: torch.Tensor, w: torch.Tensor) -> list:
         """Weighted gradients of the parameters without a rule (one extra, restricted, backward)."""
-        todo = self._inventory.with_handling(Handling.NO_RULE_AUTOGRAD)
+        todo = self._inventory.with_handling(Handling.AUTOGRAD_PLAIN)
         if not todo:
             return []
         grads = torch.autograd.grad(seq_logp, [e.param for e in todo], grad_outputs=w.to(seq_logp.dtype),
@@ -329,7 +345,7 @@ class ProjectedAccumulator:
     def _exchange(self, step, w64: torch.Tensor, b: int, take) -> None:
         """sync="global": exchange the projected parameters' factors (``take(entry)`` gives this rank's) and
         apply the global microbatch."""
-        entries = self._inventory.with_handling(Handling.PROJECTED)
+        entries = self._inventory.with_handling(Handling.RULE)
         held = [(e.name, e.param, take(e)) for e in entries]
         w_global, merged = step.exchange(w64, b, held)
         for k, contribs in merged:

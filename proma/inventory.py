@@ -2,12 +2,12 @@
 
 Every trainable parameter gets one :class:`Handling`:
 
-- ``PROJECTED``: a layer rule covers every module that holds it; its captured factors feed the variant's
-  update (PROMA projection or the intra projection);
-- ``EXCLUDED_WITH_RULE``: named in ``exclude=`` but covered by rules; plain accumulation from the same
-  captured factors (no extra backward pass);
-- ``NO_RULE_AUTOGRAD``: some holder has no rule; its weighted microbatch gradient comes from one extra
-  ``torch.autograd.grad`` restricted to these parameters. Allowed only for parameters named in
+- ``RULE``: a layer rule covers every module that holds it; its captured factors feed the variant's update
+  (the PROMA projection; for intra the intra projection of a Linear weight, plain accumulation otherwise);
+- ``RULE_PLAIN``: named in ``exclude=`` but covered by rules; plain accumulation from the same captured
+  factors (no extra backward pass);
+- ``AUTOGRAD_PLAIN``: some holder has no rule; plain accumulation of its weighted microbatch gradient from
+  one extra ``torch.autograd.grad`` restricted to these parameters. Allowed only for parameters named in
   ``exclude=`` (and for ``variant="none"``, which runs a plain backward anyway).
 
 A parameter held by several modules (a tied embedding / output head) lists every owner; a module called
@@ -23,16 +23,16 @@ from torch import nn
 
 from .layers import find_rule, work_dtype_for
 
-# The stats' rule label of a parameter without a layer rule.
-NO_RULE_LABEL = "excluded"
+# The stats' rule label of a parameter without a layer rule (it is accumulated plainly through autograd).
+NO_RULE_LABEL = "no rule"
 
 
 class Handling(enum.Enum):
     """How the accumulator obtains and accumulates one parameter's microbatch gradient."""
 
-    PROJECTED = "projected"
-    EXCLUDED_WITH_RULE = "excluded, rule"
-    NO_RULE_AUTOGRAD = "no rule, autograd"
+    RULE = "rule, the variant's update"
+    RULE_PLAIN = "rule, plain (excluded)"
+    AUTOGRAD_PLAIN = "no rule, autograd, plain (excluded)"
 
 
 @dataclass(eq=False)
@@ -44,7 +44,7 @@ class ParamEntry:
     name : its name in ``model.named_parameters()``.
     param : the parameter.
     owners : ((module name, attribute), ...) of every module holding it (several for tied weights).
-    rules : names of the layer rules covering its owners (empty for ``NO_RULE_AUTOGRAD``).
+    rules : names of the layer rules covering its owners (empty for ``AUTOGRAD_PLAIN``).
     handling : :class:`Handling`.
     """
 
@@ -57,7 +57,7 @@ class ParamEntry:
     @property
     def rule_label(self) -> str:
         """``"embedding+linear"``-style rule names, or :data:`NO_RULE_LABEL`."""
-        return NO_RULE_LABEL if self.handling is Handling.NO_RULE_AUTOGRAD else "+".join(self.rules)
+        return NO_RULE_LABEL if self.handling is Handling.AUTOGRAD_PLAIN else "+".join(self.rules)
 
     @property
     def work_dtype(self) -> torch.dtype:
@@ -122,9 +122,9 @@ class Inventory:
                 f"trainable parameter {name!r} has no PROMA layer rule (used as {where}); register a "
                 "rule (proma.layers.register) or pass it in exclude= for plain accumulation")
         if not covered:
-            handling = Handling.NO_RULE_AUTOGRAD
+            handling = Handling.AUTOGRAD_PLAIN
         else:
-            handling = Handling.EXCLUDED_WITH_RULE if excluded else Handling.PROJECTED
+            handling = Handling.RULE_PLAIN if excluded else Handling.RULE
         return ParamEntry(name=name, param=param, owners=owners, rules=tuple(sorted(rules)) if covered else (),
                           handling=handling)
 
@@ -133,8 +133,8 @@ class Inventory:
         return [e for e in self.entries if e.handling in handlings]
 
     def captured(self) -> list:
-        """Entries whose contributions come from the hooks (every handling but ``NO_RULE_AUTOGRAD``)."""
-        return self.with_handling(Handling.PROJECTED, Handling.EXCLUDED_WITH_RULE)
+        """Entries whose contributions come from the hooks (every handling but ``AUTOGRAD_PLAIN``)."""
+        return self.with_handling(Handling.RULE, Handling.RULE_PLAIN)
 
     def hooked_modules(self) -> dict:
         """{module name: module} of every owner of a captured parameter, in inventory order."""

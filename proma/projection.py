@@ -10,7 +10,8 @@ strategy (and for a distributed caller that all-reduced them first):
 - ``w`` (b,):   the per-sequence loss weights, so ``pg = sum_i w_i g_i``.
 
 A solver returns coefficients ``c`` with ``R = sum_i c_i g_i`` (the removed component, before the cap
-and the shrinkage), which the layer rule turns into a tensor with a single weighted sum
+and the shrinkage), which :class:`proma.updates.ProjectUpdate` turns into a tensor through the block's single
+weighted sum (:meth:`proma.layers.Block.add_weighted_`)
 ``G <- G + sum_i (w_i - shrinkage * scale * c_i) g_i``. The solvers match :mod:`reference.accumulate`:
 
 ``"exact"``         R = orthogonal projection of G onto span{g_i}.

@@ -189,7 +189,8 @@ def verdicts_section(r) -> list:
     outcomes = P.decide(results)
     counts = sorted({o.n for o in outcomes})
     if any(o.verdict == P.IN_PROGRESS for o in outcomes):
-        lines += [f"**In progress**: comparisons have {counts[0]}-{counts[-1]} of the {P.N_SEEDS} pre-registered "
+        have = f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
+        lines += [f"**In progress**: comparisons have {have} of the {P.N_SEEDS} pre-registered "
                   "seeds; the numbers are shown, nothing is decided until every comparison has all of them.", ""]
     lines += [verdict_table(outcomes), ""]
     power = power_lines(outcomes)

@@ -1,4 +1,4 @@
-"""GRPO with PROMA inside TRL: the harness's small Qwen3 on GSM8K-calc prompts, on CPU, in a few minutes.
+"""GRPO with PROMA inside TRL: the harness's small Qwen3 on GSM8K-calc prompts, on CPU.
 
 The policy, tokenizer, prompts and reward are the RL harness's own (``proma.rl``); the training loop is TRL's
 ``GRPOTrainer`` with PROMA's accumulation (``proma.integrations.trl.PromaGRPOTrainer``). Nothing touches the
@@ -6,7 +6,7 @@ network. The policy is, in order of preference:
 
 1. ``--model DIR``: any local Hugging Face checkpoint directory (a warm-start directory is one);
 2. the harness's cached supervised warm-start of ``--preset`` in ``--cache-dir`` (written by
-   ``proma train --cache-dir runs/cache ...``; for the ``small`` preset it takes about an hour on 2 cores);
+   ``proma train --cache-dir runs/cache ...``; the ``small`` preset's 3000 steps are the slow part of a first run);
 3. otherwise a short warm-start of ``--warmstart-steps`` steps (cached in ``--cache-dir`` too, so a rerun
    reuses it), or with ``--warmstart-steps 0`` the freshly initialised policy (its reward stays near 0).
 

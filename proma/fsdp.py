@@ -111,12 +111,6 @@ class ShardedGradStore(GradStore):
                 "microbatch of a step, and do not run backward again after synchronize() without it")
         return self.buffers.get(id(param))
 
-    def running_or_zeros(self, param: torch.Tensor) -> torch.Tensor:
-        G = self.running(param)
-        if G is None:
-            G = torch.zeros(param.shape, dtype=work_dtype_for(param.dtype), device=param.device)
-        return G
-
     def store(self, param: torch.Tensor, G: torch.Tensor) -> None:
         if G.device != param.device:
             raise ValueError(

@@ -3,43 +3,19 @@ nothing outside ``proma/rl`` imports the training loop, no test module imports a
 benchmarks import no test code."""
 from __future__ import annotations
 
-import ast
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[2]
+from house_testkit import ROOT, imported_modules, module_name
 PACKAGES = ("reference", "proma", "verification")
-
-
-def _module_name(path: Path) -> str:
-    parts = list(path.relative_to(ROOT).with_suffix("").parts)
-    if parts[-1] == "__init__":
-        parts.pop()
-    return ".".join(parts)
-
-
-def _imports(path: Path) -> set[str]:
-    """Absolute names of the modules ``path`` imports (at any depth: lazy imports count too)."""
-    is_pkg = path.name == "__init__.py"
-    package = _module_name(path).split(".") if is_pkg else _module_name(path).split(".")[:-1]
-    out = set()
-    for node in ast.walk(ast.parse(path.read_text(), str(path))):
-        if isinstance(node, ast.Import):
-            out.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom):
-            base = package[: len(package) - node.level + 1] if node.level else []
-            mod = ".".join(base + ([node.module] if node.module else []))
-            out.add(mod)
-            out.update(f"{mod}.{alias.name}" for alias in node.names)  # "from . import data" names a module
-    return out
 
 
 def _package_graph() -> dict[str, set[str]]:
     """Module -> the package modules it imports. A module's own ancestor packages are left out: Python imports
     them before the module anyway, so ``from . import x`` in ``proma/a.py`` is no edge back to ``proma``."""
-    files = {_module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
-    return {name: {m for m in _imports(path) if m in files and m != name and not name.startswith(m + ".")}
+    files = {module_name(p): p for pkg in PACKAGES for p in (ROOT / pkg).rglob("*.py")}
+    return {name: {m for m in imported_modules(path) if m in files and m != name and not name.startswith(m + ".")}
             for name, path in files.items()}
 
 
@@ -90,7 +66,7 @@ def test_no_test_module_imports_another_test_module():
     names = _test_modules()
     found = set()
     for path in names.values():
-        for mod in _imports(path):
+        for mod in imported_modules(path):
             if mod.split(".")[0].startswith("test_") and mod.split(".")[0] in names:
                 found.add((str(path.relative_to(ROOT)), mod.split(".")[0]))
     assert found == set(), "move shared helpers to a testkit module"
@@ -101,4 +77,4 @@ def test_benchmarks_import_no_test_code(path):
     test_names = set(_test_modules())
     text = path.read_text()
     assert "tests" not in {part for line in text.splitlines() if "sys.path" in line for part in line.split('"')}
-    assert {m.split(".")[0] for m in _imports(path)} & test_names == set()
+    assert {m.split(".")[0] for m in imported_modules(path)} & test_names == set()

@@ -13,7 +13,7 @@ pytest.importorskip("trl")
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer, sequence_weights  # noqa: E402
 from proma.options import ACCUMULATOR_SOLVERS, INTRA_FORMS, STRATEGIES, SYNCS, VARIANTS  # noqa: E402
-from verification.trl_testkit import config, dataset, length_reward, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, dataset, length_reward  # noqa: E402
 
 # (field, mistyped value, what the error must show besides the field name)
 TYPOS = [
@@ -29,16 +29,6 @@ TYPOS = [
     ("proma_shrinkage", float("nan"), "finite"),
     ("proma_exclude", [3], "parameter names"),
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def policy(tokenizer):
-    return tiny_policy(tokenizer)
 
 
 def _trainer(policy, tokenizer, args):

@@ -15,7 +15,7 @@ pytest.importorskip("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
-from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run  # noqa: E402
 from verification.tolerances import FLOAT32_RTOL  # noqa: E402
 
 LOSS_TYPES = {
@@ -23,16 +23,6 @@ LOSS_TYPES = {
     "cispo": {"epsilon_high": 5.0},
     "luspo": {"importance_sampling_level": "sequence"},
 }
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def policy(tokenizer):
-    return tiny_policy(tokenizer)
 
 
 def _flat(grads, names):

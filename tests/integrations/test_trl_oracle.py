@@ -22,7 +22,7 @@ pytest.importorskip("trl")
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
 from trl_lora_ranks import LORA  # noqa: E402
-from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run  # noqa: E402
 from verification import check_callable, load_cases  # noqa: E402
 from verification.oracle.impls import run_torch  # noqa: E402
 from verification.oracle.trl import OracleCaseWriter  # noqa: E402
@@ -43,16 +43,6 @@ RAGGED_PROMPTS = ["1+2=", "5+6=3", "3+4= 5", "the answer 7+8=", "the answer is 2
                   "the answer is 7 11 6-1=", "the answer is 7 11 12 30 9-3="]
 # a child torchrun with two ranks importing trl, 2 x 2 short runs
 TORCHRUN_TIMEOUT_S = 300
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def policy(tokenizer):
-    return tiny_policy(tokenizer)
 
 
 def _expected(cases_dir) -> dict:

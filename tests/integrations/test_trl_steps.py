@@ -17,7 +17,7 @@ pytest.importorskip("trl")
 from trl import GRPOConfig, GRPOTrainer  # noqa: E402
 
 from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer  # noqa: E402
-from verification.trl_testkit import config, run, tiny_policy, tiny_tokenizer  # noqa: E402
+from verification.trl_testkit import config, run  # noqa: E402
 from verification import load_cases  # noqa: E402
 from verification.oracle.trl import OracleCaseWriter  # noqa: E402
 from verification.tolerances import FLOAT32_RTOL  # noqa: E402
@@ -25,16 +25,6 @@ from verification.tolerances import FLOAT32_RTOL  # noqa: E402
 MICROBATCHES = 2         # trl_testkit.config: gradient_accumulation_steps
 SEQUENCES = 4            # trl_testkit.config: per_device_train_batch_size
 EXCLUDED = ["model.norm.weight", "model.layers.0.self_attn.q_proj.weight"]
-
-
-@pytest.fixture(scope="module")
-def tokenizer():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def policy(tokenizer):
-    return tiny_policy(tokenizer)
 
 
 def _rel(a, b) -> float:

@@ -10,30 +10,23 @@ Convention under test (see ``proma.accumulator``): every mode gives the mean ove
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import traceback
-
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from hypothesis import given
 from hypothesis import strategies as st
 
-import reference
 from proma import ProjectedAccumulator
 from proma.distributed import Packer, merge_pieces, no_sync, pack_contribution, unpack
 from proma.layers import IdsFactors, OuterFactors, SeqGrads
-from verification.testkit import (flat_grad, free_port, per_sequence_grads, pin_threads, qwen_seq_logp, rel_err,
-                                  trainable)
+from verification.testkit import flat_grad, rel_err, trainable
 from verification.tolerances import FLOAT64_RTOL
 
-from proma_testkit import SeqMLP, intra_microbatch_oracle, make_batch, seq_logp, tiny_qwen3
+from proma_testkit import SeqMLP, make_batch, seq_logp, tiny_qwen3
+from dist_testkit import (WORLD, expect_error, ok, oracle, oracle_local, qwen_batches, qwen_forward, ref_opts,
+                          spawn_scenarios)
 
-WORLD = 2
 VOCAB = 7
 # microbatch sizes per rank (uneven, with an empty microbatch on rank 1) and tokens per sequence per rank
 SIZES = [[3, 1, 2], [1, 2, 0]]
@@ -68,63 +61,6 @@ def _mlp(hidden=6):
     return SeqMLP(vocab=VOCAB, hidden=hidden, norm="rms", tie=True, reuse=True).double()
 
 
-def _qwen_batches(seed=1, sizes=((2, 1), (1, 2)), tokens=(6, 8), vocab=50):
-    gen = torch.Generator().manual_seed(seed)
-    out = []
-    for r, row in enumerate(sizes):
-        mine = []
-        for b in row:
-            ids = torch.randint(0, vocab, (b, tokens[r]), generator=gen)
-            lengths = torch.randint(2, tokens[r] + 1, (b,), generator=gen)
-            mask = (torch.arange(tokens[r])[None, :] < lengths[:, None]).long()
-            mine.append(((ids, mask), torch.randn(b, generator=gen, dtype=torch.float64)))
-        out.append(mine)
-    return out
-
-
-def _qwen_forward(model, batch):
-    return qwen_seq_logp(model, *batch)
-
-
-# -- oracles (rank 0) ---------------------------------------------------------------------------------------
-
-def _seq_grads(model, forward, batch, params):
-    return per_sequence_grads(model, forward(model, batch), params)
-
-
-def _oracle_global(model, forward, batches, opts):
-    """reference.accumulate on the union of every rank's k-th microbatch, weights / W."""
-    params = trainable(model)
-    mbs = []
-    for k in range(len(batches[0])):
-        rows = [(_seq_grads(model, forward, batches[r][k][0], params), batches[r][k][1].numpy())
-                for r in range(WORLD) if batches[r][k][1].numel()]
-        mbs.append((np.vstack([g for g, _ in rows]), np.concatenate([w for _, w in rows]) / WORLD))
-    return reference.accumulate(mbs, blocks=[p.numel() for _, p in params], **opts)
-
-
-def _oracle_local(model, forward, batches, opts):
-    """Mean over ranks of reference.accumulate on each rank's own microbatches."""
-    params = trainable(model)
-    total = 0.0
-    for r in range(WORLD):
-        mbs = [(_seq_grads(model, forward, batch, params), w.numpy()) for batch, w in batches[r] if w.numel()]
-        total = total + reference.accumulate(mbs, blocks=[p.numel() for _, p in params], **opts)
-    return total / WORLD
-
-
-def _oracle_intra(model, forward, batches, acc_kwargs):
-    """Mean over ranks of single-process intra: reference.intra_project per microbatch and Linear weight."""
-    params = trainable(model)
-    total = 0.0
-    for r in range(WORLD):
-        for batch, w in batches[r]:
-            if w.numel():
-                seq = _seq_grads(model, forward, batch, params)
-                total = total + intra_microbatch_oracle(model, forward, batch, params, seq, w.numpy(), acc_kwargs)
-    return total / WORLD
-
-
 # -- scenarios (run on every rank) --------------------------------------------------------------------------
 
 def _accumulate(model, forward, mine, wrap=None, **acc_kwargs):
@@ -147,20 +83,14 @@ def _spread(got):
     return max(float((g - allg[0]).abs().max()) for g in allg) / max(float(allg[0].norm()), 1e-300)
 
 
-def _compare(rank, model, forward, batches, acc_kwargs, oracle, *, wrap=None):
+def _compare(rank, model, forward, batches, acc_kwargs, want, *, wrap=None):
     got, comm = _accumulate(model, forward, batches[rank], wrap=wrap, **acc_kwargs)
     out = {"spread": _spread(got), "comm": comm}
     if rank == 0:
-        out["err"] = rel_err(got, oracle(model))
+        out["err"] = rel_err(got, want(model))
         if acc_kwargs.get("sync") == "global":  # how far the other semantics is: the test can tell them apart
-            out["local_err"] = rel_err(got, _oracle_local(model, forward, batches, _ref_opts(acc_kwargs)))
+            out["local_err"] = rel_err(got, oracle_local(model, forward, batches, ref_opts(acc_kwargs)))
     return out
-
-
-def _ref_opts(acc_kwargs):
-    opts = {k: acc_kwargs[k] for k in ("passes", "ridge", "relative_bound", "shrinkage") if k in acc_kwargs}
-    opts["solver"] = acc_kwargs.get("solver", "exact") if acc_kwargs.get("variant", "proma") == "proma" else "none"
-    return opts
 
 
 PROJECTED = {
@@ -182,36 +112,15 @@ def _scenario_mlp(name):
     def run(rank):
         batches = _mlp_batches()
         model = _mlp()
-        if kw["variant"] == "intra":
-            oracle = lambda m: _oracle_intra(m, _mlp_forward, batches, kw)  # noqa: E731
-        elif kw.get("sync") == "global":
-            oracle = lambda m: _with_plain(m, _oracle_global(m, _mlp_forward, batches, _ref_opts(kw)),  # noqa: E731
-                                           batches, kw.get("exclude", ()))
-        else:
-            oracle = lambda m: _oracle_local(m, _mlp_forward, batches, _ref_opts(kw))  # noqa: E731
-        return _compare(rank, model, _mlp_forward, batches, kw, oracle)
+        return _compare(rank, model, _mlp_forward, batches, kw, lambda m: oracle(m, _mlp_forward, batches, kw))
     return run
 
 
-def _with_plain(model, flat, batches, names):
-    """Excluded parameters get plain accumulation: their block is the mean over ranks of sum_i w_i g_i."""
-    if not names:
-        return flat
-    plain = _oracle_local(model, _mlp_forward, batches, {"solver": "none"})
-    start = 0
-    for name, p in trainable(model):
-        if name in names:
-            flat[start:start + p.numel()] = plain[start:start + p.numel()]
-        start += p.numel()
-    return flat
-
-
 def _scenario_qwen(rank):
-    batches = _qwen_batches()
+    batches = qwen_batches()
     model = tiny_qwen3(torch.float64)
     kw = PROJECTED["global-exact"]
-    out = _compare(rank, model, _qwen_forward, batches, kw,
-                   lambda m: _oracle_global(m, _qwen_forward, batches, _ref_opts(kw)))
+    out = _compare(rank, model, qwen_forward, batches, kw, lambda m: oracle(m, qwen_forward, batches, kw))
     out["P"] = sum(p.numel() for _, p in trainable(model))
     out["max_b"] = max(max(row) for row in ((2, 1), (1, 2)))
     return out
@@ -225,22 +134,8 @@ def _scenario_ddp(variant):
         model = _mlp()
         ddp = torch.nn.parallel.DistributedDataParallel(model)
         fwd = lambda net, batch: _mlp_forward(net, batch)  # noqa: E731
-        if kw.get("sync") == "global":
-            oracle = lambda m: _oracle_global(m, _mlp_forward, batches, _ref_opts(kw))  # noqa: E731
-        else:
-            oracle = lambda m: _oracle_local(m, _mlp_forward, batches, _ref_opts(kw))  # noqa: E731
-        return _compare(rank, model, fwd, batches, kw, oracle, wrap=ddp)
+        return _compare(rank, model, fwd, batches, kw, lambda m: oracle(m, _mlp_forward, batches, kw), wrap=ddp)
     return run
-
-
-def _expect_error(fn):
-    try:
-        fn()
-    except ValueError as exc:
-        return {"raised": "ValueError", "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001  (recorded: the test says which exception came)
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None}
 
 
 def _scenario_count_mismatch(rank):
@@ -255,7 +150,7 @@ def _scenario_count_mismatch(rank):
             acc.backward(_mlp_forward(model, batch), w)
         acc.synchronize()
     try:
-        return _expect_error(run)
+        return expect_error(run)
     finally:
         acc.close()
 
@@ -272,7 +167,7 @@ def _scenario_model_mismatch(sync):
                 acc.backward(_mlp_forward(model, batch), w)
             acc.synchronize()
         try:
-            return _expect_error(go)
+            return expect_error(go)
         finally:
             acc.close()
     return run
@@ -289,7 +184,7 @@ def _scenario_local_error_propagates(rank):
         batch, w = batches[rank][0]
         acc.backward(_mlp_forward(model, batch), w if rank == 0 else w[:0])
     try:
-        return _expect_error(go)
+        return expect_error(go)
     finally:
         acc.close()
 
@@ -306,53 +201,26 @@ SCENARIOS.update({
 })
 
 
-def _worker(rank, port, outdir):
-    pin_threads()
-    # a timeout turns a mismatched collective into an error instead of a hung test run
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                results[name] = fn(rank)
-            except Exception:  # noqa: BLE001  (the test reports it; later scenarios still run)
-                results[name] = {"crashed": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("dist")
-    mp.spawn(_worker, args=(free_port(), str(outdir)), nprocs=WORLD, join=True)
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-def _ok(results, name):
-    for r in range(WORLD):
-        assert "crashed" not in results[r][name], f"rank {r}:\n{results[r][name].get('crashed')}"
-    return results[0][name], results[1][name]
+    return spawn_scenarios(__name__, tmp_path_factory.mktemp("dist"))
 
 
 @pytest.mark.parametrize("name", list(PROJECTED) + ["qwen-global-exact", "ddp-global-exact", "ddp-none"])
 def test_matches_reference_and_ranks_agree(results, name):
-    r0, r1 = _ok(results, name)
+    r0, r1 = ok(results, name)
     assert r0["err"] <= FLOAT64_RTOL, f"{name}: relative error {r0['err']:.3g} vs the reference"
     assert r0["spread"] <= FLOAT64_RTOL, f"{name}: ranks hold different gradients ({r0['spread']:.3g})"
 
 
 @pytest.mark.parametrize("name", ["global-exact", "qwen-global-exact"])
 def test_global_differs_from_local(results, name):
-    r0, _ = _ok(results, name)
+    r0, _ = ok(results, name)
     assert r0["local_err"] > 1e-3, f"{name}: union and per-rank projections agree ({r0['local_err']:.3g})"
 
 
 def test_global_sends_factors_not_per_sequence_model_gradients(results):
-    r0, _ = _ok(results, "qwen-global-exact")
+    r0, _ = ok(results, "qwen-global-exact")
     comm = r0["comm"]
     # two microbatches; a per-sequence copy of the whole model's gradient would be max_b * P * 8 bytes each
     assert 0 < comm["payload_bytes"] < 2 * r0["max_b"] * r0["P"] * 8
@@ -360,7 +228,7 @@ def test_global_sends_factors_not_per_sequence_model_gradients(results):
 
 
 def test_local_sync_costs_one_gradient_allreduce(results):
-    r0, _ = _ok(results, "local-exact")
+    r0, _ = ok(results, "local-exact")
     comm = r0["comm"]
     # the header, then one all-reduce of every gradient plus one flag per parameter (all float64)
     n_params = len(trainable(_mlp()))

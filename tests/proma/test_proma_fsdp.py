@@ -8,24 +8,17 @@ the oracle.
 """
 from __future__ import annotations
 
-import datetime
-import json
-import os
-import traceback
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-import reference
 from proma import ProjectedAccumulator
-from verification.testkit import free_port, per_sequence_grads, pin_threads, rel_err, trainable
+from verification.testkit import rel_err, trainable
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
 from proma_testkit import ORACLE_RCOND_F32, tiny_qwen3
-from dist_testkit import WORLD, oracle_global, oracle_intra, oracle_local, qwen_batches, qwen_forward, ref_opts
+from dist_testkit import (WORLD, expect_error, ok, oracle, oracle_global, oracle_local, qwen_batches, qwen_forward,
+                          ref_opts, spawn_scenarios)
 
 pytestmark = pytest.mark.distributed
 
@@ -95,23 +88,6 @@ def _accumulate(net, mine, *, step=False, **acc_kwargs):
     return flat, facts
 
 
-def _oracle(model, batches, kw):
-    fwd = qwen_forward
-    if kw["variant"] == "intra":
-        return oracle_intra(model, fwd, batches, kw)
-    if kw.get("sync") == "global":
-        flat = oracle_global(model, fwd, batches, ref_opts(kw))
-        if kw.get("exclude"):   # excluded parameters: mean over ranks of the plain sums
-            plain = oracle_local(model, fwd, batches, {"solver": "none"})
-            start = 0
-            for name, p in trainable(model):
-                if name in kw["exclude"]:
-                    flat[start:start + p.numel()] = plain[start:start + p.numel()]
-                start += p.numel()
-        return flat
-    return oracle_local(model, fwd, batches, ref_opts(kw))
-
-
 def _scenario(name):
     kw = SCENARIOS_PROMA[name]
 
@@ -120,7 +96,7 @@ def _scenario(name):
         net = _shard(_model(torch.float64))
         got, facts = _accumulate(net, batches[rank], step=name == "global-exact", **kw)
         if rank == 0:
-            facts["err"] = rel_err(got, _oracle(_model(torch.float64), batches, kw))
+            facts["err"] = rel_err(got, oracle(_model(torch.float64), qwen_forward, batches, kw))
             if kw.get("sync") == "global":   # the other semantics must be told apart
                 facts["local_err"] = rel_err(got, oracle_local(_model(torch.float64), qwen_forward, batches,
                                                                 ref_opts(kw)))
@@ -128,15 +104,8 @@ def _scenario(name):
     return run
 
 
-def _oracle_f32_global(model, batches):
-    """reference.accumulate of the float32 model's per-sequence gradients (union microbatches, weights / W)."""
-    params = trainable(model)
-    mbs = []
-    for k in range(len(batches[0])):
-        rows = [(per_sequence_grads(model, qwen_forward(model, batches[r][k][0]), params), batches[r][k][1].numpy())
-                for r in range(WORLD)]
-        mbs.append((np.vstack([g for g, _ in rows]), np.concatenate([w for _, w in rows]) / WORLD))
-    return reference.accumulate(mbs, blocks=[p.numel() for _, p in params], solver="exact", rcond=ORACLE_RCOND_F32)
+# reference options of the float32 oracle: the exact solver with the float32 model's rank cut-off
+F32_REF_OPTS = {"solver": "exact", "rcond": ORACLE_RCOND_F32}
 
 
 def _scenario_mixed(param_dtype):
@@ -148,20 +117,10 @@ def _scenario_mixed(param_dtype):
         net = _shard(_model(torch.float32), mp_policy=policy)
         got, facts = _accumulate(net, batches[rank], variant="proma", sync="global", solver="exact")
         if rank == 0:
-            facts["err"] = rel_err(got, _oracle_f32_global(_model(torch.float32), batches))
+            facts["err"] = rel_err(got, oracle_global(_model(torch.float32), qwen_forward, batches, F32_REF_OPTS))
             facts["finite"] = bool(np.isfinite(got).all())
         return facts
     return run
-
-
-def _expect_error(fn):
-    try:
-        fn()
-    except ValueError as exc:
-        return {"raised": "ValueError", "message": str(exc)}
-    except Exception as exc:  # noqa: BLE001  (recorded: the test says which exception came)
-        return {"raised": type(exc).__name__, "message": str(exc)}
-    return {"raised": None}
 
 
 def _scenario_hsdp(rank):
@@ -169,7 +128,7 @@ def _scenario_hsdp(rank):
 
     net = _shard(_model(torch.float64), mesh=init_device_mesh("cpu", (WORLD, 1),
                                                                    mesh_dim_names=("replicate", "shard")))
-    return _expect_error(lambda: ProjectedAccumulator(net, variant="proma"))
+    return expect_error(lambda: ProjectedAccumulator(net, variant="proma"))
 
 
 def _scenario_tensor_parallel(rank):
@@ -178,7 +137,7 @@ def _scenario_tensor_parallel(rank):
 
     net = torch.nn.Sequential(torch.nn.Linear(4, 6))
     parallelize_module(net, init_device_mesh("cpu", (WORLD,)), {"0": ColwiseParallel()})
-    return _expect_error(lambda: ProjectedAccumulator(net, variant="proma"))
+    return expect_error(lambda: ProjectedAccumulator(net, variant="proma"))
 
 
 def _scenario_backward_after_synchronize(rank):
@@ -193,7 +152,7 @@ def _scenario_backward_after_synchronize(rank):
         acc.synchronize()
         acc.backward(qwen_forward(net, batch), w)
     try:
-        return _expect_error(go)
+        return expect_error(go)
     finally:
         acc.close()
 
@@ -203,7 +162,7 @@ def _scenario_built_before_sharding(rank):
     acc = ProjectedAccumulator(model, variant="proma")
     _shard(model)   # replaces every parameter by a DTensor: the accumulator's would be stale
     try:
-        return _expect_error(acc.zero_grad)
+        return expect_error(acc.zero_grad)
     finally:
         acc.close()
 
@@ -236,40 +195,14 @@ SCENARIOS.update({
 })
 
 
-def _worker(rank, port, outdir):
-    pin_threads()
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=datetime.timedelta(seconds=60))
-    results = {}
-    try:
-        for name, fn in SCENARIOS.items():
-            try:
-                results[name] = fn(rank)
-            except Exception:  # noqa: BLE001  (the test reports it; later scenarios still run)
-                results[name] = {"crashed": traceback.format_exc()}
-            dist.barrier()
-    finally:
-        with open(os.path.join(outdir, f"rank{rank}.json"), "w") as f:
-            json.dump(results, f)
-        dist.destroy_process_group()
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
-    outdir = tmp_path_factory.mktemp("fsdp")
-    mp.spawn(_worker, args=(free_port(), str(outdir)), nprocs=WORLD, join=True)
-    return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(WORLD)]
-
-
-def _ok(results, name):
-    for r in range(WORLD):
-        assert "crashed" not in results[r][name], f"rank {r}:\n{results[r][name].get('crashed')}"
-    return results[0][name], results[1][name]
+    return spawn_scenarios(__name__, tmp_path_factory.mktemp("fsdp"))
 
 
 @pytest.mark.parametrize("name", list(SCENARIOS_PROMA))
 def test_sharded_grads_match_reference(results, name):
-    r0, r1 = _ok(results, name)
+    r0, r1 = ok(results, name)
     for r in (r0, r1):
         assert r["dtensor"] and r["placed_like_param"], f"{name}: p.grad is not sharded like its parameter"
     assert r0["err"] <= FLOAT64_RTOL, f"{name}: relative error {r0['err']:.3g} vs the reference"
@@ -277,12 +210,12 @@ def test_sharded_grads_match_reference(results, name):
 
 @pytest.mark.parametrize("name", ["global-exact", "global-gram-schmidt"])
 def test_global_differs_from_local(results, name):
-    r0, _ = _ok(results, name)
+    r0, _ = ok(results, name)
     assert r0["local_err"] > 1e-3, f"{name}: union and per-rank projections agree ({r0['local_err']:.3g})"
 
 
 def test_global_exchange_in_rounds_matches_reference(results):
-    r0, r1 = _ok(results, "global-exact-rounds")
+    r0, r1 = ok(results, "global-exact-rounds")
     assert r0["dtensor"] and r1["dtensor"]
     assert r0["err"] <= FLOAT64_RTOL, f"relative error {r0['err']:.3g} vs the reference"
     # two microbatches, a header and a buffer per round, the header at synchronize
@@ -290,12 +223,12 @@ def test_global_exchange_in_rounds_matches_reference(results):
 
 
 def test_optimizer_steps_on_sharded_grads(results):
-    r0, _ = _ok(results, "global-exact")
+    r0, _ = ok(results, "global-exact")
     assert r0["step_err"] <= FLOAT64_RTOL, f"SGD step is not -lr * grad ({r0['step_err']:.3g})"
 
 
 def test_local_sync_costs_one_reduce_scatter(results):
-    r0, _ = _ok(results, "local-exact")
+    r0, _ = ok(results, "local-exact")
     comm = r0["comm"]
     n_params = comm["allreduce_payload_bytes"]   # every gradient once, float64
     # header all-gather, flag all-reduce, reduce-scatter of the gradients (zero-padded to W equal shards)
@@ -304,18 +237,18 @@ def test_local_sync_costs_one_reduce_scatter(results):
 
 
 def test_global_sync_sends_no_gradient(results):
-    r0, _ = _ok(results, "global-exact")
+    r0, _ = ok(results, "global-exact")
     assert r0["comm"]["collectives"] == 2 * 2 + 1   # header + buffer per microbatch, header at synchronize
 
 
 def test_mixed_precision_float32_forward_matches_float32_reference(results):
-    r0, r1 = _ok(results, "mixed-float32")
+    r0, r1 = ok(results, "mixed-float32")
     assert r0["dtensor"] and r1["dtensor"] and r0["grad_dtype"] == ["torch.float32"]
     assert r0["err"] <= FLOAT32_RTOL, f"relative error {r0['err']:.3g}"
 
 
 def test_mixed_precision_bfloat16_runs(results):
-    r0, _ = _ok(results, "mixed-bfloat16")
+    r0, _ = ok(results, "mixed-bfloat16")
     assert r0["dtensor"] and r0["finite"] and r0["grad_dtype"] == ["torch.float32"]
     # bf16 forward: the float32 reference is only approached to bf16 rounding (documented in docs/fsdp.md)
     assert r0["err"] <= BF16_RTOL, f"relative error {r0['err']:.3g}"

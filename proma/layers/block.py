@@ -31,8 +31,9 @@ import torch
 from .base import Contribution, IdsFactors, OuterFactors, SeqGrads, token_gram, token_gram_flops
 
 STRATEGIES = ("auto", "materialize", "ghost")
-# Grams and inner products are accumulated in float64 whatever the model dtype: their rounding then stays
-# far below that of the per-sequence gradients themselves, which sets the resolvable rank.
+# The Gram is accumulated in float64 whatever the model dtype (and so are the inner products on the materialize
+# route): its rounding then stays far below that of the per-sequence gradients themselves, which sets the
+# resolvable rank. Where each quantity lives is stated once, in proma.accumulator's docstring ("Precision").
 GRAM_DTYPE = torch.float64
 # Columns of a per-sequence gradient chunk converted to float64 at a time: bounds the transient float64
 # copy to b * GRAM_COLUMNS elements instead of a second, twice as large, copy of the chunk.

@@ -40,6 +40,9 @@ FORMED_GRAM_RATIO = 2
 # Krylov blocks of block Lanczos per decimal digit of the work dtype's resolution (28 for float32, 63 for
 # float64; see the module docstring for why this many).
 LANCZOS_BLOCKS_PER_DIGIT = 4.0
+# A new Krylov direction whose norm after reorthogonalisation is below BREAKDOWN x eps of its image's norm is
+# rounding, not a direction (the space is invariant to working precision): it is dropped (see _lanczos).
+BREAKDOWN = 64.0
 
 
 def lanczos_blocks(dtype: torch.dtype) -> int:
@@ -93,7 +96,7 @@ def _lanczos(M: torch.Tensor, k: int, right: bool, row_mask, blocks: int):
     basis = M.new_zeros(blocks * k, n)
     images = M.new_empty(blocks * k, n)
     basis[:k] = _start_block(M, k, right, row_mask).T
-    tiny = torch.finfo(M.dtype).tiny
+    tiny, eps = torch.finfo(M.dtype).tiny, torch.finfo(M.dtype).eps
     for j in range(blocks):
         lo, hi = j * k, (j + 1) * k
         W = op(basis[lo:hi].T)
@@ -101,14 +104,20 @@ def _lanczos(M: torch.Tensor, k: int, right: bool, row_mask, blocks: int):
         if j == blocks - 1:
             break
         B = basis[:hi]
+        before = W.norm(dim=0)
         W = torch.addmm(W, B.T, B @ W, alpha=-1.0)
         W = torch.addmm(W, B.T, B @ W, alpha=-1.0)
+        # breakdown: what is left after two Gram-Schmidt passes is rounding when it is below BREAKDOWN x eps of
+        # the image it came from (the Krylov space is numerically invariant); normalising it would add a
+        # direction that is neither new nor orthogonal and corrupt the Rayleigh-Ritz step, so it becomes 0
+        # (and so does every later block: the operator maps 0 to 0). A mask, not a branch: no host read.
+        floor = BREAKDOWN * eps * before
         if k == 1:
-            # a vector that fell into the span (invariant subspace found) stays ~0 instead of becoming noise
-            torch.div(W.T, W.norm().clamp_min(tiny), out=basis[hi:hi + 1])
+            norm = W.norm()
+            torch.mul(W.T, ((norm > floor) / norm.clamp_min(tiny)).to(W.dtype), out=basis[hi:hi + 1])
         else:
             Qn, Rn = torch.linalg.qr(W)
-            basis[hi:hi + k] = (Qn * (Rn.diagonal().abs() > 0).to(Qn.dtype)).T
+            basis[hi:hi + k] = (Qn * (Rn.diagonal().abs() > floor).to(Qn.dtype)).T
     B, CB = basis.T.double(), images.T.double()
     T = B.T @ CB
     theta, Y = torch.linalg.eigh(0.5 * (T + T.T))

@@ -30,6 +30,9 @@ REGIME_RULES = {
     "collapses": "grpo's entropy end/start interval lies below 1/2",
 }
 MET, NOT_MET = "met", "not met"
+# What each condition measures, in the words the report uses ("learns" is about the training pool's reward).
+CONDITION_NAMES = {"learns": "GRPO learns (reward on the training pool rises; held-out accuracy does not fall)",
+                   "collapses": "GRPO collapses entropy"}
 
 
 @dataclass(frozen=True)
@@ -92,7 +95,7 @@ def regime_checks(results: dict, *, mode: str) -> list[Verdict]:
     for regime, runs in results.items():
         for lr in sorted({ll for _, ll, _ in runs}):
             for key, check in (("learns", check_learns), ("collapses", check_collapses)):
-                claim = f"GRPO {'learns' if key == 'learns' else 'collapses entropy'}"
+                claim = CONDITION_NAMES[key]
                 evidence, v = ("-", NOT_JUDGED_QUICK) if mode not in JUDGED_MODES else check(runs, lr)
                 out.append(Verdict(claim, REGIME_RULES[key], f"{regime}, lr {lr:g}", evidence, v))
     return out

@@ -61,7 +61,9 @@ def test_regime_collapse_straddling_half_is_not_met():
 def test_regime_checks_need_seeds_and_full_mode():
     runs = runs_from({"grpo": {"reward_gain": 0.1, "val_change": 0.0, "entropy_end_ratio": 0.3}})
     full = V.regime_checks({"learn": runs}, mode="full")
-    assert [(c.claim, c.verdict) for c in full] == [("GRPO learns", V.MET), ("GRPO collapses entropy", V.MET)]
+    assert [(c.claim, c.verdict) for c in full] == [(V.CONDITION_NAMES["learns"], V.MET),
+                                                   ("GRPO collapses entropy", V.MET)]
+    assert "reward on the training pool rises" in full[0].claim
     assert {c.verdict for c in V.regime_checks({"learn": runs}, mode="quick")} == {V.NOT_JUDGED_QUICK}
     few = {k: v for k, v in runs.items() if k[2] < 3}
     assert {c.verdict for c in V.regime_checks({"learn": few}, mode="full")} == {V.INCONCLUSIVE}

@@ -162,7 +162,8 @@ def test_headline_quotes_seed_study_intervals_and_regime_conditions():
     assert "proma 0.500 [0.500, 0.500]" in head[0]       # every seed's KL ratio is 0.5
     assert "reward gain: grpo +0.050 [" in head[0]
     conditions = "\n".join(text_seeds.verdicts_section(inputs))
-    assert "| GRPO learns | " in conditions and "| learn, lr 0.0001 | reward gain 0.050 [" in conditions
+    assert "| GRPO learns (reward on the training pool rises" in conditions
+    assert "| learn, lr 0.0001 | reward gain 0.050 [" in conditions
     assert "validation change +0.010 [" in conditions and "**not met**" in conditions
     quick = report_inputs.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
     assert "quick mode: the code path, not evidence" in text_seeds.seed_headline(quick)[0]

@@ -5,7 +5,7 @@ Index conventions: M (t, d) a factor (t token rows, d features), n the side of t
 
 Two routes, picked from the shapes only (no host read):
 
-- ``n <= DENSE_EIGH_MAX``: a dense ``eigh`` of the Gram formed in M's dtype (exact to M's precision);
+- ``n <= DENSE_EIGH_MAX``: a dense ``eigh`` of the Gram, formed and solved in float64;
 - larger: block Lanczos with full reorthogonalisation on ``v -> M^T (M v)`` (or ``M (M^T v)``; through
   the formed Gram when its side is small against the other dimension), ``lanczos_blocks(dtype)`` blocks of
   k vectors, then Rayleigh-Ritz on the Krylov basis in float64. The start block is M's longest rows
@@ -144,9 +144,11 @@ def top_eigenpairs(M: torch.Tensor, rank: int, right: bool, *,
     n = M.shape[1] if right else M.shape[0]
     k = min(rank, n)
     if n <= DENSE_EIGH_MAX or k >= n // 2:
-        Mm = M if row_mask is None else M * row_mask[:, None].to(M.dtype)
+        # float64: LAPACK's float32 eigh failed to converge on a real intra Gram during training (a crash),
+        # and the Gram of a side <= DENSE_EIGH_MAX costs little in float64
+        Mm = (M if row_mask is None else M * row_mask[:, None].to(M.dtype)).double()
         lam, Q = torch.linalg.eigh(Mm.T @ Mm if right else Mm @ Mm.T)
-        theta, X = lam.double().flip(0)[:k], Q.double().flip(1)[:, :k]
+        theta, X = lam.flip(0)[:k], Q.flip(1)[:, :k]
         return theta, X, torch.zeros_like(theta)
     mask = None if row_mask is None else row_mask.to(M.dtype)
     return _lanczos(M, k, right, mask, min(lanczos_blocks(M.dtype), n // k))

@@ -1,10 +1,13 @@
 """Regime conditions and the absolute entropy rule: facts about GRPO's runs that say what a regime can test.
 
 The verdicts on the paper's claims are :mod:`verification.preregistered`'s (``reports/PREREGISTRATION.md``);
-this module holds the descriptive rules printed beside them, unchanged from the first study:
+this module holds the descriptive rules printed beside them (the first and third unchanged from the first
+study; the second is the condition that PREREGISTRATION.md section 2 names for the validation regime):
 
 * *Reward on the training pool rises* ("GRPO learns"): the 95% t-interval over seeds of GRPO's reward gain
   lies above 0 and that of its validation change (held-out accuracy) does not lie below 0.
+* *Held-out accuracy rises*: the interval of GRPO's validation change lies above 0 (what the validation regime
+  was chosen for; ``reports/PILOT.md`` section 7).
 * *Entropy collapses* (absolute rule): a run's rollout token entropy over the last quarter of rollout steps
   divided by its first step's (``entropy_end_ratio``) is below :data:`COLLAPSE_FRACTION`; a method collapses
   in a regime iff the interval of that ratio over seeds lies below it, and avoids collapse iff it lies above.
@@ -27,11 +30,13 @@ COLLAPSE_FRACTION = 0.5
 BASELINE = "grpo"
 REGIME_RULES = {
     "learns": "grpo's reward gain interval lies above 0 and its validation change interval does not lie below 0",
+    "heldout": "grpo's validation change interval lies above 0",
     "collapses": "grpo's entropy end/start interval lies below 1/2",
 }
 MET, NOT_MET = "met", "not met"
 # What each condition measures, in the words the report uses ("learns" is about the training pool's reward).
 CONDITION_NAMES = {"learns": "GRPO learns (reward on the training pool rises; held-out accuracy does not fall)",
+                   "heldout": "GRPO's held-out accuracy rises",
                    "collapses": "GRPO collapses entropy"}
 
 
@@ -80,6 +85,17 @@ def check_learns(runs: dict, lr: float) -> tuple[str, str]:
     return evidence, MET if gain["lo"] > 0 and not falls else NOT_MET
 
 
+def check_heldout(runs: dict, lr: float) -> tuple[str, str]:
+    """Does the baseline's held-out accuracy demonstrably rise at ``lr``? (:data:`REGIME_RULES` ``"heldout"``)."""
+    seeds = _seeds(runs, BASELINE, lr)
+    if len(seeds) < MIN_SEEDS:
+        return f"{len(seeds)} seeds", INCONCLUSIVE
+    if not all("val_change" in runs[(BASELINE, lr, s)] for s in seeds):
+        return "no warm-start validation to compare with", INCONCLUSIVE
+    change = stats.t_interval([runs[(BASELINE, lr, s)]["val_change"] for s in seeds])
+    return f"validation change {stats.format_interval(change, '+.4f')}", MET if change["lo"] > 0 else NOT_MET
+
+
 def check_collapses(runs: dict, lr: float) -> tuple[str, str]:
     """Does the baseline's entropy demonstrably collapse at ``lr``? (:data:`REGIME_RULES` ``"collapses"``)."""
     seeds = _seeds(runs, BASELINE, lr)
@@ -94,7 +110,7 @@ def regime_checks(results: dict, *, mode: str) -> list[Verdict]:
     out = []
     for regime, runs in results.items():
         for lr in sorted({ll for _, ll, _ in runs}):
-            for key, check in (("learns", check_learns), ("collapses", check_collapses)):
+            for key, check in (("learns", check_learns), ("heldout", check_heldout), ("collapses", check_collapses)):
                 claim = CONDITION_NAMES[key]
                 evidence, v = ("-", NOT_JUDGED_QUICK) if mode not in JUDGED_MODES else check(runs, lr)
                 out.append(Verdict(claim, REGIME_RULES[key], f"{regime}, lr {lr:g}", evidence, v))

@@ -29,7 +29,9 @@ N_SEEDS = 15
 NEW_SEEDS = tuple(range(5, 15))   # the seeds run after the pre-registration
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 IN_PROGRESS, NOT_JUDGED = "in progress", "not judged (not the full study)"
-DEFAULT_VALIDATION_REGIME = "learn-240"   # until the held-out pilot (PILOT.md section 7) finds a regime
+# where VAL is judged: the regime the held-out pilot accepted (PILOT.md section 7, PREREGISTRATION.md amendment 3;
+# verification.study_seeds.VALIDATION_REGIME, checked equal by the tests)
+DEFAULT_VALIDATION_REGIME = "heldout-all-lr5e-5"
 VAL_OTHERS = ("grpo", "proma", "proma-paper", "reinforce")
 COLUMN = {"kl": "local_kl_mean", "entropy": "entropy_end_ratio", "val": "val_final"}
 

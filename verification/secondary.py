@@ -5,8 +5,11 @@
   thirds of the run), paired log-ratio t-interval and p.
 * :func:`leave_one_out`: for each hypothesis, the estimate and p over the n subsets of n - 1 seeds.
 * Wilcoxon signed-rank p beside each paired t p: :func:`wilcoxon`.
+* :func:`val_elsewhere`: VAL's test in the regimes other than the validation regime.
 """
 from __future__ import annotations
+
+from dataclasses import replace
 
 import numpy as np
 
@@ -55,6 +58,17 @@ def leave_one_out(results: dict, outcome: P.Outcome) -> dict | None:
     ps = [o.p for o in subsets]
     kept = sum(o.p < UNADJUSTED and o.supports == outcome.supports for o in subsets)
     return {"estimate": (min(est), max(est)), "p": (min(ps), max(ps)), "kept": kept, "subsets": len(subsets)}
+
+
+def val_elsewhere(results: dict) -> list[P.Outcome]:
+    """VAL's intersection-union test in every regime of ``results`` other than the validation regime (with
+    seeds of intra there), unadjusted: section 4's "VAL in *collapse* and *learn-240*"."""
+    val = next(h for h in P.family() if h.kind == "val")
+    out = []
+    for regime in sorted(results):
+        if regime != val.regime and any(m == val.method for m, _, _ in results[regime]):
+            out.append(P.test(replace(val, regime=regime), results))
+    return out
 
 
 def wilcoxon(outcome: P.Outcome) -> float | None:

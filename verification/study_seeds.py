@@ -39,11 +39,17 @@ RUN_DEFAULTS = dict(eval_size=64, progress=False, ckpt_every=50, second_order=Fa
 # pool (each prompt revisited many times) at lr 3e-4, where GRPO's reward rose on the pool while its entropy and
 # held-out accuracy fell.
 LEARN = dict(train_pool=1024, warmstart_steps=1000)
+# The validation regime (PREREGISTRATION.md amendment 3), found by the held-out pilot (PILOT.md section 7): the
+# learn-240 warm-start, the whole train split as the prompt pool (train_pool=0), 480 rollout steps at lr 5e-5,
+# where GRPO's greedy accuracy on the whole test split rose on every pilot seed.
+VALIDATION_REGIME = "heldout-all-lr5e-5"
+_ALL_POOL = dict(train_pool=0, warmstart_steps=1000)
 REGIMES = {
     "learn-240": dict(LEARN, steps=240),
     "collapse": dict(train_pool=64, steps=60),
+    VALIDATION_REGIME: dict(_ALL_POOL, steps=480),
 }
-REGIME_LRS = {"learn-240": (1e-4,), "collapse": (3e-4,)}
+REGIME_LRS = {"learn-240": (1e-4,), "collapse": (3e-4,), VALIDATION_REGIME: (5e-5,)}
 # Seeds 0-4 ran first (REPORT.md of 2026-11-28); 5-14 after reports/PREREGISTRATION.md (issue 21).
 SEEDS = tuple(range(15))
 # Items scored by whole_split_eval: more than any task's test split, i.e. all of it (setup slices a shuffle).
@@ -304,16 +310,16 @@ PILOT_GRID = StudyGrid(regimes={"pilot-p64": dict(train_pool=64, steps=40)},
 # The first study's 80-step "learn" regime (PILOT.md sections 4-6; every method x 5 seeds, data committed): GRPO did
 # not demonstrably learn in 80 steps, so the full grid runs the same regime for 240 steps instead.
 LEARN_80_GRID = StudyGrid(regimes={"learn-80": dict(LEARN, steps=80)}, lrs={"learn-80": (1e-4,)})
-# The held-out pilot (PILOT.md section 7): GRPO only, candidates tried in order, seeds 0-2 then 3-4.
-_ALL_POOL = dict(train_pool=0, warmstart_steps=1000)
+# The held-out pilot (PILOT.md section 7): GRPO only, candidates tried in order, seeds 0-2 then 3-4; its third
+# candidate was accepted and is the full grid's VALIDATION_REGIME.
 HELDOUT_REGIMES = {
     "heldout-all-240": dict(_ALL_POOL, steps=240),
     "heldout-all-480": dict(_ALL_POOL, steps=480),
-    "heldout-all-lr5e-5": dict(_ALL_POOL, steps=480),
+    VALIDATION_REGIME: REGIMES[VALIDATION_REGIME],
     "heldout-w500-all": dict(_ALL_POOL, warmstart_steps=500, steps=240),
     "heldout-h256-all": dict(_ALL_POOL, hidden_size=256, intermediate_size=683, steps=240),
 }
-HELDOUT_LRS = {**{r: (1e-4,) for r in HELDOUT_REGIMES}, "heldout-all-lr5e-5": (5e-5,)}
+HELDOUT_LRS = {**{r: (1e-4,) for r in HELDOUT_REGIMES}, VALIDATION_REGIME: REGIME_LRS[VALIDATION_REGIME]}
 HELDOUT_GRID = StudyGrid(regimes=HELDOUT_REGIMES, lrs=HELDOUT_LRS, methods=("grpo",), seeds=(0, 1, 2, 3, 4))
 GRIDS = {"full": StudyGrid(), "pilot": PILOT_GRID, "learn-80": LEARN_80_GRID, "heldout": HELDOUT_GRID}
 

@@ -58,10 +58,25 @@ def test_regime_collapse_straddling_half_is_not_met():
     assert verdict == V.NOT_MET and "0.450 [0.298, 0.602]" in evidence
 
 
+def test_regime_heldout_rule_needs_the_interval_above_zero():
+    """The validation regime's condition: GRPO's validation-change interval above 0 (PILOT.md section 7's
+    acceptance rule); the pilot's five seeds of candidate 3 meet it, candidate 1's three plus two do not."""
+    runs = runs_from({"grpo": {"val_change": 0.0}})
+    for s, v in zip(SEEDS, [0.0145, 0.0126, 0.0133, 0.0145, 0.0115]):   # mean 0.01328, interval [0.0117, 0.0149]
+        runs[("grpo", 1e-3, s)]["val_change"] = v
+    evidence, verdict = V.check_heldout(runs, 1e-3)
+    assert verdict == V.MET and "+0.0133 [+0.0117, +0.0149]" in evidence
+    for s, v in zip(SEEDS, [0.0096, -0.0080, 0.0021, 0.0100, 0.0050]):
+        runs[("grpo", 1e-3, s)]["val_change"] = v
+    assert V.check_heldout(runs, 1e-3)[1] == V.NOT_MET
+    assert V.check_heldout(runs_from({"grpo": {"reward_gain": 0.1}}), 1e-3)[1] == V.INCONCLUSIVE
+
+
 def test_regime_checks_need_seeds_and_full_mode():
     runs = runs_from({"grpo": {"reward_gain": 0.1, "val_change": 0.0, "entropy_end_ratio": 0.3}})
     full = V.regime_checks({"learn": runs}, mode="full")
     assert [(c.claim, c.verdict) for c in full] == [(V.CONDITION_NAMES["learns"], V.MET),
+                                                   ("GRPO's held-out accuracy rises", V.NOT_MET),
                                                    ("GRPO collapses entropy", V.MET)]
     assert "reward on the training pool rises" in full[0].claim
     assert {c.verdict for c in V.regime_checks({"learn": runs}, mode="quick")} == {V.NOT_JUDGED_QUICK}

@@ -11,7 +11,7 @@ from verification import preregistered as P
 from verification import secondary, stats
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
-LR = {"learn-240": 1e-4, "collapse": 3e-4}
+LR = {"learn-240": 1e-4, "collapse": 3e-4, P.DEFAULT_VALIDATION_REGIME: 5e-5}
 MC_TRIALS = 20_000
 MC_TOL = 0.015   # Monte-Carlo standard error of a power near 0.8 with 20k trials is 0.003
 
@@ -116,3 +116,28 @@ def test_secondary_analyses_report_without_deciding():
     assert rows[0][2]["mean"] == pytest.approx(by_id(P.decide(res))["KL-G-L"].estimate["mean"])
     loo = secondary.leave_one_out(res, by_id(P.decide(res))["KL-G-L"])
     assert loo["subsets"] == 15 and loo["kept"] == 15 and loo["estimate"][0] <= 0.8 * 1.02
+
+
+def test_validation_regime_is_the_pilots_accepted_candidate_in_the_full_grid():
+    """Amendment 3: VAL is judged in the full grid's validation regime, whose runs are exactly the held-out pilot's
+    (same preset overrides and learning rate), so the pilot's GRPO seeds 0-4 are that regime's seeds 0-4."""
+    from verification import study_seeds as S
+
+    assert P.DEFAULT_VALIDATION_REGIME == S.VALIDATION_REGIME == next(h for h in P.family() if h.id == "VAL").regime
+    full = S.GRIDS["full"]
+    assert full.regimes[S.VALIDATION_REGIME] == S.HELDOUT_GRID.regimes[S.VALIDATION_REGIME] == dict(
+        train_pool=0, warmstart_steps=1000, steps=480)
+    assert full.lrs[S.VALIDATION_REGIME] == S.HELDOUT_GRID.lrs[S.VALIDATION_REGIME] == (5e-5,)
+    assert set(full.methods) == set(METHODS) and tuple(full.seeds) == tuple(range(15))
+
+
+def test_val_elsewhere_tests_val_in_the_other_regimes_only():
+    results = synthetic(val={"intra": 0.35})
+    others = secondary.val_elsewhere(results)
+    assert [o.hypothesis.regime for o in others] == ["collapse", "learn-240"]
+    assert all(o.hypothesis.id == "VAL" and o.n == 15 and o.supports for o in others)
+    main = by_id(P.decide(results))["VAL"]
+    assert main.hypothesis.regime == P.DEFAULT_VALIDATION_REGIME and main.p != others[0].p
+    # a regime without intra's runs is left out
+    assert secondary.val_elsewhere({**results, "collapse": {k: v for k, v in results["collapse"].items()
+                                                             if k[0] != "intra"}})[0].hypothesis.regime == "learn-240"

@@ -130,7 +130,7 @@ def test_full_mode_verdict_table_comes_first_and_decides():
                                      "val_final": v + 0.002 * rng.standard_normal(), "reward_gain": 0.05,
                                      "val_change": 0.0}
                         for m, (kl, ent, v) in cols.items() for s in range(15)}
-               for regime, lr in (("learn-240", 1e-4), ("collapse", 3e-4))}
+               for regime, lr in (("learn-240", 1e-4), ("collapse", 3e-4), ("heldout-all-lr5e-5", 5e-5))}
     seeds = {"grid": SEED_GRIDS["full"], "results": results, "tables": {}, "start": {},
              "regime_checks": claims.regime_checks(results, mode="full")}
     text = "\n".join(text_seeds.verdicts_section(report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],

@@ -36,9 +36,8 @@ STRATEGIES = ("auto", "materialize", "ghost")
 # resolvable rank. Where each quantity lives is stated once, in proma.accumulator's docstring ("Precision").
 GRAM_DTYPE = torch.float64
 # Columns of a per-sequence gradient chunk converted to float64 at a time: bounds the transient float64
-# copy to b * GRAM_COLUMNS elements instead of a second, twice as large, copy of the chunk, and keeps that
-# copy small enough to stay in cache between the conversion and the two products that read it.
-GRAM_COLUMNS = 1 << 12
+# copy to b * GRAM_COLUMNS elements instead of a second, twice as large, copy of the chunk.
+GRAM_COLUMNS = 1 << 15
 
 
 def _gram_update_(K: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor, Gf: torch.Tensor | None) -> None:

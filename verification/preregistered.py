@@ -50,19 +50,16 @@ class Hypothesis:
 
 def family(validation_regime: str = DEFAULT_VALIDATION_REGIME) -> tuple[Hypothesis, ...]:
     """The eleven hypotheses of PREREGISTRATION.md section 2, in its order."""
-    out = []
-    for regime, tag in (("learn-240", "L"), ("collapse", "C")):
-        out += [Hypothesis(f"KL-G-{tag}", "exact PROMA keeps the local KL tighter than GRPO", regime, "kl", "proma", "grpo"),
-                Hypothesis(f"KL-R-{tag}", "the projection tightens the local KL (PROMA vs REINFORCE)", regime, "kl",
-                           "proma", "reinforce"),
-                Hypothesis(f"KL-P-{tag}", "the published settings keep the local KL tighter than GRPO", regime, "kl",
-                           "proma-paper", "grpo")]
-    for regime, tag in (("learn-240", "L"), ("collapse", "C")):
-        out += [Hypothesis(f"EN-G-{tag}", "exact PROMA keeps more entropy than GRPO", regime, "entropy", "proma", "grpo"),
-                Hypothesis(f"EN-P-{tag}", "the published settings keep more entropy than GRPO", regime, "entropy",
-                           "proma-paper", "grpo")]
-    order = ["KL-G-L", "KL-G-C", "KL-R-L", "KL-R-C", "KL-P-L", "KL-P-C", "EN-G-L", "EN-G-C", "EN-P-L", "EN-P-C"]
-    out = sorted(out, key=lambda h: order.index(h.id))
+    regimes = (("learn-240", "L"), ("collapse", "C"))
+    kl = (("G", "exact PROMA keeps the local KL tighter than GRPO", "proma", "grpo"),
+          ("R", "the projection tightens the local KL (PROMA vs REINFORCE)", "proma", "reinforce"),
+          ("P", "the published settings keep the local KL tighter than GRPO", "proma-paper", "grpo"))
+    entropy = (("G", "exact PROMA keeps more entropy than GRPO", "proma"),
+               ("P", "the published settings keep more entropy than GRPO", "proma-paper"))
+    out = [Hypothesis(f"KL-{tag}-{r}", claim, regime, "kl", method, against)
+           for tag, claim, method, against in kl for regime, r in regimes]
+    out += [Hypothesis(f"EN-{tag}-{r}", claim, regime, "entropy", method, "grpo")
+            for tag, claim, method in entropy for regime, r in regimes]
     out.append(Hypothesis("VAL", "intra is best on validation", validation_regime, "val", "intra", VAL_OTHERS))
     return tuple(out)
 

@@ -15,6 +15,19 @@ PREREG = "reports/PREREGISTRATION.md"
 ABSOLUTE_COLLAPSE = claims.COLLAPSE_FRACTION
 
 
+def _own_warmstarts(warmstarts: dict, grid_steps: int) -> list[tuple[list, dict]]:
+    """The regimes' own warm-starts (another step count than the report grid's, whose training is in the report's
+    timings), once per warm-start key: ``[(regimes sharing it, its record)]``; of several records of one key (the
+    same training, repeated) the shortest, the cost of training it once."""
+    by_key: dict = {}
+    for regime, w in sorted(warmstarts.items()):
+        if w["steps"] == grid_steps:
+            continue
+        regimes, best = by_key.get(w.get("key", regime), ([], w))
+        by_key[w.get("key", regime)] = (regimes + [regime], min(best, w, key=lambda x: x["seconds"]))
+    return list(by_key.values())
+
+
 def resumed_seed_study(meta, seeds) -> str:
     """The cost of seed runs this report found already done in ``data/seeds`` (a resumed study), or ``""``."""
     if not seeds or not seeds.get("run_seconds"):
@@ -23,15 +36,16 @@ def resumed_seed_study(meta, seeds) -> str:
     jobs = SEED_STUDY_JOBS
     if spent >= seeds["run_seconds"] / jobs / 2:
         return ""
-    # a regime's own warm-start (other step count than the grid's, whose training is in this report's timings)
-    own = {r: w for r, w in seeds.get("warmstarts", {}).items()
-           if w["steps"] != meta["harness_config"]["warmstart_steps"]}
-    warm_s = sum(w["seconds"] for w in own.values())
-    warm_txt = "".join(f", plus {w['seconds'] / 60:.0f} min to train the {w['steps']}-step warm-start of `{r}`"
-                       for r, w in own.items())
+    own = _own_warmstarts(seeds.get("warmstarts", {}), meta["harness_config"]["warmstart_steps"])
+    warm_s = sum(w["seconds"] for _, w in own)
+    warm_txt = "".join(f", plus {w['seconds'] / 60:.0f} min to train the {w['steps']}-step warm-start of "
+                       + ", ".join(f"`{r}`" for r in regimes) for regimes, w in own)
     total = sum(meta["timings_s"].values()) - spent + seeds["run_seconds"] / jobs + warm_s
+    done = sum(len(runs) for runs in seeds.get("results", {}).values())
+    planned = len(seeds["grid"].runs()) if seeds.get("grid") else done
+    which = f" the {done} of {planned} planned runs done so far" if done < planned else " they"
     return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
-            f"only loaded them); run from scratch they take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
+            f"only loaded them); run from scratch{which} take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
             f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers{warm_txt}, so the whole report takes "
             f"about {total / 60:.0f} min ({total / 3600:.1f} h).")
 

@@ -189,5 +189,11 @@ def test_resumed_seed_study_states_the_cost_from_scratch():
     assert "120 worker-minutes, about 60 min on 2 workers, plus 12 min to train the 1000-step warm-start of " \
            "`learn-240`, so the whole report takes about 82 min (1.4 h)." in text
     assert "collapse" not in text
+    # regimes sharing one warm-start (same key) pay for its training once, at its shortest recorded time
+    shared = {**seeds, "warmstarts": {**seeds["warmstarts"],
+                                      "learn-240": {"key": "k1", "steps": 1000, "seconds": 720.0},
+                                      "heldout": {"key": "k1", "steps": 1000, "seconds": 3000.0}}}
+    assert "plus 12 min to train the 1000-step warm-start of `heldout`, `learn-240`, so the whole report takes " \
+           "about 82 min" in text_seeds.resumed_seed_study(meta, shared)
     # a study that ran in this report (its seed_study phase took the runs' time) needs no estimate
     assert text_seeds.resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""

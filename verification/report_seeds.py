@@ -58,15 +58,7 @@ def load_seeds(mode: str, data_dir) -> dict:
     """The mode's seed study as far as ``data_dir`` holds it (the dictionary of :func:`seeds_phase`); runs nothing."""
     grid = SEED_GRIDS[mode]
     results = {regime: seed_tables.load_results(data_dir, regime) for regime in grid.regimes}
-    start = {}
-    for regime in grid.regimes:
-        folder = Path(data_dir) / regime
-        # the first study's warm-start if the regime has it, else the (one) warm-start of a fresh study
-        path = next(iter(sorted(folder.glob("start_eval*.json"), key=lambda p: p.name != "start_eval.json")), None)
-        if path is None:
-            raise ValueError(f"{folder / 'start_eval.json'}: missing; the seed study of regime {regime!r} has not started")
-        res = json.loads(path.read_text())
-        start[regime] = {k: res[k] for k in ("n", "accuracy", "se")}
+    start = {regime: seed_tables.warmstart_evals(Path(data_dir) / regime) for regime in grid.regimes}
     compute = sum(json.loads(f.read_text())["seconds"]["total"]
                   for regime in grid.regimes for f in (Path(data_dir) / regime).glob("*-lr*-s*.json"))
     warm = {regime: json.loads(f.read_text()) for regime in grid.regimes

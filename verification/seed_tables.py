@@ -156,6 +156,30 @@ def start_eval_path(folder, warm_id: str | None) -> Path:
     return Path(folder) / ("start_eval.json" if warm_id is None else f"start_eval-{warm_id}.json")
 
 
+def warmstart_evals(folder) -> list[dict]:
+    """Every warm-start of a regime's data folder with its whole-split evaluation and the seeds that started from
+    it: ``[{"file", "n", "accuracy", "se", "seeds"}]``, the first study's (``start_eval.json``) first.
+
+    Raises ValueError when the folder has no warm-start evaluation (the regime's study has not started).
+    """
+    folder = Path(folder)
+    files = sorted(folder.glob("start_eval*.json"), key=lambda p: (p.name != "start_eval.json", p.name))
+    if not files:
+        raise ValueError(f"{folder / 'start_eval.json'}: missing; the seed study of regime {folder.name!r} has not "
+                         "started")
+    seeds = {path.name: set() for path in files}
+    for path in folder.glob("*-lr*-s*.json"):
+        res = json.loads(path.read_text())
+        seeds.setdefault(start_eval_path(folder, res.get("warmstart", {}).get("id")).name, set()).add(
+            res["config"]["seed"])
+    out = []
+    for path in files:
+        res = json.loads(path.read_text())
+        out.append({"file": path.name, **{k: res[k] for k in ("n", "accuracy", "se")},
+                    "seeds": sorted(seeds[path.name])})
+    return out
+
+
 def load_results(data_dir, regime: str) -> dict:
     """``{(method, lr, seed): run numbers}`` of every result file of ``regime``; a run's validation change is
     taken against the warm-start it started from (:func:`start_eval_path`)."""

@@ -61,10 +61,10 @@ def seed_tables(r) -> list:
     scored = ("the whole test split" if grid.eval_items is None
               else f"the first {grid.eval_items} items of a fixed shuffle of the test split")
     lines = [f"Methods {', '.join(grid.methods)}; seeds {', '.join(map(str, grid.seeds))}; preset `{grid.preset}`. "
-             "Every run of a regime starts from one shared warm-start and runs with one seed see the same prompts, "
-             f"so comparisons to GRPO are paired by seed. Final validation: greedy exact match on {scored}. Raw "
-             "per-run JSON: `data/seeds/<regime>/` (`start_eval.json`: the warm-start on the same items; "
-             "`warmstart.json`: its training record)."]
+             "Every run of a seed starts from the same warm-start as every other method's run of that seed and sees "
+             "the same prompts, so comparisons to GRPO are paired by seed. Final validation: greedy exact match on "
+             f"{scored}. Raw per-run JSON: `data/seeds/<regime>/` "
+             "(`start_eval*.json`: each warm-start on the same items; `warmstart.json`: a training record)."]
     if r.seeds.get("run_seconds"):
         lines.append(f"Cost: the runs took {r.seeds['run_seconds'] / 60:.1f} minutes of one single-threaded worker "
                      f"each in total (training and whole-split evaluation), i.e. about "
@@ -74,7 +74,9 @@ def seed_tables(r) -> list:
         lines.append("How the regimes were chosen from GRPO-only pilots, and the 80-step version of the learn regime "
                      "that the 240-step one replaced (GRPO did not demonstrably learn in 80 steps; its runs are kept "
                      "in `data/seeds/learn-80/`): `PILOT.md` sections 4-6. The 240-step horizon was chosen after "
-                     "GRPO's and exact PROMA's 240-step runs of seeds 0-4 (see the verdict section).")
+                     "GRPO's and exact PROMA's 240-step runs of seeds 0-4 (see the verdict section). Seeds 0-4 of "
+                     "`learn-240` and `collapse` start from the first study's warm-starts, seeds 5-14 from retrained "
+                     "ones (pre-registration amendment 1); each regime's header names its warm-starts.")
     else:
         lines.append(f"{mode} mode: {len(grid.seeds)} seeds and a few rollout steps; the intervals show the code "
                      "path, not evidence, and no verdict is issued.")
@@ -82,9 +84,9 @@ def seed_tables(r) -> list:
     for regime, tab in r.seeds["tables"].items():
         over = ", ".join(f"{k}={v}" for k, v in grid.regimes[regime].items())
         lrs = ", ".join(f"{lr:g}" for lr in grid.lrs[regime])
-        start = r.seeds.get("start", {}).get(regime)
-        start_txt = (f"; warm-start validation {f(start['accuracy'])} ± {f(start['se'])} on {start['n']} items"
-                     if start else "")
+        start_txt = "".join(f"; warm-start validation {f(w['accuracy'])} ± {f(w['se'])} on {w['n']} items "
+                            f"(`{w['file']}`, seeds {_seed_list(w['seeds'])})"
+                            for w in r.seeds.get("start", {}).get(regime, []))
         lines += [f"**Regime `{regime}`** ({over}; lr {lrs}{start_txt}):", ""]
         lines += [markdown_tables(tab) if tab else "No finished run.", ""]
         if tab:
@@ -98,6 +100,19 @@ def seed_tables(r) -> list:
                       f"{MIN_EQUAL_KL_STEPS}; 95% t-intervals over seeds, difference paired by seed):", "",
                       markdown_equal_kl(eq), ""]
     return lines
+
+
+def _seed_list(seeds: list) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``; ``"none yet"`` for an empty list."""
+    if not seeds:
+        return "none yet"
+    groups = [[seeds[0]]]
+    for seed in seeds[1:]:
+        if seed == groups[-1][-1] + 1:
+            groups[-1].append(seed)
+        else:
+            groups.append([seed])
+    return ", ".join(str(g[0]) if len(g) == 1 else f"{g[0]}-{g[-1]}" for g in groups)
 
 
 def seed_headline(r) -> list:

@@ -101,7 +101,8 @@ def test_seed_sections_render_intervals_and_verdicts():
                            "entropy_end_ratio": 0.95, "val_final": 0.5, "val_final_se": 0.1, "val_change": 0.01}
             for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s in (0, 1)}
     seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": seed_tables.aggregate(runs)},
-             "start": {"smoke": {"n": 16, "accuracy": 0.5, "se": 0.125}}, "run_seconds": 600.0}
+             "start": {"smoke": [{"file": "start_eval-abc.json", "n": 16, "accuracy": 0.5, "se": 0.125,
+                                  "seeds": [0, 1]}]}, "run_seconds": 600.0}
     meta = {**META, "mode": "smoke"}
     inputs = report_inputs.ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
                                   [{"method": "grpo", "lr": 1e-3, "steps": 4, "exceeded_frac": 0.25,
@@ -110,6 +111,7 @@ def test_seed_sections_render_intervals_and_verdicts():
                      + report_text._first_order(inputs))
     assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text  # every seed's local-KL ratio to grpo is 0.5
     assert "first 16 items" in text and "warm-start validation 0.5 ± 0.125 on 16 items" in text
+    assert "(`start_eval-abc.json`, seeds 0-1)" in text
     assert "| grpo | 0.001 | 0.500 ± 0.100 | 0.500 ± 0.100 |" in text  # validation per seed, with its SE
     assert "took 10.0 minutes of one single-threaded worker" in text and "about 5 minutes of wall time" in text
     assert "smoke mode: no verdict" in text and "**supported**" not in text

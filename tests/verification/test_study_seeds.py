@@ -167,3 +167,26 @@ def test_thirds_cover_the_run_in_order_and_are_never_empty():
     assert [len(t) for t in T.thirds(np.arange(480))] == [160, 160, 160]
     with pytest.raises(ValueError, match="empty"):
         T.thirds(np.arange(0))
+
+
+def test_warmstart_evals_group_the_seeds_by_the_warmstart_they_started_from(tmp_path):
+    """Seeds 0-1 predate warm-start ids (the first study's ``start_eval.json``), seeds 2-3 record theirs; each
+    warm-start is listed with its own evaluation and seeds, the first study's first."""
+    folder = tmp_path / "learn"
+    folder.mkdir()
+    (folder / "start_eval.json").write_text(json.dumps({"n": 100, "accuracy": 0.30, "se": 0.046}))
+    (folder / "start_eval-abc.json").write_text(json.dumps({"n": 100, "accuracy": 0.35, "se": 0.048}))
+    for seed in range(4):
+        res = _result("grpo", seed, 0.02, [0.1, 0.2, 0.3, 0.5], 0.4)
+        if seed >= 2:
+            res["warmstart"] = {"id": "abc"}
+        (folder / f"grpo-lr0.001-s{seed}.json").write_text(json.dumps(res))
+    evals = T.warmstart_evals(folder)
+    assert [(e["file"], e["accuracy"], e["seeds"]) for e in evals] == [("start_eval.json", 0.30, [0, 1]),
+                                                                       ("start_eval-abc.json", 0.35, [2, 3])]
+    runs = T.load_results(tmp_path, "learn")     # and each run's validation change is against its own warm-start
+    assert runs[("grpo", 1e-3, 1)]["val_change"] == pytest.approx(0.10)
+    assert runs[("grpo", 1e-3, 3)]["val_change"] == pytest.approx(0.05)
+    with pytest.raises(ValueError, match=r"empty.start_eval\.json: missing"):
+        (tmp_path / "empty").mkdir()
+        T.warmstart_evals(tmp_path / "empty")

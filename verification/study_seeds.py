@@ -351,8 +351,13 @@ def main(argv=None) -> int:
     ap.add_argument("--methods", nargs="+", default=None, help="run only these methods of the grid")
     ap.add_argument("--seeds", nargs="+", type=int, default=None, help="run only these seeds of the grid")
     ap.add_argument("--regimes", nargs="+", default=None, help="run only these regimes of the grid")
+    ap.add_argument("--plan", action="store_true", help="print what is left and its estimated cost; run nothing")
     ns = ap.parse_args(argv)
     grid = restrict(GRIDS[ns.grid], methods=ns.methods, seeds=ns.seeds, regimes=ns.regimes)
+    if ns.plan:
+        from .study_plan import markdown, plan
+        print(markdown(plan(grid, ns.data_dir), workers=ns.jobs))
+        return 0
     t0 = time.perf_counter()
     run_study(grid, ns.data_dir, ns.runs_dir, jobs=ns.jobs, cache_dir=ns.cache_dir, archive_dir=ns.archive_dir or None,
               log=lambda *a: print(f"[{time.perf_counter() - t0:7.0f}s]", *a, flush=True))

@@ -1,0 +1,40 @@
+"""verification.study_plan: runs left and their estimated cost, from the runs' own recorded wall times."""
+import json
+
+import pytest
+
+from verification import study_plan as SP
+from verification.study_seeds import StudyGrid, result_path
+
+
+def _write(data_dir, regime, method, seed, seconds, lr=1e-3):
+    path = result_path(data_dir, regime, method, lr, seed)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({"seconds": {"total": seconds, "train": seconds - 5}}))
+
+
+def test_plan_counts_done_runs_and_estimates_the_rest(tmp_path):
+    grid = StudyGrid(regimes={"a": {}, "b": {}}, lrs={"a": (1e-3,), "b": (1e-3,)}, methods=("grpo", "proma"),
+                     seeds=(0, 1, 2))
+    for seed in (0, 1):
+        _write(tmp_path, "a", "grpo", seed, 60.0)       # 1 min
+        _write(tmp_path, "a", "proma", seed, 180.0)     # 3 min: 3x GRPO in regime a
+    _write(tmp_path, "b", "grpo", 0, 120.0)             # 2 min; proma has no run in b
+    _write(tmp_path, "b", "grpo", 9, 999.0)             # a seed outside the grid does not count
+    rows = {(r.regime, r.method): r for r in SP.plan(grid, tmp_path)}
+    assert (rows[("a", "grpo")].done, rows[("a", "grpo")].planned) == (2, 3)
+    assert rows[("a", "proma")].minutes_per_run == pytest.approx(3.0) and rows[("a", "proma")].measured
+    est = rows[("b", "proma")]     # GRPO's 2 min in b x proma's 3x relative cost in a
+    assert est.done == 0 and not est.measured and est.minutes_per_run == pytest.approx(6.0)
+    assert est.minutes_left == pytest.approx(18.0)
+    text = SP.markdown(list(rows.values()), workers=2)
+    # left: a 1 + 1 runs (1 + 3 min), b 2 grpo (4 min) + 3 proma (18 min) = 26 worker-minutes
+    assert "| b | proma | 0 / 3 | 6.0 (est.) | 18 |" in text
+    assert "Left: 7 runs, about 0.4 worker-hours (0.2 h on 2 workers)." in text
+
+
+def test_plan_without_any_run_has_no_estimate(tmp_path):
+    grid = StudyGrid(regimes={"a": {}}, lrs={"a": (1e-3,)}, methods=("grpo",), seeds=(0, 1))
+    rows = SP.plan(grid, tmp_path / "nothing-yet")
+    assert [(r.done, r.planned, r.minutes_left) for r in rows] == [(0, 2, None)]
+    assert "2 runs without an estimate" in SP.markdown(rows)

@@ -1,0 +1,81 @@
+"""What is left of a seed study and what it will cost: for planning the sittings of a resumable study.
+
+For every (regime, method) of a grid: the runs planned, the runs done (result files in the data folder) and an
+estimate of the worker-minutes left. A run's cost is its own recorded wall time (``seconds.total`` of its JSON, one
+single-threaded worker). The estimate for a (regime, method) is the mean of its done runs; with none, GRPO's mean in
+that regime times the method's mean cost relative to GRPO in the regimes where both have runs; otherwise unknown.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+import numpy as np
+
+from .study_seeds import result_path
+
+BASELINE = "grpo"
+
+
+@dataclass(frozen=True)
+class PlanRow:
+    regime: str
+    method: str
+    planned: int
+    done: int
+    minutes_per_run: float | None   # estimated; None when nothing can estimate it
+    measured: bool                  # the estimate comes from this (regime, method)'s own runs
+
+    @property
+    def minutes_left(self) -> float | None:
+        return None if self.minutes_per_run is None else (self.planned - self.done) * self.minutes_per_run
+
+
+def _run_minutes(data_dir, regime: str, method: str, lrs, seeds) -> list[float]:
+    """Recorded wall minutes of the done runs of (regime, method) among the planned learning rates and seeds."""
+    out = []
+    for lr in lrs:
+        for seed in seeds:
+            path = result_path(data_dir, regime, method, lr, seed)
+            if path.is_file():
+                out.append(json.loads(path.read_text())["seconds"]["total"] / 60)
+    return out
+
+
+def plan(grid, data_dir) -> list[PlanRow]:
+    """One :class:`PlanRow` per (regime, method) of ``grid`` (a :class:`verification.study_seeds.StudyGrid`)."""
+    minutes = {(r, m): _run_minutes(data_dir, r, m, grid.lrs[r], grid.seeds)
+               for r in grid.regimes for m in grid.methods}
+    relative = {}
+    for m in grid.methods:
+        ratios = [np.mean(minutes[(r, m)]) / np.mean(minutes[(r, BASELINE)]) for r in grid.regimes
+                  if minutes[(r, m)] and minutes.get((r, BASELINE))]
+        relative[m] = float(np.mean(ratios)) if ratios else None
+    rows = []
+    for r in grid.regimes:
+        for m in grid.methods:
+            done, planned = len(minutes[(r, m)]), len(grid.lrs[r]) * len(grid.seeds)
+            if done:
+                per, measured = float(np.mean(minutes[(r, m)])), True
+            elif minutes.get((r, BASELINE)) and relative.get(m) is not None:
+                per, measured = float(np.mean(minutes[(r, BASELINE)])) * relative[m], False
+            else:
+                per, measured = None, False
+            rows.append(PlanRow(r, m, planned, done, per, measured))
+    return rows
+
+
+def markdown(rows: list[PlanRow], workers: int = 2) -> str:
+    """The plan as a table, with the total left in worker-hours and in hours on ``workers`` workers."""
+    lines = ["| regime | method | done / planned | minutes per run | worker-minutes left |", "|---|---|---|---:|---:|"]
+    for row in rows:
+        per = "-" if row.minutes_per_run is None else f"{row.minutes_per_run:.1f}" + ("" if row.measured else " (est.)")
+        left = "-" if row.minutes_left is None else f"{row.minutes_left:.0f}"
+        lines.append(f"| {row.regime} | {row.method} | {row.done} / {row.planned} | {per} | {left} |")
+    known = [row.minutes_left for row in rows if row.minutes_left is not None]
+    unknown = sum(row.planned - row.done for row in rows if row.minutes_left is None)
+    total = sum(known) / 60
+    lines += ["", f"Left: {sum(row.planned - row.done for row in rows)} runs, about {total:.1f} worker-hours "
+                  f"({total / workers:.1f} h on {workers} workers)"
+                  + (f"; {unknown} runs without an estimate" if unknown else "") + "."]
+    return "\n".join(lines)
+

@@ -267,7 +267,8 @@ def secondary_section(r) -> list:
               table(["id", "regime", "summary", "ratio", "p"], kl), ""]
     lines += ["The four comparisons behind VAL (intra minus each method, final greedy validation):", ""]
     val = next(o for o in outcomes if o.hypothesis.kind == "val")
-    lines += [f"- vs {m}: {stats.format_interval(iv, '+.4f')}, p {_p(p)}" for m, (iv, p, _) in (val.parts or {}).items()]
+    parts = [f"- vs {m}: {stats.format_interval(iv, '+.4f')}, p {_p(p)}" for m, (iv, p, _) in (val.parts or {}).items()]
+    lines += parts or [f"- no paired seeds yet in `{val.hypothesis.regime}`"]
     elsewhere = secondary.val_elsewhere(results)
     if elsewhere:
         lines += ["", "VAL's test in the other regimes (secondary: held-out accuracy does not rise there; "

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import claims, first_order, seed_tables, study_seeds
+from . import claims, first_order, seed_tables, study_plan, study_seeds
 
 SEED_GRIDS = {
     "full": study_seeds.StudyGrid(),
@@ -39,8 +39,10 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
     """Run (or resume) the mode's seed study.
 
     Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl",
-    "regime_checks"}`` (the verdicts are computed from ``results`` by :mod:`verification.preregistered`); ``run_seconds`` sums every run's own wall time (one single-threaded worker each), so it
-    states the study's cost even when it was run in several sittings; ``warmstarts`` the records
+    "regime_checks", "plan"}`` (the verdicts are computed from ``results`` by :mod:`verification.preregistered`;
+    ``plan`` is :func:`verification.study_plan.plan`, what is left); ``run_seconds`` sums every run's own wall
+    time (one single-threaded worker each), so it states the study's cost even when it was run in several
+    sittings; ``warmstarts`` the records
     (``{"key", "steps", "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
 
     ``data_dir``: the report's ``data/seeds``; ``runs_dir``: the report's runs directory (training directories
@@ -67,7 +69,8 @@ def load_seeds(mode: str, data_dir) -> dict:
             "tables": {regime: seed_tables.aggregate(runs) for regime, runs in results.items()},
             "equal_kl": {regime: seed_tables.equal_kl(seed_tables.load_curves(data_dir, regime))
                          for regime in grid.regimes},
-            "regime_checks": claims.regime_checks(results, mode=mode)}
+            "regime_checks": claims.regime_checks(results, mode=mode),
+            "plan": study_plan.plan(grid, data_dir)}
 
 
 def first_order_phase(mode: str, *, seed: int, realcase_cache, log=print) -> dict:

@@ -44,10 +44,13 @@ def resumed_seed_study(meta, seeds) -> str:
     done = sum(len(runs) for runs in seeds.get("results", {}).values())
     planned = len(seeds["grid"].runs()) if seeds.get("grid") else done
     which = f" the {done} of {planned} planned runs done so far" if done < planned else " they"
+    left = [row.minutes_left for row in seeds.get("plan", []) if row.minutes_left is not None]
+    rest = (f" The other {planned - done} planned runs are estimated at {sum(left) / 60:.1f} more worker-hours "
+            "from the done runs' times (`python -m verification.study_seeds --plan`)." if done < planned and left else "")
     return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
             f"only loaded them); run from scratch{which} take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
             f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers{warm_txt}, so the whole report takes "
-            f"about {total / 60:.0f} min ({total / 3600:.1f} h).")
+            f"about {total / 60:.0f} min ({total / 3600:.1f} h).{rest}")
 
 
 

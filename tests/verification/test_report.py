@@ -197,5 +197,15 @@ def test_resumed_seed_study_states_the_cost_from_scratch():
                                       "heldout": {"key": "k1", "steps": 1000, "seconds": 3000.0}}}
     assert "plus 12 min to train the 1000-step warm-start of `heldout`, `learn-240`, so the whole report takes " \
            "about 82 min" in text_seeds.resumed_seed_study(meta, shared)
+    # a study in progress: the cost covers the runs done, and the plan estimates the rest
+    from verification.study_plan import PlanRow
+    from verification.study_seeds import StudyGrid
+    grid = StudyGrid(regimes={"a": {}}, lrs={"a": (1e-3,)}, methods=("grpo", "proma"), seeds=(0, 1))
+    busy = {**seeds, "grid": grid, "results": {"a": {("grpo", 1e-3, 0): {}, ("proma", 1e-3, 0): {}}},
+            "plan": [PlanRow("a", "grpo", 2, 1, 60.0, True), PlanRow("a", "proma", 2, 1, 120.0, True)]}
+    text = text_seeds.resumed_seed_study(meta, busy)
+    assert "run from scratch the 2 of 4 planned runs done so far take 120 worker-minutes" in text
+    assert text.endswith("The other 2 planned runs are estimated at 3.0 more worker-hours from the done runs' "
+                         "times (`python -m verification.study_seeds --plan`).")
     # a study that ran in this report (its seed_study phase took the runs' time) needs no estimate
     assert text_seeds.resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""

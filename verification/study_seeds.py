@@ -91,14 +91,19 @@ def result_path(data_dir, regime: str, method: str, lr: float, seed: int) -> Pat
     return Path(data_dir) / regime / f"{run_name(method, lr, seed)}.json"
 
 
-def warmstart_config(grid: StudyGrid, regime: str, cache_dir):
-    """The harness config whose warm-start every run of ``regime`` shares (seed 0's)."""
+def warmstart_config(grid: StudyGrid, regime: str, cache_dir, *, threads: int = 1):
+    """The harness config whose warm-start every run of ``regime`` shares (seed 0's).
+
+    Single-threaded like every run: study processes are started one per core, and a warm-start left to torch's
+    default thread count beside another study process oversubscribes the cores (measured: the 3000-step
+    *collapse* warm-start trained about 10x slower that way than once the other process was paused).
+    """
     from proma.rl.config import TrainConfig
 
     over = {k: v for k, v in grid.regimes[regime].items() if k != "steps"}
     return TrainConfig.from_preset(grid.preset, **{**over, "seed": 0, "cache_dir": str(cache_dir),
                                                    "out": str(Path(cache_dir) / "warmstart-setup"),
-                                                   "progress": False})
+                                                   "progress": False, "num_threads": threads})
 
 
 def ensure_warmstart(grid: StudyGrid, regime: str, cache_dir, *, log=print) -> Path:

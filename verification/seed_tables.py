@@ -147,6 +147,16 @@ def markdown_equal_kl(table: dict, *, baseline: str = BASELINE) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_name(method: str, lr: float, seed: int) -> str:
+    """A run's name, also its result file's stem: ``<method>-lr<lr>-s<seed>``."""
+    return f"{method}-lr{lr:g}-s{seed}"
+
+
+def result_path(data_dir, regime: str, method: str, lr: float, seed: int) -> Path:
+    """A run's result JSON in the study's data folder."""
+    return Path(data_dir) / regime / f"{run_name(method, lr, seed)}.json"
+
+
 def start_eval_path(folder, warm_id: str | None) -> Path:
     """The whole-split evaluation of the warm-start ``warm_id`` in a regime's data folder.
 

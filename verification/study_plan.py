@@ -11,7 +11,7 @@ import json
 from dataclasses import dataclass
 import numpy as np
 
-from .study_seeds import result_path
+from .seed_tables import result_path
 
 BASELINE = "grpo"
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .seed_tables import aggregate, load_results, markdown_tables, start_eval_path
+from .seed_tables import aggregate, load_results, markdown_tables, result_path, run_name, start_eval_path
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
 BASELINE = "grpo"
@@ -81,14 +81,6 @@ class StudyGrid:
     def runs(self) -> list[tuple]:
         """Every (regime, method, lr, seed), seeds outermost so that a partial study has whole seeds."""
         return [(r, m, lr, s) for s in self.seeds for r in self.regimes for lr in self.lrs[r] for m in self.methods]
-
-
-def run_name(method: str, lr: float, seed: int) -> str:
-    return f"{method}-lr{lr:g}-s{seed}"
-
-
-def result_path(data_dir, regime: str, method: str, lr: float, seed: int) -> Path:
-    return Path(data_dir) / regime / f"{run_name(method, lr, seed)}.json"
 
 
 def warmstart_config(grid: StudyGrid, regime: str, cache_dir, *, threads: int = 1):

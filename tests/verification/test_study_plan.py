@@ -4,7 +4,8 @@ import json
 import pytest
 
 from verification import study_plan as SP
-from verification.study_seeds import StudyGrid, result_path
+from verification.seed_tables import result_path
+from verification.study_seeds import StudyGrid
 
 
 def _write(data_dir, regime, method, seed, seconds, lr=1e-3):

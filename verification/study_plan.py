@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
 import numpy as np
 
 from .seed_tables import result_path
@@ -78,4 +79,3 @@ def markdown(rows: list[PlanRow], workers: int = 2) -> str:
                   f"({total / workers:.1f} h on {workers} workers)"
                   + (f"; {unknown} runs without an estimate" if unknown else "") + "."]
     return "\n".join(lines)
-

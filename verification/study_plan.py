@@ -12,9 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .seed_tables import result_path
-
-BASELINE = "grpo"
+from .seed_tables import BASELINE, result_path
 
 
 @dataclass(frozen=True)

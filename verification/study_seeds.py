@@ -23,10 +23,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .seed_tables import aggregate, load_results, markdown_tables, result_path, run_name, start_eval_path
+from .seed_tables import BASELINE, aggregate, load_results, markdown_tables, result_path, run_name, start_eval_path
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
-BASELINE = "grpo"
+# Study processes are started one per core; more threads per process oversubscribes the cores.
+RUN_THREADS = 1
 # Settings of every run of the study (the harness's ``small`` preset otherwise): evaluation on the run's
 # fixed subset only at the start and the end (the whole test split is scored once per run by this module).
 # No second-order KL estimate: the study does not use it, and its forward-mode pass is a large part of a step.
@@ -83,19 +84,18 @@ class StudyGrid:
         return [(r, m, lr, s) for s in self.seeds for r in self.regimes for lr in self.lrs[r] for m in self.methods]
 
 
-def warmstart_config(grid: StudyGrid, regime: str, cache_dir, *, threads: int = 1):
+def warmstart_config(grid: StudyGrid, regime: str, cache_dir):
     """The harness config whose warm-start every run of ``regime`` shares (seed 0's).
 
-    Single-threaded like every run: study processes are started one per core, and a warm-start left to torch's
-    default thread count beside another study process oversubscribes the cores (measured: the 3000-step
-    *collapse* warm-start trained about 10x slower that way than once the other process was paused).
+    ``RUN_THREADS`` threads like every run: a warm-start left to torch's default thread count beside another
+    study process oversubscribes the cores.
     """
     from proma.rl.config import TrainConfig
 
     over = {k: v for k, v in grid.regimes[regime].items() if k != "steps"}
     return TrainConfig.from_preset(grid.preset, **{**over, "seed": 0, "cache_dir": str(cache_dir),
                                                    "out": str(Path(cache_dir) / "warmstart-setup"),
-                                                   "progress": False, "num_threads": threads})
+                                                   "progress": False, "num_threads": RUN_THREADS})
 
 
 def ensure_warmstart(grid: StudyGrid, regime: str, cache_dir, *, log=print) -> Path:
@@ -108,8 +108,7 @@ def ensure_warmstart(grid: StudyGrid, regime: str, cache_dir, *, log=print) -> P
     return Path(s.warmstart_dir)
 
 
-def run_config(grid: StudyGrid, regime: str, method: str, lr: float, seed: int, *, warm_dir, runs_dir,
-               threads: int = 1) -> dict:
+def run_config(grid: StudyGrid, regime: str, method: str, lr: float, seed: int, *, warm_dir, runs_dir) -> dict:
     from proma.rl.config import TrainConfig
 
     over = dict(grid.regimes[regime])
@@ -117,7 +116,7 @@ def run_config(grid: StudyGrid, regime: str, method: str, lr: float, seed: int, 
     cfg = TrainConfig.from_preset(grid.preset, **{
         **RUN_DEFAULTS, **over, "method": method, "lr": lr, "seed": seed, "steps": steps, "eval_every": steps,
         "model": str(warm_dir), "out": str(Path(runs_dir) / regime / run_name(method, lr, seed)),
-        "num_threads": threads})
+        "num_threads": RUN_THREADS})
     return cfg.to_dict()
 
 

@@ -194,7 +194,7 @@ def test_warmstart_evals_group_the_seeds_by_the_warmstart_they_started_from(tmp_
 
 def test_warmstart_trains_single_threaded_like_every_run(tmp_path):
     """Study processes run one per core; a warm-start on torch's default thread count beside another one
-    oversubscribes the cores (the collapse warm-start of 2026-12-05 ran about 10x slower that way)."""
+    oversubscribes the cores."""
     for regime in S.GRIDS["full"].regimes:
         cfg = S.warmstart_config(S.GRIDS["full"], regime, tmp_path)
         assert cfg.num_threads == 1 and cfg.seed == 0

@@ -3,6 +3,7 @@ digests, and the checker's note on directories that differ from the shipped set.
 from __future__ import annotations
 
 import json
+import re
 import time
 
 import numpy as np
@@ -16,6 +17,8 @@ from verification.tolerances import FLOAT64_RTOL
 
 # "takes seconds": a copy of the shipped and cached cases (about 2 MB of files plus a small real part here)
 COPY_SECONDS = 10.0
+# "mb{m}/layer{k}/": the arrays of one layer after one microbatch share its scale (verification/FORMAT.md)
+LAYER_KEY = re.compile(r"mb\d+/layer\d+/")
 
 
 def _fake_real(seed):
@@ -23,6 +26,21 @@ def _fake_real(seed):
     case = synthetic_cases(seed)[0]
     case.id, case.tags = "fake_real", ["real"]
     return [case]
+
+
+def _scale(case, key: str) -> float:
+    """FORMAT.md's scale for an array of layer k after microbatch m: max(||G_in||, ||pg||, ||G_out||), or
+    the array's own norm where larger (inputs X, D); arrays outside a layer use their own norm.
+
+    An elementwise relative test would fail on a G_out that is exactly 0 in exact arithmetic (a full
+    projection), whose float64 entries are rounding noise that differs between BLAS builds.
+    """
+    own = float(np.linalg.norm(case.arrays[key]))
+    match = LAYER_KEY.match(key)
+    if match is None:
+        return own
+    prefix = match.group(0)
+    return max([own] + [float(np.linalg.norm(case.arrays[prefix + n])) for n in ("G_in", "pg", "G_out")])
 
 
 def test_shipped_cases_are_what_the_generator_makes_now():
@@ -34,7 +52,8 @@ def test_shipped_cases_are_what_the_generator_makes_now():
         assert a.manifest_entry() == b.manifest_entry()
         assert sorted(a.arrays) == sorted(b.arrays)
         for key in a.arrays:
-            np.testing.assert_allclose(a.arrays[key], b.arrays[key], rtol=FLOAT64_RTOL, atol=0, err_msg=f"{a.id} {key}")
+            diff = np.linalg.norm(np.asarray(a.arrays[key], np.float64) - b.arrays[key])
+            assert diff <= FLOAT64_RTOL * _scale(a, key), f"{a.id} {key}: ||shipped - fresh|| {diff:.3e}"
     digests = golden.shipped_digests()
     assert {c.id: golden.case_digest(c) for c in shipped}.items() <= digests.items()
     assert manifest["generator"]["digests"] == {c.id: digests[c.id] for c in shipped}

@@ -41,7 +41,7 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
     Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl",
     "regime_checks", "plan"}`` (the verdicts are computed from ``results`` by :mod:`verification.preregistered`;
     ``plan`` is :func:`verification.study_plan.plan`, what is left); ``run_seconds`` sums every run's own wall
-    time (one single-threaded worker each), so it states the study's cost even when it was run in several
+    time (one single-threaded worker each, :func:`verification.seed_tables.run_wall_seconds`), so it states the study's cost even when it was run in several
     sittings; ``warmstarts`` the records
     (``{"key", "steps", "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
 
@@ -61,7 +61,7 @@ def load_seeds(mode: str, data_dir) -> dict:
     grid = SEED_GRIDS[mode]
     results = {regime: seed_tables.load_results(data_dir, regime) for regime in grid.regimes}
     start = {regime: seed_tables.warmstart_evals(Path(data_dir) / regime) for regime in grid.regimes}
-    compute = sum(json.loads(f.read_text())["seconds"]["total"]
+    compute = sum(seed_tables.run_wall_seconds(json.loads(f.read_text()))
                   for regime in grid.regimes for f in (Path(data_dir) / regime).glob("*-lr*-s*.json"))
     warm = {regime: json.loads(f.read_text()) for regime in grid.regimes
             if (f := Path(data_dir) / regime / "warmstart.json").is_file()}

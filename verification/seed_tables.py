@@ -147,6 +147,23 @@ def markdown_equal_kl(table: dict, *, baseline: str = BASELINE) -> str:
     return "\n".join(lines) + "\n"
 
 
+def run_wall_seconds(result: dict) -> float:
+    """Wall seconds the run of one result JSON costs from scratch (one single-threaded worker).
+
+    ``seconds.total`` is the time of the process that finished the run; a run resumed from its checkpoint
+    records only the steps it redid. Its steps' own times (``step_time``, rollout + update + metrics, one record
+    per step whatever the sitting) then say more, plus the final evaluation (``total - train``)::
+
+        max(total, sum_s step_time_s + total - train)
+
+    (periodic evaluations inside a resumed part are not in ``step_time``, so a resumed run is slightly
+    underestimated; for an uninterrupted run the sum of step times is below ``train`` and ``total`` is returned).
+    """
+    sec = result["seconds"]
+    steps = sum(r["step_time"] for r in result["metrics"] if "step_time" in r)
+    return float(max(sec["total"], steps + sec["total"] - sec["train"]))
+
+
 def run_name(method: str, lr: float, seed: int) -> str:
     """A run's name, also its result file's stem: ``<method>-lr<lr>-s<seed>``."""
     return f"{method}-lr{lr:g}-s{seed}"

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .seed_tables import BASELINE, result_path
+from .seed_tables import BASELINE, result_path, run_wall_seconds
 
 
 @dataclass(frozen=True)
@@ -36,7 +36,7 @@ def _run_minutes(data_dir, regime: str, method: str, lrs, seeds) -> list[float]:
         for seed in seeds:
             path = result_path(data_dir, regime, method, lr, seed)
             if path.is_file():
-                out.append(json.loads(path.read_text())["seconds"]["total"] / 60)
+                out.append(run_wall_seconds(json.loads(path.read_text())) / 60)
     return out
 
 

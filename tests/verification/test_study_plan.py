@@ -4,14 +4,15 @@ import json
 import pytest
 
 from verification import study_plan as SP
-from verification.seed_tables import result_path
+from verification.seed_tables import result_path, run_wall_seconds
 from verification.study_seeds import StudyGrid
 
 
-def _write(data_dir, regime, method, seed, seconds, lr=1e-3):
+def _write(data_dir, regime, method, seed, seconds, lr=1e-3, step_times=(1.0,)):
     path = result_path(data_dir, regime, method, lr, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({"seconds": {"total": seconds, "train": seconds - 5}}))
+    metrics = [{"step": s, "step_time": t} for s, t in enumerate(step_times)]
+    path.write_text(json.dumps({"seconds": {"total": seconds, "train": seconds - 5}, "metrics": metrics}))
 
 
 def test_plan_counts_done_runs_and_estimates_the_rest(tmp_path):
@@ -39,3 +40,16 @@ def test_plan_without_any_run_has_no_estimate(tmp_path):
     rows = SP.plan(grid, tmp_path / "nothing-yet")
     assert [(r.done, r.planned, r.minutes_left) for r in rows] == [(0, 2, None)]
     assert "2 runs without an estimate" in SP.markdown(rows)
+
+
+def test_a_resumed_run_costs_its_step_times_not_its_last_sittings_seconds(tmp_path):
+    # uninterrupted: step times (90 s) sum below the training time (95 s), so the recorded total (100 s) stands
+    whole = {"seconds": {"total": 100.0, "train": 95.0}, "metrics": [{"step_time": 45.0}, {"step_time": 45.0}, {}]}
+    assert run_wall_seconds(whole) == 100.0
+    # resumed: the last sitting trained 30 s, its steps took 400 s in all, the final evaluation 10 s
+    resumed = {"seconds": {"total": 40.0, "train": 30.0}, "metrics": [{"step_time": 200.0}, {"step_time": 200.0}]}
+    assert run_wall_seconds(resumed) == 410.0
+    grid = StudyGrid(regimes={"a": {}}, lrs={"a": (1e-3,)}, methods=("grpo",), seeds=(0, 1))
+    _write(tmp_path, "a", "grpo", 0, 60.0, step_times=(50.0,))          # 1 min
+    _write(tmp_path, "a", "grpo", 1, 60.0, step_times=(100.0, 75.0))    # resumed: 180 s = 3 min
+    assert SP.plan(grid, tmp_path)[0].minutes_per_run == pytest.approx(2.0)

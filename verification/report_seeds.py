@@ -41,9 +41,9 @@ def seeds_phase(mode: str, data_dir, runs_dir, *, jobs: int | None, log=print) -
     Returns ``{"grid", "results": {regime: runs}, "start", "run_seconds", "warmstarts", "tables", "equal_kl",
     "regime_checks", "plan"}`` (the verdicts are computed from ``results`` by :mod:`verification.preregistered`;
     ``plan`` is :func:`verification.study_plan.plan`, what is left); ``run_seconds`` sums every run's own wall
-    time (one single-threaded worker each, :func:`verification.seed_tables.run_wall_seconds`), so it states the study's cost even when it was run in several
-    sittings; ``warmstarts`` the records
-    (``{"key", "steps", "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
+    time (one single-threaded worker each, :func:`verification.seed_tables.run_wall_seconds`), so it states the
+    study's cost even when it was run in several sittings; ``warmstarts`` the records (``{"key", "steps",
+    "seconds", ...}``) of the regimes' warm-starts found in ``data_dir``.
 
     ``data_dir``: the report's ``data/seeds``; ``runs_dir``: the report's runs directory (training directories
     under ``study/``, warm-starts shared with the report's grid in ``cache/``).

@@ -151,17 +151,19 @@ def run_wall_seconds(result: dict) -> float:
     """Wall seconds the run of one result JSON costs from scratch (one single-threaded worker).
 
     ``seconds.total`` is the time of the process that finished the run; a run resumed from its checkpoint
-    records only the steps it redid. Its steps' own times (``step_time``, rollout + update + metrics, one record
-    per step whatever the sitting) then say more, plus the final evaluation (``total - train``)::
+    records only the steps it redid. The metric records time every step whatever the sitting: one record per
+    minibatch with its own ``time/train`` and ``time/metrics``, and the step's ``time/rollout`` repeated in each,
+    so it is counted once per step. With the final evaluation (``total - train``)::
 
-        max(total, sum_s step_time_s + total - train)
+        max(total, sum_s rollout_s + sum_records (train + metrics) + total - train)
 
-    (periodic evaluations inside a resumed part are not in ``step_time``, so a resumed run is slightly
-    underestimated; for an uninterrupted run the sum of step times is below ``train`` and ``total`` is returned).
+    (periodic evaluations inside a resumed part are not in these times, so a resumed run is slightly
+    underestimated; for an uninterrupted run the sum is below ``train`` and ``total`` is returned).
     """
-    sec = result["seconds"]
-    steps = sum(r["step_time"] for r in result["metrics"] if "step_time" in r)
-    return float(max(sec["total"], steps + sec["total"] - sec["train"]))
+    sec, recs = result["seconds"], [r for r in result["metrics"] if "time/train" in r]
+    rollout = {r["step"]: r["time/rollout"] for r in recs}
+    timed = sum(rollout.values()) + sum(r["time/train"] + r["time/metrics"] for r in recs)
+    return float(max(sec["total"], timed + sec["total"] - sec["train"]))
 
 
 def run_name(method: str, lr: float, seed: int) -> str:

@@ -11,7 +11,7 @@ from verification.study_seeds import StudyGrid
 def _write(data_dir, regime, method, seed, seconds, lr=1e-3, step_times=(1.0,)):
     path = result_path(data_dir, regime, method, lr, seed)
     path.parent.mkdir(parents=True, exist_ok=True)
-    metrics = [{"step": s, "step_time": t} for s, t in enumerate(step_times)]
+    metrics = [{"step": s, "time/rollout": t, "time/train": 0.0, "time/metrics": 0.0} for s, t in enumerate(step_times)]
     path.write_text(json.dumps({"seconds": {"total": seconds, "train": seconds - 5}, "metrics": metrics}))
 
 
@@ -43,11 +43,16 @@ def test_plan_without_any_run_has_no_estimate(tmp_path):
 
 
 def test_a_resumed_run_costs_its_step_times_not_its_last_sittings_seconds(tmp_path):
+    def rec(step, rollout, train):
+        return {"step": step, "time/rollout": rollout, "time/train": train, "time/metrics": 1.0}
+
     # uninterrupted: step times (90 s) sum below the training time (95 s), so the recorded total (100 s) stands
-    whole = {"seconds": {"total": 100.0, "train": 95.0}, "metrics": [{"step_time": 45.0}, {"step_time": 45.0}, {}]}
+    whole = {"seconds": {"total": 100.0, "train": 95.0}, "metrics": [rec(0, 20.0, 24.0), rec(1, 20.0, 24.0), {}]}
     assert run_wall_seconds(whole) == 100.0
-    # resumed: the last sitting trained 30 s, its steps took 400 s in all, the final evaluation 10 s
-    resumed = {"seconds": {"total": 40.0, "train": 30.0}, "metrics": [{"step_time": 200.0}, {"step_time": 200.0}]}
+    # resumed: the last sitting trained 30 s, its steps took 400 s in all (step 0's rollout, 100 s, is repeated in
+    # both of its minibatch records and counts once), the final evaluation 10 s
+    resumed = {"seconds": {"total": 40.0, "train": 30.0},
+               "metrics": [rec(0, 100.0, 49.0), rec(0, 100.0, 49.0), rec(1, 100.0, 99.0)]}
     assert run_wall_seconds(resumed) == 410.0
     grid = StudyGrid(regimes={"a": {}}, lrs={"a": (1e-3,)}, methods=("grpo",), seeds=(0, 1))
     _write(tmp_path, "a", "grpo", 0, 60.0, step_times=(50.0,))          # 1 min

@@ -152,7 +152,7 @@ def run_wall_seconds(result: dict) -> float:
 
     ``seconds.total`` is the time of the process that finished the run; a run resumed from its checkpoint
     records only the steps it redid. The metric records time every step whatever the sitting: one record per
-    minibatch with its own ``time/train`` and ``time/metrics``, and the step's ``time/rollout`` repeated in each,
+    minibatch with its own ``time/train``, ``time/metrics`` and ``time/probe`` (the out-of-sample KL's, when on), and the step's ``time/rollout`` repeated in each,
     so it is counted once per step. With the final evaluation (``total - train``)::
 
         max(total, sum_s rollout_s + sum_records (train + metrics) + total - train)
@@ -162,7 +162,7 @@ def run_wall_seconds(result: dict) -> float:
     """
     sec, recs = result["seconds"], [r for r in result["metrics"] if "time/train" in r]
     rollout = {r["step"]: r["time/rollout"] for r in recs}
-    timed = sum(rollout.values()) + sum(r["time/train"] + r["time/metrics"] for r in recs)
+    timed = sum(rollout.values()) + sum(r["time/train"] + r["time/metrics"] + r.get("time/probe", 0.0) for r in recs)
     return float(max(sec["total"], timed + sec["total"] - sec["train"]))
 
 

@@ -260,39 +260,53 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
     archive) the committed copies of the warm-starts (:func:`sync_warmstart_archive`). Each regime's
     warm-start is scored on the whole test split once (``start_eval-<warm-start id>.json``).
     """
-    import multiprocessing as mp
-
     data_dir, runs_dir = Path(data_dir), Path(runs_dir)
     cache = Path(cache_dir) if cache_dir else runs_dir / "cache"
     todo = []
     for regime in grid.regimes:
-        if archive_dir:
-            sync_warmstart_archive(cache, archive_dir)
-        warm = ensure_warmstart(grid, regime, cache, log=log)
-        if archive_dir:
-            sync_warmstart_archive(cache, archive_dir)
-        folder = data_dir / regime
-        record_warmstart(warm, folder)
-        first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
-        start = start_eval_path(folder, warmstart_id(warm))
-        if not start.exists():
-            folder.mkdir(parents=True, exist_ok=True)
-            start.write_text(json.dumps(whole_split_eval(first, items=grid.eval_items)) + "\n")
+        warm = prepare_regime(grid, regime, data_dir, runs_dir, cache, archive_dir, log=log)
         for key in grid.runs():
             if key[0] == regime and not result_path(data_dir, *key).exists():
                 todo.append((run_config(grid, *key, warm_dir=warm, runs_dir=runs_dir), result_path(data_dir, *key)))
     log(f"study: {len(todo)} runs to do, {jobs} jobs")
+    return run_all(todo, jobs=jobs, eval_items=grid.eval_items, log=log)
+
+
+def prepare_regime(grid: StudyGrid, regime: str, data_dir, runs_dir, cache, archive_dir=None, *, log=print) -> Path:
+    """The warm-start of ``regime`` (trained, loaded or taken from the archive), its record in the regime's data
+    folder, and its greedy accuracy on the whole test split (``start_eval-<warm-start id>.json``, once)."""
+    if archive_dir:
+        sync_warmstart_archive(cache, archive_dir)
+    warm = ensure_warmstart(grid, regime, cache, log=log)
+    if archive_dir:
+        sync_warmstart_archive(cache, archive_dir)
+    folder = Path(data_dir) / regime
+    record_warmstart(warm, folder)
+    first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
+    start = start_eval_path(folder, warmstart_id(warm))
+    if not start.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        tmp = start.with_name(start.name + f".tmp{os.getpid()}")
+        tmp.write_text(json.dumps(whole_split_eval(first, items=grid.eval_items)) + "\n")
+        os.replace(tmp, start)
+    return warm
+
+
+def run_all(todo: list, *, jobs: int, eval_items: int | None, log=print) -> list[Path]:
+    """Run ``todo`` = [(config dict, result path)] in order; returns the result files written."""
+    import multiprocessing as mp
+
     done = []
     if jobs <= 1:  # in this process: the code is imported once, so keep the checkout still while it runs
         for cfg, path in todo:
-            done.append(Path(run_one(cfg, str(path), grid.eval_items)))
+            done.append(Path(run_one(cfg, str(path), eval_items)))
             log(f"done {path}")
         return done
     # One fresh process per run: a run imports the code as it is when the run starts, so the commit it records
     # is the code it executed even when the checkout moves on while a long study is in flight.
     with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn"),
                              max_tasks_per_child=1) as pool:
-        futures = [pool.submit(run_one, cfg, str(path), grid.eval_items) for cfg, path in todo]
+        futures = [pool.submit(run_one, cfg, str(path), eval_items) for cfg, path in todo]
         for fut in as_completed(futures):
             done.append(Path(fut.result()))
             log(f"done {done[-1]}")

@@ -5,7 +5,7 @@ suite (which builds the same policy and data a run trains on).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -45,6 +45,7 @@ class RunParts:
     train_examples: list        # the RL prompt pool (cfg.train_pool of the train split)
     eval_examples: list
     warmstart_dir: Path | None
+    heldout_examples: list = field(default_factory=list)  # the whole test split (the out-of-sample KL's prompts)
 
 
 def prompt_pool(cfg: TrainConfig, train_examples: list) -> list:
@@ -70,7 +71,8 @@ def build_run(cfg: TrainConfig, *, log=print) -> RunParts:
     run_dir = Path(cfg.out)
     cache_dir = Path(cfg.cache_dir) if cfg.cache_dir else run_dir / "cache"
     train_examples = make_examples(cfg.task, "train", cfg.data_dir)
-    eval_examples = eval_subset(cfg, make_examples(cfg.task, "test", cfg.data_dir))
+    test_examples = make_examples(cfg.task, "test", cfg.data_dir)
+    eval_examples = eval_subset(cfg, test_examples)
     warm_dir = None
     if cfg.model is not None:
         model, tokenizer = load_policy(cfg.model)
@@ -84,4 +86,5 @@ def build_run(cfg: TrainConfig, *, log=print) -> RunParts:
     if cfg.model is None and cfg.warmstart_steps > 0:
         warm_dir = get_warmstarted(cfg, model, tokenizer, train_examples, device, cache_dir, log=log)
     log(f"policy: {count_parameters(model):,} parameters, vocab {len(tokenizer)}, device {device}")
-    return RunParts(cfg, device, run_dir, tokenizer, model, prompt_pool(cfg, train_examples), eval_examples, warm_dir)
+    return RunParts(cfg, device, run_dir, tokenizer, model, prompt_pool(cfg, train_examples), eval_examples, warm_dir,
+                    test_examples)

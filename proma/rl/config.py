@@ -30,7 +30,9 @@ from proma.options import INTRA_FORMS, PUBLISHED_NAME, PUBLISHED_SETTINGS, STRAT
 from .data import TASKS
 from .losses import ADVANTAGES, AGGREGATIONS
 
-METHODS = ("reinforce", "grpo", "proma", PUBLISHED_NAME, "intra")
+# "proma-code": the published code (a verl fork) as a method (proma.rl.published_code).
+PUBLISHED_CODE_NAME = "proma-code"
+METHODS = ("reinforce", "grpo", "proma", PUBLISHED_NAME, "intra", PUBLISHED_CODE_NAME)
 DTYPE_NAMES = ("float32", "float64", "bfloat16")
 # Completion length when max_new_tokens = 0: one calculator step, or a whole GSM8K solution.
 DEFAULT_NEW_TOKENS = {"gsm8k-calc": 10, "gsm8k": 256}
@@ -45,6 +47,8 @@ METHOD_ACCUMULATOR = {
     "proma": {"variant": "proma", "solver": "exact"},
     PUBLISHED_NAME: dict(PUBLISHED_SETTINGS),
     "intra": {"variant": "intra"},
+    # the Linear weights' projection of the published code (the other parameters: published_code)
+    PUBLISHED_CODE_NAME: dict(PUBLISHED_SETTINGS),
 }
 
 
@@ -109,6 +113,7 @@ class TrainConfig:
     ckpt_every: int = 25             # rollout steps between checkpoints (also at the end)
     kl_metrics: bool = True          # exact local KL / KL to rollout policy / entropy
     second_order: bool = True        # 0.5 mean_i (g_i . dtheta)^2 (one forward-mode pass per microbatch)
+    oos_kl_prompts: int = 0          # out-of-sample local KL on this many fresh held-out completions per optimizer step (0 = off)
     save_microbatch: bool = False    # save step 0's first microbatch to <out>/microbatch.pt
 
     # ----------------------------------------------------------------------------------------------------
@@ -123,7 +128,7 @@ class TrainConfig:
                      "prompts_per_step", "minibatches", "microbatch_size"):
             if getattr(self, name) < 1:
                 bad(name, "must be >= 1")
-        for name in ("warmstart_steps", "max_new_tokens", "warmup_steps", "num_threads", "train_pool"):
+        for name in ("warmstart_steps", "max_new_tokens", "warmup_steps", "num_threads", "train_pool", "oos_kl_prompts"):
             if getattr(self, name) < 0:
                 bad(name, "must be >= 0")
         if 0 < self.train_pool < self.prompts_per_step:

@@ -36,20 +36,22 @@ from proma import ProjectedAccumulator
 
 from .batching import microbatches, minibatch_order, minibatch_rows, minibatch_weights
 from .build import RunParts, build_run, resolve_device
-from .config import TrainConfig
+from .config import PUBLISHED_CODE_NAME, TrainConfig
 from .diagnostics import gradient_norm, parameter_snapshot, step_diagnostics, summarize_stats
 from .distributed import Ranks
 from .distributed import init as init_ranks
 from .evaluation import eval_record
 from .generation import select
+from .heldout_probe import Probe, probe_kl, sample_probe
 from .losses import clipped_fraction_tokens, grpo_loss, sum_scored_logprobs, token_logprobs
+from .published_code import PublishedCode
 from .rollout import RolloutBatch, collect_rollout
 from .rundir import append_jsonl, check_same_config, load_checkpoint, save_checkpoint, truncate_jsonl
 
 METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
 # Metrics already equal on every rank, and the token means among the others (see Ranks.combine).
 GLOBAL_KEYS = ("step", "opt_step", "minibatch", "lr", "grad_norm", "reward", "reward_std", "zero_var_frac",
-               "completion_len", "truncated_frac", "entropy")
+               "completion_len", "truncated_frac", "entropy", "oos_local_kl")
 TOKEN_MEAN_KEYS = ("local_kl", "local_kl_k1", "kl", "clip_ratio")
 
 
@@ -93,9 +95,14 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[RunParts, torch.optim
 
 def method_accumulator(cfg: TrainConfig, model):
     """Context giving the run's one ``ProjectedAccumulator`` with ``cfg.method``'s options (its hooks removed on
-    exit), or None for grpo, whose token-level loss is back-propagated as it is."""
+    exit), or None for grpo, whose token-level loss is back-propagated as it is; for proma-code the
+    ``PublishedCode`` micro-step around its accumulator."""
     options = cfg.accumulator_kwargs
-    return contextlib.nullcontext() if options is None else ProjectedAccumulator(model, **options)
+    if options is None:
+        return contextlib.nullcontext()
+    if cfg.method == PUBLISHED_CODE_NAME:
+        return PublishedCode(model, options, clip_eps=cfg.clip_eps)
+    return ProjectedAccumulator(model, **options)
 
 
 def lr_at(cfg: TrainConfig, opt_step: int) -> float:
@@ -160,7 +167,10 @@ def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: lis
         else:            # the others: sum_i w_i logp_i through the accumulator (PROMA projects here)
             seq_logp = sum_scored_logprobs(token_logp, mask)
             w = weights[k].to(device=seq_logp.device, dtype=seq_logp.dtype)
-            acc.backward(seq_logp, w)
+            if cfg.method == PUBLISHED_CODE_NAME:  # the fork's all-ones gradient beside the Linear projection
+                acc.backward(model, batch, seq_logp, w, token_coef[k])
+            else:
+                acc.backward(seq_logp, w)
             summaries.append(acc.stats().get("summary", {}))  # stats() describes the last microbatch only
             loss = (w * seq_logp.detach()).sum()
             clipped = clipped_fraction_tokens(token_logp.detach(), batch["old_logp"], adv, mask, cfg.clip_eps)
@@ -173,6 +183,8 @@ def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: lis
             pre_tok_logp.append(token_logp.detach())
     if acc is not None:
         acc.synchronize()  # the mean over ranks (no-op in one process)
+        if cfg.method == PUBLISHED_CODE_NAME:
+            acc.finish()
     else:
         ranks.average_gradients(model)
     return {"loss": loss_sum, "clip_ratio": n_clipped / max(1.0, float(rollout.n_tokens[rows].sum())),
@@ -180,8 +192,11 @@ def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: lis
 
 
 def train_minibatch(cfg: TrainConfig, model, optimizer, acc, rollout: RolloutBatch, rows: list[int], *,
-                    lr: float, ranks: Ranks, on_microbatch=None) -> tuple[dict, float, float]:
-    """One optimizer step on minibatch ``rows``: ``(its record's entries, train seconds, metrics seconds)``."""
+                    lr: float, ranks: Ranks, on_microbatch=None, probe: Probe | None = None) -> tuple[dict, float, float]:
+    """One optimizer step on minibatch ``rows``: ``(its record's entries, train seconds, metrics seconds)``.
+
+    ``probe``: held-out completions sampled from the policy before this step (``heldout_probe``), or None.
+    """
     t_start = time.perf_counter()
     # lr
     for group in optimizer.param_groups:
@@ -199,6 +214,8 @@ def train_minibatch(cfg: TrainConfig, model, optimizer, acc, rollout: RolloutBat
     # the step's diagnostics (their forwards are no microbatch: not captured)
     with acc.paused() if acc is not None else contextlib.nullcontext():
         diagnostics = step_diagnostics(cfg, model, rollout, rows, pre_step, before)
+        if probe is not None:
+            diagnostics["oos_local_kl"] = probe_kl(model, probe)
     entries = {"loss": pre_step["loss"], **diagnostics, "clip_ratio": pre_step["clip_ratio"],
                "grad_norm": grad_norm, **pre_step["proj"]}
     return entries, t_stepped - t_start, time.perf_counter() - t_stepped
@@ -209,6 +226,9 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     from tqdm.auto import tqdm
 
     ranks = init_ranks(resolve_device(cfg.device))  # one process without torchrun
+    if cfg.method == PUBLISHED_CODE_NAME and ranks.active:
+        raise ValueError(f"method={PUBLISHED_CODE_NAME!r} runs in one process (it reproduces a single-process "
+                         f"measurement of the published code); got {ranks.world} processes")
     rank_cfg = ranks.local_config(cfg)              # this rank's share of the prompts and of each microbatch
     log = log if ranks.is_main else _quiet
     parts, optimizer, start_step, opt_step = open_run(cfg, ranks, log)
@@ -242,14 +262,23 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
             for minibatch in range(cfg.minibatches):
                 rows = minibatch_rows(rank_cfg, order, minibatch)
                 lr = lr_at(cfg, opt_step)
+                probe, probe_seconds = None, 0.0
+                if cfg.oos_kl_prompts:  # fresh held-out completions from the policy before this step
+                    t_probe = time.perf_counter()
+                    with acc.paused() if acc is not None else contextlib.nullcontext():
+                        probe = sample_probe(cfg, model, parts.tokenizer, parts.heldout_examples, opt_step,
+                                             parts.device)
+                    probe_seconds = time.perf_counter() - t_probe
                 entries, train_seconds, metrics_seconds = train_minibatch(
                     rank_cfg, model, optimizer, acc, rollout, rows, lr=lr, ranks=ranks,
-                    on_microbatch=save_microbatch if minibatch == 0 else None)
+                    on_microbatch=save_microbatch if minibatch == 0 else None, probe=probe)
                 opt_step += 1
                 # log: every rank's share -> the global record (token means weighted by the rank's scored tokens)
                 record = {**shared, "opt_step": opt_step, "minibatch": minibatch, "lr": lr, **entries,
                           "time/rollout": rollout_seconds, "time/train": train_seconds, "time/metrics": metrics_seconds,
-                          "step_time": rollout_seconds + train_seconds + metrics_seconds}
+                          "step_time": rollout_seconds + train_seconds + metrics_seconds + probe_seconds}
+                if probe is not None:
+                    record["time/probe"] = probe_seconds
                 record = ranks.combine(record, keep=GLOBAL_KEYS, token_keys=TOKEN_MEAN_KEYS,
                                        tokens=float(rollout.n_tokens[rows].sum()))
                 if val_acc is not None and minibatch == 0 and step % cfg.eval_every == 0:

@@ -57,6 +57,13 @@ def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
         "val_final": result["final_eval"]["accuracy"],
         "val_final_se": result["final_eval"]["se"],
     }
+    if all("oos_local_kl" in r for r in recs):
+        out["oos_kl_mean"] = float(np.mean([r["oos_local_kl"] for r in recs]))
+    for k in sorted({r.get("minibatch", 0) for r in recs}):  # per minibatch: 0 is on-policy, later ones are not
+        part = [r for r in recs if r.get("minibatch", 0) == k]
+        out[f"local_kl_mb{k}"] = float(np.mean([r["local_kl"] for r in part]))
+        if "oos_kl_mean" in out:
+            out[f"oos_kl_mb{k}"] = float(np.mean([r["oos_local_kl"] for r in part]))
     if start_eval is not None:
         out["val_change"] = out["val_final"] - start_eval["accuracy"]
     return out
@@ -74,6 +81,10 @@ COLUMNS = {
     "val_final": "greedy exact-match accuracy of the final policy on the scored test items (the whole test "
                  "split unless the grid's eval_items caps it)",
     "val_change": "val_final minus the warm-start's accuracy on the same split",
+    "oos_kl_mean": "mean over optimizer steps of the out-of-sample local KL (fresh completions of held-out prompts "
+                   "from the policy before each step; runs of the second study)",
+    "local_kl_mb0": "mean local KL over the optimizer steps of minibatch 0 (on-policy); _mb1: of minibatch 1; "
+                    "oos_kl_mb0, oos_kl_mb1: the same for the out-of-sample local KL",
 }
 
 

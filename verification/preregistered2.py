@@ -60,7 +60,7 @@ def family(x_regime: str | None = X) -> tuple[Hypothesis, ...]:
     out = []
     for tag, method, who in (("G", "proma", "exact PROMA"), ("P", "proma-paper", "the published settings")):
         for regime, r in (("learn-240", "L"), ("collapse", "C")):
-            out.append(Hypothesis(f"F-{tag}-{r}", f"at matched out-of-sample KL, {who} gains more reward than GRPO",
+            out.append(Hypothesis(f"F-{tag}-{r}", f"{who}: more reward gain than GRPO at matched out-of-sample KL",
                                   "frontier", regime, method, "grpo"))
     for regime, r in (("learn-240-mb1", "L"), ("collapse-mb1", "C")):
         out.append(Hypothesis(f"M-G-{r}", "with one minibatch (no clipping), exact PROMA's out-of-sample KL is "

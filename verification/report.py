@@ -247,7 +247,10 @@ def _figures(out: Path, runs: list, summaries: list, studies: dict, *, steps: in
 
 
 def _write_text(out: Path, *, meta, oracle, studies, summaries, figures, seeds, first, runs) -> Path:
-    from . import report_seeds
+    from . import report_seeds, report_study2
+
+    if seeds.get("study2"):
+        figures = {**figures, **report_study2.figures(seeds["study2"], out)}
 
     text = render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
                   figures={k: p.name for k, p in figures.items()}, data_files=_data_files(out, seeds["grid"]),

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from . import claims, first_order, seed_tables, study_plan, study_seeds
+from . import claims, first_order, report_study2, seed_tables, study_plan, study_seeds
 
 SEED_GRIDS = {
     "full": study_seeds.StudyGrid(),
@@ -65,12 +65,24 @@ def load_seeds(mode: str, data_dir) -> dict:
                   for regime in grid.regimes for f in (Path(data_dir) / regime).glob("*-lr*-s*.json"))
     warm = {regime: json.loads(f.read_text()) for regime in grid.regimes
             if (f := Path(data_dir) / regime / "warmstart.json").is_file()}
+    commits = {regime: run_commits(Path(data_dir) / regime) for regime in grid.regimes}
+    study2_dir = Path(data_dir).parent / "study2"
+    second = report_study2.load_study2(study2_dir) if mode == "full" and study2_dir.is_dir() else None
     return {"grid": grid, "results": results, "start": start, "run_seconds": compute, "warmstarts": warm,
             "tables": {regime: seed_tables.aggregate(runs) for regime, runs in results.items()},
             "equal_kl": {regime: seed_tables.equal_kl(seed_tables.load_curves(data_dir, regime))
                          for regime in grid.regimes},
             "regime_checks": claims.regime_checks(results, mode=mode),
-            "plan": study_plan.plan(grid, data_dir)}
+            "plan": study_plan.plan(grid, data_dir), "commits": commits, "study2": second}
+
+
+def run_commits(folder) -> dict:
+    """``{(method, seed): commit or None}`` of the result files in ``folder`` (None: the run recorded no commit)."""
+    out = {}
+    for path in sorted(Path(folder).glob("*-lr*-s*.json")):
+        res = json.loads(path.read_text())
+        out[(res["config"]["method"], res["config"]["seed"])] = (res.get("code") or {}).get("commit")
+    return out
 
 
 def first_order_phase(mode: str, *, seed: int, realcase_cache, log=print) -> dict:

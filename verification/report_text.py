@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 
+from . import report_study2
 from .report_inputs import ReportInputs
 from .text_grid import (_claims, _kl_intro, _kl_rollout, _learning, _local_kl, _proma_vs_grpo_section,
                         _second_order)
@@ -92,6 +93,8 @@ def _raw_data(r: ReportInputs) -> list:
 
 SECTIONS = (
     ("## Verdicts on the paper's claims (pre-registered)", verdicts_section),
+    ("## The second study: proximality or a smaller step (pre-registered)",
+     lambda r: report_study2.section((r.seeds or {}).get("study2"))),
     ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.seeds) + seed_headline(r) + [""]),
     ("## Configuration", lambda r: _configuration(r.meta) + [""]),
     ("## 1. Oracle: implementations against the golden cases", lambda r: _oracle(r.oracle) + [""]),

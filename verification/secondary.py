@@ -41,12 +41,14 @@ def kl_summaries(results: dict, **kw) -> list[tuple[P.Hypothesis, str, dict, flo
     return out
 
 
-def leave_one_out(results: dict, outcome: P.Outcome) -> dict | None:
+def leave_one_out(results: dict, outcome: P.Outcome, others_p: list | None = None) -> dict | None:
     """Estimate and p of ``outcome``'s hypothesis over every subset of its seeds with one left out.
 
     Returns ``{"estimate": (min, max), "p": (min, max), "kept": k, "subsets": n}`` with k the subsets whose
     unadjusted p is below :data:`UNADJUSTED` with the estimate on the same side as the full data's; None with
-    fewer than 3 seeds.
+    fewer than 3 seeds. With ``others_p`` (the other hypotheses' p of the family), also ``"kept_holm"``: the
+    subsets whose Holm-adjusted p (Holm re-applied with the others unchanged) is below :data:`UNADJUSTED` on the
+    same side, i.e. that keep a decided verdict.
     """
     h = outcome.hypothesis
     against = h.against[0] if h.kind == "val" else h.against
@@ -57,7 +59,11 @@ def leave_one_out(results: dict, outcome: P.Outcome) -> dict | None:
     est = [o.estimate["mean"] for o in subsets]
     ps = [o.p for o in subsets]
     kept = sum(o.p < UNADJUSTED and o.supports == outcome.supports for o in subsets)
-    return {"estimate": (min(est), max(est)), "p": (min(ps), max(ps)), "kept": kept, "subsets": len(subsets)}
+    out = {"estimate": (min(est), max(est)), "p": (min(ps), max(ps)), "kept": kept, "subsets": len(subsets)}
+    if others_p is not None:
+        out["kept_holm"] = sum(stats.holm([o.p, *others_p])[0] < UNADJUSTED and o.supports == outcome.supports
+                               for o in subsets)
+    return out
 
 
 def val_elsewhere(results: dict) -> list[P.Outcome]:

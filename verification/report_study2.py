@@ -1,0 +1,205 @@
+"""The second study's part of the report: its results loaded, its figures, and its section's text.
+
+Rules: ``reports/PREREGISTRATION-2.md``; tests and verdicts: :mod:`verification.preregistered2`; cells, pilot
+and run order: :mod:`verification.study2`. Nothing here decides anything the pre-registration does not.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from . import preregistered2 as P2
+from . import seed_tables, stats, study2
+from .textfmt import table
+
+PREREG2_COMMIT = "30fc60d"   # the commit that added PREREGISTRATION-2.md, before any run of the second study
+FIGURES = {"forest": "study2_forest.png", "frontier": "study2_frontier.png"}
+KIND_WORDS = {"frontier": ("reward-gain difference at matched KL", "+.4f"), "kl_ratio": ("ratio", ".3f"),
+              "code_kl": ("ratio", ".3f"), "entropy_diff": ("paired difference", "+.3f"),
+              "code_entropy": ("paired difference", "+.3f"), "entropy_abs": ("end/start", ".3f")}
+
+
+def load_study2(data_dir) -> dict | None:
+    """``{"results", "x", "pilot_over", "pilot", "run_seconds", "runs", "planned", "commits"}`` from the study's
+    data folder, or None when it holds no run."""
+    data_dir = Path(data_dir)
+    files = sorted(data_dir.glob("*/*-lr*-s*.json"))
+    if not files:
+        return None
+    regimes = sorted({f.parent.name for f in files})
+    results = {r: seed_tables.load_results(data_dir, r) for r in regimes}
+    accepted, nxt, seen = study2.pilot_state(data_dir)
+    commits = {}
+    for f in files:
+        code = json.loads(f.read_text()).get("code", {})
+        key = (code.get("commit") or "none")[:7] + (" (dirty)" if code.get("dirty") else "")
+        commits[key] = commits.get(key, 0) + 1
+    planned = sum(len(g.runs()) for g in study2.cells(data_dir).values())
+    pilot_names = {name for name, _, _ in study2.CANDIDATES} - ({accepted} if accepted else set())
+    done = sum(1 for f in files if f.parent.name not in pilot_names)
+    return {"results": results, "x": accepted, "pilot_over": nxt is None, "pilot": seen,
+            "run_seconds": sum(seed_tables.run_wall_seconds(json.loads(f.read_text())) for f in files),
+            "runs": done, "planned": planned, "commits": commits}
+
+
+def _p(p: float) -> str:
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
+def _estimate(o: P2.Outcome) -> str:
+    if o.estimate is None:
+        return f"{o.n} seeds"
+    word, fmt = KIND_WORDS[o.hypothesis.kind]
+    return f"{word} {stats.format_interval(o.estimate, fmt)}"
+
+
+def verdict_table(outcomes: list) -> str:
+    rows = [(o.hypothesis.id, o.hypothesis.claim, o.hypothesis.regime, o.n, _estimate(o), _p(o.p),
+             "-" if o.p_adj != o.p_adj else _p(o.p_adj), f"**{o.verdict}**") for o in outcomes]
+    return table(["id", "claim", "regime", "seeds", "estimate [95% CI]", "p", "Holm p", "verdict"], rows)
+
+
+# ---------------------------------------------------------------------------------------------- figures
+def forest_plot(outcomes: list, path) -> Path:
+    """One panel per scale (reward gain at matched KL; KL ratios; entropy), each hypothesis' estimate and 95% CI."""
+    from .plots import _save, plt
+
+    panels = (("reward gain at matched out-of-sample KL (method - GRPO)", ("frontier",), 0.0),
+              ("out-of-sample local KL ratio", ("kl_ratio", "code_kl"), 1.0),
+              ("entropy end/start (difference; AC: level vs 1/2)", ("entropy_diff", "code_entropy", "entropy_abs"), 0.0))
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for ax, (title, kinds, ref) in zip(axes, panels):
+        rows = [o for o in outcomes if o.hypothesis.kind in kinds and o.estimate is not None]
+        for y, o in enumerate(rows):
+            iv = o.estimate
+            shift = 0.5 if o.hypothesis.kind == "entropy_abs" else 0.0  # AC: drawn as a difference from 1/2
+            color = "tab:green" if o.verdict in (P2.SUPPORTED,) else "tab:red" if o.verdict == P2.CONTRADICTED else \
+                "tab:purple" if o.verdict.startswith("differs") else "tab:gray"
+            ax.errorbar(iv["mean"] - shift, y, xerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o",
+                        color=color, capsize=3)
+        ax.axvline(ref, color="black", lw=0.8)
+        ax.set_yticks(range(len(rows)), [f"{o.hypothesis.id} ({o.n})" for o in rows])
+        ax.set_xscale("log" if ref == 1.0 else "linear")
+        ax.set_title(title, fontsize=9)
+        ax.invert_yaxis()
+    fig.suptitle("Second study: estimates with unadjusted 95% t-intervals (green supported, red contradicted, "
+                 "purple differs, grey undecided / in progress)", fontsize=9)
+    return _save(fig, path)
+
+
+def frontier_plot(results: dict, path) -> Path:
+    """Seed means of (log out-of-sample KL, reward gain) per method and learning rate, with 95% t-intervals."""
+    from .plots import _color, _save, plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, regime in zip(axes, ("learn-240", "collapse")):
+        runs = results.get(regime, {})
+        for m in study2.FRONTIER_METHODS:
+            pts = []
+            for lr in study2.RATES[regime]:
+                seeds = [s for mm, ll, s in runs if mm == m and ll == lr]
+                if len(seeds) < 2:
+                    continue
+                k = stats.t_interval(np.log([runs[(m, lr, s)]["oos_kl_mean"] for s in seeds]))
+                g = stats.t_interval([runs[(m, lr, s)]["reward_gain"] for s in seeds])
+                pts.append((k, g))
+                ax.errorbar(k["mean"], g["mean"], xerr=[[k["mean"] - k["lo"]], [k["hi"] - k["mean"]]],
+                            yerr=[[g["mean"] - g["lo"]], [g["hi"] - g["mean"]]], fmt="o", color=_color(m), capsize=2)
+            if pts:
+                ax.plot([k["mean"] for k, _ in pts], [g["mean"] for _, g in pts], color=_color(m), label=m)
+        ax.set_xlabel("log out-of-sample local KL (mean over steps)")
+        ax.set_ylabel("reward gain")
+        ax.set_title(f"{regime}: 0.5x, 1x, 2x learning rate (left to right)", fontsize=9)
+        if ax.lines:
+            ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def figures(study: dict, out) -> dict:
+    """Write the study's PNGs into ``out``: ``{key: path}``."""
+    outcomes = P2.decide(study["results"], x_regime=study["x"], pilot_over=study["pilot_over"])
+    out = Path(out)
+    return {"study2_forest": forest_plot(outcomes, out / FIGURES["forest"]),
+            "study2_frontier": frontier_plot(study["results"], out / FIGURES["frontier"])}
+
+
+# ---------------------------------------------------------------------------------------------- text
+def section(study: dict | None) -> list:
+    """The report's section on the second study (rules, state, verdicts, power, pilot, secondary)."""
+    if study is None:
+        return ["The second study (`PREREGISTRATION-2.md`) has no run yet.", ""]
+    outcomes = P2.decide(study["results"], x_regime=study["x"], pilot_over=study["pilot_over"])
+    commits = ", ".join(f"`{c}` ({n})" for c, n in sorted(study["commits"].items()))
+    lines = [f"Rules: [`PREREGISTRATION-2.md`](PREREGISTRATION-2.md), committed in `{PREREG2_COMMIT}` before any "
+             "run of this study (its pilot included); every run's JSON records the commit it ran "
+             f"(here: {commits}). Fifteen hypotheses, two-sided t-tests over seeds (paired by seed), Holm across "
+             "the family at alpha 0.05. Every run logs the out-of-sample local KL: the exact KL between the "
+             "policies before and after each optimizer step on fresh completions of 32 held-out (test-split) "
+             "prompts sampled from the policy before the step.", "",
+             f"Runs: {study['runs']} of {study['planned']} planned (the pilot's apart); "
+             f"{study['run_seconds'] / 3600:.1f} worker-hours so far.", ""]
+    pilot = "; ".join(f"`{n}`: GRPO entropy end/start {stats.format_interval(iv)}" if iv else f"`{n}`: not run"
+                      for n, iv in study["pilot"])
+    state = (f"accepted `{study['x']}`" if study["x"] else
+             "no candidate accepted (the X hypotheses are not tested)" if study["pilot_over"] else "in progress")
+    lines += [f"Pilot for the GRPO-collapse regime X (seeds 100-104, rule: the interval lies below 1/2): {pilot}; "
+              f"{state}.", ""]
+    if any(o.verdict == P2.IN_PROGRESS for o in outcomes):
+        lines += ["**In progress**: nothing is decided until every hypothesis has its planned seeds (10; 15 in X); "
+                  "the numbers below are interim.", ""]
+    lines += [verdict_table(outcomes), "", f"![forest plot]({FIGURES['forest']})", ""]
+    undecided = [o for o in outcomes if o.verdict in (P2.INCONCLUSIVE, P2.NO_DIFFERENCE) and o.estimate is not None]
+    if undecided:
+        lines += ["Seeds that would decide each undecided hypothesis (80% power at the observed effect and spread, "
+                  "at its Holm level):", ""]
+        for o in undecided:
+            n = P2.seeds_needed(outcomes, o)
+            lines.append(f"- {o.hypothesis.id}: " + (f"about {n} seeds" if n else "no feasible number of seeds"))
+        lines.append("")
+    lines += secondary(study, outcomes)
+    return lines
+
+
+def secondary(study: dict, outcomes: list) -> list:
+    """PREREGISTRATION-2.md section 7 (as far as the data go): decide nothing."""
+    results = study["results"]
+    lines = [f"![frontier]({FIGURES['frontier']})", "",
+             "Secondary (decides nothing): the frontier with in-sample KL, the issue's form (log out-of-sample KL "
+             "at matched reward gain, with the seeds where the matched gain lies outside a method's own range), "
+             "the out-of-sample / in-sample KL ratio per method at 1x, and leave-one-seed-out under Holm.", ""]
+    rows = []
+    for regime in ("learn-240", "collapse"):
+        runs = results.get(regime, {})
+        for m in ("proma", "proma-paper"):
+            ins = list(P2.frontier_deltas(runs, m, "grpo", kl="local_kl_mean").values())
+            form, outside = P2.logkl_at_matched_gain(runs, m, "grpo")
+            vals = np.array(list(form.values()))
+            rows.append((regime, m, stats.format_interval(stats.t_interval(ins), "+.4f") if len(ins) > 1 else "-",
+                         (stats.format_interval(stats.t_interval(np.exp(vals)), ".3f") if vals.size > 1 else "-")
+                         + f" ({outside} of {vals.size} extrapolated)"))
+    lines += [table(["regime", "method", "gain at matched in-sample KL (vs grpo)",
+                     "out-of-sample KL ratio at matched gain (vs grpo)"], rows), ""]
+    ratio_rows = []
+    for regime, lr in P2.ONE_X.items():
+        runs = results.get(regime, {})
+        for m in ("grpo", "proma", "proma-paper", "proma-code"):
+            seeds = [s for mm, ll, s in runs if mm == m and ll == lr]
+            if len(seeds) > 1:
+                r = [runs[(m, lr, s)]["oos_kl_mean"] / runs[(m, lr, s)]["local_kl_mean"] for s in seeds]
+                ratio_rows.append((regime, m, len(seeds), stats.format_interval(stats.t_interval(r), ".3f")))
+    if ratio_rows:
+        lines += ["Out-of-sample over in-sample local KL at 1x (mean over seeds):", "",
+                  table(["regime", "method", "seeds", "oos / in-sample"], ratio_rows), ""]
+    loo_rows = []
+    for o in outcomes:
+        loo = P2.leave_one_out(outcomes, o)
+        w = stats.wilcoxon_p(o.diffs) if len(o.diffs) >= 2 else None
+        if loo:
+            loo_rows.append((o.hypothesis.id, f"{loo['kept']}/{loo['subsets']}", "-" if w is None else _p(w)))
+    if loo_rows:
+        lines += ["Leave-one-seed-out (subsets whose Holm-adjusted p stays below 0.05 on the same side, the other "
+                  "hypotheses' p unchanged) and the Wilcoxon signed-rank p:", "",
+                  table(["id", "kept under Holm", "Wilcoxon p"], loo_rows), ""]
+    return lines

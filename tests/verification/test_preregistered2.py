@@ -160,3 +160,21 @@ def test_leave_one_out_counts_subsets_that_keep_the_direction_under_holm():
     # an outcome pointing nowhere keeps nothing
     null = next(x for x in outcomes if x.hypothesis.id == "F-P-L")
     assert P2.leave_one_out(outcomes, null)["kept"] <= 1
+
+
+def test_the_report_section_and_figures_render_from_a_complete_synthetic_study(tmp_path):
+    from verification import report_study2 as R
+
+    res = _family_results({"F-G-L": 0.05, "M-G-C": -0.5, "EN-G-X": 0.2, "CODE-K-L": 0.3})
+    for regime in res.values():  # in-sample KL for the secondary tables (half the out-of-sample KL)
+        for v in regime.values():
+            v["local_kl_mean"] = v["oos_kl_mean"] * 2
+    study = {"results": res, "x": "collapse-120", "pilot_over": True, "runs": 320, "planned": 320,
+             "pilot": [("collapse-120", stats.t_interval([0.3, 0.31, 0.29, 0.32, 0.28]))], "run_seconds": 3600.0,
+             "commits": {"abc1234": 320}}
+    text = "\n".join(R.section(study))
+    assert "| F-G-L |" in text and "**supported**" in text and "**differs (higher)**" in text
+    assert "accepted `collapse-120`" in text and "In progress" not in text
+    assert "| learn-240 | grpo | 10 | 0.500 [0.500, 0.500] |" in text
+    paths = R.figures(study, tmp_path)
+    assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())

@@ -1,8 +1,20 @@
 """The accumulator's options: the enumerations, one frozen dataclass validated once, and the published preset.
 
-Every module that needs a variant, solver, sync mode, intra form or strategy name imports it from here
-(``SOLVERS`` is the solver registry's key list, :data:`proma.projection.SOLVER_REGISTRY`; ``STRATEGIES`` the
-per-layer routes of :mod:`proma.layers.block`).
+Every module that needs a variant, solver, sync mode, intra form or strategy name imports it from here.
+Solvers are declared in :mod:`reference.solvers` (with their torch implementations in :mod:`proma.solvers`):
+``solver`` is checked against :func:`proma.solvers.solver_names`, the live list, so an added solver is
+accepted everywhere; ``SOLVERS`` / ``ACCUMULATOR_SOLVERS`` are the built-ins. ``STRATEGIES`` are the
+per-layer routes of :mod:`proma.layers.block`.
+
+``variant="none"`` and ``solver="none"`` both leave the microbatch gradients unprojected, by different roads:
+``variant="none"`` is plain autograd (``(weights * seq_logp).sum().backward()``, no hooks), the baseline a
+user compares against; ``solver="none"`` runs the whole PROMA machinery (hooks, layer rules, updates) and
+removes nothing, the baseline for the machinery's own cost and rounding.
+
+``sync`` defaults to ``"local"`` here (each rank projects its own microbatches, then one all-reduce: the
+cheap setting, and the one every single-process run means); the RL harness's ``--sync`` defaults to
+``"global"`` on purpose (its several-process runs reproduce the single-process result up to rounding, which
+is what a study compares), see proma/rl/config.py.
 """
 from __future__ import annotations
 
@@ -11,16 +23,15 @@ import math
 from dataclasses import dataclass
 
 from .layers.block import DEFAULT_MAX_TRANSIENT, STRATEGIES
-from .projection import DEFAULT_PASSES, DEFAULT_RIDGE, SOLVERS
+from .solvers import DEFAULT_PASSES, DEFAULT_RIDGE, NO_SOLVER, SOLVERS, solver_names
 
 VARIANTS = ("proma", "none", "intra")
-# "none" as a solver: variant "proma" that removes nothing (plain accumulation through the layer rules)
-NO_SOLVER = "none"
+# the built-in solvers plus "none" (the live list, with added solvers: proma.solvers.solver_names())
 ACCUMULATOR_SOLVERS = SOLVERS + (NO_SOLVER,)
 SYNCS = ("local", "global")
 INTRA_FORMS = ("two_sided", "kron")
 
-__all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "SYNCS", "INTRA_FORMS", "STRATEGIES",
+__all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "solver_names", "SYNCS", "INTRA_FORMS", "STRATEGIES",
            "AccumulatorOptions", "PUBLISHED", "PUBLISHED_NAME", "PUBLISHED_SETTINGS", "published_options"]
 
 
@@ -35,8 +46,8 @@ class AccumulatorOptions:
     Attributes
     ----------
     variant : {"proma", "none", "intra"}
-    solver : {"exact", "gram_schmidt", "ridge", "none"}
-        Projection of ``variant="proma"`` (see :mod:`proma.projection`).
+    solver : {"exact", "gram_schmidt", "ridge", "none"} or an added solver
+        Projection of ``variant="proma"`` (see :mod:`reference.solvers`, :mod:`proma.solvers`).
     passes : int >= 1, Gram-Schmidt sweeps.  ridge : float > 0, ridge regulariser.
     relative_bound : float >= 0 or None
         Cap ``||R_m|| <= relative_bound * ||pg_m||`` per parameter tensor.
@@ -81,8 +92,8 @@ class AccumulatorOptions:
     def _check_names(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}; got {self.variant!r}")
-        if self.solver not in ACCUMULATOR_SOLVERS:
-            raise ValueError(f"solver must be one of {ACCUMULATOR_SOLVERS}; got {self.solver!r}")
+        if self.solver not in solver_names():
+            raise ValueError(f"solver must be one of {solver_names()}; got {self.solver!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
         if self.sync not in SYNCS:

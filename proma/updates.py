@@ -24,7 +24,9 @@ from .inventory import Handling
 from .layers import Block
 from .microbatch import IntraFactors
 from .options import NO_SOLVER, AccumulatorOptions
-from .projection import dominant_subspace, project_factored_, solve
+from .intra import project_factored_
+from .solvers import solve
+from .subspace import dominant_subspace
 
 
 class UpdateMode(enum.Enum):

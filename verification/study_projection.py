@@ -67,10 +67,10 @@ CUTOFF_TENSOR_SIZE = 10**9
 
 def float32_cutoff(b: int) -> float:
     """Relative singular value below which the torch exact solver, given b float32 sequence gradients, drops a
-    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule) for a large tensor."""
+    direction: sqrt of ``proma.solvers.eigen_cutoff`` (its documented rank rule) for a large tensor."""
     import torch
 
-    from proma.projection import eigen_cutoff
+    from proma.solvers import eigen_cutoff
 
     return math.sqrt(eigen_cutoff(b, CUTOFF_TENSOR_SIZE, torch.float32))
 

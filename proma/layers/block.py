@@ -162,7 +162,7 @@ class Block:
 
         The per-sequence gradients stay in the work dtype; only their products are formed in float64,
         so a float32 model's Gram resolves directions down to ~eps32 (not sqrt(eps32)) of the largest
-        singular value (see :func:`proma.projection.eigen_cutoff`).
+        singular value (see :func:`proma.solvers.eigen_cutoff`).
         """
         Gw = None if G is None else G.to(self.dtype)
         if self.strategy == "ghost":

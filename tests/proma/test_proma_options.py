@@ -7,7 +7,7 @@ import torch
 import reference
 from proma import PUBLISHED, AccumulatorOptions, ProjectedAccumulator, published_options
 from proma.options import NO_SOLVER, SOLVERS
-from proma.projection import SOLVER_REGISTRY
+from proma.solvers import SOLVER_REGISTRY
 from verification.testkit import trainable
 
 from proma_testkit import SeqMLP, make_batch, seq_logp

@@ -239,8 +239,8 @@ def remove_solver(name: str) -> None:
 
 
 def solver_names() -> tuple:
-    """Every solver the accumulator accepts now: the declared ones with a torch implementation, and "none"."""
-    return tuple(n for n in reference_solvers.solver_names() if n in _TORCH_SOLVERS or n == NO_SOLVER)
+    """Every solver the accumulator accepts now: the declared ones with a torch implementation, then "none"."""
+    return tuple(n for n in reference_solvers.solver_names() if n in _TORCH_SOLVERS) + (NO_SOLVER,)
 
 
 def _quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -60,6 +60,20 @@ TORCH_SETTINGS = {
 }
 
 
+
+def add_declared_solvers(reference_settings: dict, torch_settings: dict) -> None:
+    """One row per declared solver (``reference.solvers``) that the tables above do not name, at its
+    declaration's example options (in place; run at import for the solvers declared by then)."""
+    for name in reference.solver_names():
+        if any(kw.get("solver") == name for kw, _ in reference_settings.values()):
+            continue
+        kw = dict(solver=name, **reference.declaration(name).example)
+        reference_settings[f"{name} (declared)"] = (kw, True)
+        torch_settings[f"{name} (declared)"] = (dict(kw, variant="proma"), f"{name} (declared)")
+
+
+add_declared_solvers(REFERENCE_SETTINGS, TORCH_SETTINGS)
+
 # Parameter count P at which the float32 cutoff is quoted: any tensor size of a real model, where the float32
 # rounding term of the cutoff, not the size term, sets it.
 CUTOFF_TENSOR_SIZE = 10**9

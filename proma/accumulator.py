@@ -255,7 +255,7 @@ class ProjectedAccumulator:
         if self.world_size > 1:
             self._sync.check_agreement(self._microbatches, same_count=self._global)
         inv = self._inventory
-        todo = inv.with_handling(Handling.RULE_PLAIN, Handling.AUTOGRAD_PLAIN) if self._global \
+        todo = inv.with_handling(Handling.EXCLUDED_CAPTURED, Handling.AUTOGRAD_PLAIN) if self._global \
             else inv.entries
         if self._fsdp is None:
             self._grads.average_([e.param for e in todo], self._sync.average_)

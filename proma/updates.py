@@ -187,7 +187,7 @@ class Updates:
     def apply(self, handling: Handling, block: Block, w: torch.Tensor, G: torch.Tensor | None,
               intra: IntraFactors | None = None) -> tuple[torch.Tensor, UpdateRecord]:
         """New G and the record for a parameter handled as ``handling`` (``intra``: its factors, intra only)."""
-        if handling is Handling.RULE_PLAIN:
+        if handling is Handling.EXCLUDED_CAPTURED:
             return self.excluded(block, w, G)
         if self.intra_variant:
             if intra is not None and intra.usable:

@@ -299,7 +299,7 @@ def _seq_logp(model, batch):
 def test_an_oracle_case_of_a_model_using_the_rule_is_passed_with_the_new_solver(scale_rule, jacobi):
     import copy
 
-    from verification.oracle.capture import capture_case_arrays
+    from verification.oracle.model_case import capture_case_arrays
     from verification.oracle.cases import compute_expected
     from verification.oracle.check import check_outputs
     from verification.oracle.format import Case, Settings, default_tolerances

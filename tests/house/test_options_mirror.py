@@ -1,6 +1,6 @@
 """One source of truth for option names and defaults: ``proma.options``. The judge (``reference``, which
 imports nothing of proma) keeps its own copy and the oracle's format takes its names from the judge; these
-tests keep the three equal, so a new solver is its two functions and one registry line on each side."""
+tests keep the three equal. Solvers are declared once, in ``reference/solvers.py`` (docs/extending.md)."""
 from __future__ import annotations
 
 import dataclasses

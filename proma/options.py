@@ -29,6 +29,8 @@ VARIANTS = ("proma", "none", "intra")
 # the built-in solvers plus "none" (the live list, with added solvers: proma.solvers.solver_names())
 ACCUMULATOR_SOLVERS = SOLVERS + (NO_SOLVER,)
 SYNCS = ("local", "global")
+# options each rank may choose for itself (how it computes, not what): left out of the ranks' agreement check
+RANK_LOCAL_OPTIONS = ("strategy", "max_transient")
 INTRA_FORMS = ("two_sided", "kron")
 
 __all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "solver_names", "SYNCS", "INTRA_FORMS", "STRATEGIES",
@@ -130,9 +132,11 @@ class AccumulatorOptions:
         return kw
 
     def signature_items(self) -> tuple:
-        """What every rank of a data-parallel run must agree on (hashed into the sync header)."""
-        return (self.variant, self.sync, self.solver, self.passes, self.ridge, self.relative_bound, self.shrinkage,
-                self.intra_rank, self.intra_form, sorted(self.exclude))
+        """What every rank of a data-parallel run must agree on (hashed into the sync header): every option but
+        the per-rank memory and route choices of :data:`RANK_LOCAL_OPTIONS`, read from the fields (so a new
+        option is in it unless it is declared rank-local)."""
+        return tuple((f.name, sorted(self.exclude) if f.name == "exclude" else getattr(self, f.name))
+                     for f in dataclasses.fields(self) if f.name not in RANK_LOCAL_OPTIONS)
 
 
 # The settings of the published PROMA run (Gram-Schmidt, two sweeps, removal capped at half the incoming

@@ -26,7 +26,7 @@ import torch
 
 import proma.subspace as subspace
 import proma.updates as updates
-from proma.projection import Subspace
+from proma.subspace import Subspace
 from bench_targets import alone, build, step_fn, time_steps  # noqa: E402  (benchmarks/ is the script's directory)
 
 VERSIONS = ("plain", "intra", "intra, dense eigh", "intra, no subspace search")

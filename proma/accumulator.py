@@ -10,9 +10,10 @@ log-probability restricted to the block and w_i its loss weight::
 
 ``variant="proma"``: R_m is the component of G_{m-1} in span{g_i : i in m} (``solver="exact"``) or the
 published approximations (``"gram_schmidt"``, ``"ridge"``), capped by ``relative_bound``; see
-:mod:`proma.projection`. ``variant="none"``: R_m = 0 (it runs ``(weights * seq_logp).sum().backward()``).
+:mod:`proma.solvers` (declared in :mod:`reference.solvers`). ``variant="none"``: R_m = 0 (it runs ``(weights * seq_logp).sum().backward()``).
 ``variant="intra"``: every ``nn.Linear`` weight adds its microbatch gradient projected against the dominant
-subspaces of its own activations and output gradients (:func:`proma.projection.intra_project`); every other
+subspaces of its own activations and output gradients (``updates.IntraUpdate``: :func:`proma.subspace.dominant_subspace`
+and :func:`proma.intra.project_factored_`); every other
 parameter adds pg_m.
 
 The g_i are never formed for the whole model. One backward pass of ``seq_logp.sum()`` delivers each hooked
@@ -29,7 +30,7 @@ Precision (the one place that states it): per-sequence gradients, factors, updat
 are in the work dtype (the parameter's, float32 for bf16/fp16 parameters); the b x b Gram is formed in float64
 on both routes (:data:`proma.layers.block.GRAM_DTYPE`); the inner products h_i = <g_i, G> are float64 on the
 materialize route and in the work dtype on the ghost route; the b x b solves run in float64
-(:mod:`proma.projection`). For 16-bit parameters the running gradient lives in a float32 buffer owned by the
+(:mod:`proma.solvers`). For 16-bit parameters the running gradient lives in a float32 buffer owned by the
 accumulator; after every ``backward`` each ``p.grad`` is set to that buffer rounded to the parameter dtype.
 
 The life of a microbatch, ``acc.backward(seq_logp, w)`` (file: function; one backward pass in all):
@@ -40,12 +41,13 @@ The life of a microbatch, ``acc.backward(seq_logp, w)`` (file: function; one bac
 3. ``capture.py: Capture.backward`` first walks the graph (``coverage.check_uses``: no uncaptured use of a
    covered parameter), then back-propagates ``seq_logp.sum()`` to the hooked outputs only.
 4. As each call's output gradient D arrives, ``microbatch.Collector.receive`` asks the layer rule
-   (``layers/linear.py`` etc., ``Rule.contributions``) for that use's contribution (X, D, sequence index).
+   (``layers/linear.py`` etc., the rule's ``contributions`` method) for that use's contribution
+   (a ``layers/base.py: Contribution``: factors X and D, ids, or per-sequence gradients).
 5. When every use of a parameter has arrived: ``accumulator.py: _apply`` wraps them in a
    ``layers/block.py: Block`` and calls ``updates.Updates.apply`` (project, intra or plain).
-6. ``updates.ProjectUpdate``: ``Block.gram_and_inner`` gives K and h, ``projection.solve`` the coefficients
-   (solver registry), ``Block.add_weighted_`` writes G - s R + pg in one pass; ``IntraUpdate`` uses
-   ``subspace`` instead.
+6. ``updates.ProjectUpdate``: ``Block.gram_and_inner`` gives K and h, ``solvers.solve`` the coefficients
+   (the solver registry), ``Block.add_weighted_`` writes G - s R + pg in one pass; ``IntraUpdate`` uses
+   ``subspace.dominant_subspace`` and ``intra.project_factored_`` instead.
 7. ``grad_store.GradStore.store`` puts the new G in ``p.grad`` (or the float32 buffer); the block's factors
    are released. ``sync="global"`` holds the projected parameters until after the backward and exchanges
    their contributions (``distributed``) before step 5.
@@ -67,7 +69,7 @@ on the union microbatches (PROMA is homogeneous in the weights, so this equals P
   Memory: the factors of every layer are kept to the end of the backward pass (not freed layer by layer)
   and one exchange round's buffer exists W + 1 times; every rank computes the blocks of all B sequences.
 
-FSDP2 (``fully_shard`` on the blocks and the root; :mod:`proma.fsdp`, docs/fsdp.md): the same modes and
+FSDP2 (``fully_shard`` on the decoder layers and the root; :mod:`proma.fsdp`, docs/fsdp.md): the same modes and
 results; the running gradients are kept unsharded by the accumulator (``p.grad`` stays None meanwhile) and
 :meth:`synchronize` writes every ``p.grad`` as a ``DTensor`` sharded like its parameter (a reduce-scatter, or
 this rank's rows of the replicated G of ``sync="global"``); ``variant="none"`` then also runs through the hooks.
@@ -253,7 +255,7 @@ class ProjectedAccumulator:
         if self.world_size > 1:
             self._sync.check_agreement(self._microbatches, same_count=self._global)
         inv = self._inventory
-        todo = inv.with_handling(Handling.RULE_PLAIN, Handling.AUTOGRAD_PLAIN) if self._global \
+        todo = inv.with_handling(Handling.EXCLUDED_CAPTURED, Handling.AUTOGRAD_PLAIN) if self._global \
             else inv.entries
         if self._fsdp is None:
             self._grads.average_([e.param for e in todo], self._sync.average_)

@@ -4,7 +4,7 @@ Index conventions: W ranks, b_r sequences of rank r's microbatch, B = sum_r b_r 
 microbatch, n tokens per sequence, o x i parameter (P elements).
 
 Everything here is plumbing for :class:`proma.ProjectedAccumulator` (``process_group=``, ``sync=``); the
-maths stays in :mod:`proma.layers` and :mod:`proma.projection`. :class:`RankSync` is the protocol of one
+maths stays in :mod:`proma.layers` and :mod:`proma.solvers`. :class:`RankSync` is the protocol of one
 accumulator: headers with named fields (:class:`Header`), the lockstep exchange of ``sync="global"``
 (:class:`LockstepStep`), the final average and the byte ledger.
 

@@ -4,8 +4,8 @@ Every trainable parameter gets one :class:`Handling`:
 
 - ``RULE``: a layer rule covers every module that holds it; its captured factors feed the variant's update
   (the PROMA projection; for intra the intra projection of a Linear weight, plain accumulation otherwise);
-- ``RULE_PLAIN``: named in ``exclude=`` but covered by rules; plain accumulation from the same captured
-  factors (no extra backward pass);
+- ``EXCLUDED_CAPTURED``: named in ``exclude=`` but covered by rules; plain accumulation from the same captured
+  factors (no extra backward pass; it was called ``RULE_PLAIN``);
 - ``AUTOGRAD_PLAIN``: some holder has no rule; plain accumulation of its weighted microbatch gradient from
   one extra ``torch.autograd.grad`` restricted to these parameters. Allowed only for parameters named in
   ``exclude=`` (and for ``variant="none"``, which runs a plain backward anyway).
@@ -31,7 +31,7 @@ class Handling(enum.Enum):
     """How the accumulator obtains and accumulates one parameter's microbatch gradient."""
 
     RULE = "rule, the variant's update"
-    RULE_PLAIN = "rule, plain (excluded)"
+    EXCLUDED_CAPTURED = "rule, plain (excluded)"
     AUTOGRAD_PLAIN = "no rule, autograd, plain (excluded)"
 
 
@@ -124,7 +124,7 @@ class Inventory:
         if not covered:
             handling = Handling.AUTOGRAD_PLAIN
         else:
-            handling = Handling.RULE_PLAIN if excluded else Handling.RULE
+            handling = Handling.EXCLUDED_CAPTURED if excluded else Handling.RULE
         return ParamEntry(name=name, param=param, owners=owners, rules=tuple(sorted(rules)) if covered else (),
                           handling=handling)
 
@@ -134,7 +134,7 @@ class Inventory:
 
     def captured(self) -> list:
         """Entries whose contributions come from the hooks (every handling but ``AUTOGRAD_PLAIN``)."""
-        return self.with_handling(Handling.RULE, Handling.RULE_PLAIN)
+        return self.with_handling(Handling.RULE, Handling.EXCLUDED_CAPTURED)
 
     def hooked_modules(self) -> dict:
         """{module name: module} of every owner of a captured parameter, in inventory order."""

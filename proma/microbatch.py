@@ -14,7 +14,6 @@ from typing import Callable
 import torch
 
 from .capture import Use
-from .layers import OuterFactors
 
 
 @dataclass
@@ -30,11 +29,12 @@ class IntraFactors:
     linear_only: bool = True
 
     def add(self, c) -> None:
-        if isinstance(c, OuterFactors) and c.is_linear_weight:
-            self.X.append(c.B.reshape(-1, c.B.shape[-1]))
-            self.D.append(c.A.reshape(-1, c.A.shape[-1]))
-        else:
+        factors = c.linear_factors()
+        if factors is None:
             self.linear_only = False
+        else:
+            self.X.append(factors[0])
+            self.D.append(factors[1])
 
     @property
     def usable(self) -> bool:

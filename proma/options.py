@@ -1,8 +1,20 @@
 """The accumulator's options: the enumerations, one frozen dataclass validated once, and the published preset.
 
-Every module that needs a variant, solver, sync mode, intra form or strategy name imports it from here
-(``SOLVERS`` is the solver registry's key list, :data:`proma.projection.SOLVER_REGISTRY`; ``STRATEGIES`` the
-per-layer routes of :mod:`proma.layers.block`).
+Every module that needs a variant, solver, sync mode, intra form or strategy name imports it from here.
+Solvers are declared in :mod:`reference.solvers` (with their torch implementations in :mod:`proma.solvers`):
+``solver`` is checked against :func:`proma.solvers.solver_names`, the live list, so an added solver is
+accepted everywhere; ``SOLVERS`` / ``ACCUMULATOR_SOLVERS`` are the built-ins. ``STRATEGIES`` are the
+per-layer routes of :mod:`proma.layers.block`.
+
+``variant="none"`` and ``solver="none"`` both leave the microbatch gradients unprojected, by different roads:
+``variant="none"`` is plain autograd (``(weights * seq_logp).sum().backward()``, no hooks), the baseline a
+user compares against; ``solver="none"`` runs the whole PROMA machinery (hooks, layer rules, updates) and
+removes nothing, the baseline for the machinery's own cost and rounding.
+
+``sync`` defaults to ``"local"`` here (each rank projects its own microbatches, then one all-reduce: the
+cheap setting, and the one every single-process run means); the RL harness's ``--sync`` defaults to
+``"global"`` on purpose (its several-process runs reproduce the single-process result up to rounding, which
+is what a study compares), see proma/rl/config.py.
 """
 from __future__ import annotations
 
@@ -11,16 +23,17 @@ import math
 from dataclasses import dataclass
 
 from .layers.block import DEFAULT_MAX_TRANSIENT, STRATEGIES
-from .projection import DEFAULT_PASSES, DEFAULT_RIDGE, SOLVERS
+from .solvers import DEFAULT_PASSES, DEFAULT_RIDGE, NO_SOLVER, SOLVERS, solver_names
 
 VARIANTS = ("proma", "none", "intra")
-# "none" as a solver: variant "proma" that removes nothing (plain accumulation through the layer rules)
-NO_SOLVER = "none"
+# the built-in solvers plus "none" (the live list, with added solvers: proma.solvers.solver_names())
 ACCUMULATOR_SOLVERS = SOLVERS + (NO_SOLVER,)
 SYNCS = ("local", "global")
+# options each rank may choose for itself (how it computes, not what): left out of the ranks' agreement check
+RANK_LOCAL_OPTIONS = ("strategy", "max_transient")
 INTRA_FORMS = ("two_sided", "kron")
 
-__all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "SYNCS", "INTRA_FORMS", "STRATEGIES",
+__all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "solver_names", "SYNCS", "INTRA_FORMS", "STRATEGIES",
            "AccumulatorOptions", "PUBLISHED", "PUBLISHED_NAME", "PUBLISHED_SETTINGS", "published_options"]
 
 
@@ -35,8 +48,8 @@ class AccumulatorOptions:
     Attributes
     ----------
     variant : {"proma", "none", "intra"}
-    solver : {"exact", "gram_schmidt", "ridge", "none"}
-        Projection of ``variant="proma"`` (see :mod:`proma.projection`).
+    solver : {"exact", "gram_schmidt", "ridge", "none"} or an added solver
+        Projection of ``variant="proma"`` (see :mod:`reference.solvers`, :mod:`proma.solvers`).
     passes : int >= 1, Gram-Schmidt sweeps.  ridge : float > 0, ridge regulariser.
     relative_bound : float >= 0 or None
         Cap ``||R_m|| <= relative_bound * ||pg_m||`` per parameter tensor.
@@ -81,8 +94,8 @@ class AccumulatorOptions:
     def _check_names(self) -> None:
         if self.variant not in VARIANTS:
             raise ValueError(f"variant must be one of {VARIANTS}; got {self.variant!r}")
-        if self.solver not in ACCUMULATOR_SOLVERS:
-            raise ValueError(f"solver must be one of {ACCUMULATOR_SOLVERS}; got {self.solver!r}")
+        if self.solver not in solver_names():
+            raise ValueError(f"solver must be one of {solver_names()}; got {self.solver!r}")
         if self.strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {self.strategy!r}")
         if self.sync not in SYNCS:
@@ -96,6 +109,8 @@ class AccumulatorOptions:
     def _check_numbers(self) -> None:
         if not _is_int(self.passes, 1):
             raise ValueError(f"passes must be an int >= 1; got {self.passes!r}")
+        if not _is_int(self.max_transient, 1):
+            raise ValueError(f"max_transient must be an int >= 1; got {self.max_transient!r}")
         if not _is_int(self.intra_rank, 0):
             raise ValueError(f"intra_rank must be an int >= 0; got {self.intra_rank!r}")
         if not (math.isfinite(float(self.ridge)) and float(self.ridge) > 0):
@@ -117,9 +132,11 @@ class AccumulatorOptions:
         return kw
 
     def signature_items(self) -> tuple:
-        """What every rank of a data-parallel run must agree on (hashed into the sync header)."""
-        return (self.variant, self.sync, self.solver, self.passes, self.ridge, self.relative_bound, self.shrinkage,
-                self.intra_rank, self.intra_form, sorted(self.exclude))
+        """What every rank of a data-parallel run must agree on (hashed into the sync header): every option but
+        the per-rank memory and route choices of :data:`RANK_LOCAL_OPTIONS`, read from the fields (so a new
+        option is in it unless it is declared rank-local)."""
+        return tuple((f.name, sorted(self.exclude) if f.name == "exclude" else getattr(self, f.name))
+                     for f in dataclasses.fields(self) if f.name not in RANK_LOCAL_OPTIONS)
 
 
 # The settings of the published PROMA run (Gram-Schmidt, two sweeps, removal capped at half the incoming

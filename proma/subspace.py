@@ -28,8 +28,11 @@ of removing rows, which would need their count on the host).
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
+
+from .solvers import EPS64, GRAM_NOISE
 
 # Largest Gram side decomposed densely: below it one eigh of the formed Gram costs less than the Krylov steps'
 # kernel launches.
@@ -152,3 +155,59 @@ def top_eigenpairs(M: torch.Tensor, rank: int, right: bool, *,
         return theta, X, torch.zeros_like(theta)
     mask = None if row_mask is None else row_mask.to(M.dtype)
     return _lanczos(M, k, right, mask, min(lanczos_blocks(M.dtype), n // k))
+
+
+@dataclass
+class Subspace:
+    """Dominant right singular directions of a factor M (t, d), masked instead of sliced.
+
+    Attributes
+    ----------
+    V : (d, k) float64, orthonormal columns for the directions above the cutoff, zero columns for the others
+        (a zero column removes nothing, so no count is read back to the host).
+    used : (k,) bool, which columns are directions.
+    residual : (k,) float64 relative Ritz residual of the search (0 from a dense eigh).
+    """
+
+    V: torch.Tensor
+    used: torch.Tensor
+    residual: torch.Tensor
+
+
+def dominant_subspace(M: torch.Tensor, rank: int, *, row_mask: torch.Tensor | None = None) -> Subspace:
+    """Top-``rank`` right singular vectors of M (t, d), rows outside ``row_mask`` (t,) counting as zero.
+
+    From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by
+    :func:`top_eigenpairs` (cheaper than an SVD of M; exact to M's precision). A singular
+    value counts as zero when ``s <= cut * s_max`` with ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE *
+    min(t, d) * eps_M))``, t the rows that carry data: the reference's cutoff, raised to the rounding level
+    of a Gram in M's dtype. Only the top ``rank`` singular values are compared with the cutoff.
+    """
+    t, d = M.shape
+    right = d <= t
+    theta, Q, residual = top_eigenpairs(M, rank, right, row_mask=row_mask)
+    tokens = torch.tensor(float(t), dtype=torch.float64) if row_mask is None else row_mask.double().sum()
+    tokens = tokens.to(theta.device)
+    eps = float(torch.finfo(M.dtype).eps)
+    cut = torch.maximum(tokens.clamp_min(d) * EPS64, (GRAM_NOISE * tokens.clamp_max(d) * eps).sqrt())
+    s = theta.clamp_min(0).sqrt()
+    used = (s > cut * s[0]) & (s[0] > 0)
+    if right:
+        V = Q
+    else:
+        Mm = M if row_mask is None else M * row_mask[:, None].to(M.dtype)
+        V = Mm.double().T @ (Q / torch.where(used, s, torch.ones_like(s)))
+        # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2; the
+        # used columns are a prefix (s descending), which QR's first columns depend on alone
+        V = torch.linalg.qr(V)[0]
+    return Subspace(V=V * used.to(V.dtype), used=used, residual=residual)
+
+
+def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
+    """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank the number above
+    the cutoff of :func:`dominant_subspace` (read back to the host: for callers outside the backward pass)."""
+    t, d = M.shape
+    if rank == 0 or t == 0 or d == 0:
+        return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
+    sub = dominant_subspace(M, rank)
+    return sub.V[:, :int(sub.used.sum())]

@@ -24,7 +24,9 @@ from .inventory import Handling
 from .layers import Block
 from .microbatch import IntraFactors
 from .options import NO_SOLVER, AccumulatorOptions
-from .projection import dominant_subspace, project_factored_, solve
+from .intra import project_factored_
+from .solvers import solve
+from .subspace import dominant_subspace
 
 
 class UpdateMode(enum.Enum):
@@ -185,7 +187,7 @@ class Updates:
     def apply(self, handling: Handling, block: Block, w: torch.Tensor, G: torch.Tensor | None,
               intra: IntraFactors | None = None) -> tuple[torch.Tensor, UpdateRecord]:
         """New G and the record for a parameter handled as ``handling`` (``intra``: its factors, intra only)."""
-        if handling is Handling.RULE_PLAIN:
+        if handling is Handling.EXCLUDED_CAPTURED:
             return self.excluded(block, w, G)
         if self.intra_variant:
             if intra is not None and intra.usable:

@@ -8,8 +8,9 @@ Modules
 -------
 projection   ``project_out``: exact projection onto the complement of a row span (global or per block).
 accumulation ``accumulate`` / ``accumulate_history`` / ``accumulate_step``: PROMA over microbatches with
-             the solvers of ``SOLVER_REGISTRY`` ("none", "exact", "gram_schmidt", "ridge"), relative bound
-             and shrinkage.
+             a declared solver, relative bound and shrinkage.
+solvers      the solver declarations (``SolverDeclaration``: name, options, NumPy definition), the one
+             registry every layer reads ("none", "exact", "gram_schmidt", "ridge"; ``declare`` adds one).
 intra        ``intra_project``: the intra-microbatch factored projection (our reading of the paper).
 factors      per-sequence gradients of linear (weight, bias, ghost Gram), elementwise scale and
              embedding layers from their backprop factors.
@@ -30,6 +31,7 @@ from .accumulation import (
     removed_component,
 )
 from .blocks import normalize_blocks
+from .solvers import SOLVER_OPTIONS, SolverDeclaration, SolverOptions, declaration, declare, solver_names, undeclare
 from .diagnostics import residual_overlap, second_order_kl
 from .factors import (
     bias_seq_grads,
@@ -44,7 +46,8 @@ from .policy import categorical_entropy, categorical_kl, group_advantages
 from .projection import default_rcond, project_out, row_space
 
 __all__ = [
-    "SOLVERS", "SOLVER_REGISTRY", "FORMS", "DEFAULT_PASSES", "DEFAULT_RIDGE", "AccumulationOptions",
+    "SOLVERS", "SOLVER_REGISTRY", "SOLVER_OPTIONS", "SolverDeclaration", "SolverOptions", "declare", "undeclare",
+    "declaration", "solver_names", "FORMS", "DEFAULT_PASSES", "DEFAULT_RIDGE", "AccumulationOptions",
     "AccumulationStep",
     "project_out", "row_space", "default_rcond", "normalize_blocks",
     "accumulate", "accumulate_history", "accumulate_step", "removed_component",

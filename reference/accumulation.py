@@ -12,45 +12,23 @@ where ``R_m[B]`` is the component of ``G_{m-1}[B]`` that the solver removes agai
 ``{g_i[B] : i in microbatch m}``; with ``relative_bound`` it is scaled down so that
 ``||R_m[B]|| <= relative_bound * ||pg_m[B]||`` (so ``pg_m[B] = 0`` removes nothing).
 
-Solvers
--------
-``"none"``          R = 0 (plain accumulation).
-``"exact"``         R = orthogonal projection of G onto span{g_i[B]} (:func:`reference.project_out`).
-``"gram_schmidt"``  the published quick mode: n_i = g_i[B] / ||g_i[B]||, then ``passes`` sweeps of
-                    ``G <- G - <G, n_i> n_i`` over i in order; R = G_before - G_after.
-``"ridge"``         the published regularised mode: N rows n_i, K = N N^T,
-                    c = (K + ridge I)^{-1} N G, R = c^T N.
-
-Zero rows: the normalised solvers skip sequences with ``g_i[B] = 0`` exactly (they carry no direction).
-This is the same as treating their n_i as the zero vector: a zero n_i does nothing in a Gram-Schmidt
-sweep, and in the ridge system it gets c_i = 0 without changing the other coefficients. Implementations
-that normalise with ``g / max(||g||, tiny)`` therefore agree with the reference.
+Solvers: the declarations of :mod:`reference.solvers` ("none", "exact", "gram_schmidt", "ridge" and any
+declared one), each ``remove(G[B], seq_grads[:, B], options) -> R_m[B]``.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 import numpy as np
-import scipy.linalg
 
 from ._validate import as_array, as_int, as_real
 from .blocks import normalize_blocks
-from .projection import project_out
+from .solvers import DECLARATIONS, DEFAULT_PASSES, DEFAULT_RIDGE, BUILTIN_SOLVERS, SolverOptions, declaration
 
-
-# The option defaults, mirroring proma.options (the reference imports nothing of proma; equality is checked by
-# tests/house/test_options_mirror.py).
-DEFAULT_PASSES = 2
-DEFAULT_RIDGE = 1e-2
-
-
-class SolverOptions(NamedTuple):
-    """What a solver may use besides G and the rows: Gram-Schmidt sweeps, ridge regulariser, exact cutoff."""
-
-    passes: int
-    ridge: float
-    rcond: float | None
+# name -> declaration (a live, read-only view of reference.solvers' registry)
+SOLVER_REGISTRY = DECLARATIONS
+# the built-in solver names; the live list is reference.solvers.solver_names()
+SOLVERS = BUILTIN_SOLVERS
 
 
 @dataclass(frozen=True)
@@ -65,7 +43,7 @@ class AccumulationOptions:
     blocks : None or sequence of slices or sizes
         Partition of ``range(n)``, one block per parameter tensor (layer-wise PROMA); ``None`` is one
         block, the exact global projection.
-    solver : {"exact", "none", "gram_schmidt", "ridge"}, a key of :data:`SOLVER_REGISTRY`.
+    solver : {"exact", "none", "gram_schmidt", "ridge"} or another declared name (:mod:`reference.solvers`).
     passes : int >= 1, sweeps of the Gram-Schmidt solver.
     ridge : float > 0, regulariser of the ridge solver.
     relative_bound : float >= 0 or None, cap ``||R_m[B]|| <= relative_bound * ||pg_m[B]||`` per block.
@@ -82,8 +60,7 @@ class AccumulationOptions:
     rcond: float | None = None
 
     def __post_init__(self):
-        if self.solver not in SOLVER_REGISTRY:
-            raise ValueError(f"solver must be one of {SOLVERS}; got {self.solver!r}")
+        declaration(self.solver)  # ValueError naming the declared solvers
         checked = dict(passes=as_int(self.passes, "passes", minimum=1),
                        ridge=as_real(self.ridge, "ridge", minimum=0.0, strict=True))
         if self.relative_bound is not None:
@@ -132,69 +109,16 @@ def _norm(x: np.ndarray) -> float:
     return peak * float(np.linalg.norm(x / peak)) if peak > 0 else 0.0
 
 
-def _unit_rows(g: np.ndarray) -> np.ndarray:
-    """Non-zero rows of g scaled to unit norm (divided by their max first, so tiny rows do not underflow)."""
-    peak = np.abs(g).max(axis=1) if g.size else np.zeros(g.shape[0])
-    keep = peak > 0.0
-    rows = g[keep] / peak[keep, None]
-    return rows / np.linalg.norm(rows, axis=1)[:, None]
-
-
-def _remove_nothing(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
-    """Solver "none": R = 0."""
-    return np.zeros_like(G)
-
-
-def _remove_exact(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
-    """Solver "exact": R = orthogonal projection of G onto the row span of ``seq_grads``."""
-    return G - project_out(G, seq_grads, rcond=options.rcond)
-
-
-def _remove_gram_schmidt(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
-    """Solver "gram_schmidt": ``options.passes`` sweeps of G <- G - <G, n_i> n_i over the unit rows n_i."""
-    units = _unit_rows(seq_grads)
-    if units.shape[0] == 0:
-        return np.zeros_like(G)
-    out = G.copy()
-    for _ in range(options.passes):
-        for u in units:
-            out -= (out @ u) * u
-    return G - out
-
-
-def _remove_ridge(G: np.ndarray, seq_grads: np.ndarray, options: SolverOptions) -> np.ndarray:
-    """Solver "ridge": c = (N N^T + ridge I)^{-1} N G on the unit rows N, R = c^T N."""
-    units = _unit_rows(seq_grads)
-    if units.shape[0] == 0:
-        return np.zeros_like(G)
-    # K + ridge I is symmetric positive definite for ridge > 0
-    gram = units @ units.T
-    coef = scipy.linalg.solve(gram + options.ridge * np.eye(units.shape[0]), units @ G, assume_a="pos")
-    return coef @ units
-
-
-# name -> solver(G (n,), seq_grads (b, n), options) -> R (n,); the same names as proma.projection.SOLVER_REGISTRY
-# (plus "none"). A new solver is one function and one entry.
-SOLVER_REGISTRY = {
-    "none": _remove_nothing,
-    "exact": _remove_exact,
-    "gram_schmidt": _remove_gram_schmidt,
-    "ridge": _remove_ridge,
-}
-SOLVERS = tuple(SOLVER_REGISTRY)
-
-
 def removed_component(G, seq_grads, *, solver="exact", passes=DEFAULT_PASSES, ridge=DEFAULT_RIDGE,
                       rcond=None) -> np.ndarray:
     """The part R of ``G`` (shape (n,)) that ``solver`` removes against the rows of ``seq_grads`` (b, n).
 
     One block, no cap, no shrinkage; see the module docstring for the solvers.
     """
-    if solver not in SOLVER_REGISTRY:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    remove = declaration(solver).remove
     if seq_grads.shape[0] == 0:
         return np.zeros_like(G)
-    return SOLVER_REGISTRY[solver](G, seq_grads, SolverOptions(passes=passes, ridge=ridge, rcond=rcond))
+    return remove(G, seq_grads, SolverOptions(passes=passes, ridge=ridge, rcond=rcond))
 
 
 def accumulate_step(G, seq_grads, weights, **options) -> AccumulationStep:

@@ -12,6 +12,7 @@ array fails (or nothing was checked), 2 malformed input (the message names the f
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import sys
 from pathlib import Path
 
@@ -19,8 +20,26 @@ from .oracle.cli import IMPL_NAMES, add_cases_parser, add_check_parser, cmd_case
 from .oracle.format import FormatError
 
 
+# What the commands that train a policy need beyond the base install (NumPy/SciPy): the ``[rl]`` extra
+RL_MODULES = ("torch", "transformers", "matplotlib")
+
+
+def missing_modules(names=RL_MODULES) -> list:
+    """The modules of ``names`` that are not installed."""
+    return [name for name in names if importlib.util.find_spec(name) is None]
+
+
+def _refuse_without_rl(what: str) -> None:
+    """ValueError naming the ``[rl]`` extra when it is missing (main() prints it and exits with status 2)."""
+    missing = missing_modules()
+    if missing:
+        raise ValueError(f"{what} needs the [rl] extra (missing: {', '.join(missing)}); install it with "
+                         "pip install 'proma[rl]' (on CPU machines torch==2.13.0 first)")
+
+
 def _real_cases(seed: int, cache_dir):
     """The real cases (:mod:`verification.realcase`: the RL harness, which the oracle does not import)."""
+    _refuse_without_rl("generating the real cases (leave them out with --no-real)")
     from .realcase import real_cases
 
     return real_cases(seed=seed, cache_dir=cache_dir)
@@ -31,6 +50,7 @@ def _cmd_cases(args) -> int:
 
 
 def _cmd_report(args) -> int:
+    _refuse_without_rl("proma-verify report")
     from .report import generate_report, rerender_report
 
     if args.render_only:

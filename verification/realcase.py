@@ -8,7 +8,7 @@ non-zero weights in the most microbatches is used (groups whose samples all got 
 advantage, and a case whose weights are all zero would test nothing).
 
 The factors are captured from a float64 copy of the policy with this package's own hooks
-(:mod:`verification.oracle.capture`): every ``nn.Linear`` call is a ``"linear"`` use, and every parameter with any
+(:mod:`verification.oracle.model_case`): every ``nn.Linear`` call is a ``"linear"`` use, and every parameter with any
 other owner (the embedding tied to the head, norm weights) gets a ``"dense"`` use holding its per-sequence
 gradients from b backward passes minus what its linear uses contribute. Expected results: the NumPy
 reference (:func:`verification.oracle.cases.compute_expected`).
@@ -23,7 +23,7 @@ import numpy as np
 
 from proma.options import PUBLISHED_SETTINGS
 
-from .oracle.capture import capture_case_arrays  # noqa: F401  (re-exported: the TRL writer imports it here)
+from .oracle.model_case import capture_case_arrays  # noqa: F401  (re-exported: the TRL writer imports it here)
 from .oracle.cases import compute_expected
 from .oracle.format import Case, Settings
 

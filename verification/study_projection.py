@@ -31,7 +31,7 @@ import numpy as np
 import reference
 from proma.options import PUBLISHED_SETTINGS
 
-from .oracle.capture import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
+from .oracle.model_case import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
 
 # name -> (reference.accumulate_step keyword arguments, layer-wise?)
 REFERENCE_SETTINGS = {
@@ -60,6 +60,20 @@ TORCH_SETTINGS = {
 }
 
 
+
+def add_declared_solvers(reference_settings: dict, torch_settings: dict) -> None:
+    """One row per declared solver (``reference.solvers``) that the tables above do not name, at its
+    declaration's example options (in place; run at import for the solvers declared by then)."""
+    for name in reference.solver_names():
+        if any(kw.get("solver") == name for kw, _ in reference_settings.values()):
+            continue
+        kw = dict(solver=name, **reference.declaration(name).example)
+        reference_settings[f"{name} (declared)"] = (kw, True)
+        torch_settings[f"{name} (declared)"] = (dict(kw, variant="proma"), f"{name} (declared)")
+
+
+add_declared_solvers(REFERENCE_SETTINGS, TORCH_SETTINGS)
+
 # Parameter count P at which the float32 cutoff is quoted: any tensor size of a real model, where the float32
 # rounding term of the cutoff, not the size term, sets it.
 CUTOFF_TENSOR_SIZE = 10**9
@@ -67,10 +81,10 @@ CUTOFF_TENSOR_SIZE = 10**9
 
 def float32_cutoff(b: int) -> float:
     """Relative singular value below which the torch exact solver, given b float32 sequence gradients, drops a
-    direction: sqrt of ``proma.projection.eigen_cutoff`` (its documented rank rule) for a large tensor."""
+    direction: sqrt of ``proma.solvers.eigen_cutoff`` (its documented rank rule) for a large tensor."""
     import torch
 
-    from proma.projection import eigen_cutoff
+    from proma.solvers import eigen_cutoff
 
     return math.sqrt(eigen_cutoff(b, CUTOFF_TENSOR_SIZE, torch.float32))
 

@@ -30,6 +30,7 @@ window (``on_proma_microbatch`` / ``on_proma_step_end``).
 """
 from __future__ import annotations
 
+import dataclasses
 import importlib.metadata
 import math
 import time
@@ -73,7 +74,8 @@ class PromaGRPOConfig(GRPOConfig):
     proma_variant: str = field(default=_DEFAULTS.variant, metadata={
         "help": f"One of {VARIANTS}: 'proma' projects each microbatch against the accumulated gradient, "
                 "'intra' within each microbatch, 'none' accumulates plainly (TRL's gradient)."})
-    proma_solver: str = field(default=_DEFAULTS.solver, metadata={"help": f"One of {ACCUMULATOR_SOLVERS}."})
+    proma_solver: str = field(default=_DEFAULTS.solver, metadata={
+        "help": f"One of {ACCUMULATOR_SOLVERS}, or a solver added with proma.solvers.add_solver."})
     proma_passes: int = field(default=_DEFAULTS.passes, metadata={"help": "Gram-Schmidt sweeps (int >= 1)."})
     proma_ridge: float = field(default=_DEFAULTS.ridge, metadata={"help": "Ridge regulariser (float > 0)."})
     proma_relative_bound: float | None = field(default=_DEFAULTS.relative_bound, metadata={
@@ -87,6 +89,8 @@ class PromaGRPOConfig(GRPOConfig):
         "help": f"Route of the per-layer Gram: one of {STRATEGIES}."})
     proma_exclude: list[str] = field(default_factory=list, metadata={
         "help": "Names of trainable parameters accumulated plainly."})
+    proma_max_transient: int = field(default=_DEFAULTS.max_transient, metadata={
+        "help": "Largest number of elements of a materialised per-sequence gradient chunk."})
     proma_sync: str = field(default=_DEFAULTS.sync, metadata={"help": f"Several processes: one of {SYNCS}."})
     proma_oracle_dir: str | None = field(default=None, metadata={
         "help": "Write the first optimizer step's microbatches as oracle cases into this directory "
@@ -104,8 +108,8 @@ class PromaGRPOConfig(GRPOConfig):
                           "nothing; set gradient_accumulation_steps >= 2", UserWarning, stacklevel=3)
 
 
-ACCUMULATOR_OPTIONS = ("variant", "solver", "passes", "ridge", "relative_bound", "shrinkage", "intra_rank",
-                       "intra_form", "strategy", "exclude", "sync")
+# every accumulator option, read from AccumulatorOptions itself (one proma_<name> field each; a test checks it)
+ACCUMULATOR_OPTIONS = tuple(f.name for f in dataclasses.fields(AccumulatorOptions))
 
 
 def accumulator_options(args) -> dict:

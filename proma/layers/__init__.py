@@ -8,13 +8,15 @@ A rule is an object with
 - ``save(module, args, output)``: what the forward hook keeps of one call (inputs X, ids, ...), sharing
   storage with what autograd saves anyway;
 - ``contributions(module, saved, grad_output, names) -> {name: Contribution}``: the call's contribution to
-  the per-sequence gradients of the named parameters (see :mod:`proma.layers.base`), given the output
-  gradient D of that call (dim 0 = sequences);
+  the per-sequence gradients of the named parameters, given the output gradient D of that call (dim 0 =
+  sequences). A contribution is of a built-in kind or of a new one: a subclass of
+  :class:`~proma.layers.base.Contribution`, the open interface (Gram, inner products, weighted update, wire
+  form) that everything downstream uses (docs/extending.md);
 - optionally ``validate(module, args, output)``: called on a module's first captured call; raises
   ``ValueError`` when the module does not compute what the rule assumes.
 
 ``register(rule)`` puts a user rule in front of the built-ins; ``find_rule(module)`` returns the first
-match or ``None``. Built-ins: :mod:`.linear` (``nn.Linear``), :mod:`.embedding` (``nn.Embedding``),
+match or ``None``; :func:`proma.testing.check_rule` tests a rule in one call. Built-ins: :mod:`.linear` (``nn.Linear``), :mod:`.embedding` (``nn.Embedding``),
 :mod:`.norm` (LayerNorm, RMSNorm of torch and of ``transformers``).
 """
 from __future__ import annotations

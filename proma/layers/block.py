@@ -18,9 +18,11 @@ as separate steps so that a caller can reduce K and h across processes between t
                    ((b n)^2 (o + i)), h and the update through the factors (b n o i each).
 
 ``"auto"`` compares the multiply-adds of the two routes (including the chunking penalty and a memory-traffic
-charge of ``MEMORY_WEIGHT`` per materialised element) and takes the cheaper; for blocks made only of
-vector contributions (norms, biases) and for embedding-only blocks (sparse rows: the per-sequence
-gradients are formed on the rows the microbatch touches) it materialises.
+charge of ``MEMORY_WEIGHT`` per materialised element) and takes the cheaper; for blocks some pair of whose
+uses has no factored cross Gram (vector contributions: norms, biases) and for blocks whose uses all name
+the rows they touch (embeddings: the per-sequence gradients are formed on those rows only) it materialises.
+The block talks to its contributions through :class:`proma.layers.base.Contribution`'s methods only, so a new
+contribution kind needs nothing here.
 """
 from __future__ import annotations
 
@@ -28,7 +30,7 @@ import math
 
 import torch
 
-from .base import Contribution, IdsFactors, OuterFactors, SeqGrads, token_gram, token_gram_flops
+from .base import Contribution, pair_gram, pair_gram_flops
 
 STRATEGIES = ("auto", "materialize", "ghost")
 # The Gram is accumulated in float64 whatever the model dtype (and so are the inner products on the materialize
@@ -85,8 +87,9 @@ class Block:
         self.P = math.prod(self.shape)
         self.dtype = work_dtype
         self.max_transient = max(1, int(max_transient))
-        self.factored = all(isinstance(c, (OuterFactors, IdsFactors)) for c in contribs) and len(self.shape) == 2
-        self.ids_only = all(isinstance(c, IdsFactors) for c in contribs)
+        self._pair_flops = self._pairs_flops()
+        self.factored = self._pair_flops is not None
+        self.ids_only = all(c.sparse_rows() is not None for c in contribs)  # only rows the uses name are non-zero
         self.strategy = self._choose(strategy)
         self._g = None      # (b, P) per-sequence gradients when materialised in one chunk
         self._rows = None   # compact rows of an embedding-only block
@@ -94,6 +97,17 @@ class Block:
         self._h = None
 
     # -- cost model ----------------------------------------------------------------------------------
+    def _pairs_flops(self) -> float | None:
+        """Multiply-adds of every pair's factored cross Gram, or None when some pair has none."""
+        total, k = 0.0, len(self.contribs)
+        for u in range(k):
+            for v in range(u, k):
+                f = pair_gram_flops(self.contribs[u], self.contribs[v])
+                if f is NotImplemented:
+                    return None
+                total += float(f)
+        return total
+
     def _row_size(self) -> int:
         return math.prod(self.shape[1:]) if len(self.shape) > 1 else 1
 
@@ -109,16 +123,14 @@ class Block:
         mat += b * P if single else factored
         ghost = math.inf
         if self.factored:
-            k = len(self.contribs)
-            ghost = sum(token_gram_flops(self.contribs[u], self.contribs[v]) for u in range(k) for v in range(u, k))
-            ghost += 2 * factored
+            ghost = self._pair_flops + 2 * factored
         return {"materialize": mat, "ghost": ghost}
 
     def _choose(self, strategy: str) -> str:
         if strategy not in STRATEGIES:
             raise ValueError(f"strategy must be one of {STRATEGIES}; got {strategy!r}")
         if not self.factored:
-            return "materialize"  # vector contributions: per-sequence gradients are b x P, tiny
+            return "materialize"  # no factored route (vector contributions: per-sequence gradients are b x P, tiny)
         if self.ids_only and strategy == "auto":
             return "materialize"
         if strategy != "auto":
@@ -144,17 +156,13 @@ class Block:
             yield r0, r1, g.reshape(self.b, -1)
 
     def _materialize_compact(self) -> torch.Tensor:
-        """Embedding-only block: per-sequence gradients on the rows the microbatch touches, (b, rows_u * e)."""
-        ids = torch.cat([c.ids.reshape(-1) for c in self.contribs])
-        self._rows = torch.unique(ids)
-        u = self._rows.numel()
-        e = self.shape[1]
-        g = torch.zeros(self.b * u, e, dtype=self.dtype, device=ids.device)
+        """Uses that name their rows (embeddings): per-sequence gradients on those rows only, (b, rows_u * row)."""
+        self._rows = torch.unique(torch.cat([c.sparse_rows().reshape(-1) for c in self.contribs]))
+        g = None
         for c in self.contribs:
-            pos = torch.searchsorted(self._rows, c.ids)
-            seq = torch.arange(self.b, device=ids.device)[:, None].expand_as(c.ids)
-            g.index_add_(0, (seq * u + pos).reshape(-1), c.B.reshape(-1, e).to(self.dtype))
-        return g.view(self.b, u * e)
+            part = c.materialize_rows(self._rows, self.dtype)
+            g = part if g is None else g + part
+        return g.reshape(self.b, -1)
 
     # -- the three operations ------------------------------------------------------------------------
     def gram_and_inner(self, G: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -162,7 +170,7 @@ class Block:
 
         The per-sequence gradients stay in the work dtype; only their products are formed in float64,
         so a float32 model's Gram resolves directions down to ~eps32 (not sqrt(eps32)) of the largest
-        singular value (see :func:`proma.projection.eigen_cutoff`).
+        singular value (see :func:`proma.solvers.eigen_cutoff`).
         """
         Gw = None if G is None else G.to(self.dtype)
         if self.strategy == "ghost":
@@ -194,7 +202,7 @@ class Block:
             K = None
             for u in range(k):
                 for v in range(u, k):
-                    part = token_gram(self.contribs[u], self.contribs[v], GRAM_DTYPE, max_elems=self.max_transient)
+                    part = pair_gram(self.contribs[u], self.contribs[v], GRAM_DTYPE, self.max_transient)
                     part = part if u == v else part + part.T
                     K = part if K is None else K + part
             self._K = K
@@ -236,5 +244,4 @@ class Block:
         self._g = self._K = self._h = self._rows = None
 
     def _device(self) -> torch.device:
-        c = self.contribs[0]
-        return (c.g if isinstance(c, SeqGrads) else c.B).device
+        return self.contribs[0].device

@@ -68,11 +68,12 @@ class Example:
 
 
 def default_data_dir() -> Path:
-    """``$PROMA_GSM8K_DIR`` if set, else ``<repo>/data/gsm8k`` (found relative to this file)."""
+    """``$PROMA_GSM8K_DIR`` if set, else the package's ``gsm8k/`` (package data of a wheel; in a source checkout a
+    link to ``<repo>/data/gsm8k``)."""
     env = os.environ.get("PROMA_GSM8K_DIR")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[2] / "data" / "gsm8k"
+    return Path(__file__).resolve().parent / "gsm8k"
 
 
 def normalize_number(text: str) -> str | None:

@@ -78,3 +78,54 @@ def test_benchmarks_import_no_test_code(path):
     text = path.read_text()
     assert "tests" not in {part for line in text.splitlines() if "sys.path" in line for part in line.split('"')}
     assert {m.split(".")[0] for m in imported_modules(path)} & test_names == set()
+
+
+# docs/layout.md's sections and the package folder each describes (a subfolder without its own section, such as
+# proma/layers/ or verification/oracle/, is described in its parent's)
+LAYOUT_SECTIONS = {"`reference/`": "reference", "`proma/`": "proma", "`proma/rl/`": "proma/rl",
+                   "`verification/`": "verification"}
+
+
+def _layout_sections(text: str) -> dict[str, str]:
+    out, current = {}, None
+    for line in text.splitlines():
+        if line.startswith("## "):
+            current = next((folder for head, folder in LAYOUT_SECTIONS.items() if head in line), None)
+            out.setdefault(current, "")
+        elif current is not None:
+            out[current] += line + "\n"
+    return out
+
+
+def _layout_problems(root: Path) -> list[str]:
+    import re
+
+    sections = _layout_sections((root / "docs" / "layout.md").read_text())
+    problems = []
+    for folder in LAYOUT_SECTIONS.values():
+        text = sections.get(folder, "")
+        own = [p for p in (root / folder).rglob("*.py") if p.name != "__init__.py"
+               and not any(p.is_relative_to(root / other) for other in LAYOUT_SECTIONS.values()
+                           if other != folder and other.startswith(folder + "/"))]
+        for path in own:
+            if not re.search(rf"`(?:[\w/]*/)?{re.escape(path.name)}`|[`, ]{re.escape(path.name)}[`,) ]", text):
+                problems.append(f"{path.relative_to(root)} is not in docs/layout.md")
+        names = {p.name for p in (root / folder).rglob("*.py")}
+        for named in sorted(set(re.findall(r"([\w]+\.py)", text))):
+            if named not in names:
+                problems.append(f"docs/layout.md names {named} under {folder}/, which has no such file")
+    return problems
+
+
+def test_layout_doc_names_every_module_and_no_other():
+    assert _layout_problems(ROOT) == []
+
+
+def test_layout_check_catches_a_missing_and_a_stale_module(tmp_path):
+    for folder in LAYOUT_SECTIONS.values():
+        (tmp_path / folder).mkdir(parents=True, exist_ok=True)
+    (tmp_path / "proma" / "new_module.py").write_text("")
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "layout.md").write_text("## `proma/`: x\n\n| `gone.py` | old |\n")
+    assert _layout_problems(tmp_path) == ["proma/new_module.py is not in docs/layout.md",
+                                          "docs/layout.md names gone.py under proma/, which has no such file"]

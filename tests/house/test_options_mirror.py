@@ -1,6 +1,6 @@
 """One source of truth for option names and defaults: ``proma.options``. The judge (``reference``, which
 imports nothing of proma) keeps its own copy and the oracle's format takes its names from the judge; these
-tests keep the three equal, so a new solver is its two functions and one registry line on each side."""
+tests keep the three equal. Solvers are declared once, in ``reference/solvers.py`` (docs/extending.md)."""
 from __future__ import annotations
 
 import dataclasses
@@ -51,3 +51,11 @@ def test_the_oracles_published_case_uses_the_published_settings():
 
     paper = next(r for r in default_recipes() if r.id == "paper_settings")
     assert paper.settings == F.Settings(**P.PUBLISHED_SETTINGS)
+
+
+def test_every_declared_builtin_solver_has_its_torch_implementation():
+    """A built-in solver is one declaration (reference/solvers.py) and one torch entry (proma/solvers.py)."""
+    from proma import solvers
+
+    assert set(reference.solvers.BUILTIN_SOLVERS) - {P.NO_SOLVER} == set(solvers.SOLVER_REGISTRY)
+    assert solvers.solver_names() == P.ACCUMULATOR_SOLVERS

@@ -28,7 +28,21 @@ TYPOS = [
     ("proma_relative_bound", -0.5, "float >= 0"),
     ("proma_shrinkage", float("nan"), "finite"),
     ("proma_exclude", [3], "parameter names"),
+    ("proma_max_transient", 0, "int >= 1"),
 ]
+
+
+def test_every_accumulator_option_is_a_config_field():
+    """The option list is read from AccumulatorOptions (it once missed max_transient)."""
+    import dataclasses
+
+    from proma.integrations.trl import ACCUMULATOR_OPTIONS
+    from proma.options import AccumulatorOptions
+
+    names = tuple(f.name for f in dataclasses.fields(AccumulatorOptions))
+    assert ACCUMULATOR_OPTIONS == names and "max_transient" in names
+    fields = {f.name for f in dataclasses.fields(PromaGRPOConfig)}
+    assert {f"proma_{n}" for n in names} <= fields
 
 
 def _trainer(policy, tokenizer, args):

@@ -7,7 +7,7 @@ import torch
 import reference
 from proma import PUBLISHED, AccumulatorOptions, ProjectedAccumulator, published_options
 from proma.options import NO_SOLVER, SOLVERS
-from proma.projection import SOLVER_REGISTRY
+from proma.solvers import SOLVER_REGISTRY
 from verification.testkit import trainable
 
 from proma_testkit import SeqMLP, make_batch, seq_logp
@@ -66,3 +66,20 @@ def test_options_object_equals_keywords():
     assert all(torch.equal(a, b) for a, b in zip(by_object, by_keywords))
     with pytest.raises(ValueError, match="not both"):
         ProjectedAccumulator(SeqMLP(), options=PUBLISHED, solver="exact")
+
+
+def test_the_ranks_agree_on_every_option_but_the_rank_local_ones():
+    """signature_items is read from the fields (it was a hand-kept list): a changed option changes it."""
+    import dataclasses
+
+    from proma.options import RANK_LOCAL_OPTIONS
+
+    base = AccumulatorOptions()
+    names = [name for name, _ in base.signature_items()]
+    assert names == [f.name for f in dataclasses.fields(AccumulatorOptions) if f.name not in RANK_LOCAL_OPTIONS]
+    changed = dict(variant="intra", solver="ridge", passes=3, ridge=0.5, relative_bound=0.5, shrinkage=0.5,
+                   intra_rank=2, intra_form="kron", exclude=("x",), sync="global")
+    assert set(changed) | set(RANK_LOCAL_OPTIONS) == {f.name for f in dataclasses.fields(AccumulatorOptions)}
+    for name, value in changed.items():
+        assert base.replace(**{name: value}).signature_items() != base.signature_items(), name
+    assert base.replace(strategy="ghost", max_transient=7).signature_items() == base.signature_items()

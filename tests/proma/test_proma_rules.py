@@ -1,4 +1,4 @@
-"""Every built-in layer rule through the per-rule harness (``rule_testkit.check_rule``): Grams and the
+"""Every built-in layer rule through the per-rule harness (``proma.testing.check_rule``): Grams and the
 accumulated update against per-sequence autograd and ``reference.accumulate``."""
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from rule_testkit import check_rule
+from proma.testing import check_rule
 
 SIZES = (3, 2, 4)   # sequences per microbatch
 TOKENS = 5
@@ -107,3 +107,11 @@ def test_harness_catches_a_wrong_rule():
             check_rule(_generic(nn.Linear(WIDTH, 3)), _features())
     finally:
         unregister(rule)
+
+
+def test_the_shipped_harness_uses_the_named_float64_tolerance():
+    """proma.testing cannot import verification; its default tolerance is the named one."""
+    from proma.testing import DEFAULT_RTOL
+    from verification.tolerances import FLOAT64_RTOL
+
+    assert DEFAULT_RTOL == FLOAT64_RTOL

@@ -52,7 +52,7 @@ REAL_FACTOR = Path(__file__).parent / "data" / "real_masked_factor.npz"
 def test_real_layer_input_top_direction_matches_dense(dtype):
     """A real input factor (208 tokens x 192 features, 107 carrying data: layer-0 k_proj of the small Qwen3
     after 4 PROMA steps, quick report) through ``dominant_subspace``, the route intra uses."""
-    from proma.projection import dominant_subspace
+    from proma.subspace import dominant_subspace
 
     data = np.load(REAL_FACTOR)
     M, mask = torch.as_tensor(data["M"]), torch.as_tensor(data["mask"]).double()

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from verification.oracle.capture import linear_factors, per_sequence_grads, trainable_parameters
+from verification.oracle.model_case import linear_factors, per_sequence_grads, trainable_parameters
 from verification.oracle.check import check_callable
 from verification.oracle.format import load_cases, save_cases
 from verification.oracle.impls import run_reference, run_torch

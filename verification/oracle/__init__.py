@@ -7,10 +7,12 @@
 - ``verdicts``: per-array / per-case / per-check verdicts, their tables and JSON.
 - ``pytest_plugin``: the ``pytest11`` plugin (fixtures ``proma_case``, ``proma_check``).
 - ``impls``: this project's implementations as callables (``--impl reference|torch``).
-- ``capture``: float64 per-sequence factors of a torch model (independent of ``proma``'s own hooks).
+- ``model_case``: an oracle case from a torch model, float64 factors and per-sequence gradients (independent of
+  ``proma``'s own hooks in :mod:`proma.capture`).
+- ``settings``: a case's settings; a solver is valid when declared in ``reference.solvers``.
 
 Layering (``tests/house/test_layering.py``): this subpackage imports ``reference``, NumPy, and (lazily, for
-``impls`` and ``capture``) torch and ``proma``; never ``proma.rl`` nor the studies and report of
+``impls``, ``model_case`` and ``trl``) torch and ``proma``; never ``proma.rl`` nor the studies and report of
 ``verification``. Cases taken from the RL harness live in :mod:`verification.realcase`, outside.
 """
 __version__ = "0.1.0"

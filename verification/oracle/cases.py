@@ -14,6 +14,7 @@ import numpy as np
 import reference
 
 from .format import Case, Layer, Settings, layer_key, use_key, weights_key
+from .settings import case_solvers
 
 
 # ------------------------------------------------------------------------------------- expected values
@@ -304,9 +305,9 @@ def _stress_recipes() -> list:
     """Cases that probe scale, conditioning and degenerate batches; linear-only, float32-exact inputs."""
     R = Recipe
     stress = dict(layers=LINEAR_LAYERS, float32_inputs=True)
-    solvers = {"exact": Settings(solver="exact"), "gram_schmidt": Settings(solver="gram_schmidt", passes=2),
-               "ridge": Settings(solver="ridge", ridge=1e-2), "none": Settings(variant="none"),
-               "intra": Settings(variant="intra", intra_rank=1)}
+    # every declared solver (reference.solvers) at its declaration's example options, then the other variants
+    solvers = {name: Settings(solver=name, **reference.declaration(name).example) for name in case_solvers()}
+    solvers.update({"none": Settings(variant="none"), "intra": Settings(variant="intra", intra_rank=1)})
     out = []
     for name, base in solvers.items():
         variants = [("", base)]
@@ -320,7 +321,7 @@ def _stress_recipes() -> list:
                              "scale with it (no absolute epsilons, no overflow or underflow)", settings,
                              scale=scale, tags=("stress", "scale", "linear-only"), **stress))
     for label, smin in STRESS_SPANS:
-        for name in (("exact", "gram_schmidt", "ridge") if label == "1e-7" else ("exact",)):
+        for name in (case_solvers() if label == "1e-7" else ("exact",)):
             out.append(R(f"stress_span_{label}_{name}",
                          f"{solvers[name].label()}; each microbatch's 4 sequence gradients have norms 1 .. "
                          f"{smin:.1e} in random directions: every direction must be kept", solvers[name],

@@ -189,9 +189,12 @@ def check_callable(cases_dir, fn, *, only=None, dtype=None, rtol=None, atol=None
     result = CheckResult(mode=MODE_STEP if step else MODE_CHAIN, allow_missing=allow_missing)
     iterator = cases
     if progress:
-        from tqdm.auto import tqdm
-
-        iterator = tqdm(cases, desc="cases", unit="case", leave=False)
+        try:
+            from tqdm.auto import tqdm
+        except ImportError:  # the base install (NumPy/SciPy only) has no tqdm: no progress bar
+            tqdm = None
+        if tqdm is not None:
+            iterator = tqdm(cases, desc="cases", unit="case", leave=False)
     for case in iterator:
         try:
             outputs = _run_steps(case, fn) if step else fn(case)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 from transformers import TrainerCallback
 
-from .capture import capture_case_arrays, linear_weight_owners
+from .model_case import capture_case_arrays, linear_weight_owners
 from .cases import compute_expected
 from .format import Case, Settings, save_cases, use_key, weights_key
 

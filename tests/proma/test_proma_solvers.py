@@ -7,8 +7,10 @@ import torch
 from hypothesis import given, strategies as st
 
 import reference
-from proma import projection, subspace
-from proma.projection import eigen_cutoff, intra_project, solve, top_right_singular_vectors
+from proma import subspace
+from proma.intra import intra_project
+from proma.solvers import eigen_cutoff, solve
+from proma.subspace import top_right_singular_vectors
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 
 # Residual of the intra subspace search in units of eps_w * lambda_1: the backward error of a dense eigh in the
@@ -142,7 +144,7 @@ def test_top_singular_vectors_of_large_factors_match_svd(t, d, dtype):
     sv = np.concatenate([[1.0, 0.95, 0.93], np.linspace(0.9, 0.1, min(t, d) - 3)])
     M = torch.tensor((U * sv) @ W.T, dtype=dtype)
     assert min(t, d) > subspace.DENSE_EIGH_MAX  # the Krylov route is the one under test
-    sub = projection.dominant_subspace(M, 1)
+    sub = subspace.dominant_subspace(M, 1)
     # converged (10x headroom: in float64 the residual's own rounding is of the order of the bound)
     assert float(sub.residual[0]) <= 10 * SEARCH_RESIDUAL_EPS * float(torch.finfo(dtype).eps)
     V = top_right_singular_vectors(M, 1).numpy()

@@ -1,4 +1,4 @@
-"""Capture what an oracle case needs from a real PyTorch model: linear factors and per-sequence gradients.
+"""An oracle case from a real PyTorch model: its linear factors and per-sequence gradients (the oracle's own capture).
 
 Independent of ``proma``'s own capture code on purpose (the oracle must not share code with what it
 judges). Index conventions: b sequences, T padded length, t tokens kept, i in-features, o out-features.

@@ -12,7 +12,9 @@ strategy (and for a distributed caller that all-reduced them first):
 A solver returns coefficients ``c`` with ``R = sum_i c_i g_i`` (the removed component, before the cap
 and the shrinkage), which :class:`proma.updates.ProjectUpdate` turns into a tensor through the block's single
 weighted sum (:meth:`proma.layers.Block.add_weighted_`)
-``G <- G + sum_i (w_i - shrinkage * scale * c_i) g_i``. The solvers match :mod:`reference.accumulate`:
+``G <- G + sum_i (w_i - shrinkage * scale * c_i) g_i``. Each solver is declared once, with its NumPy
+definition, in :mod:`reference.solvers`; this module holds the torch implementation of each declared name
+(:func:`register`, :func:`add_solver`; docs/extending.md):
 
 ``"exact"``         R = orthogonal projection of G onto span{g_i}.
 ``"gram_schmidt"``  n_i = g_i / ||g_i|| (zero rows skipped), ``passes`` sweeps of G <- G - <G, n_i> n_i;
@@ -35,18 +37,22 @@ for b = 8), below which a direction is indistinguishable from the gradients' own
 from __future__ import annotations
 
 from dataclasses import dataclass
+from types import MappingProxyType
 from typing import Callable
 
 import torch
 
-from .subspace import top_eigenpairs
+from reference import solvers as reference_solvers
 
 EPS64 = float(torch.finfo(torch.float64).eps)
 # Multiplier of b * eps_w in the singular-value cutoff: rounding of b per-sequence gradients computed in the
 # working dtype stays below ~b * eps_w * s_max for the sizes we meet; 10x headroom.
 GRAM_NOISE = 10.0
-DEFAULT_PASSES = 2     # Gram-Schmidt sweeps (the published setting)
-DEFAULT_RIDGE = 1e-2   # ridge regulariser
+# the defaults are the reference's (one definition: reference.solvers)
+DEFAULT_PASSES = reference_solvers.DEFAULT_PASSES   # Gram-Schmidt sweeps (the published setting)
+DEFAULT_RIDGE = reference_solvers.DEFAULT_RIDGE     # ridge regulariser
+# "none" as a solver: variant "proma" that removes nothing (plain accumulation through the layer rules)
+NO_SOLVER = "none"
 
 
 @dataclass
@@ -92,7 +98,7 @@ def eigen_cutoff(b: int, P: int, work_dtype: torch.dtype) -> float:
     return max(ref, gradients, gram)
 
 
-def _normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row norms, the rows that count as non-zero, and the Jacobi-normalised Gram, all on K's device.
 
     A row is dropped when its norm ``||g_i|| = sqrt(K_ii)`` is at most ``max(b, P) * eps64`` times the largest
@@ -137,7 +143,7 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor,
     the rank decision independent of how long each g_i is, as the SVD of the basis is. Dropped eigenpairs
     are masked (their 1/lam set to 0), not sliced off.
     """
-    s, mask, N = _normalised_gram(K, settings.P)
+    s, mask, N = normalised_gram(K, settings.P)
     lam, Q = torch.linalg.eigh(N)
     use = lam > eigen_cutoff(K.shape[0], settings.P, settings.work_dtype) * lam[-1]
     inv = torch.where(use, 1.0 / torch.where(use, lam, torch.ones_like(lam)), torch.zeros_like(lam))
@@ -159,7 +165,7 @@ def gram_schmidt_coefficients(K: torch.Tensor, h: torch.Tensor,
     j < i. That is one Gauss-Seidel step with unit diagonal, ``a <- a + (I + L)^{-1} (h' - N a)`` with L the
     strictly lower triangle of N: one triangular solve per pass instead of b^2 scalar steps.
     """
-    s, mask, N = _normalised_gram(K, settings.P)
+    s, mask, N = normalised_gram(K, settings.P)
     eye = torch.eye(N.shape[0], dtype=N.dtype, device=N.device)
     lower = torch.tril(N, diagonal=-1) + eye
     hp = h * mask / s
@@ -176,22 +182,65 @@ def ridge_coefficients(K: torch.Tensor, h: torch.Tensor,
     ``N + ridge I`` is symmetric positive definite (ridge > 0), so a Cholesky solve, which needs no check on
     the host (``cholesky_ex``), suffices. Dropped rows have a zero row in N and h' = 0, hence a_i = 0.
     """
-    s, mask, N = _normalised_gram(K, settings.P)
+    s, mask, N = normalised_gram(K, settings.P)
     L, _ = torch.linalg.cholesky_ex(N + settings.ridge * torch.eye(N.shape[0], dtype=N.dtype, device=N.device))
     a = torch.cholesky_solve((h * mask / s)[:, None], L)[:, 0]
     return a * mask / s, mask.sum().to(torch.int64)
 
 
-# name -> solver(K, h, settings) -> (c, rank), float64 tensors in and out on K's device, no host reads. A new
-# solver is one function and one entry here (and the same name in reference.accumulation.SOLVER_REGISTRY,
-# which the tests compare against).
+# The torch implementations, by declared name: solver(K, h, settings) -> (c, rank), float64 tensors in and out
+# on K's device, no host reads. Every name here is declared in reference.solvers (its NumPy definition is the
+# judge); "none" has no entry: the accumulator handles it without solving (NO_SOLVER in proma.options).
 Solver = Callable[[torch.Tensor, torch.Tensor, SolverSettings], tuple[torch.Tensor, torch.Tensor]]
-SOLVER_REGISTRY: dict[str, Solver] = {
+_TORCH_SOLVERS: dict[str, Solver] = {
     "exact": exact_coefficients,
     "gram_schmidt": gram_schmidt_coefficients,
     "ridge": ridge_coefficients,
 }
-SOLVERS = tuple(SOLVER_REGISTRY)
+# read-only live view: name -> torch solver
+SOLVER_REGISTRY = MappingProxyType(_TORCH_SOLVERS)
+# the built-in solvers with a torch implementation (a fixed tuple; :func:`solver_names` is the live list)
+SOLVERS = tuple(_TORCH_SOLVERS)
+
+
+def register(name: str, fn: Solver) -> None:
+    """Register the torch implementation of the declared solver ``name`` (see :func:`add_solver`)."""
+    reference_solvers.declaration(name)  # ValueError unless declared
+    if name == NO_SOLVER:
+        raise ValueError(f"solver {NO_SOLVER!r} is handled by the accumulator itself; it takes no implementation")
+    if not callable(fn):
+        raise ValueError(f"the torch implementation of solver {name!r} must be callable; got {type(fn).__name__}")
+    if name in _TORCH_SOLVERS:
+        raise ValueError(f"solver {name!r} already has a torch implementation; remove_solver({name!r}) first")
+    _TORCH_SOLVERS[name] = fn
+
+
+def add_solver(declaration: "reference_solvers.SolverDeclaration", fn: Solver) -> None:
+    """Declare a solver (:func:`reference.solvers.declare`) and register its torch implementation ``fn``.
+
+    After this call ``solver=declaration.name`` is accepted by ``reference.accumulate``,
+    :class:`proma.AccumulatorOptions`, the TRL config and the oracle's case settings, and the oracle's
+    generated cases include the solver (docs/extending.md walks through it).
+    """
+    reference_solvers.declare(declaration)
+    try:
+        register(declaration.name, fn)
+    except ValueError:
+        reference_solvers.undeclare(declaration.name)
+        raise
+
+
+def remove_solver(name: str) -> None:
+    """Undo :func:`add_solver` (the built-ins stay)."""
+    if name in SOLVERS:
+        raise ValueError(f"solver {name!r} is built in and cannot be removed")
+    _TORCH_SOLVERS.pop(name, None)
+    reference_solvers.undeclare(name)
+
+
+def solver_names() -> tuple:
+    """Every solver the accumulator accepts now: the declared ones with a torch implementation, then "none"."""
+    return tuple(n for n in reference_solvers.solver_names() if n in _TORCH_SOLVERS) + (NO_SOLVER,)
 
 
 def _quad_norm(K: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -216,7 +265,7 @@ def solve(
     Parameters
     ----------
     K : (b, b) Gram, h : (b,) inner products with G, w : (b,) weights; any float dtype (promoted to float64).
-    solver : a key of :data:`SOLVER_REGISTRY` ("exact", "gram_schmidt", "ridge")
+    solver : a name of :func:`solver_names` other than "none" ("exact", "gram_schmidt", "ridge", or added)
     passes, ridge : solver options (see module docstring).
     relative_bound : cap ``||R|| <= relative_bound * ||pg||`` (None: no cap).
     P : block size.  work_dtype : dtype the Gram's gradients were computed in.
@@ -226,13 +275,16 @@ def solve(
     Solution (float64 tensors on K's device). Nothing is read back to the host: the cap is a
     ``torch.where``, the rank a tensor.
     """
-    if solver not in SOLVER_REGISTRY:
-        raise ValueError(f"solver must be one of {SOLVERS}; got {solver!r}")
+    if solver not in _TORCH_SOLVERS:
+        if solver in reference_solvers.solver_names() and solver != NO_SOLVER:
+            raise ValueError(f"solver {solver!r} is declared (reference.solvers) but has no torch implementation; "
+                             "register one with proma.solvers.register or add_solver")
+        raise ValueError(f"solver must be one of {tuple(_TORCH_SOLVERS)}; got {solver!r}")
     K = K.to(torch.float64)
     K = 0.5 * (K + K.T)
     h, w = h.to(K.device, torch.float64), w.to(K.device, torch.float64)
     settings = SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge)
-    c, rank = SOLVER_REGISTRY[solver](K, h, settings)
+    c, rank = _TORCH_SOLVERS[solver](K, h, settings)
     removed = _quad_norm(K, c)
     incoming = _quad_norm(K, w)
     if relative_bound is not None:
@@ -241,110 +293,3 @@ def solve(
                             torch.ones_like(removed))
         c, removed = c * scale, removed * scale
     return Solution(coef=c, removed_norm=removed, incoming_norm=incoming, rank=rank)
-
-
-# ---------------------------------------------------------------------------------------------------
-# Intra-microbatch variant: dominant subspaces of the factors (the search itself: :mod:`proma.subspace`).
-# ---------------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Subspace:
-    """Dominant right singular directions of a factor M (t, d), masked instead of sliced.
-
-    Attributes
-    ----------
-    V : (d, k) float64, orthonormal columns for the directions above the cutoff, zero columns for the others
-        (a zero column removes nothing, so no count is read back to the host).
-    used : (k,) bool, which columns are directions.
-    residual : (k,) float64 relative Ritz residual of the search (0 from a dense eigh).
-    """
-
-    V: torch.Tensor
-    used: torch.Tensor
-    residual: torch.Tensor
-
-
-def dominant_subspace(M: torch.Tensor, rank: int, *, row_mask: torch.Tensor | None = None) -> Subspace:
-    """Top-``rank`` right singular vectors of M (t, d), rows outside ``row_mask`` (t,) counting as zero.
-
-    From the smaller of the two Grams ``M^T M`` (d x d) and ``M M^T`` (t x t) by
-    :func:`proma.subspace.top_eigenpairs` (cheaper than an SVD of M; exact to M's precision). A singular
-    value counts as zero when ``s <= cut * s_max`` with ``cut = max(max(t, d) eps64, sqrt(GRAM_NOISE *
-    min(t, d) * eps_M))``, t the rows that carry data: the reference's cutoff, raised to the rounding level
-    of a Gram in M's dtype. Only the top ``rank`` singular values are compared with the cutoff.
-    """
-    t, d = M.shape
-    right = d <= t
-    theta, Q, residual = top_eigenpairs(M, rank, right, row_mask=row_mask)
-    tokens = torch.tensor(float(t), dtype=torch.float64) if row_mask is None else row_mask.double().sum()
-    tokens = tokens.to(theta.device)
-    eps = float(torch.finfo(M.dtype).eps)
-    cut = torch.maximum(tokens.clamp_min(d) * EPS64, (GRAM_NOISE * tokens.clamp_max(d) * eps).sqrt())
-    s = theta.clamp_min(0).sqrt()
-    used = (s > cut * s[0]) & (s[0] > 0)
-    if right:
-        V = Q
-    else:
-        Mm = M if row_mask is None else M * row_mask[:, None].to(M.dtype)
-        V = Mm.double().T @ (Q / torch.where(used, s, torch.ones_like(s)))
-        # one re-orthonormalisation: V from M^T W / s is orthonormal up to rounding of order eps/s_r^2; the
-        # used columns are a prefix (s descending), which QR's first columns depend on alone
-        V = torch.linalg.qr(V)[0]
-    return Subspace(V=V * used.to(V.dtype), used=used, residual=residual)
-
-
-def top_right_singular_vectors(M: torch.Tensor, rank: int) -> torch.Tensor:
-    """Top-``rank`` right singular vectors of M (t, d) as float64 columns (d, r), r <= rank the number above
-    the cutoff of :func:`dominant_subspace` (read back to the host: for callers outside the backward pass)."""
-    t, d = M.shape
-    if rank == 0 or t == 0 or d == 0:
-        return torch.zeros(d, 0, dtype=torch.float64, device=M.device)
-    sub = dominant_subspace(M, rank)
-    return sub.V[:, :int(sub.used.sum())]
-
-
-def project_factored_(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
-    """In place: grad <- ``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or ``grad - UU^T grad VV^T``
-    (``"kron"``); returns the norm of what was removed, a () float64 tensor.
-
-    grad (o, i), U (o, r), V (i, r) in grad's dtype, orthonormal columns or zero columns. The removed part
-    is never formed: for two-sided it is ``U (U^T grad) + (I - UU^T) grad V V^T``, two mutually orthogonal
-    terms, so ``||removed||^2 = ||U^T grad||^2 + ||left V||^2`` with ``left = (I - UU^T) grad``; for kron it
-    is ``U (U^T grad V) V^T`` with norm ``||U^T grad V||``.
-    """
-    if form == "kron":
-        core = (U.T @ grad) @ V
-        grad.sub_(U @ core @ V.T)
-        return core.norm().double()
-    if form != "two_sided":
-        raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
-    UtG = U.T @ grad
-    grad.addmm_(U, UtG, alpha=-1.0)
-    leftV = grad @ V
-    grad.addmm_(leftV, V.T, alpha=-1.0)
-    return (UtG.double().square().sum() + leftV.double().square().sum()).sqrt()
-
-
-def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank: int, form: str) -> torch.Tensor:
-    """Factored projection of one linear layer's microbatch gradient (as :func:`reference.intra_project`).
-
-    Parameters
-    ----------
-    grad : (o, i) microbatch weight gradient.
-    X : (t, i) activations, D : (t, o) output gradients of the tokens that carry gradient.
-    rank : number of dominant directions on each side; form : "two_sided" or "kron".
-
-    Returns
-    -------
-    (o, i) tensor in grad's dtype: ``(I - UU^T) grad (I - VV^T)`` or ``grad - UU^T grad VV^T``.
-    """
-    if form not in ("two_sided", "kron"):
-        raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
-    if rank == 0 or X.shape[0] == 0:
-        return grad.clone()
-    U = dominant_subspace(D, rank).V.to(grad.dtype)
-    V = dominant_subspace(X, rank).V.to(grad.dtype)
-    out = grad.clone()
-    project_factored_(out, U, V, form)
-    return out

@@ -1,0 +1,60 @@
+"""The intra variant's factored projection of one linear layer's microbatch gradient, in torch.
+
+Index conventions: o out-features, i in-features, t token rows, r the rank of each side's subspace.
+
+``variant="intra"`` replaces a linear weight's microbatch gradient ``grad = D^T X`` (o, i) by its projection
+away from the dominant directions of its own factors: U (o, r) of D, V (i, r) of X (found by
+:func:`proma.subspace.dominant_subspace`), ``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or
+``grad - UU^T grad VV^T`` (``"kron"``). The NumPy definition is :func:`reference.intra_project`.
+"""
+from __future__ import annotations
+
+import torch
+
+from .subspace import dominant_subspace
+
+
+def project_factored_(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
+    """In place: grad <- ``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or ``grad - UU^T grad VV^T``
+    (``"kron"``); returns the norm of what was removed, a () float64 tensor.
+
+    grad (o, i), U (o, r), V (i, r) in grad's dtype, orthonormal columns or zero columns. The removed part
+    is never formed: for two-sided it is ``U (U^T grad) + (I - UU^T) grad V V^T``, two mutually orthogonal
+    terms, so ``||removed||^2 = ||U^T grad||^2 + ||left V||^2`` with ``left = (I - UU^T) grad``; for kron it
+    is ``U (U^T grad V) V^T`` with norm ``||U^T grad V||``.
+    """
+    if form == "kron":
+        core = (U.T @ grad) @ V
+        grad.sub_(U @ core @ V.T)
+        return core.norm().double()
+    if form != "two_sided":
+        raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
+    UtG = U.T @ grad
+    grad.addmm_(U, UtG, alpha=-1.0)
+    leftV = grad @ V
+    grad.addmm_(leftV, V.T, alpha=-1.0)
+    return (UtG.double().square().sum() + leftV.double().square().sum()).sqrt()
+
+
+def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank: int, form: str) -> torch.Tensor:
+    """Factored projection of one linear layer's microbatch gradient (as :func:`reference.intra_project`).
+
+    Parameters
+    ----------
+    grad : (o, i) microbatch weight gradient.
+    X : (t, i) activations, D : (t, o) output gradients of the tokens that carry gradient.
+    rank : number of dominant directions on each side; form : "two_sided" or "kron".
+
+    Returns
+    -------
+    (o, i) tensor in grad's dtype: ``(I - UU^T) grad (I - VV^T)`` or ``grad - UU^T grad VV^T``.
+    """
+    if form not in ("two_sided", "kron"):
+        raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
+    if rank == 0 or X.shape[0] == 0:
+        return grad.clone()
+    U = dominant_subspace(D, rank).V.to(grad.dtype)
+    V = dominant_subspace(X, rank).V.to(grad.dtype)
+    out = grad.clone()
+    project_factored_(out, U, V, form)
+    return out

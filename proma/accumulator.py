@@ -46,9 +46,17 @@ The life of a microbatch, ``acc.backward(seq_logp, w)`` (file: function; one bac
 6. ``updates.ProjectUpdate``: ``Block.gram_and_inner`` gives K and h, ``projection.solve`` the coefficients
    (solver registry), ``Block.add_weighted_`` writes G - s R + pg in one pass; ``IntraUpdate`` uses
    ``subspace`` instead.
-7. ``grad_store.GradStore.store`` puts the new G in ``p.grad`` (or the float32 buffer); the block's factors
-   are released. ``sync="global"`` holds the projected parameters until after the backward and exchanges
-   their contributions (``distributed``) before step 5.
+7. The update ran on a copy of G (``microbatch.Transaction``); the block's factors are released.
+   ``sync="global"`` holds the projected parameters until after the backward and exchanges their
+   contributions (``distributed``) before step 5.
+8. ``microbatch.Transaction.commit``: when every new G is finite, ``grad_store.GradStore.store`` puts each in
+   ``p.grad`` (or the float32 buffer); otherwise a ValueError names the parameter and no ``p.grad`` changes.
+
+Transactional: a microbatch that fails (bad inputs, a NaN or inf arising in the backward pass, a solver error on
+non-finite factors) raises a ValueError naming the parameter, leaves every ``p.grad`` as it was before it and
+releases its captured calls, so the caller may skip it and go on. The price is one extra copy of the running
+gradients while a microbatch is in flight and one host read of a finiteness flag per device. No autograd graph
+is recorded on ``p.grad`` (the updates after the backward pass run under ``torch.no_grad``).
 
 Data parallelism (torch.distributed; ``process_group``, default the world group when initialised; W ranks).
 Convention: every mode gives the *mean over ranks*, as DDP does, so each rank passes the weights it would

@@ -16,6 +16,7 @@ Nothing is lost or silently wrong:
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import warnings
@@ -68,6 +69,18 @@ def unlock_run_dir(run_dir: Path) -> None:
     f = _HELD.pop(Path(run_dir).resolve(), None)
     if f is not None:
         f.close()  # closing the file releases the flock
+
+
+@contextlib.contextmanager
+def owned_while_running(run_dir):
+    """Release on exit the lock that the block took on ``run_dir`` (if it was not held before): a process that
+    trains several runs (a worker of a pool) does not keep a finished or failed run's directory from another."""
+    held_before = Path(run_dir).resolve() in _HELD
+    try:
+        yield
+    finally:
+        if not held_before:
+            unlock_run_dir(run_dir)
 
 
 # --------------------------------------------------------------------------------------- atomic writes

@@ -237,3 +237,26 @@ def test_bad_options_exit_2_at_parse_time(tmp_path, capsys, args, message):
     assert e.value.code == 2
     assert message in capsys.readouterr().err
     assert not (tmp_path / "x").exists()  # refused before anything was written
+
+
+def test_run_releases_the_lock_when_it_ends_even_on_error(tmp_path, monkeypatch):
+    """``proma.rl.run`` (what process-pool workers call) gives the directory back when the run ends, so another
+    process can resume a run that failed in a worker that is still alive."""
+    import proma.rl.train as T
+    from proma.rl import run
+    from proma.rl.rundir import _HELD, lock_run_dir
+
+    out = tmp_path / "run"
+    out.mkdir()
+
+    def failing(cfg, *, log=print):
+        lock_run_dir(Path(cfg.out))
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(T, "train", failing)
+    with pytest.raises(RuntimeError, match="boom"):
+        run(TrainConfig.from_preset("smoke", out=str(out)))
+    assert out.resolve() not in _HELD
+    probe = subprocess.run([sys.executable, "-c", "import fcntl, sys; f = open(sys.argv[1], 'a'); "
+                            "fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)", str(out / ".lock")], env=_env())
+    assert probe.returncode == 0   # another process can take it

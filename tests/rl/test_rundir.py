@@ -17,7 +17,6 @@ from proma.rl.config import TrainConfig
 from proma.rl.distributed import Ranks
 from proma.rl.rundir import load_checkpoint, read_records, save_checkpoint, truncate_jsonl, unlock_run_dir
 from proma.rl.summary import markdown_table
-from proma.rl.train import open_run
 
 ROOT = Path(proma.__file__).resolve().parent.parent
 # seconds a helper process may take to build the smoke run (tokenizer + warm-start, cached after the first)
@@ -43,18 +42,33 @@ def _write_log(path, records):
 # ----------------------------------------------------------------------------------------------- one writer
 HOLDER = """
 import sys, time
+from pathlib import Path
+from types import SimpleNamespace
+import torch
+import proma.rl.train as T
 from proma.rl.config import TrainConfig
 from proma.rl.distributed import Ranks
-from proma.rl.train import open_run
+# the run's parts stubbed (a tiny model): the run directory's handling is what is under test
+T.build_run = lambda cfg, log: SimpleNamespace(model=torch.nn.Linear(2, 2), device=torch.device("cpu"),
+                                               run_dir=Path(cfg.out))
 cfg = TrainConfig.from_preset("smoke", out=sys.argv[1], cache_dir=sys.argv[2])
-open_run(cfg, Ranks(), lambda *a, **k: None)
+T.open_run(cfg, Ranks(), lambda *a, **k: None)
 print("ready", flush=True)
 time.sleep(600)
 """
 
 
+def _stub_build_run(cfg, log):
+    from types import SimpleNamespace
+
+    return SimpleNamespace(model=torch.nn.Linear(2, 2), device=torch.device("cpu"), run_dir=Path(cfg.out))
+
+
 @pytest.mark.slow
-def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
+def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path, monkeypatch):
+    import proma.rl.train as T
+
+    monkeypatch.setattr(T, "build_run", _stub_build_run)
     out, cache = tmp_path / "run", tmp_path / "cache"
     cfg = TrainConfig.from_preset("smoke", out=str(out), cache_dir=str(cache))
     holder = subprocess.Popen([sys.executable, "-c", HOLDER, str(out), str(cache)], stdout=subprocess.PIPE,
@@ -66,7 +80,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
         assert time.monotonic() < deadline
         # the same configuration (old code: both "resume" the same directory and write every record twice)
         with pytest.raises(ValueError, match=rf"run directory {out} is in use by another process \(pid {holder.pid}\)"):
-            open_run(cfg, Ranks(), _quiet)
+            T.open_run(cfg, Ranks(), _quiet)
     finally:
         holder.send_signal(signal.SIGKILL)
         holder.wait()
@@ -74,7 +88,7 @@ def test_a_second_writer_is_refused_and_a_killed_one_leaves_no_lock(tmp_path):
         holder.stderr.close()
     # SIGKILL released the OS lock: the directory is usable at once, no stale lock to delete
     try:
-        parts, _, start, _ = open_run(cfg, Ranks(), _quiet)
+        parts, _, start, _ = T.open_run(cfg, Ranks(), _quiet)
         assert start == 0 and parts.run_dir == out
     finally:
         unlock_run_dir(out)

@@ -16,6 +16,7 @@ Nothing is lost or silently wrong:
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import json
 import os
@@ -62,6 +63,13 @@ def lock_run_dir(run_dir: Path) -> None:
     f.write(f"{os.getpid()}\n")
     f.flush()
     _HELD[key] = f
+
+
+@atexit.register
+def _release_all() -> None:
+    """Close the lock files still held at exit (the OS would release them anyway; this keeps exit quiet)."""
+    while _HELD:
+        _HELD.popitem()[1].close()
 
 
 def unlock_run_dir(run_dir: Path) -> None:

@@ -48,9 +48,17 @@ The life of a microbatch, ``acc.backward(seq_logp, w)`` (file: function; one bac
 6. ``updates.ProjectUpdate``: ``Block.gram_and_inner`` gives K and h, ``solvers.solve`` the coefficients
    (the solver registry), ``Block.add_weighted_`` writes G - s R + pg in one pass; ``IntraUpdate`` uses
    ``subspace.dominant_subspace`` and ``intra.project_factored_`` instead.
-7. ``grad_store.GradStore.store`` puts the new G in ``p.grad`` (or the float32 buffer); the block's factors
-   are released. ``sync="global"`` holds the projected parameters until after the backward and exchanges
-   their contributions (``distributed``) before step 5.
+7. The update ran on a copy of G (``microbatch.Transaction``); the block's factors are released.
+   ``sync="global"`` holds the projected parameters until after the backward and exchanges their
+   contributions (``distributed``) before step 5.
+8. ``microbatch.Transaction.commit``: when every new G is finite, ``grad_store.GradStore.store`` puts each in
+   ``p.grad`` (or the float32 buffer); otherwise a ValueError names the parameter and no ``p.grad`` changes.
+
+Transactional: a microbatch that fails (bad inputs, a NaN or inf arising in the backward pass, a solver error on
+non-finite factors) raises a ValueError naming the parameter, leaves every ``p.grad`` as it was before it and
+releases its captured calls, so the caller may skip it and go on. The price is one extra copy of the running
+gradients while a microbatch is in flight and one host read of a finiteness flag per device. No autograd graph
+is recorded on ``p.grad`` (the updates after the backward pass run under ``torch.no_grad``).
 
 Data parallelism (torch.distributed; ``process_group``, default the world group when initialised; W ranks).
 Convention: every mode gives the *mean over ranks*, as DDP does, so each rank passes the weights it would
@@ -97,7 +105,7 @@ from .fsdp import FsdpRoute, check_current, reshard
 from .grad_store import GradStore
 from .inventory import Handling, Inventory, ParamEntry
 from .layers import Block
-from .microbatch import Collector, IntraFactors, captured_uses, check_microbatch
+from .microbatch import Collector, IntraFactors, Transaction, captured_uses, check_microbatch, non_finite_factors
 from .options import NO_SOLVER, AccumulatorOptions
 from .updates import PlainUpdate, Updates
 
@@ -158,6 +166,7 @@ class ProjectedAccumulator:
         self._stats: dict = {}          # name -> (rule label, UpdateRecord) of the last microbatch
         self._microbatches = 0
         self._capture = None
+        self._transaction = Transaction()   # the microbatch in flight's staged updates
         if self._hooked:
             self._capture = Capture(self._inventory.hooked_modules(), on_grad=_ignore)
 
@@ -200,15 +209,22 @@ class ProjectedAccumulator:
         with lockstep as step:
             if self._hooked and self._capture is None:
                 raise ValueError("backward: the accumulator is closed")
-            seq_logp, w = check_microbatch(seq_logp, weights)
-            self._stats = {}
-            if seq_logp.shape[0] == 0:
-                self._empty_microbatch(w, step)
-            elif not self._hooked:
-                self._plain_backward(seq_logp, w)
-            else:
-                uses = captured_uses(self._capture, seq_logp.shape[0])
-                self._accumulate(seq_logp, w, uses, step)
+            try:
+                seq_logp, w = check_microbatch(seq_logp, weights)
+                self._stats = {}
+                if seq_logp.shape[0] == 0:
+                    self._empty_microbatch(w, step)
+                elif not self._hooked:
+                    self._plain_backward(seq_logp, w)
+                else:
+                    uses = captured_uses(self._capture, seq_logp.shape[0])
+                    self._accumulate(seq_logp, w, uses, step)
+            except BaseException:
+                # a rejected microbatch leaves nothing behind: p.grad is as before it (the updates were only
+                # staged, see Transaction), and its captured calls go so the next forward starts afresh
+                if self._capture is not None:
+                    self._capture.discard()
+                raise
         self._microbatches += 1
 
     def stats(self) -> dict:
@@ -307,16 +323,39 @@ class ProjectedAccumulator:
         if self._capture is not None:
             self._capture.discard()
         if step is not None:
-            self._exchange(step, w.double(), 0, take=lambda e: [])
+            self._transaction = Transaction()
+            with torch.no_grad():
+                self._exchange(step, w.double(), 0, take=lambda e: [])
+                self._transaction.commit(self._grads, self._stats)
 
     def _plain_backward(self, seq_logp: torch.Tensor, w: torch.Tensor) -> None:
-        """variant "none": the microbatch's loss ``sum_i w_i seq_logp_i``, back-propagated as usual."""
-        (w.to(seq_logp.dtype) * seq_logp).sum().backward()
-        self._stats = {e.name: (e.rule_label, PlainUpdate.backward_record()) for e in self._inventory.entries}
+        """variant "none": the gradient of the microbatch's loss ``sum_i w_i seq_logp_i`` added to ``p.grad`` (as
+        ``backward()`` would), once every parameter's is known to be finite."""
+        entries = self._inventory.entries
+        # backward() into emptied .grad (torch.autograd.grad would not pass reentrant checkpoints), then the old
+        # gradients are put back and the new ones added only if they are all finite
+        kept = [e.param.grad for e in entries]
+        for e in entries:
+            e.param.grad = None
+        try:
+            (w.to(seq_logp.dtype) * seq_logp).sum().backward()
+            grads = [e.param.grad for e in entries]
+        finally:
+            for e, g in zip(entries, kept):
+                e.param.grad = g
+        reached = [(e, g) for e, g in zip(entries, grads) if g is not None]
+        if reached and not bool(torch.stack([torch.isfinite(g).all() for _, g in reached]).all()):
+            bad = [e.name for e, g in reached if not bool(torch.isfinite(g).all())]
+            raise ValueError(f"parameter {bad[0]!r}: this microbatch's gradient is not finite (NaN or inf arisen in "
+                             "the backward pass); the microbatch was rejected and no p.grad was changed")
+        for e, g in reached:
+            e.param.grad = g if e.param.grad is None else e.param.grad.add_(g)
+        self._stats = {e.name: (e.rule_label, PlainUpdate.backward_record()) for e in entries}
 
     def _accumulate(self, seq_logp: torch.Tensor, w: torch.Tensor, uses: list, step) -> None:
         """One backward pass to the taps; each parameter is updated as soon as its uses are complete."""
         w64 = w.double()
+        self._transaction = Transaction()
         no_rule = self._no_rule_grads(seq_logp, w)
         collector = Collector(self._inventory.routes, uses, collect_intra=self.options.variant == "intra",
                               hold=lambda e: step is not None and e.handling is Handling.RULE,
@@ -327,13 +366,16 @@ class ProjectedAccumulator:
         finally:
             self._capture.on_grad = _ignore
         collector.check()
-        if step is not None:
-            self._exchange(step, w64, seq_logp.shape[0], take=collector.take)
-        collector.finish(self._inventory.captured())
-        for e, g in no_rule:
-            G, record = PlainUpdate.add_gradient(g, self._grads.running(e.param), e.work_dtype)
-            self._grads.store(e.param, G)
-            self._stats[e.name] = (e.rule_label, record)
+        # after the backward pass, as inside it, no graph is recorded: the updates that run here (the exchange, a
+        # use whose gradient never arrived) would otherwise build one on p.grad from the saved activations
+        with torch.no_grad():
+            if step is not None:
+                self._exchange(step, w64, seq_logp.shape[0], take=collector.take)
+            collector.finish(self._inventory.captured())
+            for e, g in no_rule:
+                G, record = PlainUpdate.add_gradient(g, Transaction.base(self._grads, e.param), e.work_dtype)
+                self._transaction.add(e, G, record)
+            self._transaction.commit(self._grads, self._stats)   # p.grad is written here, or not at all
 
     def _no_rule_grads(self, seq_logp: torch.Tensor, w: torch.Tensor) -> list:
         """Weighted gradients of the parameters without a rule (one extra, restricted, backward)."""
@@ -358,9 +400,16 @@ class ProjectedAccumulator:
         block = Block(contribs, strategy=self.options.strategy, work_dtype=entry.work_dtype,
                       max_transient=self.options.max_transient)
         try:
+            # staged: the update works on a copy of G, written to p.grad by the transaction's commit
             G, record = self._updates.apply(entry.handling, block, w.to(entry.param.device),
-                                            self._grads.running(entry.param), intra)
-            self._grads.store(entry.param, G)
-            self._stats[entry.name] = (entry.rule_label, record)
+                                            Transaction.base(self._grads, entry.param), intra)
+            self._transaction.add(entry, G, record)
+        except Exception as exc:
+            # a NaN that arises in the backward pass can make a solver fail (eigh: "failed to converge"): say so
+            if non_finite_factors(contribs):
+                raise ValueError(f"parameter {entry.name!r}: its per-sequence gradients in this microbatch contain "
+                                 "NaN or inf (arisen in the backward pass); the microbatch was rejected and no "
+                                 "p.grad was changed") from exc
+            raise
         finally:
             block.release()

@@ -1,4 +1,5 @@
-"""One microbatch in flight: its inputs checked, and each parameter's contributions collected as they arrive.
+"""One microbatch in flight: its inputs checked, each parameter's contributions collected as they arrive, and
+its new running gradients held until the whole microbatch has succeeded (:class:`Transaction`).
 
 :class:`Collector` is the capture callback of one ``ProjectedAccumulator.backward``: when a hooked call's
 output gradient D arrives it asks the call's layer rule for the contributions of the parameters routed to
@@ -130,6 +131,63 @@ class Collector:
         for entry in entries:
             if entry in self._slots:
                 self._complete(entry)
+
+
+def _floating_tensors(contribution) -> list:
+    """The floating-point tensors a contribution holds (factors, per-sequence gradients)."""
+    return [v for v in vars(contribution).values() if isinstance(v, torch.Tensor) and v.is_floating_point()]
+
+
+def non_finite_factors(contribs: list) -> bool:
+    """Whether any contribution holds a NaN or inf (only asked after an update failed: a pass over the factors)."""
+    return any(not bool(torch.isfinite(t).all()) for c in contribs for t in _floating_tensors(c))
+
+
+class Transaction:
+    """The new running gradients of one microbatch, written to ``p.grad`` only once every parameter succeeded.
+
+    An update runs on a copy of the parameter's running gradient (:meth:`base`), so that a failure in any later
+    parameter (a NaN that arises in the backward pass reaches the layers nearer the input last) leaves every
+    ``p.grad`` as it was before the microbatch. Cost: one extra copy of the running gradients until
+    :meth:`commit`, and one finiteness reduction per parameter, read back once per device.
+    """
+
+    def __init__(self):
+        self._items: list = []   # (entry, new G, record)
+
+    @staticmethod
+    def base(grads, param: torch.Tensor) -> torch.Tensor | None:
+        """A copy of ``param``'s running gradient (None when it is zero) for an update to work on in place."""
+        G = grads.running(param)
+        return None if G is None else G.clone()
+
+    def add(self, entry, G: torch.Tensor, record) -> None:
+        self._items.append((entry, G, record))
+
+    def _non_finite(self) -> list:
+        """Names of the parameters whose new G holds a NaN or inf (one host read per device when none does)."""
+        by_device: dict = {}
+        for entry, G, _ in self._items:
+            by_device.setdefault(G.device, []).append(torch.isfinite(G).all())
+        if all(bool(torch.stack(flags).all()) for flags in by_device.values()):
+            return []
+        return [entry.name for entry, G, _ in self._items if not bool(torch.isfinite(G).all())]
+
+    def commit(self, grads, stats: dict) -> None:
+        """Write every new G (``grads.store``) and its record into ``stats``; or, when some new G is not finite,
+        raise a ValueError naming its parameter and write nothing."""
+        bad = self._non_finite()
+        if bad:
+            more = f" (and {len(bad) - 1} more: {', '.join(bad[1:4])}{', ...' if len(bad) > 4 else ''})" \
+                if len(bad) > 1 else ""
+            self._items = []
+            raise ValueError(f"parameter {bad[0]!r}{more}: this microbatch's update is not finite (NaN or inf in its "
+                             "per-sequence gradients, Gram or inner products, arisen in the backward pass, or in "
+                             "p.grad itself); the microbatch was rejected and no p.grad was changed")
+        for entry, G, record in self._items:
+            grads.store(entry.param, G)
+            stats[entry.name] = (entry.rule_label, record)
+        self._items = []
 
 
 def check_microbatch(seq_logp, weights) -> tuple[torch.Tensor, torch.Tensor]:

@@ -84,7 +84,7 @@ class AccumulatorOptions:
     def __post_init__(self):
         self._check_names()
         self._check_numbers()
-        exclude = (self.exclude,) if isinstance(self.exclude, str) else self.exclude
+        exclude = self._checked_exclude()
         normalised = dict(ridge=float(self.ridge), shrinkage=float(self.shrinkage), exclude=frozenset(exclude),
                           max_transient=int(self.max_transient),
                           relative_bound=None if self.relative_bound is None else float(self.relative_bound))
@@ -120,6 +120,24 @@ class AccumulatorOptions:
             raise ValueError(f"relative_bound must be None or a finite float >= 0; got {bound!r}")
         if not math.isfinite(float(self.shrinkage)):
             raise ValueError(f"shrinkage must be a finite float; got {self.shrinkage!r}")
+        if not _is_int(self.max_transient, 1):
+            raise ValueError(f"max_transient must be an int >= 1 (elements of a materialised per-sequence gradient "
+                             f"chunk); got {self.max_transient!r}")
+
+    def _checked_exclude(self) -> tuple:
+        """``exclude`` as a tuple of names: one parameter name, or an iterable of names (read once)."""
+        if isinstance(self.exclude, str):
+            return (self.exclude,)
+        try:
+            names = list(self.exclude)
+        except TypeError:
+            raise ValueError(f"exclude must be a parameter name or an iterable of names; got "
+                             f"{type(self.exclude).__name__} {self.exclude!r}") from None
+        wrong = [n for n in names if not isinstance(n, str)]
+        if wrong:
+            raise ValueError(f"exclude must hold parameter names (str); got {wrong[0]!r} "
+                             f"({type(wrong[0]).__name__})")
+        return tuple(names)
 
     def replace(self, **changes) -> "AccumulatorOptions":
         """A copy with ``changes`` applied (validated again)."""

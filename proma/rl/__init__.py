@@ -14,6 +14,8 @@ cli.
 
 def run(cfg, *, log=print):
     """Train ``cfg`` (a ``TrainConfig``) and return its run directory: the harness's entry point for other code."""
+    from .rundir import owned_while_running
     from .train import train
 
-    return train(cfg, log=log)
+    with owned_while_running(cfg.out):   # the run directory's lock is released when the run ends
+        return train(cfg, log=log)

@@ -85,11 +85,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     ns = parser.parse_args(argv)
     if ns.command == "train":
-        from .train import train
+        from . import run
 
         try:
             cfg = config_from_args(ns)
-            run_dir = train(cfg)
+            run_dir = run(cfg)
         except ValueError as e:
             parser.exit(2, f"proma train: error: {e}\n")
         if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, rank 0 speaks for the run

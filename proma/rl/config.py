@@ -22,6 +22,8 @@ import functools
 import inspect
 import io
 import json
+import math
+import numbers
 import tokenize
 from dataclasses import dataclass, fields
 
@@ -50,6 +52,15 @@ METHOD_ACCUMULATOR = {
     # the Linear weights' projection of the published code (the other parameters: published_code)
     PUBLISHED_CODE_NAME: dict(PUBLISHED_SETTINGS),
 }
+
+
+def _is_int(x, minimum: int) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool) and x >= minimum
+
+
+def _is_real(x) -> bool:
+    """A finite int or float (not a bool)."""
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
 @dataclass(frozen=True)
@@ -118,37 +129,74 @@ class TrainConfig:
 
     # ----------------------------------------------------------------------------------------------------
     def __post_init__(self):
-        def bad(name, msg):
-            raise ValueError(f"{name}={getattr(self, name)!r}: {msg}")
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise ``ValueError`` naming the first invalid option (``name=value: why (option --name)``).
+
+        One check per field, in field order, so that a new field adds its own line; the combinations of several
+        fields come last.
+        """
+        def need(name, ok, msg):
+            if not ok:
+                value = getattr(self, name)
+                raise ValueError(f"{name}={value!r}: {msg} (option --{name.replace('_', '-')})")
 
         for name, choices in CHOICES.items():
-            if getattr(self, name) not in choices:
-                bad(name, f"unknown {name} (choose from {', '.join(choices)})")
-        for name in ("steps", "eval_every", "ckpt_every", "eval_size", "warmstart_batch", "intra_rank",
-                     "prompts_per_step", "minibatches", "microbatch_size"):
-            if getattr(self, name) < 1:
-                bad(name, "must be >= 1")
-        for name in ("warmstart_steps", "max_new_tokens", "warmup_steps", "num_threads", "train_pool", "oos_kl_prompts"):
-            if getattr(self, name) < 0:
-                bad(name, "must be >= 0")
-        if 0 < self.train_pool < self.prompts_per_step:
-            bad("train_pool", f"must be 0 (all) or >= prompts_per_step={self.prompts_per_step}")
-        if self.group_size < 2:
-            bad("group_size", "must be >= 2 (group-relative advantages)")
-        if not self.lr > 0:
-            bad("lr", "must be > 0")
-        if not self.temperature > 0:
-            bad("temperature", "must be > 0")
-        if not 0 < self.clip_eps < 1:
-            bad("clip_eps", "must be in (0, 1)")
-        if self.vocab_size < MIN_VOCAB_SIZE:
-            bad("vocab_size", f"must be >= {MIN_VOCAB_SIZE} (2 special tokens + 256 bytes)")
+            need(name, getattr(self, name) in choices, f"unknown {name} (choose from {', '.join(choices)})")
+        # run
+        need("steps", _is_int(self.steps, 1), "must be an integer >= 1")
+        need("num_threads", _is_int(self.num_threads, 0), "must be an integer >= 0")
+        # policy
+        need("vocab_size", _is_int(self.vocab_size, MIN_VOCAB_SIZE),
+             f"must be >= {MIN_VOCAB_SIZE} (2 special tokens + 256 bytes)")
+        need("hidden_size", _is_int(self.hidden_size, 1), "must be an integer >= 1")
+        need("intermediate_size", _is_int(self.intermediate_size, 1), "must be an integer >= 1")
+        need("num_layers", _is_int(self.num_layers, 1), "must be an integer >= 1")
+        need("num_heads", _is_int(self.num_heads, 1), "must be an integer >= 1")
+        need("num_kv_heads", _is_int(self.num_kv_heads, 1), "must be an integer >= 1")
+        need("max_positions", _is_int(self.max_positions, 2), "must be an integer >= 2")
+        # supervised warm-start
+        need("warmstart_steps", _is_int(self.warmstart_steps, 0), "must be an integer >= 0")
+        need("warmstart_batch", _is_int(self.warmstart_batch, 1), "must be an integer >= 1")
+        need("warmstart_lr", _is_real(self.warmstart_lr) and self.warmstart_lr > 0, "must be a finite number > 0")
+        # rollout
+        need("train_pool", _is_int(self.train_pool, 0), "must be an integer >= 0")
+        need("prompts_per_step", _is_int(self.prompts_per_step, 1), "must be an integer >= 1")
+        need("group_size", _is_int(self.group_size, 2), "must be >= 2 (group-relative advantages)")
+        need("max_new_tokens", _is_int(self.max_new_tokens, 0), "must be an integer >= 0")
+        need("temperature", _is_real(self.temperature) and self.temperature > 0, "must be a finite number > 0")
+        need("format_reward", _is_real(self.format_reward), "must be a finite number")
+        # optimisation
+        need("lr", _is_real(self.lr) and self.lr > 0, "must be a finite number > 0")
+        need("adam_beta1", _is_real(self.adam_beta1) and 0 <= self.adam_beta1 < 1, "must be in [0, 1)")
+        need("adam_beta2", _is_real(self.adam_beta2) and 0 <= self.adam_beta2 < 1, "must be in [0, 1)")
+        need("weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0")
+        need("grad_clip", _is_real(self.grad_clip) and self.grad_clip >= 0,
+             "must be a finite number >= 0 (0 = no clipping)")
+        need("warmup_steps", _is_int(self.warmup_steps, 0), "must be an integer >= 0")
+        need("minibatches", _is_int(self.minibatches, 1), "must be an integer >= 1")
+        need("microbatch_size", _is_int(self.microbatch_size, 1), "must be an integer >= 1")
+        # a negative eps flips the sign of the advantages (or divides by ~0): non-negative only
+        need("adv_eps", _is_real(self.adv_eps) and self.adv_eps >= 0, "must be a finite number >= 0")
+        need("clip_eps", _is_real(self.clip_eps) and 0 < self.clip_eps < 1, "must be in (0, 1)")
+        # projection methods
+        need("intra_rank", _is_int(self.intra_rank, 1), "must be an integer >= 1")
+        # evaluation, checkpoints
+        need("eval_every", _is_int(self.eval_every, 1), "must be an integer >= 1")
+        need("eval_size", _is_int(self.eval_size, 1), "must be an integer >= 1")
+        need("ckpt_every", _is_int(self.ckpt_every, 1), "must be an integer >= 1")
+        need("oos_kl_prompts", _is_int(self.oos_kl_prompts, 0), "must be an integer >= 0 (0 = off)")
+        # combinations
+        need("train_pool", not 0 < self.train_pool < self.prompts_per_step,
+             f"must be 0 (all) or >= prompts_per_step={self.prompts_per_step}")
+        need("num_heads", self.hidden_size % self.num_heads == 0, f"must divide hidden_size={self.hidden_size}")
+        need("num_kv_heads", self.num_heads % self.num_kv_heads == 0, f"must divide num_heads={self.num_heads}")
         n = self.rollout_size
-        if n % self.minibatches:
-            bad("minibatches", f"does not divide the rollout batch prompts_per_step * group_size = {n}")
-        if self.minibatch_size % self.microbatch_size:
-            bad("microbatch_size", f"does not divide the minibatch size {self.minibatch_size} "
-                                   f"(= prompts_per_step * group_size / minibatches)")
+        need("minibatches", n % self.minibatches == 0,
+             f"does not divide the rollout batch prompts_per_step * group_size = {n}")
+        need("microbatch_size", self.minibatch_size % self.microbatch_size == 0,
+             f"does not divide the minibatch size {self.minibatch_size} (= prompts_per_step * group_size / minibatches)")
 
     @property
     def rollout_size(self) -> int:

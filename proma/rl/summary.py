@@ -20,11 +20,11 @@ EDGE_FRACTION = 0.25
 
 
 def read_jsonl(path) -> list:
-    """The records of a JSONL file ([] when it does not exist)."""
-    path = Path(path)
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """The records of a JSONL file ([] when it does not exist; a torn last line skipped with a warning, see
+    :func:`proma.rl.rundir.read_records`)."""
+    from .rundir import read_records
+
+    return read_records(path)
 
 
 def series(records: list, key: str) -> np.ndarray:
@@ -73,10 +73,24 @@ def second_order_agreement(exact: np.ndarray, estimate: np.ndarray) -> dict:
             "ratio_p95": float(np.percentile(ratio, 95)), "log_corr": corr, "n": int(ok.sum())}
 
 
+def check_one_writer(path, records: list) -> None:
+    """ValueError unless ``opt_step`` counts 1, 2, ... through ``records`` (as one writer logs them).
+
+    Two runs that wrote into one directory (or a log appended to after it was copied) repeat or interleave
+    optimizer steps; a summary of them would count and mix records of different runs.
+    """
+    steps = [r.get("opt_step") for r in records]
+    for i, s in enumerate(steps):
+        if s != i + 1:
+            raise ValueError(f"{path}: record {i + 1} has opt_step {s!r}, expected {i + 1}: the log holds repeated "
+                             f"or interleaved steps (two runs wrote to one directory?); not summarised")
+
+
 def summarize_run(run_dir) -> dict:
     """Per-run summary: KL statistics, entropy, reward gain, validation accuracy, timing."""
     run_dir = Path(run_dir)
     records = read_jsonl(run_dir / "metrics.jsonl")
+    check_one_writer(run_dir / "metrics.jsonl", records)
     evals = read_jsonl(run_dir / "eval.jsonl")
     cfg = json.loads((run_dir / "config.json").read_text()) if (run_dir / "config.json").exists() else {}
     reward = per_rollout(records, "reward")

@@ -46,7 +46,8 @@ from .heldout_probe import Probe, probe_kl, sample_probe
 from .losses import clipped_fraction_tokens, grpo_loss, sum_scored_logprobs, token_logprobs
 from .published_code import PublishedCode
 from .rollout import RolloutBatch, collect_rollout
-from .rundir import append_jsonl, check_same_config, load_checkpoint, save_checkpoint, truncate_jsonl
+from .rundir import (append_jsonl, check_same_config, load_checkpoint, lock_run_dir, save_checkpoint, truncate_jsonl,
+                     write_config)
 
 METRICS_FILE, EVAL_FILE = "metrics.jsonl", "eval.jsonl"
 # Metrics already equal on every rank, and the token means among the others (see Ranks.combine).
@@ -68,6 +69,8 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[RunParts, torch.optim
     """
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if ranks.is_main:
+        lock_run_dir(run_dir)  # the one writer of the run directory until this process exits
     if (run_dir / "config.json").exists():
         check_same_config(run_dir, cfg)
     # rank 0 builds (and caches) the tokenizer and warm-start first; the others then load them from the cache
@@ -89,7 +92,7 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[RunParts, torch.optim
     if ranks.is_main:
         truncate_jsonl(run_dir / METRICS_FILE, start_step)
         truncate_jsonl(run_dir / EVAL_FILE, start_step)
-        (run_dir / "config.json").write_text(cfg.to_json())
+        write_config(run_dir, cfg)
     return parts, optimizer, start_step, opt_step
 
 

@@ -22,8 +22,9 @@ from torch import nn
 from proma import ProjectedAccumulator, subspace
 
 # Host reads allowed per microbatch, whatever the number of layers: check_microbatch's two finiteness tests
-# of the weights and of seq_logp.
-HOST_READS_PER_MICROBATCH = 2
+# of the weights and of seq_logp, and the transaction's one test that every new running gradient is finite
+# before any p.grad is written (proma.microbatch.Transaction.commit; one per device).
+HOST_READS_PER_MICROBATCH = 3
 WIDTH = subspace.DENSE_EIGH_MAX + 8    # features of every hidden activation: the Krylov route runs
 B, T, VOCAB, LAYERS = 4, 48, 11, 3     # b * T = 192 tokens > WIDTH
 MICROBATCHES = 3

@@ -141,3 +141,47 @@ def test_val_elsewhere_tests_val_in_the_other_regimes_only():
     # a regime without intra's runs is left out
     assert secondary.val_elsewhere({**results, "collapse": {k: v for k, v in results["collapse"].items()
                                                              if k[0] != "intra"}})[0].hypothesis.regime == "learn-240"
+
+
+def _family_with_one_effect(p_target: float):
+    """``{regime: runs}`` (15 seeds) where KL-G-L's paired t-test has unadjusted p = ``p_target`` (PROMA's KL
+    lower) and every other hypothesis of the family has t = 0 (p = 1)."""
+    rng = np.random.default_rng(5)
+    n = 15
+
+    def centred():
+        z = rng.standard_normal(n)
+        return (z - z.mean()) / z.std(ddof=1)
+
+    t_needed = sps.t.ppf(1 - p_target / 2, n - 1)
+    shift = -t_needed / np.sqrt(n)   # d = shift + z (sd 1): t = shift sqrt(n)
+    base = 1.0 + 0.05 * np.arange(n)
+    out = {}
+    for regime, lr in LR.items():
+        kl_proma = (shift if regime == "learn-240" else 0.0) + centred()
+        logkl = {"grpo": np.zeros(n), "proma": kl_proma, "reinforce": kl_proma + centred(), "proma-paper": centred(),
+                 "intra": centred()}
+        ent = {"grpo": np.zeros(n), "proma": centred(), "proma-paper": centred(), "reinforce": centred(),
+               "intra": centred()}
+        val = {m: np.zeros(n) for m in METHODS}
+        val["intra"] = 0.01 * centred()
+        out[regime] = {(m, lr, s): {"local_kl_mean": float(base[s] * np.exp(logkl[m][s])),
+                                    "entropy_end_ratio": float(0.3 + 0.01 * ent[m][s]),
+                                    "val_final": float(0.3 + val[m][s])}
+                       for m in METHODS for s in range(n)}
+    return out
+
+
+def test_a_p_below_alpha_that_holm_lifts_above_it_is_inconclusive():
+    """Verdicts are decided on the Holm-adjusted p, not the raw one: KL-G-L at p = 0.02 < 0.05 is one of eleven
+    hypotheses (the others at p = 1), so Holm multiplies it by 11 (0.22 >= 0.05): inconclusive. (A planted bug that
+    decided on the unadjusted p called it supported.) The same effect at p = 1e-4 stays supported after Holm."""
+    out = by_id(P.decide(_family_with_one_effect(0.02)))
+    kl = out["KL-G-L"]
+    assert kl.p == pytest.approx(0.02, rel=1e-6) and kl.supports
+    assert kl.p_adj == pytest.approx(11 * 0.02, rel=1e-6)
+    assert kl.p < P.ALPHA <= kl.p_adj
+    assert kl.verdict == P.INCONCLUSIVE
+    assert all(o.verdict == P.INCONCLUSIVE for o in out.values())
+    strong = by_id(P.decide(_family_with_one_effect(1e-4)))["KL-G-L"]
+    assert strong.p_adj == pytest.approx(11e-4, rel=1e-6) and strong.verdict == P.SUPPORTED

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .format import Case, FormatError, candidate_key, load_cases
+from .format import Case, FormatError, candidate_key, is_tolerance, load_cases, read_npz
 from .verdicts import (
     MODE_CHAIN,
     MODE_STEP,
@@ -33,6 +33,7 @@ def tolerance(manifest: dict, dtype, rtol=None, atol=None) -> tuple:
     name = np.dtype(dtype).name if dtype is not None else "float64"
     cls = "float64" if name == "float64" else "float32"
     tol = manifest["tolerances"][cls]
+    check_overrides(rtol, atol)  # inf would pass anything, NaN or a negative one nothing: refused, not used
     return cls, (tol["rtol"] if rtol is None else rtol), (tol["atol"] if atol is None else atol)
 
 
@@ -185,6 +186,7 @@ def check_callable(cases_dir, fn, *, only=None, dtype=None, rtol=None, atol=None
     CheckResult
         ``.ok``, ``.exit_code``, ``.table()``, ``.to_json()``, ``.raise_if_failed()``.
     """
+    check_overrides(rtol, atol)
     cases, manifest = load_cases(cases_dir, only=only)
     result = CheckResult(mode=MODE_STEP if step else MODE_CHAIN, allow_missing=allow_missing)
     iterator = cases
@@ -225,11 +227,7 @@ def read_candidate(path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FormatError(f"candidate file {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            return {key: z[key] for key in z.files}
-    except Exception as exc:
-        raise FormatError(f"candidate file {path}: cannot read as .npz ({exc})") from None
+    return read_npz(path, "candidate file")
 
 
 def write_candidate(path, outputs_by_case: dict) -> Path:
@@ -246,6 +244,31 @@ def write_candidate(path, outputs_by_case: dict) -> Path:
     return path
 
 
+# a case's stray keys named in its message before "(and N more)"
+STRAY_KEYS_SHOWN = 3
+
+
+def _refuse_stray_keys(res: CaseResult, case: Case, stray: list) -> None:
+    """A candidate key under this case that names no array of it (``layer99``, ``G_Out``, a layer name for
+    ``layer{k}``, an ``mb`` beyond the last) is an ERROR naming it: it would otherwise be dropped silently, and
+    with ``allow_missing`` the array it meant would be skipped as absent."""
+    if not stray:
+        return
+    shown = ", ".join(repr(k) for k in stray[:STRAY_KEYS_SHOWN])
+    more = f" (and {len(stray) - STRAY_KEYS_SHOWN} more)" if len(stray) > STRAY_KEYS_SHOWN else ""
+    why = (f"unknown array key(s) {shown}{more} under case {case.id!r}: its keys are "
+           f"{case.id}/mb{{m}}/layer{{k}}/G_out with m < {case.n_microbatches}, k < {len(case.layers)}")
+    res.status = STATUS_ERROR
+    res.message = f"{why}; {res.message}" if res.message else why
+
+
+def check_overrides(rtol, atol) -> None:
+    """FormatError unless each given tolerance override is a finite number >= 0 (inf would pass anything)."""
+    for name, value in (("rtol", rtol), ("atol", atol)):
+        if value is not None and not is_tolerance(value):
+            raise FormatError(f"{name} must be a finite number >= 0; got {value!r}")
+
+
 def check_candidate(cases_dir, candidate_path, *, only=None, dtype=None, rtol=None, atol=None,
                     allow_missing=False, step=False) -> CheckResult:
     """Compare a candidate file with a case directory (what ``proma-verify check --candidate`` does).
@@ -253,6 +276,7 @@ def check_candidate(cases_dir, candidate_path, *, only=None, dtype=None, rtol=No
     ``step=True`` declares that the candidate computed every microbatch from the stored ``G_in`` (the
     verdicts are the same arrays; the report then does not attribute later failures to earlier ones).
     """
+    check_overrides(rtol, atol)
     cases, manifest = load_cases(cases_dir, only=only)
     arrays = read_candidate(candidate_path)
     result = CheckResult(mode=MODE_STEP if step else MODE_CHAIN, allow_missing=allow_missing)
@@ -261,9 +285,10 @@ def check_candidate(cases_dir, candidate_path, *, only=None, dtype=None, rtol=No
     for case in cases:
         outputs = [[arrays.get(candidate_key(case.id, m, k)) for k in range(len(case.layers))]
                    for m in range(case.n_microbatches)]
-        used.update(candidate_key(case.id, m, k) for m in range(case.n_microbatches)
-                    for k in range(len(case.layers)))
+        case_keys = {candidate_key(case.id, m, k) for m in range(case.n_microbatches) for k in range(len(case.layers))}
+        used |= case_keys
         res = compare_case(case, outputs, manifest, dtype=dtype, rtol=rtol, atol=atol, allow_missing=allow_missing)
+        _refuse_stray_keys(res, case, sorted(k for k in arrays if k.split("/", 1)[0] == case.id and k not in case_keys))
         if res.message:
             res.message = f"{name}: {res.message}"
         result.results.append(res)

@@ -27,8 +27,11 @@ def cmd_cases(args, make_real=None) -> int:
 
     start = time.perf_counter()
     real = None if args.no_real or make_real is None else (lambda seed: make_real(seed, args.cache))
-    path = default_cases(args.out, seed=args.seed, real=not args.no_real, regenerate=args.regenerate,
-                         make_real=real)
+    try:
+        path = default_cases(args.out, seed=args.seed, real=not args.no_real, regenerate=args.regenerate,
+                             make_real=real)
+    except OSError as exc:
+        return _output_error("cases", args.out, exc)
     cases, _ = load_cases(args.out)
     size = sum((Path(args.out) / f"{c.id}.npz").stat().st_size for c in cases)
     print(f"wrote {len(cases)} cases ({size / 1e6:.1f} MB) and {path} in {time.perf_counter() - start:.1f} s")
@@ -62,8 +65,34 @@ def cmd_check(args) -> int:
     for line in golden_notes(load_cases(args.cases, only=args.only or None)[0]):
         print(line)
     if args.json:
-        Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        try:
+            Path(args.json).write_text(json.dumps(result.to_json(), indent=2) + "\n")
+        except OSError as exc:
+            return _output_error("check", args.json, exc)
     return result.exit_code
+
+
+def _output_error(command: str, path, exc: OSError) -> int:
+    """An output that cannot be written: exit status 2 with the path and the reason (no traceback)."""
+    import sys
+
+    where = exc.filename if exc.filename is not None else path
+    print(f"proma-verify {command}: error: cannot write {where}: {exc.strerror or exc}", file=sys.stderr)
+    return 2
+
+
+def tolerance_arg(text: str) -> float:
+    """``--rtol`` / ``--atol``: a finite number >= 0 (inf would pass anything, NaN or a negative one nothing)."""
+    import argparse
+    import math
+
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text!r}")
+    return value
 
 
 def add_cases_parser(sub):
@@ -98,8 +127,8 @@ def add_check_parser(sub):
     p.add_argument("--only", action="append", metavar="ID", help="check only this case id (repeatable)")
     p.add_argument("--dtype", choices=("float64", "float32"),
                    help="tolerance class, one of float64, float32 (default: the outputs' own dtype)")
-    p.add_argument("--rtol", type=float, help="override the manifest's rtol (relative to each array's scale)")
-    p.add_argument("--atol", type=float, help="override the manifest's atol (used only where the scale is 0)")
+    p.add_argument("--rtol", type=tolerance_arg, help="override the manifest's rtol (relative to each array's scale)")
+    p.add_argument("--atol", type=tolerance_arg, help="override the manifest's atol (used only where the scale is 0)")
     p.add_argument("--verbose", action="store_true",
                    help="also print one row per (case, microbatch, layer): rel err, abs err, scale, result")
     p.add_argument("--json", type=Path, help="also write the per-case and per-layer results as JSON (FORMAT.md)")

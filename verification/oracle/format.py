@@ -219,12 +219,74 @@ def read_manifest(cases_dir) -> dict:
                           f"{', '.join(map(str, READABLE_VERSIONS))})")
     tol = manifest.get("tolerances")
     if not isinstance(tol, dict) or not all(
-            isinstance(tol.get(d), dict) and is_real(tol[d].get("rtol")) and is_real(tol[d].get("atol"))
+            isinstance(tol.get(d), dict) and is_tolerance(tol[d].get("rtol")) and is_tolerance(tol[d].get("atol"))
             for d in ("float64", "float32")):
-        raise FormatError(f"{path}: tolerances must give rtol and atol for float64 and float32")
+        raise FormatError(f"{path}: tolerances must give rtol and atol (finite numbers >= 0) for float64 and float32")
     if not isinstance(manifest.get("cases"), list) or not manifest["cases"]:
         raise FormatError(f"{path}: cases must be a non-empty list")
     return manifest
+
+
+def is_tolerance(x) -> bool:
+    """A finite number >= 0 (a pass-test tolerance)."""
+    return is_real(x) and x >= 0
+
+
+def archive_path(cases_dir: Path, file, where: str) -> Path:
+    """The manifest's ``file``, which must name a file inside ``cases_dir`` (after resolving ``..`` and
+    symlinks): a case directory is judged on its own content only."""
+    if not isinstance(file, str) or not file:
+        raise FormatError(f"{where}: file must be a file name inside the case directory; got {file!r}")
+    root = Path(cases_dir).resolve()
+    path = (root / file).resolve()
+    if Path(file).is_absolute() or not path.is_relative_to(root):
+        raise FormatError(f"{where}: file {file!r} resolves to {path}, outside the case directory {root}")
+    if not path.is_file():
+        raise FormatError(f"{where}: archive {Path(cases_dir) / file} not found")
+    return path
+
+
+def read_npz(path: Path, what: str) -> dict:
+    """``{key: array}`` of an ``.npz`` archive, refusing what it cannot judge by name.
+
+    Raises
+    ------
+    FormatError naming ``what`` and the file: not an ``.npz`` (a ``.npy`` array, a damaged zip), or an array
+    that needs pickle (an object array), named by its key.
+    """
+    try:
+        z = np.load(path, allow_pickle=False)
+    except Exception as exc:  # zipfile / format errors of a damaged file
+        raise FormatError(f"{what} {path}: cannot read as .npz ({type(exc).__name__}: {exc})") from None
+    if not isinstance(z, np.lib.npyio.NpzFile):
+        raise FormatError(f"{what} {path}: is a single .npy array, not an .npz archive of named arrays "
+                          f"(write it with numpy.savez)")
+    arrays = {}
+    with z:
+        for key in z.files:
+            try:
+                arrays[key] = z[key]
+            except ValueError as exc:  # "Object arrays cannot be loaded when allow_pickle=False"
+                raise FormatError(f"{what} {path}: array {key!r} cannot be read without pickle (an object "
+                                  f"array?); store numbers only ({exc})") from None
+            except Exception as exc:
+                raise FormatError(f"{what} {path}: array {key!r} cannot be read ({type(exc).__name__}: "
+                                  f"{exc})") from None
+    return arrays
+
+
+def _check_declared_size(boundaries, layers: list, n_arrays: int, where: str) -> None:
+    """Refuse at once a manifest that declares more microbatches than its archive could hold.
+
+    Every microbatch has at least its weights and one array per use of every layer, so an archive of
+    ``n_arrays`` arrays holds at most ``n_arrays // (1 + uses)`` microbatches (before any per-key work).
+    """
+    if not isinstance(boundaries, list):
+        raise FormatError(f"{where}: microbatch_boundaries must be a list; got {type(boundaries).__name__}")
+    per_microbatch = 1 + sum(len(layer.uses) for layer in layers)
+    if len(boundaries) - 1 > n_arrays // per_microbatch:
+        raise FormatError(f"{where}: microbatch_boundaries declares {len(boundaries) - 1} microbatches, but its "
+                          f"archive holds only {n_arrays} arrays (at least {per_microbatch} per microbatch)")
 
 
 def case_from_entry(entry, cases_dir: Path, index: int) -> Case:
@@ -240,14 +302,9 @@ def case_from_entry(entry, cases_dir: Path, index: int) -> Case:
     if not isinstance(entry["layers"], list):
         raise FormatError(f"{where}: layers must be a list")
     layers = [Layer.from_json(obj, f"{where}: layers[{k}]") for k, obj in enumerate(entry["layers"])]
-    path = cases_dir / entry["file"]
-    if not path.is_file():
-        raise FormatError(f"{where}: archive {path} not found")
-    try:
-        with np.load(path, allow_pickle=False) as z:
-            arrays = {key: z[key] for key in z.files}
-    except Exception as exc:  # zipfile/pickle errors of a damaged archive
-        raise FormatError(f"{where}: cannot read {path} ({exc})") from None
+    path = archive_path(cases_dir, entry["file"], where)
+    arrays = read_npz(path, f"{where}: archive")
+    _check_declared_size(entry["microbatch_boundaries"], layers, len(arrays), where)
     return Case(id=cid, description=str(entry["description"]),
                 settings=Settings.from_json(entry["settings"], where), layers=layers,
                 boundaries=entry["microbatch_boundaries"], arrays=arrays, tags=list(entry.get("tags", [])))

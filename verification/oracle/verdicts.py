@@ -18,6 +18,8 @@ MODE_CHAIN, MODE_STEP = "chain", "step"
 STEP_HINT = ("To judge each microbatch on its own, recompute the candidate so that every microbatch m starts "
              "from the stored mb{m}/layer{k}/G_in (not from your own G_out of mb{m-1}), then check it with --step "
              "(with --impl: --step runs it so)")
+# failing arrays listed per case after its summary line (all of them with verbose)
+FAIL_LINES_SHOWN = 5
 # a case's table shows this many skipped layer names before "..."
 SKIPPED_NAMES_SHOWN = 6
 
@@ -181,18 +183,28 @@ class CheckResult:
         if self.n_checked() == 0:
             lines.append("nothing was checked: the candidate holds no array of the selected cases")
         for r in self.results:
-            lines += self._case_notes(r)
+            lines += self._case_notes(r, verbose)
         for key in self.unexpected_keys[:5]:
             lines.append(f"note: candidate array {key!r} matches no checked case; ignored")
         return "\n".join(lines)
 
-    def _case_notes(self, r: CaseResult) -> list:
+    def _case_notes(self, r: CaseResult, verbose: bool = False) -> list:
         lines = []
         if r.status == STATUS_ERROR and r.message:
             lines.append(f"ERROR {r.case_id}: {r.message}")
-        for a in r.failing():
-            if a.status == STATUS_FAIL:
+        fails = sorted((a for a in r.failing() if a.status == STATUS_FAIL), key=lambda a: (a.m, a.k))
+        if fails:
+            # the one line to read first; one bug can fail every later array of the case
+            worst = max(fails, key=lambda a: a.rel_err)
+            lines.append(f"FAIL {r.case_id}: {len(fails)}/{len(r.arrays)} arrays fail; first failing microbatch "
+                         f"mb{fails[0].m} ({fails[0].where}); worst {worst.where}, rel err {worst.rel_err:.3e} "
+                         f"(rtol {r.rtol:.1e})")
+            shown = fails if verbose else fails[:FAIL_LINES_SHOWN]
+            for a in shown:
                 lines.append(f"{a.status} {r.case_id}: {a.message}")
+            if len(shown) < len(fails):
+                lines.append(f"FAIL {r.case_id}: ... and {len(fails) - len(shown)} more failing arrays "
+                             "(--verbose lists every one)")
         if r.status in (STATUS_FAIL, STATUS_ERROR) and r.description:
             lines.append(f"  {r.case_id} is: {r.description}")
         if r.status == STATUS_FAIL and self.mode == MODE_CHAIN:

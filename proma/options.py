@@ -109,8 +109,6 @@ class AccumulatorOptions:
     def _check_numbers(self) -> None:
         if not _is_int(self.passes, 1):
             raise ValueError(f"passes must be an int >= 1; got {self.passes!r}")
-        if not _is_int(self.max_transient, 1):
-            raise ValueError(f"max_transient must be an int >= 1; got {self.max_transient!r}")
         if not _is_int(self.intra_rank, 0):
             raise ValueError(f"intra_rank must be an int >= 0; got {self.intra_rank!r}")
         if not (math.isfinite(float(self.ridge)) and float(self.ridge) > 0):

@@ -285,6 +285,7 @@ def test_wire_pieces_after_an_odd_length_piece_stay_aligned_and_intact(first):
     """Bug: the packer's alignment padding with the wrong sign (``raw.numel() % 8`` instead of ``-raw.numel() % 8``):
     after a 6-byte float16 or 5-byte bool piece the next piece starts at a byte offset that is not a multiple of 8,
     so a 64-bit piece cannot be viewed in place (and the offsets stop meaning what the format says)."""
+    from proma import wire
     from proma.wire import KIND_DENSE, Packer, unpack
 
     after = [torch.tensor([1.0, -2.0, 3.5], dtype=torch.float64), torch.tensor([7, -9], dtype=torch.int64),
@@ -292,7 +293,7 @@ def test_wire_pieces_after_an_odd_length_piece_stay_aligned_and_intact(first):
     packer = Packer()
     for k, t in enumerate([first, first[:1], *after]):
         packer.add(0, k, KIND_DENSE, 1, 0, 0, t)
-    offsets = [row[7] for row in packer.meta]
+    offsets = [row[wire._FIXED + 1] for row in packer.meta]  # the first slot's (dtype, offset, numel)
     assert all(offset % 8 == 0 for offset in offsets), offsets
     pieces = unpack(packer.finish("cpu"), len(packer.meta))
     for (_, _, piece), t in zip(pieces, [first, first[:1], *after]):

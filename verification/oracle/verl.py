@@ -90,12 +90,13 @@ def full_precision_rmsnorm(model: nn.Module) -> None:
 
 
 def grpo_batch(*, seed: int = 0, groups: int = GROUPS, group_size: int = GROUP_SIZE, prompt_len: int = PROMPT_LEN,
-               response_len: int = RESPONSE_LEN, dtype=torch.float64):
+               response_len: int = RESPONSE_LEN, dtype=torch.float64, padding: bool = True):
     """A verl ``DataProto`` of ``groups * group_size`` sequences, prompts left-padded and responses right-padded.
 
     Keys as verl's ``update_policy`` reads them: ``input_ids``, ``attention_mask``, ``position_ids`` (b, T),
     ``responses``, ``response_mask``, ``advantages``, ``old_log_probs`` (b, K); advantages are the GRPO ones
-    ((r - mean_group) / (std_group + eps)) broadcast over each response's tokens.
+    ((r - mean_group) / (std_group + eps)) broadcast over each response's tokens. ``padding=False``: every prompt
+    and response at full length (no padding token anywhere).
     """
     from verl import DataProto
 
@@ -104,12 +105,12 @@ def grpo_batch(*, seed: int = 0, groups: int = GROUPS, group_size: int = GROUP_S
     prompts = torch.full((b, prompt_len), PAD_ID)
     prompt_mask = torch.zeros(b, prompt_len, dtype=torch.long)
     for q in range(groups):
-        n = int(torch.randint(2, prompt_len + 1, (1,), generator=g))
+        n = int(torch.randint(2, prompt_len + 1, (1,), generator=g)) if padding else prompt_len
         ids = torch.randint(3, VOCAB, (n,), generator=g)
         rows = slice(q * group_size, (q + 1) * group_size)
         prompts[rows, prompt_len - n:] = ids
         prompt_mask[rows, prompt_len - n:] = 1
-    lengths = torch.randint(2, response_len + 1, (b,), generator=g)
+    lengths = torch.randint(2, response_len + 1, (b,), generator=g) if padding else torch.full((b,), response_len)
     response_mask = (torch.arange(response_len)[None, :] < lengths[:, None]).long()
     responses = torch.randint(3, VOCAB, (b, response_len), generator=g) * response_mask
     rewards = torch.rand(b, generator=g, dtype=torch.float64).round()
@@ -123,6 +124,7 @@ def grpo_batch(*, seed: int = 0, groups: int = GROUPS, group_size: int = GROUP_S
         "position_ids": position_ids, "responses": responses, "response_mask": response_mask,
         "advantages": (adv[:, None] * response_mask).to(dtype), "old_log_probs": torch.zeros(b, response_len,
                                                                                             dtype=dtype),
+        "ref_log_prob": -torch.rand(b, response_len, generator=g, dtype=torch.float64).to(dtype) * response_mask,
     }
     return DataProto.from_dict(tensors=tensors, meta_info={"temperature": 1.0, "pad_token_id": PAD_ID})
 
@@ -171,14 +173,15 @@ def run_actor(actor_cls, model: nn.Module, config, batch) -> tuple[list, list]:
     running : list over micro-batches of {parameter name: float64 array or None}; entry m is the gradient the
         actor held after micro-batch m (read at the next micro-batch's forward, the last at the optimizer step).
     """
-    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    # every name of every trainable parameter (a tied weight under each of its names: the case may use either)
+    named = [(n, p) for n, p in model.named_parameters(remove_duplicate=False) if p.requires_grad]
     running, micro_batches, steps = [], [], []
 
     def snapshot():
         return {n: None if p.grad is None else _full(p.grad).detach().double().cpu().numpy().copy()
                 for n, p in named}
 
-    optimizer = _InterceptedStep([p for _, p in named], on_step=lambda: steps.append(snapshot()))
+    optimizer = _InterceptedStep([p for p in model.parameters() if p.requires_grad], on_step=lambda: steps.append(snapshot()))
     actor = actor_cls(config, model, optimizer)
     forward = actor._forward_micro_batch
 
@@ -274,7 +277,8 @@ POLICIES = (Policy("tied_bias", tied=True, bias=True), Policy("untied", tied=Fal
 
 
 def judge_actor(actor_cls, settings: Settings, *, config_cls=None, policies=POLICIES, loss_agg_modes=("token-mean",),
-                seed: int = 0, **config_overrides) -> CheckResult:
+                seed: int = 0, gradient_checkpointing: bool = False, padding: bool = True,
+                **config_overrides) -> CheckResult:
     """Run ``actor_cls`` on every policy and ``loss_agg_mode``; the oracle's verdict per case and parameter.
 
     ``settings``: the PROMA settings the actor declares (a :class:`Settings`; variant "none" for plain
@@ -285,20 +289,44 @@ def judge_actor(actor_cls, settings: Settings, *, config_cls=None, policies=POLI
     for policy in policies:
         for mode in loss_agg_modes:
             model = tiny_qwen3(tied=policy.tied, bias=policy.bias, seed=seed)
+            if gradient_checkpointing:
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
             config = actor_config(config_cls, settings=settings, loss_agg_mode=mode, **config_overrides)
-            batch = grpo_batch(seed=seed)
+            batch = grpo_batch(seed=seed, padding=padding)
             micro_batches, running = run_actor(actor_cls, model, config, batch)
             weights = verl_weights(config, micro_batches)
             fresh = tiny_qwen3(tied=policy.tied, bias=policy.bias, seed=seed)   # the parameters before the step
             case = build_case(fresh, micro_batches, weights, settings, f"verl_{policy.name}_{mode}",
                               f"{actor_cls.__module__}.{actor_cls.__qualname__} on a {policy.name} Qwen3, "
                               f"{len(micro_batches)} micro-batches, loss_agg_mode={mode}")
-            outputs = [[None if snap.get(layer.name) is None else snap[layer.name] for layer in case.layers]
-                       for snap in running]
-            outputs = [[a if a is not None else np.zeros(layer.shape) for a, layer in zip(row, case.layers)]
-                       for row in outputs]
-            results.append(compare_case(case, outputs, manifest, dtype=np.float64))
-    return CheckResult(results, mode="chain")
+            results.append(compare_case(case, candidate_outputs(case, running), manifest, dtype=np.float64,
+                                        allow_missing=True))
+    return CheckResult(results, mode="chain", allow_missing=True)
+
+
+def candidate_outputs(case: Case, running: list) -> list:
+    """``outputs[m][k]`` for :func:`.check.compare_case` from the actor's running gradients.
+
+    A parameter without a gradient after an earlier micro-batch is missing there (SKIP: e.g. an actor that keeps
+    its running gradients off ``p.grad`` until the optimizer step); without one at the optimizer step it is
+    judged as zero (FAIL where the reference has a gradient).
+    """
+    last = len(running) - 1
+    return [[snap.get(layer.name) if snap.get(layer.name) is not None or m < last else np.zeros(layer.shape)
+             for layer in case.layers] for m, snap in enumerate(running)]
+
+
+def use_torch_unpad() -> None:
+    """Point verl's remove-padding helpers at its pure-torch versions (needs ``einops``).
+
+    verl 0.7.1 / 0.9.1 import ``flash_attn.bert_padding`` for ``unpad_input`` / ``pad_input`` unless an Ascend NPU
+    is present, so ``use_remove_padding=True`` fails on CPU with ``ModuleNotFoundError: No module named
+    'flash_attn'``; ``verl.utils.npu_flash_attn_utils`` holds the same functions in plain torch.
+    """
+    from verl.utils import attention_utils, npu_flash_attn_utils as torch_impl
+
+    helpers = (torch_impl.index_first_axis, torch_impl.pad_input, torch_impl.rearrange, torch_impl.unpad_input)
+    attention_utils._get_attention_functions = lambda: helpers
 
 
 def load_class(spec: str):

@@ -17,6 +17,7 @@ from pathlib import Path
 
 from .oracle.cli import IMPL_NAMES, add_cases_parser, add_check_parser, cmd_cases  # noqa: F401
 from .oracle.format import FormatError
+from .oracle.verl_cli import add_verl_parser
 
 
 def _real_cases(seed: int, cache_dir):
@@ -56,6 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cases_parser(sub).set_defaults(fn=_cmd_cases)
     add_check_parser(sub)
+    add_verl_parser(sub)
 
     p = sub.add_parser("report", help="run the small GSM8K configurations and write REPORT.md")
     p.add_argument("--out", required=True, type=Path, help="report directory (REPORT.md, PNGs, JSON)")

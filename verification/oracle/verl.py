@@ -341,56 +341,7 @@ def load_class(spec: str):
         raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
 
 
-def settings_from_args(args) -> Settings:
-    """The declared settings of the ``proma-verify verl`` flags."""
-    return Settings(variant=args.variant, solver=args.solver, passes=args.passes, ridge=args.ridge,
-                    relative_bound=args.relative_bound, shrinkage=args.shrinkage)
-
-
-def add_verl_parser(sub):
-    p = sub.add_parser("verl", help="judge a verl DataParallelPPOActor-style actor against the reference")
-    p.add_argument("--actor", required=True, help="package.module:Class of the actor")
-    p.add_argument("--config-class", default=None, help="package.module:Class of its config (default: the "
-                                                        "actor's module's PromaActorConfig if any, else verl's)")
-    p.add_argument("--variant", default="proma", choices=("proma", "none", "intra"))
-    p.add_argument("--solver", default="exact")
-    p.add_argument("--passes", type=int, default=2)
-    p.add_argument("--ridge", type=float, default=1e-6)
-    p.add_argument("--relative-bound", type=float, default=None)
-    p.add_argument("--shrinkage", type=float, default=1.0)
-    p.add_argument("--published", action="store_true", help="declare the published settings (gram_schmidt, "
-                                                             "2 passes, relative bound 0.5)")
-    p.add_argument("--loss-agg-mode", action="append", default=None, help="repeatable; default token-mean")
-    p.add_argument("--verbose", action="store_true")
-    p.set_defaults(fn=cmd_verl)
-    return p
-
-
-def cmd_verl(args) -> int:
-    """``proma-verify verl``: build, run, judge, print the table; exit 0 pass, 1 fail, 2 bad input."""
-    import sys
-
-    import torch.distributed as dist
-
-    try:
-        actor_cls = load_class(args.actor)
-        config_cls = load_class(args.config_class) if args.config_class else None
-    except (ValueError, ImportError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if config_cls is None:
-        config_cls = getattr(importlib.import_module(actor_cls.__module__), "PromaActorConfig", None)
-    if args.published:
-        args.solver, args.passes, args.relative_bound = "gram_schmidt", 2, 0.5
-    settings = settings_from_args(args)
-    _ensure_process_group(dist)
-    result = judge_actor(actor_cls, settings, config_cls=config_cls,
-                         loss_agg_modes=tuple(args.loss_agg_mode or ("token-mean",)))
-    print(result.table(verbose=args.verbose))
-    return result.exit_code
-
-
-def _ensure_process_group(dist) -> None:
+def ensure_process_group(dist) -> None:
     """verl's actor asks for the rank: a one-process gloo group when none is initialised."""
     if not dist.is_initialized():
         import os
@@ -405,4 +356,4 @@ def _ensure_process_group(dist) -> None:
 
 
 __all__ = ["judge_actor", "run_actor", "build_case", "verl_weights", "grpo_batch", "tiny_qwen3", "actor_config",
-           "add_verl_parser", "cmd_verl"]
+           "candidate_outputs", "use_torch_unpad", "ensure_process_group", "load_class"]

@@ -258,3 +258,17 @@ def test_an_actor_without_optimizer_is_plain_verl():
 def _with_meta(batch):
     batch.meta_info.update(micro_batch_size=judge.MICRO_BATCH, use_dynamic_bsz=False)
     return batch
+
+
+# -- the command line ------------------------------------------------------------------------------------------
+@pytest.mark.slow
+def test_the_command_line_judges_an_actor(capsys):
+    from verification.cli import main
+
+    assert main(["verl", "--actor", "proma.integrations.verl:PromaDataParallelPPOActor", "--published"]) == 0
+    assert "2/2 cases pass" in capsys.readouterr().out
+    assert main(["verl", "--actor", "verl.workers.actor.dp_actor:DataParallelPPOActor", "--solver", "exact"]) == 1
+    out = capsys.readouterr().out
+    assert "first failing microbatch mb1" in out and "0/2 cases pass" in out
+    assert main(["verl", "--actor", "proma.integrations.verl:NoSuchActor"]) == 2
+    assert "has no attribute 'NoSuchActor'" in capsys.readouterr().err

@@ -57,17 +57,9 @@ from verl.workers.actor.dp_actor import DataParallelPPOActor
 from verl.workers.config import FSDPActorConfig
 
 from ..accumulator import ProjectedAccumulator
-from ..options import AccumulatorOptions
+from .verl_common import (_DEFAULTS, ACCUMULATOR_OPTIONS, LINEAR_KL, WEIGHT_RTOL, accumulator_options,  # noqa: F401
+                          proma_options, sequence_weights)
 
-# relative deviation (to the largest coefficient) allowed between verl's per-token loss coefficients and
-# w_i * mask: the same float32 expression per token, so only rounding separates them
-WEIGHT_RTOL = 1e-4
-# the accumulator's defaults: the one source of every proma_* default below
-_DEFAULTS = AccumulatorOptions()
-ACCUMULATOR_OPTIONS = ("variant", "solver", "passes", "ridge", "relative_bound", "shrinkage", "intra_rank",
-                       "intra_form", "strategy", "exclude", "sync")
-# KL penalties whose per-token gradient in the log-probability is constant (k1: logp - ref_logp)
-LINEAR_KL = ("kl", "k1")
 METRIC_KEYS = ("proma/removed_ratio", "proma/intra_removed_ratio", "proma/gram_rank_mean")
 
 
@@ -97,39 +89,6 @@ class PromaActorConfig(FSDPActorConfig):
         proma_options(self)
 
 
-def accumulator_options(config) -> dict:
-    """Keyword arguments of ``ProjectedAccumulator`` from a verl actor config (dataclass, DictConfig or dict);
-    absent keys take the accumulator's defaults."""
-    get = config.get if hasattr(config, "get") else (lambda k, d=None: getattr(config, k, d))
-    out = {name: get(f"proma_{name}", getattr(_DEFAULTS, name)) for name in ACCUMULATOR_OPTIONS}
-    exclude = out["exclude"] if out["exclude"] is not None else ()
-    out["exclude"] = (exclude,) if isinstance(exclude, str) else tuple(exclude)
-    return out
-
-
-def proma_options(config) -> AccumulatorOptions:
-    """The config's ``proma_*`` keys checked by :class:`AccumulatorOptions`; ValueError names the key.
-
-    Each key is checked alone first (the others at their defaults), so the error names the one that is wrong;
-    then all together (options that do not go together, e.g. sync='global' with variant='intra').
-    """
-    values = accumulator_options(config)
-    bad = [x for x in values["exclude"] if not isinstance(x, str)]
-    if bad:
-        raise ValueError(f"actor.proma_exclude={list(values['exclude'])!r} is invalid: it must be a list of "
-                         f"parameter names (str); got {bad!r}")
-    for name, value in values.items():
-        try:
-            AccumulatorOptions(**{name: value})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"actor.proma_{name}={value!r} is invalid: {e}") from None
-    try:
-        return AccumulatorOptions(**values)
-    except (TypeError, ValueError) as e:
-        changed = {f"actor.proma_{k}": v for k, v in values.items() if k != "exclude" and v != getattr(_DEFAULTS, k)}
-        raise ValueError(f"the options {changed} do not go together: {e}") from None
-
-
 def check_supported(config, param_dtype: torch.dtype) -> None:
     """ValueError for a verl actor option whose gradient is not a per-sequence weighted sum of log-probabilities."""
     get = config.get
@@ -153,23 +112,6 @@ def check_supported(config, param_dtype: torch.dtype) -> None:
     bad = [why for cond, why in rejected if cond]
     if bad:
         raise ValueError("PromaDataParallelPPOActor does not support " + "; ".join(bad))
-
-
-def sequence_weights(coef: torch.Tensor, mask: torch.Tensor, *, rtol: float = WEIGHT_RTOL) -> torch.Tensor:
-    """Per-sequence weights ``w`` (b,) float64 with ``coef[i, t] = w_i * mask[i, t]``, or ValueError.
-
-    ``coef`` (b, K): d loss / d log p of each response token; ``mask`` (b, K): the tokens the loss scores.
-    """
-    c, m = coef.detach().double(), mask.detach().double()
-    w = (c * m).sum(-1) / m.sum(-1).clamp(min=1.0)
-    worst = float((c - w[:, None] * m).abs().max()) if c.numel() else 0.0
-    scale = float(c.abs().max()) if c.numel() else 0.0
-    if worst > rtol * scale:
-        raise ValueError(f"verl's actor loss is not a per-sequence weighted sum of log-probabilities (per-token "
-                         f"coefficients deviate by {worst:.3g} from w_i * response_mask, scale {scale:.3g}): PROMA "
-                         "needs the ratio at 1 (one epoch, one mini-batch), no entropy bonus, a linear KL loss and "
-                         "a policy loss whose token coefficients depend on the sequence only")
-    return w
 
 
 def _is_fsdp1(module) -> bool:

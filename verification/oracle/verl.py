@@ -239,6 +239,18 @@ def verl_weights(config, micro_batches: list) -> list:
     return out
 
 
+def response_logp(model, batch) -> torch.Tensor:
+    """(b, K) log-probability of each response token under ``model`` (padded path; no gradient), for on-policy
+    ``old_log_probs`` (verl 0.9's loss reads them from the batch: the ratio is 1 only when they are current)."""
+    tensors = batch.batch if hasattr(batch, "batch") else batch
+    k = tensors["responses"].shape[1]
+    with torch.no_grad():
+        out = model(input_ids=tensors["input_ids"], attention_mask=tensors["attention_mask"],
+                    position_ids=tensors["position_ids"], use_cache=False)
+        lp = torch.log_softmax(out.logits[:, -k - 1:-1], -1).gather(-1, tensors["responses"][:, :, None]).squeeze(-1)
+    return lp * tensors["response_mask"]
+
+
 def seq_logp(model, batch):
     """``(model, batch) -> (b,)``: each response's total log-probability over its response mask (padded path)."""
     k = batch["responses"].shape[1]
@@ -329,6 +341,37 @@ def use_torch_unpad() -> None:
     attention_utils._get_attention_functions = lambda: helpers
 
 
+def use_cpu_platform() -> None:
+    """verl 0.9: make verl's device layer answer "cpu" (its CUDA platform raises on a CPU-only torch).
+
+    verl 0.9.1's ``forward_backward_batch`` moves the token count to ``get_device_id()``, which its CUDA platform
+    (the default) answers with ``torch.cuda.current_device()``: ``AssertionError: Torch not compiled with CUDA
+    enabled``. verl's platform registry is its extension point: this sets a platform whose device is the CPU and
+    whose collective backend is gloo.
+    """
+    from verl.plugin.platform.platform_cuda import PlatformCUDA
+    from verl.plugin.platform.platform_manager import set_platform
+
+    class CPUPlatform(PlatformCUDA):
+        @property
+        def device_name(self):
+            return "cpu"
+
+        def current_device(self):
+            return "cpu"
+
+        def communication_backend_name(self):
+            return "gloo"
+
+        def synchronize(self, device_index=None):
+            return None
+
+        def empty_cache(self):
+            return None
+
+    set_platform(CPUPlatform())
+
+
 def load_class(spec: str):
     """``package.module:Class`` -> the class (ValueError naming what is missing)."""
     module_name, _, attr = spec.partition(":")
@@ -356,4 +399,4 @@ def ensure_process_group(dist) -> None:
 
 
 __all__ = ["judge_actor", "run_actor", "build_case", "verl_weights", "grpo_batch", "tiny_qwen3", "actor_config",
-           "candidate_outputs", "use_torch_unpad", "ensure_process_group", "load_class"]
+           "candidate_outputs", "use_torch_unpad", "use_cpu_platform", "response_logp", "ensure_process_group", "load_class"]

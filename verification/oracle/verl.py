@@ -142,8 +142,7 @@ def actor_config(config_cls=None, *, settings: Settings | None = None, micro_bat
     names = {f.name for f in dataclasses.fields(config_cls)}
     kw = dict(strategy="fsdp2", rollout_n=GROUP_SIZE, ppo_mini_batch_size=batch_size,
               ppo_micro_batch_size_per_gpu=micro_batch, use_torch_compile=False, grad_clip=NO_CLIP,
-              fsdp_config=FSDPEngineConfig(dtype="float32") if "dtype" in {f.name for f in dataclasses.fields(
-                  FSDPEngineConfig)} else FSDPEngineConfig())
+              fsdp_config=FSDPEngineConfig(dtype="float32"))   # CPU autocast ignores float32: the policy keeps its dtype
     if settings is not None:
         for key in SETTING_KEYS:
             if f"proma_{key}" in names:

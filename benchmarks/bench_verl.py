@@ -6,7 +6,8 @@ exact PROMA and with the published settings, on a random Qwen3 (hidden 256, 4 la
 is SGD with learning rate 0 (the step's arithmetic without moving the weights, so every repetition sees the same
 model). Wall clock of the whole ``update_policy`` (forwards, backwards, the optimizer step); repetitions interleaved
 (plain, exact, published, plain, ...) after one warm-up each; the minimum per method and its ratio to plain verl's
-minimum, in the default thread environment. Needs the verl 0.7.1 environment (docs/verl.md)::
+minimum, in the default thread environment; the process CPU time (``time.process_time``, all threads) beside it,
+the steadier figure on a machine shared with other jobs. Needs the verl 0.7.1 environment (docs/verl.md)::
 
     python benchmarks/bench_verl.py [--reps 5] [--markdown]
 """
@@ -69,10 +70,11 @@ def build_actor(name: str, model):
     return cls(config, model, torch.optim.SGD(model.parameters(), lr=0.0))
 
 
-def step_seconds(actor, batch) -> float:
-    start = time.perf_counter()
+def step_seconds(actor, batch) -> tuple[float, float]:
+    """(wall clock, CPU time of this process) of one ``update_policy``."""
+    start, cpu = time.perf_counter(), time.process_time()
     actor.update_policy(batch)
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu
 
 
 def main(argv=None) -> None:
@@ -94,22 +96,28 @@ def main(argv=None) -> None:
     for name, actor in actors.items():   # warm-up
         step_seconds(actor, batch)
     times = {name: [] for name in METHODS}
+    cpu = {name: [] for name in METHODS}
     for _ in range(args.reps):
         for name, actor in actors.items():
-            times[name].append(step_seconds(actor, batch))
-    base = min(times["plain verl"])
+            wall, used = step_seconds(actor, batch)
+            times[name].append(wall)
+            cpu[name].append(used)
+    base, cpu_base = min(times["plain verl"]), min(cpu["plain verl"])
     n_params = sum(p.numel() for p in build_model().parameters())
     print(f"Qwen3 hidden {HIDDEN}, {LAYERS} layers, vocabulary {VOCAB}, tied ({n_params:,} parameters, float32); "
           f"{SEQUENCES} sequences x {PROMPT + RESPONSE} tokens in {SEQUENCES // MICRO} micro-batches of {MICRO}; "
           f"{torch.get_num_threads()} torch threads; min of {args.reps} interleaved repetitions after a warm-up")
     if args.markdown:
-        print("\n| method | step min (s) | vs plain verl | all repetitions (s) |\n|---|---|---|---|")
+        print("\n| method | wall min (s) | vs plain verl | process CPU min (s) | vs plain verl | wall, all repetitions (s) |"
+              "\n|---|---|---|---|---|---|")
     for name, ts in times.items():
         reps = ", ".join(f"{t:.2f}" for t in ts)
+        c = min(cpu[name])
         if args.markdown:
-            print(f"| {name} | {min(ts):.3f} | {min(ts) / base:.2f}x | {reps} |")
+            print(f"| {name} | {min(ts):.3f} | {min(ts) / base:.2f}x | {c:.3f} | {c / cpu_base:.2f}x | {reps} |")
         else:
-            print(f"{name:12s} min {min(ts):7.3f} s  {min(ts) / base:5.2f}x plain verl   ({reps})")
+            print(f"{name:12s} wall min {min(ts):7.3f} s {min(ts) / base:5.2f}x  CPU min {c:7.3f} s "
+                  f"{c / cpu_base:5.2f}x plain verl   ({reps})")
     dist.destroy_process_group()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from .oracle.cli import IMPL_NAMES, add_cases_parser, add_check_parser, cmd_cases  # noqa: F401
 from .oracle.format import FormatError
+from .oracle.verl_cli import add_verl_parser
 
 
 # What the commands that train a policy need beyond the base install (NumPy/SciPy): the ``[rl]`` extra
@@ -76,6 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_cases_parser(sub).set_defaults(fn=_cmd_cases)
     add_check_parser(sub)
+    add_verl_parser(sub)
 
     p = sub.add_parser("report", help="run the small GSM8K configurations and write REPORT.md")
     p.add_argument("--out", required=True, type=Path, help="report directory (REPORT.md, PNGs, JSON)")

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .capture import capture_case_arrays
+from .model_case import capture_case_arrays
 from .cases import compute_expected
 from .check import compare_case
 from .format import Case, default_tolerances

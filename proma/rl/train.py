@@ -44,7 +44,7 @@ from proma import ProjectedAccumulator
 from .batching import microbatches, minibatch_order, minibatch_rows, minibatch_weights
 from .build import RunParts, build_run, resolve_device
 from .config import PUBLISHED_CODE_NAME, TrainConfig
-from .diagnostics import gradient_norm, parameter_snapshot, step_diagnostics, summarize_stats
+from .step_diagnostics import gradient_norm, parameter_snapshot, step_diagnostics, summarize_stats
 from .distributed import Ranks
 from .distributed import init as init_ranks
 from .evaluation import eval_record

@@ -38,7 +38,7 @@ from proma.integrations.trl import PromaGRPOConfig, PromaGRPOTrainer
 from proma.options import ACCUMULATOR_SOLVERS, SYNCS, VARIANTS
 from proma.rl.config import DEFAULT_NEW_TOKENS, PRESETS, TrainConfig
 from proma.rl.data import make_examples, reward
-from proma.rl.policy import build_policy, count_parameters, get_warmstarted, load_policy, warmstart_key
+from proma.rl.model import build_policy, count_parameters, get_warmstarted, load_policy, warmstart_key
 from proma.rl.build import prompt_pool
 from proma.rl.tokenizer import get_tokenizer
 

@@ -1,8 +1,10 @@
-"""Verification: the PROMA oracle (:mod:`verification.oracle`) and the generated reports and studies.
+"""Verification: three wings with one job each, the oracle, the studies and the report.
 
-- ``verification.oracle``: golden cases, FORMAT.md's format, the checker, verdicts, pytest plugin, impls.
-- ``verification.realcase``: oracle cases captured from the RL harness's real Qwen3 / GSM8K microbatch.
-- ``verification.report`` and the ``study_*`` modules: the GSM8K report (``proma-verify report``).
+- ``verification.oracle``: golden cases, FORMAT.md's format, the checker, verdicts, pytest plugin, impls
+  (imports neither the studies nor the report, nor ``proma.rl``).
+- ``verification.studies``: the GSM8K studies and their statistics (seed studies, pre-registered verdicts, the
+  single-seed grid, projection error, the first-order check, the oracle cases of a real microbatch).
+- ``verification.report``: the GSM8K report (``proma-verify report``), built from the studies.
 - ``verification.testkit``, ``verification.tolerances``: the tiny-model testkit and named tolerances.
 
 Use as an oracle from another test suite::

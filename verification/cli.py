@@ -39,9 +39,9 @@ def _refuse_without_rl(what: str) -> None:
 
 
 def _real_cases(seed: int, cache_dir):
-    """The real cases (:mod:`verification.realcase`: the RL harness, which the oracle does not import)."""
+    """The real cases (:mod:`verification.studies.realcase`: the RL harness, which the oracle does not import)."""
     _refuse_without_rl("generating the real cases (leave them out with --no-real)")
-    from .realcase import real_cases
+    from .studies.realcase import real_cases
 
     return real_cases(seed=seed, cache_dir=cache_dir)
 
@@ -52,7 +52,7 @@ def _cmd_cases(args) -> int:
 
 def _cmd_report(args) -> int:
     _refuse_without_rl("proma-verify report")
-    from .report import generate_report, rerender_report
+    from .report.generate import generate_report, rerender_report
 
     if args.render_only:
         print(f"report written to {rerender_report(args.out)}")

@@ -13,7 +13,7 @@ import torch
 
 from .config import TrainConfig
 from .data import make_examples
-from .policy import build_policy, count_parameters, get_warmstarted, load_policy
+from .model import build_policy, count_parameters, get_warmstarted, load_policy
 from .tokenizer import get_tokenizer
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}

@@ -5,13 +5,20 @@
 ``val/accuracy`` on a fixed test subset, its item count ``val/n`` and binomial standard error ``val/se``),
 ``ckpt.pt`` (resume point) and ``cache/`` (tokenizer + warm-start, unless ``cache_dir`` points elsewhere).
 
-One ``ProjectedAccumulator`` serves the whole run (none for grpo). Each rollout step, in this order:
+One ``ProjectedAccumulator`` serves the whole run (none for grpo). Each rollout step, in this order (the body of
+``train``'s loop, the last function of this module; the helpers it calls are defined above it, in about the order
+it calls them):
   1. eval/checkpoint  every ``eval_every`` / ``ckpt_every`` steps (and at the start and the end)
   2. rollout          sample prompts, G completions each (KV cache), rewards, group advantages, rollout-policy
                       log-probs (``rollout``)
   3. per minibatch    lr (constant after an optional linear warm-up, so resuming with more steps changes
-                      nothing) -> the micro-step loop (``minibatch_gradient``: ``acc.backward`` per microbatch,
-                      or grpo's ``loss.backward()``) -> optimizer step -> diagnostics -> one record
+                      nothing) -> the out-of-sample probe's completions (``oos_kl_prompts``) -> the micro-step
+                      loop (``minibatch_gradient``: ``acc.backward`` per microbatch, or grpo's
+                      ``loss.backward()``) -> optimizer step -> diagnostics -> one record
+
+The loop reads one config, ``cfg``: this rank's share of the run (``Ranks.local_config``: the prompts and
+microbatch size divided by the number of processes; the run's own config in one process). The run's config as
+written to ``config.json`` is ``parts.cfg``, which the rollout, the evaluation and the saved microbatch read.
 
 Methods differ only in the micro-step. What a run is built from lives in ``build``, the slicing of a rollout
 in ``batching``, the run directory's files in ``rundir``; this module is the loop and the helpers it alone uses.
@@ -37,7 +44,7 @@ from proma import ProjectedAccumulator
 from .batching import microbatches, minibatch_order, minibatch_rows, minibatch_weights
 from .build import RunParts, build_run, resolve_device
 from .config import PUBLISHED_CODE_NAME, TrainConfig
-from .diagnostics import gradient_norm, parameter_snapshot, step_diagnostics, summarize_stats
+from .step_diagnostics import gradient_norm, parameter_snapshot, step_diagnostics, summarize_stats
 from .distributed import Ranks
 from .distributed import init as init_ranks
 from .evaluation import eval_record
@@ -67,6 +74,7 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[RunParts, torch.optim
     A finished run (``start_step >= cfg.steps``) is left as it is; otherwise the logs are cut back to
     ``start_step``, the config is (re)written and every rank starts from rank 0's weights.
     """
+    ranks.local_config(cfg)  # a config the ranks cannot share out is refused before the run directory is touched
     run_dir = Path(cfg.out)
     run_dir.mkdir(parents=True, exist_ok=True)
     if ranks.is_main:
@@ -96,6 +104,23 @@ def open_run(cfg: TrainConfig, ranks: Ranks, log) -> tuple[RunParts, torch.optim
     return parts, optimizer, start_step, opt_step
 
 
+def microbatch_saver(parts: RunParts):
+    """``on_microbatch`` callback that saves the first microbatch it sees to ``<out>/microbatch.pt`` (with the run's
+    config, ``parts.cfg``)."""
+    cfg = parts.cfg
+
+    def save(batch, weights, advantages):
+        path = parts.run_dir / "microbatch.pt"
+        if not path.exists():
+            torch.save({"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
+                        "score_mask": batch["score_mask"].cpu(), "weights": weights.cpu(),
+                        "advantages": advantages.cpu(), "method": cfg.method, "aggregation": cfg.aggregation,
+                        "config": cfg.to_dict(),
+                        "model_dir": str(parts.warmstart_dir) if parts.warmstart_dir else cfg.model}, path)
+
+    return save
+
+
 def method_accumulator(cfg: TrainConfig, model):
     """Context giving the run's one ``ProjectedAccumulator`` with ``cfg.method``'s options (its hooks removed on
     exit), or None for grpo, whose token-level loss is back-propagated as it is; for proma-code the
@@ -108,9 +133,10 @@ def method_accumulator(cfg: TrainConfig, model):
     return ProjectedAccumulator(model, **options)
 
 
-def lr_at(cfg: TrainConfig, opt_step: int) -> float:
-    """Learning rate of optimizer step ``opt_step`` (0-based): linear warm-up, then constant."""
-    return cfg.lr * min(1.0, (opt_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
+def paused(acc):
+    """``acc.paused()``: forwards that are no microbatch (the probe's sampling, the diagnostics) are not captured;
+    nothing to pause for grpo (``acc`` None)."""
+    return acc.paused() if acc is not None else contextlib.nullcontext()
 
 
 def reward_stats(cfg: TrainConfig, rewards: torch.Tensor) -> dict:
@@ -130,23 +156,16 @@ def rollout_record(cfg: TrainConfig, rollout: RolloutBatch, step: int, ranks: Ra
                             token_keys=("entropy",), tokens=float(rollout.n_tokens.sum()))}
 
 
-def microbatch_saver(cfg: TrainConfig, parts: RunParts):
-    """``on_microbatch`` callback that saves the first microbatch it sees to ``<out>/microbatch.pt``."""
-    def save(batch, weights, advantages):
-        path = parts.run_dir / "microbatch.pt"
-        if not path.exists():
-            torch.save({"input_ids": batch["input_ids"].cpu(), "attention_mask": batch["attention_mask"].cpu(),
-                        "score_mask": batch["score_mask"].cpu(), "weights": weights.cpu(),
-                        "advantages": advantages.cpu(), "method": cfg.method, "aggregation": cfg.aggregation,
-                        "config": cfg.to_dict(),
-                        "model_dir": str(parts.warmstart_dir) if parts.warmstart_dir else cfg.model}, path)
-
-    return save
+def lr_at(cfg: TrainConfig, opt_step: int) -> float:
+    """Learning rate of optimizer step ``opt_step`` (0-based): linear warm-up, then constant."""
+    return cfg.lr * min(1.0, (opt_step + 1) / cfg.warmup_steps) if cfg.warmup_steps else cfg.lr
 
 
 def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: list[int], acc, *,
                        ranks: Ranks = Ranks(), on_microbatch=None) -> dict:
     """The micro-step loop of minibatch ``rows``: leaves its gradient (the mean over ranks) in p.grad.
+
+    ``cfg`` is this rank's share of the run (``Ranks.local_config``), as in ``train``'s loop.
 
     grpo (``acc`` None) back-propagates each microbatch's token-level PPO-clip surrogate; the other methods hand
     each microbatch's (b,) sequence log-probs and per-sequence weights (``losses``) to the run's accumulator.
@@ -194,36 +213,6 @@ def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: lis
             "proj": summarize_stats(summaries), "pre_logp": pre_logp, "pre_tok_logp": pre_tok_logp}
 
 
-def train_minibatch(cfg: TrainConfig, model, optimizer, acc, rollout: RolloutBatch, rows: list[int], *,
-                    lr: float, ranks: Ranks, on_microbatch=None, probe: Probe | None = None) -> tuple[dict, float, float]:
-    """One optimizer step on minibatch ``rows``: ``(its record's entries, train seconds, metrics seconds)``.
-
-    ``probe``: held-out completions sampled from the policy before this step (``heldout_probe``), or None.
-    """
-    t_start = time.perf_counter()
-    # lr
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-    # the micro-step loop
-    optimizer.zero_grad(set_to_none=True)
-    pre_step = minibatch_gradient(cfg, model, rollout, rows, acc, ranks=ranks, on_microbatch=on_microbatch)
-    grad_norm = gradient_norm(model)
-    if cfg.grad_clip > 0:
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-    before = parameter_snapshot(model) if cfg.second_order else None
-    # step
-    optimizer.step()
-    t_stepped = time.perf_counter()
-    # the step's diagnostics (their forwards are no microbatch: not captured)
-    with acc.paused() if acc is not None else contextlib.nullcontext():
-        diagnostics = step_diagnostics(cfg, model, rollout, rows, pre_step, before)
-        if probe is not None:
-            diagnostics["oos_local_kl"] = probe_kl(model, probe)
-    entries = {"loss": pre_step["loss"], **diagnostics, "clip_ratio": pre_step["clip_ratio"],
-               "grad_norm": grad_norm, **pre_step["proj"]}
-    return entries, t_stepped - t_start, time.perf_counter() - t_stepped
-
-
 def train(cfg: TrainConfig, *, log=print) -> Path:
     """Run ``cfg`` (resuming from its checkpoint, if any) and return its run directory."""
     from tqdm.auto import tqdm
@@ -232,52 +221,74 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
     if cfg.method == PUBLISHED_CODE_NAME and ranks.active:
         raise ValueError(f"method={PUBLISHED_CODE_NAME!r} runs in one process (it reproduces a single-process "
                          f"measurement of the published code); got {ranks.world} processes")
-    rank_cfg = ranks.local_config(cfg)              # this rank's share of the prompts and of each microbatch
     log = log if ranks.is_main else _quiet
     parts, optimizer, start_step, opt_step = open_run(cfg, ranks, log)
     if start_step >= cfg.steps:  # already complete: leave its logs as they are
         return parts.run_dir
+    cfg = ranks.local_config(cfg)  # from here on the one config: this rank's share (the run's is parts.cfg)
     model, run_dir = parts.model, parts.run_dir
 
     def write(file_name, record):
         if ranks.is_main:
             append_jsonl(run_dir / file_name, record)
 
-    save_microbatch = microbatch_saver(cfg, parts) if cfg.save_microbatch and ranks.is_main else None
+    save_microbatch = microbatch_saver(parts) if cfg.save_microbatch and ranks.is_main else None
     bar = tqdm(range(start_step, cfg.steps), desc=cfg.method, disable=not (cfg.progress and ranks.is_main),
                initial=start_step, total=cfg.steps)
     val_acc = None
-    with method_accumulator(rank_cfg, model) as acc:
+    with method_accumulator(cfg, model) as acc:
         for step in bar:
-            # eval / checkpoint (before the step: the record of step s describes the policy that starts it)
+            # 1. eval / checkpoint (before the step: the record of step s describes the policy that starts it)
             if step % cfg.eval_every == 0:
                 evaluation = eval_record(parts, step, opt_step, ranks)
                 val_acc = evaluation["val/accuracy"]
                 write(EVAL_FILE, evaluation)
             if step % cfg.ckpt_every == 0 and step > start_step and ranks.is_main:
                 save_checkpoint(run_dir, model, optimizer, step, opt_step)
-            # rollout
-            t_start = time.perf_counter()
+            # 2. rollout
+            t_rollout = time.perf_counter()
             rollout = collect_rollout(parts, step, ranks)
-            rollout_seconds = (time.perf_counter() - t_start) / cfg.minibatches  # each minibatch's share
+            rollout_seconds = (time.perf_counter() - t_rollout) / cfg.minibatches  # each minibatch's share
             shared = rollout_record(cfg, rollout, step, ranks)
-            order = minibatch_order(rank_cfg, step)
+            order = minibatch_order(cfg, step)
+            # 3. per minibatch: one optimizer step
             for minibatch in range(cfg.minibatches):
-                rows = minibatch_rows(rank_cfg, order, minibatch)
+                rows = minibatch_rows(cfg, order, minibatch)
+                # lr
                 lr = lr_at(cfg, opt_step)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                # the out-of-sample probe: fresh held-out completions from the policy before this step
                 probe, probe_seconds = None, 0.0
-                if cfg.oos_kl_prompts:  # fresh held-out completions from the policy before this step
+                if cfg.oos_kl_prompts:
                     t_probe = time.perf_counter()
-                    with acc.paused() if acc is not None else contextlib.nullcontext():
+                    with paused(acc):
                         probe = sample_probe(cfg, model, parts.tokenizer, parts.heldout_examples, opt_step,
                                              parts.device)
                     probe_seconds = time.perf_counter() - t_probe
-                entries, train_seconds, metrics_seconds = train_minibatch(
-                    rank_cfg, model, optimizer, acc, rollout, rows, lr=lr, ranks=ranks,
-                    on_microbatch=save_microbatch if minibatch == 0 else None, probe=probe)
+                # the micro-step loop: acc.backward per microbatch, the minibatch's gradient left in p.grad
+                t_train = time.perf_counter()
+                optimizer.zero_grad(set_to_none=True)
+                pre_step = minibatch_gradient(cfg, model, rollout, rows, acc, ranks=ranks,
+                                              on_microbatch=save_microbatch if minibatch == 0 else None)
+                # optimizer step
+                grad_norm = gradient_norm(model)
+                if cfg.grad_clip > 0:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+                before = parameter_snapshot(model) if cfg.second_order else None
+                optimizer.step()
                 opt_step += 1
+                t_stepped = time.perf_counter()
+                # diagnostics of the step just taken (their forwards are no microbatch: not captured)
+                with paused(acc):
+                    diagnostics = step_diagnostics(cfg, model, rollout, rows, pre_step, before)
+                    if probe is not None:
+                        diagnostics["oos_local_kl"] = probe_kl(model, probe)
+                train_seconds, metrics_seconds = t_stepped - t_train, time.perf_counter() - t_stepped
                 # log: every rank's share -> the global record (token means weighted by the rank's scored tokens)
-                record = {**shared, "opt_step": opt_step, "minibatch": minibatch, "lr": lr, **entries,
+                record = {**shared, "opt_step": opt_step, "minibatch": minibatch, "lr": lr,
+                          "loss": pre_step["loss"], **diagnostics, "clip_ratio": pre_step["clip_ratio"],
+                          "grad_norm": grad_norm, **pre_step["proj"],
                           "time/rollout": rollout_seconds, "time/train": train_seconds, "time/metrics": metrics_seconds,
                           "step_time": rollout_seconds + train_seconds + metrics_seconds + probe_seconds}
                 if probe is not None:

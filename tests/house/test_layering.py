@@ -3,7 +3,9 @@
 - the library ``proma`` never imports ``verification``;
 - ``reference`` (the judge) imports neither ``proma`` nor ``verification``;
 - the oracle ``verification.oracle`` imports nothing of ``proma.rl``, and of the rest of ``verification`` only
-  the named tolerances (the studies, the report and the real cases built from the RL harness sit above it).
+  the named tolerances (the studies, the report and the real cases built from the RL harness sit above it);
+- the studies ``verification.studies`` may import the oracle but not the report (which sits above them) nor the
+  command line.
 """
 from __future__ import annotations
 
@@ -41,7 +43,9 @@ def test_the_resolver_sees_relative_and_lazy_imports():
     ("proma", ("verification",), ()),
     ("reference", ("proma", "verification", "torch"), ()),
     ("verification/oracle", ("proma.rl", "verification"), ("verification.oracle",) + ORACLE_MAY_IMPORT),
-], ids=["proma-never-imports-verification", "reference-imports-neither", "oracle-imports-no-rl-no-studies"])
+    ("verification/studies", ("verification.report", "verification.cli"), ()),
+], ids=["proma-never-imports-verification", "reference-imports-neither", "oracle-imports-no-rl-no-studies",
+        "studies-import-no-report"])
 def test_layering(folder, forbidden, allowed):
     assert offenders(folder, forbidden, allowed) == []
 
@@ -57,3 +61,14 @@ def test_a_planted_import_is_caught(tmp_path):
     assert found == ["verification/oracle/probe.py: proma.rl", "verification/oracle/probe.py: proma.rl.sampling",
                      "verification/oracle/probe.py: verification.report",
                      "verification/oracle/probe.py: verification.report.generate_report"]
+
+
+def test_a_planted_report_import_in_the_studies_is_caught(tmp_path):
+    """The studies' rule is not vacuous either: a study importing the report (lazily, relatively) is reported."""
+    planted = tmp_path / "verification" / "studies" / "probe.py"
+    planted.parent.mkdir(parents=True)
+    planted.write_text("def f():\n    from ..report.markdown import table\n    from ..oracle.format import Case\n"
+                       "    from .stats import t_interval\n")
+    found = offenders("verification/studies", ("verification.report", "verification.cli"), root=tmp_path)
+    assert found == ["verification/studies/probe.py: verification.report.markdown",
+                     "verification/studies/probe.py: verification.report.markdown.table"]

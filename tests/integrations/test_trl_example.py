@@ -41,7 +41,7 @@ def test_example_trains_from_the_cached_warmstart_and_logs_proma_stats(example, 
     """
     from proma.rl.config import TrainConfig
     from proma.rl.data import make_examples
-    from proma.rl.policy import build_policy, get_warmstarted
+    from proma.rl.model import build_policy, get_warmstarted
     from proma.rl.tokenizer import get_tokenizer
 
     cache = tmp_path / "cache"

@@ -7,7 +7,7 @@ import torch
 
 import reference
 from proma.rl.config import TrainConfig
-from proma.rl.diagnostics import step_diagnostics
+from proma.rl.step_diagnostics import step_diagnostics
 from proma.rl.generation import generate, pack
 from proma.rl.losses import sum_scored_logprobs, token_logprobs
 from proma.rl.metrics import categorical_entropy, categorical_kl, directional_derivatives

@@ -368,7 +368,7 @@ def test_power_counts_both_rejection_tails():
     simulation of the two-sided paired t-test."""
     from scipy import stats as sps
 
-    from verification import stats
+    from verification.studies import stats
 
     rng = np.random.default_rng(3)
     n, sd, alpha, trials = 10, 1.0, 0.05, MC_TRIALS
@@ -387,8 +387,8 @@ def test_leave_one_out_does_not_keep_a_subset_that_flips_direction():
     """Bug: ``leave_one_out`` counting a subset as kept whenever its p is below 0.05, whatever the direction of
     its estimate. Here 14 seeds say PROMA's KL is 10% *higher* than GRPO's and one huge outlier turns the full
     mean the other way: leaving the outlier out is significant, but against the full data's direction."""
-    from verification import preregistered as P
-    from verification import secondary
+    from verification.studies import preregistered as P
+    from verification.studies import secondary
 
     rng = np.random.default_rng(0)
     d = 0.1 + 0.01 * rng.standard_normal(15)

@@ -1,8 +1,8 @@
-"""verification.claims: the regime conditions and the absolute entropy rule on synthetic per-seed numbers."""
+"""verification.studies.claims: the regime conditions and the absolute entropy rule on synthetic per-seed numbers."""
 import numpy as np
 import pytest
 
-from verification import claims as V
+from verification.studies import claims as V
 
 SEEDS = range(5)
 JITTER = np.array([-0.02, 0.01, 0.0, 0.015, -0.005])  # per-seed noise, small against the effects below

@@ -1,9 +1,9 @@
-"""verification.first_order: exact PROMA's first-order guarantee holds to O(lr^2) on a tiny float64 Qwen3."""
+"""verification.studies.first_order: exact PROMA's first-order guarantee holds to O(lr^2) on a tiny float64 Qwen3."""
 import numpy as np
 import pytest
 import torch
 
-from verification import first_order as F
+from verification.studies import first_order as F
 from verification.tolerances import REFERENCE_ATOL
 
 # Residual ratio between step lengths h and h/10: 0.01 when the residual is O(h^2) (exact PROMA), 0.1 when it is

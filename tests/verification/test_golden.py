@@ -22,7 +22,7 @@ LAYER_KEY = re.compile(r"mb\d+/layer\d+/")
 
 
 def _fake_real(seed):
-    """A stand-in for verification.realcase.real_cases (no warm-start): one synthetic case tagged real."""
+    """A stand-in for verification.studies.realcase.real_cases (no warm-start): one synthetic case tagged real."""
     case = synthetic_cases(seed)[0]
     case.id, case.tags = "fake_real", ["real"]
     return [case]

@@ -1,4 +1,4 @@
-"""The pre-registered family (verification.preregistered) and its statistics, on synthetic per-seed numbers.
+"""The pre-registered family (verification.studies.preregistered) and its statistics, on synthetic per-seed numbers.
 
 Independent evidence: Holm against its definition on hand-worked values, the t p-value against SciPy's
 ``ttest_1samp``, the power formula against a Monte-Carlo simulation of the t-test.
@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from verification import preregistered as P
-from verification import secondary, stats
+from verification.studies import preregistered as P
+from verification.studies import secondary, stats
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
 LR = {"learn-240": 1e-4, "collapse": 3e-4, P.DEFAULT_VALIDATION_REGIME: 5e-5}
@@ -121,7 +121,7 @@ def test_secondary_analyses_report_without_deciding():
 def test_validation_regime_is_the_pilots_accepted_candidate_in_the_full_grid():
     """Amendment 3: VAL is judged in the full grid's validation regime, whose runs are exactly the held-out pilot's
     (same preset overrides and learning rate), so the pilot's GRPO seeds 0-4 are that regime's seeds 0-4."""
-    from verification import study_seeds as S
+    from verification.studies import seeds as S
 
     assert P.DEFAULT_VALIDATION_REGIME == S.VALIDATION_REGIME == next(h for h in P.family() if h.id == "VAL").regime
     full = S.GRIDS["full"]

@@ -1,9 +1,9 @@
-"""verification.preregistered2: the second study's family, tested on synthetic runs whose answers are known."""
+"""verification.studies.preregistered2: the second study's family, tested on synthetic runs whose answers are known."""
 import numpy as np
 import pytest
 
-from verification import preregistered2 as P2
-from verification import stats
+from verification.studies import preregistered2 as P2
+from verification.studies import stats
 from verification.tolerances import FLOAT64_RTOL
 
 RATES = {"learn-240": (5e-5, 1e-4, 2e-4), "collapse": (1.5e-4, 3e-4, 6e-4)}
@@ -163,7 +163,7 @@ def test_leave_one_out_counts_subsets_that_keep_the_direction_under_holm():
 
 
 def test_the_report_section_and_figures_render_from_a_complete_synthetic_study(tmp_path):
-    from verification import report_study2 as R
+    from verification.report import study2_section as R
 
     res = _family_results({"F-G-L": 0.05, "M-G-C": -0.5, "EN-G-X": 0.2, "CODE-K-L": 0.3})
     for regime in res.values():  # in-sample KL for the secondary tables (half the out-of-sample KL)

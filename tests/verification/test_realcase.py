@@ -46,7 +46,7 @@ def test_capture_matches_autograd_on_a_tiny_qwen3_with_padding():
 
 @pytest.mark.slow
 def test_real_cases_pass_reference_and_torch(tmp_path, realcase_cache):
-    from verification.realcase import real_cases
+    from verification.studies.realcase import real_cases
 
     cases = real_cases(cache_dir=realcase_cache, log=lambda *a, **k: None)
     assert {c.id for c in cases} == {"qwen3_gsm8k_exact", "qwen3_gsm8k_paper", "qwen3_gsm8k_intra"}

@@ -6,9 +6,10 @@ import numpy as np
 
 import pytest
 
-from verification import report_inputs, report_text, text_grid, text_seeds
-from verification.report_text import SECTION_HEADINGS
-from verification.report import generate_report, rerender_report
+from verification.report import grid_text, render, seed_text
+from verification.report.inputs import ReportInputs
+from verification.report.render import SECTION_HEADINGS
+from verification.report.generate import generate_report, rerender_report
 
 
 @pytest.mark.slow
@@ -65,7 +66,7 @@ META = {"grid": {"steps": 4, "methods": [], "lrs": []}, "timings_s": {},
 @pytest.mark.parametrize("proma_kl", [0.5, 2.0])
 def test_single_seed_reading_quotes_the_kl_numbers_without_a_verdict(proma_kl):
     summaries = [_summary("grpo", 1e-4, 1.0), _summary("proma", 1e-4, proma_kl)]
-    text = "\n".join(text_grid._claims(META, {}, summaries))
+    text = "\n".join(grid_text._claims(META, {}, summaries))
     assert f"{proma_kl:g}x at lr 0.0001" in text
     assert "agree with the claim" not in text and "do not reproduce" not in text and "verdict table" in text
 
@@ -74,14 +75,14 @@ def test_reading_entropy_and_validation_verdicts():
     summaries = [_summary("grpo", 1e-4, 1.0, entropy=(1.0, 0.2), val=0.3),
                  _summary("proma", 1e-4, 1.0, entropy=(1.0, 0.9), val=0.4),
                  _summary("intra", 1e-4, 1.0, entropy=(1.0, 0.8), val=0.6)]
-    text = "\n".join(text_grid._claims(META, {}, summaries))
+    text = "\n".join(grid_text._claims(META, {}, summaries))
     assert "fell below half its start: grpo" in text and "proma" not in text.split("half its start: ")[1][:20]
     assert "at lr 0.0001, intra 0.6 ranks 1 of 3 (highest: intra 0.6;" in text
     assert "intra is best" not in text
 
 
 def test_equal_gain_interpolation():
-    from verification.study_metrics import kl_at_equal_gain
+    from verification.studies.equal_gain import kl_at_equal_gain
 
     eq = kl_at_equal_gain([(0.1, 1e-3), (0.3, 4e-3)], [(0.2, 1e-2), (0.4, 2e-2)])
     assert eq["gain"] == pytest.approx(0.25)
@@ -92,23 +93,23 @@ def test_equal_gain_interpolation():
 
 def test_seed_sections_render_intervals_and_verdicts():
     """Sections 5-7 from synthetic seed-study results: interval tables, the verdict table, the KL bound rows."""
-    from verification import seed_tables
-    from verification.report_seeds import SEED_GRIDS
+    from verification.studies import tables
+    from verification.report.seed_evidence import SEED_GRIDS
 
     grid = SEED_GRIDS["smoke"]
     runs = {(m, 1e-3, s): {"reward_gain": 0.1 + 0.01 * s, "local_kl_mean": kl * (1 + 0.1 * s),
                            "local_kl_cum": 2 * kl * (1 + 0.1 * s), "entropy_start": 1.0, "entropy_min_ratio": 0.9,
                            "entropy_end_ratio": 0.95, "val_final": 0.5, "val_final_se": 0.1, "val_change": 0.01}
             for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s in (0, 1)}
-    seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": seed_tables.aggregate(runs)},
+    seeds = {"grid": grid, "results": {"smoke": runs}, "tables": {"smoke": tables.aggregate(runs)},
              "start": {"smoke": [{"file": "start_eval-abc.json", "n": 16, "accuracy": 0.5, "se": 0.125,
                                   "seeds": [0, 1]}]}, "run_seconds": 600.0}
     meta = {**META, "mode": "smoke"}
-    inputs = report_inputs.ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
+    inputs = ReportInputs(meta, {}, {}, [], {}, [], seeds, None,
                                   [{"method": "grpo", "lr": 1e-3, "steps": 4, "exceeded_frac": 0.25,
                                     "ratio_median": 0.6, "ratio_max": 2.5}, {"method": "proma", "lr": 1e-3, "steps": 0}])
-    text = "\n".join(text_seeds.seed_tables(inputs) + text_seeds.verdicts_section(inputs)
-                     + report_text._first_order(inputs))
+    text = "\n".join(seed_text.seed_tables(inputs) + seed_text.verdicts_section(inputs)
+                     + render._first_order(inputs))
     assert "| proma | 0.001 | 0.500 [0.500, 0.500]" in text  # every seed's local-KL ratio to grpo is 0.5
     assert "first 16 items" in text and "warm-start validation 0.5 ± 0.125 on 16 items" in text
     assert "(`start_eval-abc.json`, seeds 0-1)" in text
@@ -121,8 +122,8 @@ def test_seed_sections_render_intervals_and_verdicts():
 
 def test_full_mode_verdict_table_comes_first_and_decides():
     """Full mode, 15 paired seeds: the first section's table decides with Holm p and states entropy both ways."""
-    from verification import claims
-    from verification.report_seeds import SEED_GRIDS
+    from verification.studies import claims
+    from verification.report.seed_evidence import SEED_GRIDS
 
     rng = np.random.default_rng(0)
     cols = {"reinforce": (1.3, 0.3, 0.6), "grpo": (1.0, 0.3, 0.6), "proma": (0.5, 0.4, 0.6),
@@ -135,7 +136,7 @@ def test_full_mode_verdict_table_comes_first_and_decides():
                for regime, lr in (("learn-240", 1e-4), ("collapse", 3e-4), ("heldout-all-lr5e-5", 5e-5))}
     seeds = {"grid": SEED_GRIDS["full"], "results": results, "tables": {}, "start": {},
              "regime_checks": claims.regime_checks(results, mode="full")}
-    text = "\n".join(text_seeds.verdicts_section(report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
+    text = "\n".join(seed_text.verdicts_section(ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
                                                                           seeds)))
     assert "| KL-G-L | exact PROMA keeps the local KL tighter than GRPO | learn-240 | 15 | ratio 0.49" in text
     # KL-P-* and EN-P-* have no effect; the other seven are clear
@@ -148,32 +149,32 @@ def test_full_mode_verdict_table_comes_first_and_decides():
 
 def test_headline_quotes_seed_study_intervals_and_regime_conditions():
     """The headline's seed-study line: every method's paired KL ratio, validation and gain with intervals."""
-    from verification import claims, seed_tables
-    from verification.report_seeds import SEED_GRIDS
+    from verification.studies import claims, tables
+    from verification.report.seed_evidence import SEED_GRIDS
 
     jitter = (-0.02, 0.01, 0.0, 0.015, -0.005)
     runs = {(m, 1e-4, s): {"reward_gain": 0.05 * (1 + j), "local_kl_mean": kl * (1 + j), "local_kl_cum": 1.0,
                            "entropy_start": 1.0, "entropy_min_ratio": 0.5, "entropy_end_ratio": 0.8,
                            "val_final": 0.3 + j, "val_final_se": 0.007, "val_change": 0.01 + j}
             for m, kl in (("grpo", 0.02), ("proma", 0.01)) for s, j in enumerate(jitter)}
-    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {"learn": seed_tables.aggregate(runs)},
+    seeds = {"grid": SEED_GRIDS["full"], "results": {"learn": runs}, "tables": {"learn": tables.aggregate(runs)},
              "start": {}, "regime_checks": claims.regime_checks({"learn": runs}, mode="full")}
-    inputs = report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
-    head = text_seeds.seed_headline(inputs)
+    inputs = ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [], seeds)
+    head = seed_text.seed_headline(inputs)
     assert len(head) == 1 and "regime `learn`, lr 0.0001 (5 seeds; 95% t-intervals; section 5)" in head[0]
     assert "proma 0.500 [0.500, 0.500]" in head[0]       # every seed's KL ratio is 0.5
     assert "reward gain: grpo +0.050 [" in head[0]
-    conditions = "\n".join(text_seeds.verdicts_section(inputs))
+    conditions = "\n".join(seed_text.verdicts_section(inputs))
     assert "| GRPO learns (reward on the training pool rises" in conditions
     assert "| learn, lr 0.0001 | reward gain 0.050 [" in conditions
     assert "validation change +0.010 [" in conditions and "**not met**" in conditions
-    quick = report_inputs.ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
-    assert "quick mode: the code path, not evidence" in text_seeds.seed_headline(quick)[0]
+    quick = ReportInputs({**META, "mode": "quick"}, {}, {}, [], {}, [], seeds)
+    assert "quick mode: the code path, not evidence" in seed_text.seed_headline(quick)[0]
     # a study in progress: proma has 3 of grpo's 5 seeds, and the headline says so
     partial = {k: v for k, v in runs.items() if k[0] == "grpo" or k[2] < 3}
-    busy = report_inputs.ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
-                                {**seeds, "tables": {"learn": seed_tables.aggregate(partial)}})
-    assert "lr 0.0001 (3-5 seeds; 95% t-intervals; section 5)" in text_seeds.seed_headline(busy)[0]
+    busy = ReportInputs({**META, "mode": "full"}, {}, {}, [], {}, [],
+                                {**seeds, "tables": {"learn": tables.aggregate(partial)}})
+    assert "lr 0.0001 (3-5 seeds; 95% t-intervals; section 5)" in seed_text.seed_headline(busy)[0]
 
 
 def test_render_only_names_the_missing_file(tmp_path):
@@ -186,7 +187,7 @@ def test_resumed_seed_study_states_the_cost_from_scratch():
     meta = {"timings_s": {"training": 600.0, "seed_study": 6.0}, "harness_config": {"warmstart_steps": 3000}}
     seeds = {"run_seconds": 7200.0, "warmstarts": {"learn-240": {"steps": 1000, "seconds": 720.0},
                                                    "collapse": {"steps": 3000, "seconds": 900.0}}}
-    text = text_seeds.resumed_seed_study(meta, seeds)
+    text = seed_text.resumed_seed_study(meta, seeds)
     # 600 s of this report + 7200 / 2 workers + 720 s of learn-240's own warm-start = 4920 s = 82 min
     assert "120 worker-minutes, about 60 min on 2 workers, plus 12 min to train the 1000-step warm-start of " \
            "`learn-240`, so the whole report takes about 82 min (1.4 h)." in text
@@ -196,16 +197,16 @@ def test_resumed_seed_study_states_the_cost_from_scratch():
                                       "learn-240": {"key": "k1", "steps": 1000, "seconds": 720.0},
                                       "heldout": {"key": "k1", "steps": 1000, "seconds": 3000.0}}}
     assert "plus 12 min to train the 1000-step warm-start of `heldout`, `learn-240`, so the whole report takes " \
-           "about 82 min" in text_seeds.resumed_seed_study(meta, shared)
+           "about 82 min" in seed_text.resumed_seed_study(meta, shared)
     # a study in progress: the cost covers the runs done, and the plan estimates the rest
-    from verification.study_plan import PlanRow
-    from verification.study_seeds import StudyGrid
+    from verification.studies.plan import PlanRow
+    from verification.studies.seeds import StudyGrid
     grid = StudyGrid(regimes={"a": {}}, lrs={"a": (1e-3,)}, methods=("grpo", "proma"), seeds=(0, 1))
     busy = {**seeds, "grid": grid, "results": {"a": {("grpo", 1e-3, 0): {}, ("proma", 1e-3, 0): {}}},
             "plan": [PlanRow("a", "grpo", 2, 1, 60.0, True), PlanRow("a", "proma", 2, 1, 120.0, True)]}
-    text = text_seeds.resumed_seed_study(meta, busy)
+    text = seed_text.resumed_seed_study(meta, busy)
     assert "run from scratch the 2 of 4 planned runs done so far take 120 worker-minutes" in text
     assert text.endswith("The other 2 planned runs are estimated at 3.0 more worker-hours from the done runs' "
-                         "times (`python -m verification.study_seeds --plan`).")
+                         "times (`python -m verification.studies.seeds --plan`).")
     # a study that ran in this report (its seed_study phase took the runs' time) needs no estimate
-    assert text_seeds.resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""
+    assert seed_text.resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""

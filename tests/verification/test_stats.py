@@ -1,4 +1,4 @@
-"""verification.stats against scipy and brute force."""
+"""verification.studies.stats against scipy and brute force."""
 import itertools
 import math
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from verification import stats
+from verification.studies import stats
 from verification.tolerances import FLOAT64_RTOL
 
 # A percentile bootstrap with 10k resamples estimates a quantile of the resampled means to about

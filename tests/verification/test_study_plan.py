@@ -1,11 +1,11 @@
-"""verification.study_plan: runs left and their estimated cost, from the runs' own recorded wall times."""
+"""verification.studies.plan: runs left and their estimated cost, from the runs' own recorded wall times."""
 import json
 
 import pytest
 
-from verification import study_plan as SP
-from verification.seed_tables import result_path, run_wall_seconds
-from verification.study_seeds import StudyGrid
+from verification.studies import plan as SP
+from verification.studies.tables import result_path, run_wall_seconds
+from verification.studies.seeds import StudyGrid
 
 
 def _write(data_dir, regime, method, seed, seconds, lr=1e-3, step_times=(1.0,)):

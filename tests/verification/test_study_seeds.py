@@ -1,4 +1,4 @@
-"""verification.study_seeds: the resumable grid (smoke policy) and its aggregation."""
+"""verification.studies.seeds: the resumable grid (smoke policy) and its aggregation."""
 import hashlib
 import json
 
@@ -6,8 +6,8 @@ import numpy as np
 
 import pytest
 
-from verification import seed_tables as T
-from verification import study_seeds as S
+from verification.studies import tables as T
+from verification.studies import seeds as S
 
 
 def _result(method, seed, kl, rewards, val):

@@ -13,7 +13,7 @@
 
 Layering (``tests/house/test_layering.py``): this subpackage imports ``reference``, NumPy, and (lazily, for
 ``impls``, ``model_case`` and ``trl``) torch and ``proma``; never ``proma.rl`` nor the studies and report of
-``verification``. Cases taken from the RL harness live in :mod:`verification.realcase`, outside.
+``verification``. Cases taken from the RL harness live in :mod:`verification.studies.realcase`, outside.
 """
 __version__ = "0.1.0"
 

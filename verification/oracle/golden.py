@@ -107,7 +107,7 @@ def default_cases(out, *, seed: int = GOLDEN_SEED, real: bool = True, regenerate
     regenerate : bool
         Generate again into the cache instead of copying.
     make_synthetic, make_real : callable(seed) -> list of Case
-        Generators: default the oracle's synthetic cases; the real ones come from :mod:`verification.realcase`,
+        Generators: default the oracle's synthetic cases; the real ones come from :mod:`verification.studies.realcase`,
         which the oracle does not import (needed only when the real cases are not cached).
 
     Returns

@@ -1,7 +1,7 @@
 """The primary family of ``reports/PREREGISTRATION.md``: eleven hypotheses, their tests, Holm, the verdicts.
 
 Input: ``{regime: runs}`` with ``runs = {(method, lr, seed): per-run numbers}``
-(:func:`verification.seed_tables.load_results`; one learning rate per regime). Every comparison is paired by
+(:func:`verification.studies.tables.load_results`; one learning rate per regime). Every comparison is paired by
 seed over the seeds both methods ran.
 
 Tests (n paired seeds, two-sided):
@@ -30,7 +30,7 @@ NEW_SEEDS = tuple(range(5, 15))   # the seeds run after the pre-registration
 SUPPORTED, CONTRADICTED, INCONCLUSIVE = "supported", "contradicted", "inconclusive"
 IN_PROGRESS, NOT_JUDGED = "in progress", "not judged (not the full study)"
 # where VAL is judged: the regime the held-out pilot accepted (PILOT.md section 7, PREREGISTRATION.md amendment 3;
-# verification.study_seeds.VALIDATION_REGIME, checked equal by the tests)
+# verification.studies.seeds.VALIDATION_REGIME, checked equal by the tests)
 DEFAULT_VALIDATION_REGIME = "heldout-all-lr5e-5"
 VAL_OTHERS = ("grpo", "proma", "proma-paper", "reinforce")
 COLUMN = {"kl": "local_kl_mean", "entropy": "entropy_end_ratio", "val": "val_final"}
@@ -169,7 +169,7 @@ def seeds_needed(outcomes: list[Outcome], o: Outcome, alpha: float = ALPHA) -> i
 
     VAL in the direction of the claim: the most any of its four comparisons needs (each must be won); None where
     the observed effect is 0, points against the claim (VAL), or needs more than
-    :data:`verification.stats.MAX_POWER_SEEDS`.
+    :data:`verification.studies.stats.MAX_POWER_SEEDS`.
     """
     level = holm_level(outcomes, o, alpha)
     if o.parts is None:

@@ -1,6 +1,6 @@
 """The primary family of ``reports/PREREGISTRATION-2.md``: fifteen hypotheses, their tests, Holm, the verdicts.
 
-Input: ``{regime: runs}`` with ``runs = {(method, lr, seed): per-run numbers}`` (:func:`verification.seed_tables.
+Input: ``{regime: runs}`` with ``runs = {(method, lr, seed): per-run numbers}`` (:func:`verification.studies.tables.
 load_results` on ``reports/data/study2``), and the regime *X* the pilot accepted (None: not accepted, or the pilot
 is not over; see ``pilot_over``).
 

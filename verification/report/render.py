@@ -2,21 +2,21 @@
 
 Every sentence that states a result is built from numbers passed in, with the direction of the comparison
 decided by those numbers (no conclusion is written in advance). Tables are GitHub markdown. The sections live in
-:mod:`verification.text_seeds` (verdicts, seeds), :mod:`verification.text_projection` (sections 1-2) and
-:mod:`verification.text_grid` (sections 3, 4, 8).
+:mod:`verification.report.seed_text` (verdicts, seeds), :mod:`verification.report.projection_text` (sections 1-2) and
+:mod:`verification.report.grid_text` (sections 3, 4, 8).
 """
 from __future__ import annotations
 
 import math
 
-from . import report_study2
-from .report_inputs import ReportInputs
-from .text_grid import (_claims, _kl_intro, _kl_rollout, _learning, _local_kl, _proma_vs_grpo_section,
+from . import study2_section
+from .inputs import ReportInputs
+from .grid_text import (_claims, _kl_intro, _kl_rollout, _learning, _local_kl, _proma_vs_grpo_section,
                         _second_order)
-from .text_projection import (_approximations, _intra, _layerwise_global, _oracle, _study_intro,
+from .projection_text import (_approximations, _intra, _layerwise_global, _oracle, _study_intro,
                               _torch_vs_reference)
-from .text_seeds import resumed_seed_study, secondary_section, seed_headline, seed_tables, verdicts_section
-from .textfmt import f, pct, table
+from .seed_text import resumed_seed_study, secondary_section, seed_headline, seed_tables, verdicts_section
+from .markdown import f, pct, table
 
 
 def _headline(meta, oracle, studies, seeds=None) -> list:
@@ -64,7 +64,7 @@ def _configuration(meta) -> list:
 
 
 def _first_order(r: ReportInputs) -> list:
-    from .first_order import markdown, reading
+    from ..studies.first_order import markdown, reading
 
     lines = []
     if r.first_order:
@@ -94,7 +94,7 @@ def _raw_data(r: ReportInputs) -> list:
 SECTIONS = (
     ("## Verdicts on the paper's claims (pre-registered)", verdicts_section),
     ("## The second study: proximality or a smaller step (pre-registered)",
-     lambda r: report_study2.section((r.seeds or {}).get("study2"))),
+     lambda r: study2_section.section((r.seeds or {}).get("study2"))),
     ("## Headline numbers", lambda r: _headline(r.meta, r.oracle, r.studies, r.seeds) + seed_headline(r) + [""]),
     ("## Configuration", lambda r: _configuration(r.meta) + [""]),
     ("## 1. Oracle: implementations against the golden cases", lambda r: _oracle(r.oracle) + [""]),

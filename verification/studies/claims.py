@@ -1,6 +1,6 @@
 """Regime conditions and the absolute entropy rule: facts about GRPO's runs that say what a regime can test.
 
-The verdicts on the paper's claims are :mod:`verification.preregistered`'s (``reports/PREREGISTRATION.md``);
+The verdicts on the paper's claims are :mod:`verification.studies.preregistered`'s (``reports/PREREGISTRATION.md``);
 this module holds the descriptive rules printed beside them (the first and third unchanged from the first
 study; the second is the condition that PREREGISTRATION.md section 2 names for the validation regime):
 
@@ -12,7 +12,7 @@ study; the second is the condition that PREREGISTRATION.md section 2 names for t
   divided by its first step's (``entropy_end_ratio``) is below :data:`COLLAPSE_FRACTION`; a method collapses
   in a regime iff the interval of that ratio over seeds lies below it, and avoids collapse iff it lies above.
 
-Input: per-run numbers ``{(method, lr, seed): {column: value}}`` (``verification.seed_tables.load_results``).
+Input: per-run numbers ``{(method, lr, seed): {column: value}}`` (``verification.studies.tables.load_results``).
 A condition is checked only with at least :data:`MIN_SEEDS` seeds, and never in quick mode.
 """
 from __future__ import annotations

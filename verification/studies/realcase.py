@@ -23,9 +23,9 @@ import numpy as np
 
 from proma.options import PUBLISHED_SETTINGS
 
-from .oracle.model_case import capture_case_arrays  # noqa: F401  (re-exported: the TRL writer imports it here)
-from .oracle.cases import compute_expected
-from .oracle.format import Case, Settings
+from ..oracle.model_case import capture_case_arrays  # noqa: F401  (re-exported: the TRL writer imports it here)
+from ..oracle.cases import compute_expected
+from ..oracle.format import Case, Settings
 
 # The policy and rollout of the real cases: a shrunk Qwen3 (about 56k parameters) with a short warm-start.
 REAL_POLICY = dict(
@@ -74,7 +74,7 @@ def pick_minibatch(s, start_step: int = 0, max_scan: int = 60):
 def warmstart_cache() -> Path:
     """Default directory of the real-case policy's warm-start checkpoint: under the user's cache directory, so the
     5-minute warm-start runs once per machine (the checkpoint's name is a hash of its configuration)."""
-    from .oracle.golden import cache_root
+    from ..oracle.golden import cache_root
 
     return cache_root() / "realcase-warmstart"
 

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from .report_inputs import ReportInputs
-from .textfmt import f, pct, table
+from .inputs import ReportInputs
+from .markdown import f, pct, table
 
 
 def _oracle(oracle) -> list:

@@ -1,15 +1,15 @@
 """The report's seed-study text: the pre-registered verdicts (first), the seed tables and the secondary analyses.
 
-Renderers take the report's :class:`verification.report_inputs.ReportInputs` (``r``) and return markdown lines.
-The rules are ``reports/PREREGISTRATION.md``'s, implemented in :mod:`verification.preregistered`; the
-analyses that decide nothing are :mod:`verification.secondary`'s.
+Renderers take the report's :class:`verification.report.inputs.ReportInputs` (``r``) and return markdown lines.
+The rules are ``reports/PREREGISTRATION.md``'s, implemented in :mod:`verification.studies.preregistered`; the
+analyses that decide nothing are :mod:`verification.studies.secondary`'s.
 """
 from __future__ import annotations
 
-from . import claims, secondary, stats
-from . import preregistered as P
-from .report_seeds import DEFAULT_JOBS as SEED_STUDY_JOBS
-from .textfmt import f, table
+from ..studies import claims, secondary, stats
+from ..studies import preregistered as P
+from .seed_evidence import DEFAULT_JOBS as SEED_STUDY_JOBS
+from .markdown import f, table
 
 PREREG = "reports/PREREGISTRATION.md"
 ABSOLUTE_COLLAPSE = claims.COLLAPSE_FRACTION
@@ -46,7 +46,7 @@ def resumed_seed_study(meta, seeds) -> str:
     which = f" the {done} of {planned} planned runs done so far" if done < planned else " they"
     left = [row.minutes_left for row in seeds.get("plan", []) if row.minutes_left is not None]
     rest = (f" The other {planned - done} planned runs are estimated at {sum(left) / 60:.1f} more worker-hours "
-            "from the done runs' times (`python -m verification.study_seeds --plan`)." if done < planned and left else "")
+            "from the done runs' times (`python -m verification.studies.seeds --plan`)." if done < planned and left else "")
     return (f" The seed study's runs were already in `data/seeds` (a resumed study; its {spent / 60:.1f} min here "
             f"only loaded them); run from scratch{which} take {seeds['run_seconds'] / 60:.0f} worker-minutes, about "
             f"{seeds['run_seconds'] / 60 / jobs:.0f} min on {jobs} workers{warm_txt}, so the whole report takes "
@@ -56,7 +56,7 @@ def resumed_seed_study(meta, seeds) -> str:
 
 
 def seed_tables(r) -> list:
-    from .seed_tables import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
+    from ..studies.tables import MIN_EQUAL_KL_STEPS, markdown_equal_kl, markdown_tables, markdown_validation_per_seed
 
     if not r.seeds:
         return ["The seed study did not run.", ""]
@@ -120,8 +120,8 @@ def _seed_list(seeds: list) -> str:
 
 def seed_headline(r) -> list:
     """Headline numbers of the seed study, each with its 95% interval over seeds (section 5 has them all)."""
-    from .claims import JUDGED_MODES
-    from .stats import format_interval as fi
+    from ..studies.claims import JUDGED_MODES
+    from ..studies.stats import format_interval as fi
 
     lines = []
     for regime, tab in (r.seeds or {}).get("tables", {}).items():

@@ -14,9 +14,9 @@ class ReportInputs:
     summaries: list
     figures: dict               # figure key -> PNG file name
     data_files: list            # raw JSON files, relative to the report directory
-    seeds: dict | None = None   # verification.report_seeds.seeds_phase's output (None: not run)
-    first_order: dict | None = None  # {"where", "result"} of verification.first_order.real_first_order
-    kl_bounds: list = field(default_factory=list)  # report_seeds.kl_bounds of the single-seed grid's runs
+    seeds: dict | None = None   # verification.report.seed_evidence.seeds_phase's output (None: not run)
+    first_order: dict | None = None  # {"where", "result"} of verification.studies.first_order.real_first_order
+    kl_bounds: list = field(default_factory=list)  # seed_evidence.kl_bounds of the single-seed grid's runs
 
     @property
     def n_eval(self) -> int:

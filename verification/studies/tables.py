@@ -1,7 +1,7 @@
 """The seed study's tables: per-run numbers from a result JSON, intervals over seeds, paired comparisons.
 
-Input: the result files of :mod:`verification.study_seeds` (``data_dir/<regime>/<method>-lr<lr>-s<seed>.json``).
-Interval formulas are in :mod:`verification.stats`.
+Input: the result files of :mod:`verification.studies.seeds` (``data_dir/<regime>/<method>-lr<lr>-s<seed>.json``).
+Interval formulas are in :mod:`verification.studies.stats`.
 """
 from __future__ import annotations
 
@@ -238,7 +238,7 @@ def aggregate(runs: dict, *, baseline: str = BASELINE, level: float = 0.95) -> d
     """Per (method, lr): t-intervals over seeds of every column, and paired ratios / differences to ``baseline``.
 
     ``runs`` is :func:`load_results`'s dict. Ratios (local KL) use the log-ratio t-interval over seeds run by
-    both methods (:func:`verification.stats.paired_ratio_t`); differences (reward gain, validation) the paired
+    both methods (:func:`verification.studies.stats.paired_ratio_t`); differences (reward gain, validation) the paired
     t-interval of the per-seed differences.
     """
     table = {}

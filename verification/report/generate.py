@@ -3,9 +3,9 @@
 Phases (each shows progress): 1. the oracle cases checked against the reference and the torch
 implementation; 2. the grid of training runs (every method x learning rate, one shared warm-start);
 3. the projection study on real microbatches of the runs (start and end policy); 4. the seed study (every
-method over seeds in each regime, ``verification.report_seeds``: intervals, the verdict table) and the
+method over seeds in each regime, ``verification.report.seed_evidence``: intervals, the verdict table) and the
 first-order check of the mechanism; 5. summaries, plots and the report text, generated from the measured
-values (``verification.report_text``).
+values (``verification.report.render``).
 
 Modes: ``full`` (the default small configuration of the harness, the committed report), ``quick`` (a
 reduced warm-start and few steps: a few minutes), ``smoke`` (the harness's smoke preset: seconds, for CI).
@@ -22,8 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .report_text import render
-from .runs import GridConfig, quiet_transformers, run_dir, run_grid
+from .render import render
+from ..studies.grid import GridConfig, quiet_transformers, run_dir, run_grid
 
 MODES = {
     # the committed report: harness defaults (small Qwen3, 3000-step warm-start), fewer rollout steps than a
@@ -63,14 +63,14 @@ def _write_json(path: Path, obj) -> Path:
 # ---------------------------------------------------------------------------------------------- phases
 def oracle_phase(work_dir: Path, *, real: bool, seed: int, realcase_cache, log) -> dict:
     """Write the golden cases and check this project's implementations against them."""
-    from .oracle.cases import generator_info, synthetic_cases
-    from .oracle.check import check_callable
-    from .oracle.format import save_cases
-    from .oracle.impls import IMPLEMENTATIONS
+    from ..oracle.cases import generator_info, synthetic_cases
+    from ..oracle.check import check_callable
+    from ..oracle.format import save_cases
+    from ..oracle.impls import IMPLEMENTATIONS
 
     cases = synthetic_cases(seed)
     if real:
-        from .realcase import real_cases
+        from ..studies.realcase import real_cases
 
         cases += real_cases(seed=seed, cache_dir=realcase_cache, log=log)
     cases_dir = work_dir / "cases"
@@ -93,8 +93,8 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
     from proma.rl.build import build_run
     from proma.rl.losses import completion_logprobs
 
-    from .realcase import pick_minibatch
-    from .study_projection import projection_study
+    from ..studies.realcase import pick_minibatch
+    from ..studies.projection_error import projection_study
 
     cfg = grid.train_config("proma", grid.lrs[0], runs_dir)
     s = build_run(cfg, log=lambda *a, **k: None)
@@ -109,12 +109,12 @@ def study_phase(grid: GridConfig, runs_dir: Path, snapshot: str, *, intra_ranks,
         model = s.model
     except RuntimeError as exc:
         # every group got equal rewards (a policy too weak for the task): study the real-case policy instead
-        from .realcase import real_rollout
+        from ..studies.realcase import real_rollout
 
         log(f"projection study ({snapshot}): {exc}; using the real-case policy instead")
         rs, step, batches, weights = real_rollout(seed=grid.seed, cache_dir=realcase_cache)
         model = rs.model
-        policy = (f"FALLBACK: the real-case policy of `verification.realcase` (the runs' {snapshot} policy had no "
+        policy = (f"FALLBACK: the real-case policy of `verification.studies.realcase` (the runs' {snapshot} policy had no "
                   "rollout with a non-zero advantage)")
     log(f"projection study ({snapshot}): rollout step {step}, {len(batches)} microbatches")
     out = projection_study(model, completion_logprobs, batches, weights, intra_ranks=intra_ranks)
@@ -139,7 +139,7 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
     ``runs_dir`` (default ``out/runs``, git-ignored) keeps the training runs, their checkpoints and the
     warm-start caches; ``realcase_cache`` (default ``runs_dir/cache-realcase``) the real-case policy's.
     """
-    from . import report_seeds
+    from . import seed_evidence
 
     if mode not in MODES:
         raise ValueError(f"mode must be one of {tuple(MODES)}; got {mode!r}")
@@ -168,9 +168,9 @@ def generate_report(out, *, mode: str = "full", runs_dir=None, seed: int = 0, jo
 
     with _timed(timings, "seed_study"):
         log("4/5 seed study (resumable: data/seeds) and first-order check")
-        seeds = report_seeds.seeds_phase(mode, data / "seeds", runs_dir, jobs=jobs, log=log)
+        seeds = seed_evidence.seeds_phase(mode, data / "seeds", runs_dir, jobs=jobs, log=log)
     with _timed(timings, "first_order"):
-        first = report_seeds.first_order_phase(mode, seed=seed, realcase_cache=realcase_cache, log=log)
+        first = seed_evidence.first_order_phase(mode, seed=seed, realcase_cache=realcase_cache, log=log)
 
     with _timed(timings, "report"):
         log("5/5 summaries, plots and REPORT.md")
@@ -247,14 +247,14 @@ def _figures(out: Path, runs: list, summaries: list, studies: dict, *, steps: in
 
 
 def _write_text(out: Path, *, meta, oracle, studies, summaries, figures, seeds, first, runs) -> Path:
-    from . import report_seeds, report_study2
+    from . import seed_evidence, study2_section
 
     if seeds.get("study2"):
-        figures = {**figures, **report_study2.figures(seeds["study2"], out)}
+        figures = {**figures, **study2_section.figures(seeds["study2"], out)}
 
     text = render(meta=meta, oracle=oracle, studies=studies, summaries=summaries,
                   figures={k: p.name for k, p in figures.items()}, data_files=_data_files(out, seeds["grid"]),
-                  seeds=seeds, first_order=first, kl_bounds=report_seeds.kl_bounds(runs))
+                  seeds=seeds, first_order=first, kl_bounds=seed_evidence.kl_bounds(runs))
     path = out / "REPORT.md"
     path.write_text(text)
     return path
@@ -267,7 +267,7 @@ def rerender_report(out, *, log=print) -> Path:
     :func:`generate_report` wrote (``meta``, ``oracle``, ``projection_<snapshot>``, ``summaries``,
     ``first_order``, ``runs/``, ``seeds/``), so the text matches what a full run would have written from them.
     """
-    from . import report_seeds
+    from . import seed_evidence
 
     out = Path(out)
     data = out / "data"
@@ -290,7 +290,7 @@ def rerender_report(out, *, log=print) -> Path:
             runs.append({"method": method, "lr": lr, "records": r["metrics"], "evals": r["eval"]})
     summaries = [_nan_for_none(s) for s in load("summaries.json")]
     log(f"re-rendering {out / 'REPORT.md'} from {data} (mode {mode})")
-    seeds = report_seeds.load_seeds(mode, data / "seeds")
+    seeds = seed_evidence.load_seeds(mode, data / "seeds")
     figures = _figures(out, runs, summaries, studies, steps=grid["steps"])
     return _write_text(out, meta=meta, oracle=load("oracle.json"), studies=studies, summaries=summaries,
                        figures=figures, seeds=seeds, first=load("first_order.json"), runs=runs)

@@ -23,7 +23,7 @@ UNADJUSTED = 0.05
 
 
 def new_seeds_only(results: dict, **kw) -> list[P.Outcome]:
-    """The family tested on :data:`verification.preregistered.NEW_SEEDS` only (Holm shown, nothing decided)."""
+    """The family tested on :data:`verification.studies.preregistered.NEW_SEEDS` only (Holm shown, nothing decided)."""
     return P.decide(results, seeds=P.NEW_SEEDS, full=False, **kw)
 
 

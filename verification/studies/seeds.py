@@ -9,7 +9,7 @@ study is resumed by rerunning it. Training directories (checkpoints) live under 
 committed. Runs execute in a process pool of ``jobs`` workers with one torch thread each.
 
 Aggregation into tables (headline numbers with 95% intervals, ratios to GRPO paired by seed, reward gain
-against cumulative local KL) is :mod:`verification.seed_tables`.
+against cumulative local KL) is :mod:`verification.studies.tables`.
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .seed_tables import BASELINE, aggregate, load_results, markdown_tables, result_path, run_name, start_eval_path
+from .tables import BASELINE, aggregate, load_results, markdown_tables, result_path, run_name, start_eval_path
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
 # Study processes are started one per core; more threads per process oversubscribes the cores.
@@ -186,7 +186,7 @@ def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str
     from proma.rl import run
     from proma.rl.config import TrainConfig
 
-    from .runs import quiet_transformers
+    from .grid import quiet_transformers
 
     quiet_transformers()
     torch.set_num_threads(max(1, cfg_dict.get("num_threads") or 1))
@@ -348,7 +348,7 @@ def restrict(grid: StudyGrid, *, methods=None, seeds=None, regimes=None) -> Stud
 
 
 def main(argv=None) -> int:
-    """``python -m verification.study_seeds --grid pilot --data-dir D --runs-dir R [--jobs N]``: run, then tabulate."""
+    """``python -m verification.studies.seeds --grid pilot --data-dir D --runs-dir R [--jobs N]``: run, then tabulate."""
     import argparse
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -365,7 +365,7 @@ def main(argv=None) -> int:
     ns = ap.parse_args(argv)
     grid = restrict(GRIDS[ns.grid], methods=ns.methods, seeds=ns.seeds, regimes=ns.regimes)
     if ns.plan:
-        from .study_plan import markdown, plan
+        from .plan import markdown, plan
         print(markdown(plan(grid, ns.data_dir), workers=ns.jobs))
         return 0
     t0 = time.perf_counter()

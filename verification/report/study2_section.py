@@ -1,7 +1,7 @@
 """The second study's part of the report: its results loaded, its figures, and its section's text.
 
-Rules: ``reports/PREREGISTRATION-2.md``; tests and verdicts: :mod:`verification.preregistered2`; cells, pilot
-and run order: :mod:`verification.study2`. Nothing here decides anything the pre-registration does not.
+Rules: ``reports/PREREGISTRATION-2.md``; tests and verdicts: :mod:`verification.studies.preregistered2`; cells, pilot
+and run order: :mod:`verification.studies.study2`. Nothing here decides anything the pre-registration does not.
 """
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ from pathlib import Path
 
 import numpy as np
 
-from . import preregistered2 as P2
-from . import seed_tables, stats, study2
-from .textfmt import table
+from ..studies import preregistered2 as P2
+from ..studies import stats, study2, tables
+from .markdown import table
 
 PREREG2_COMMIT = "30fc60d"   # the commit that added PREREGISTRATION-2.md, before any run of the second study
 FIGURES = {"forest": "study2_forest.png", "frontier": "study2_frontier.png"}
@@ -29,7 +29,7 @@ def load_study2(data_dir) -> dict | None:
     if not files:
         return None
     regimes = sorted({f.parent.name for f in files})
-    results = {r: seed_tables.load_results(data_dir, r) for r in regimes}
+    results = {r: tables.load_results(data_dir, r) for r in regimes}
     accepted, nxt, seen = study2.pilot_state(data_dir)
     commits = {}
     for f in files:
@@ -40,7 +40,7 @@ def load_study2(data_dir) -> dict | None:
     pilot_names = {name for name, _, _ in study2.CANDIDATES} - ({accepted} if accepted else set())
     done = sum(1 for f in files if f.parent.name not in pilot_names)
     return {"results": results, "x": accepted, "pilot_over": nxt is None, "pilot": seen,
-            "run_seconds": sum(seed_tables.run_wall_seconds(json.loads(f.read_text())) for f in files),
+            "run_seconds": sum(tables.run_wall_seconds(json.loads(f.read_text())) for f in files),
             "runs": done, "planned": planned, "commits": commits}
 
 

@@ -18,7 +18,7 @@ METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
 
 @dataclass(frozen=True)
 class GridConfig:
-    """What ``proma-verify report`` trains (see ``verification.report.MODES``)."""
+    """What ``proma-verify report`` trains (see ``verification.report.generate.MODES``)."""
 
     preset: str
     steps: int

@@ -279,7 +279,7 @@ def reading(result: dict) -> list:
 
 def real_first_order(*, seed: int = 0, cache_dir=None, settings=SETTINGS, step_lengths=STEP_LENGTHS,
                      log=print) -> dict:
-    """The check on a real GSM8K-calc minibatch chain of the real-case policy (``verification.realcase``)."""
+    """The check on a real GSM8K-calc minibatch chain of the real-case policy (``verification.studies.realcase``)."""
     from proma.rl.losses import completion_logprobs
 
     from .realcase import real_rollout
@@ -288,7 +288,7 @@ def real_first_order(*, seed: int = 0, cache_dir=None, settings=SETTINGS, step_l
     result = first_order_check(s.model, completion_logprobs, batches, weights, settings=settings,
                                step_lengths=step_lengths)
     n_params = sum(p.numel() for p in s.model.parameters())
-    where = (f"real GSM8K-calc microbatches of the oracle's real-case policy (`verification.realcase`, a "
+    where = (f"real GSM8K-calc microbatches of the oracle's real-case policy (`verification.studies.realcase`, a "
              f"shrunk Qwen3 with {n_params:,} parameters), rollout step {step}, seed {seed}, "
              f"{len(batches)} microbatches of {[len(w) for w in weights]} sequences")
     return {"where": where, "result": result}

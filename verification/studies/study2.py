@@ -1,6 +1,6 @@
 """The second pre-registered study (reports/PREREGISTRATION-2.md): its cells, its pilot, and the order of its runs.
 
-A *cell* is a :class:`verification.study_seeds.StudyGrid` whose runs share methods, learning rates and seeds:
+A *cell* is a :class:`verification.studies.seeds.StudyGrid` whose runs share methods, learning rates and seeds:
 
 - ``frontier``: grpo, exact PROMA and the published settings at 0.5x, 1x, 2x the regime's learning rate in
   *learn-240* and *collapse* (the matched-step endpoint);
@@ -11,11 +11,11 @@ A *cell* is a :class:`verification.study_seeds.StudyGrid` whose runs share metho
 
 Every run logs the out-of-sample local KL (``oos_kl_prompts``). Runs use the first study's committed
 warm-starts (``data/warmstarts``) and write ``reports/data/study2/<regime>/<method>-lr<lr>-s<seed>.json``
-(:func:`verification.study_seeds.run_one`: config, records, final whole-split accuracy, code commit, warm-start).
+(:func:`verification.studies.seeds.run_one`: config, records, final whole-split accuracy, code commit, warm-start).
 The order interleaves the cells seed by seed, so a partial study has whole seeds of every cell.
 
-Command line: ``python -m verification.study2 --pilot`` runs the pilot by its stopping rule;
-``python -m verification.study2 [--cells ...] [--seeds ...]`` runs what is missing; ``--plan`` prints the cost
+Command line: ``python -m verification.studies.study2 --pilot`` runs the pilot by its stopping rule;
+``python -m verification.studies.study2 [--cells ...] [--seeds ...]`` runs what is missing; ``--plan`` prints the cost
 left. Both refuse to run cells of *X* before the pilot has accepted a candidate.
 """
 from __future__ import annotations
@@ -28,8 +28,8 @@ from pathlib import Path
 
 import numpy as np
 
-from . import seed_tables, stats
-from .study_seeds import (REGIMES, StudyGrid, ensure_warmstart, prepare_regime, restrict, run_all, run_config,
+from . import stats, tables
+from .seeds import (REGIMES, StudyGrid, ensure_warmstart, prepare_regime, restrict, run_all, run_config,
                           start_eval_path, sync_warmstart_archive, warmstart_id)
 
 DATA_DIR = "reports/data/study2"
@@ -79,10 +79,10 @@ def candidate_interval(data_dir, name: str) -> dict | None:
     """95% t-interval of GRPO's entropy end/start over the pilot seeds of candidate ``name`` (None until all ran)."""
     grid = pilot_grid(name)
     lr = grid.lrs[name][0]
-    paths = [seed_tables.result_path(data_dir, name, "grpo", lr, s) for s in PILOT_SEEDS]
+    paths = [tables.result_path(data_dir, name, "grpo", lr, s) for s in PILOT_SEEDS]
     if not all(p.is_file() for p in paths):
         return None
-    ratios = [seed_tables.run_numbers(json.loads(p.read_text()))["entropy_end_ratio"] for p in paths]
+    ratios = [tables.run_numbers(json.loads(p.read_text()))["entropy_end_ratio"] for p in paths]
     return stats.t_interval(ratios)
 
 
@@ -147,8 +147,8 @@ def run(grids: dict[str, StudyGrid], data_dir, runs_dir, *, cache_dir=None, arch
                 copy_first_study_start_eval(data_dir, regime, warm_dir, first)
                 warm[regime] = prepare_regime(grid, regime, data_dir, runs_dir, cache, archive_dir, log=log)
     todo = [(run_config(grids[cell], *key, warm_dir=warm[key[0]], runs_dir=runs_dir),
-             seed_tables.result_path(data_dir, *key))
-            for cell, key in ordered_runs(grids) if not seed_tables.result_path(data_dir, *key).exists()]
+             tables.result_path(data_dir, *key))
+            for cell, key in ordered_runs(grids) if not tables.result_path(data_dir, *key).exists()]
     log(f"study2: {len(todo)} runs to do")
     return run_all(todo, jobs=1, eval_items=None, log=log)
 
@@ -187,7 +187,7 @@ def first_study_minutes(regime: str, method: str, steps: int) -> float | None:
 
     def mean_minutes(m):
         runs = [json.loads(p.read_text()) for p in sorted(folder.glob(f"{m}-lr*-s*.json"))]
-        return (float(np.mean([seed_tables.run_wall_seconds(r) / 60 for r in runs])),
+        return (float(np.mean([tables.run_wall_seconds(r) / 60 for r in runs])),
                 runs[0]["config"]["steps"]) if runs else (None, None)
 
     parts = ["proma-paper", "grpo"] if method == "proma-code" else [method]
@@ -237,7 +237,7 @@ def main(argv=None) -> int:
     if ns.seeds is not None:
         grids = {c: restrict(g, seeds=[s for s in ns.seeds if s in g.seeds]) for c, g in grids.items()}
     if ns.plan:
-        from .study_plan import markdown, plan
+        from .plan import markdown, plan
 
         rows = [estimate(r, g) for g in grids.values() for r in plan(g, ns.data_dir)]
         print(markdown(rows, workers=ns.workers))

@@ -31,7 +31,7 @@ import numpy as np
 import reference
 from proma.options import PUBLISHED_SETTINGS
 
-from .oracle.model_case import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
+from ..oracle.model_case import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
 
 # name -> (reference.accumulate_step keyword arguments, layer-wise?)
 REFERENCE_SETTINGS = {

@@ -9,8 +9,8 @@ import math
 
 import numpy as np
 
-from .report_inputs import ReportInputs
-from .textfmt import f, pct, table
+from .inputs import ReportInputs
+from .markdown import f, pct, table
 
 PROJECTED = ("proma", "proma-paper", "intra")
 
@@ -70,7 +70,7 @@ def _second_order_text(summaries) -> list:
 
 
 def _proma_vs_grpo(summaries) -> tuple:
-    from .study_metrics import kl_at_equal_gain
+    from ..studies.equal_gain import kl_at_equal_gain
 
     lrs = sorted({s["lr"] for s in summaries})
     rows, text = [], []

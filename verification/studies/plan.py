@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from .seed_tables import BASELINE, result_path, run_wall_seconds
+from .tables import BASELINE, result_path, run_wall_seconds
 
 
 @dataclass(frozen=True)
@@ -41,7 +41,7 @@ def _run_minutes(data_dir, regime: str, method: str, lrs, seeds) -> list[float]:
 
 
 def plan(grid, data_dir) -> list[PlanRow]:
-    """One :class:`PlanRow` per (regime, method) of ``grid`` (a :class:`verification.study_seeds.StudyGrid`)."""
+    """One :class:`PlanRow` per (regime, method) of ``grid`` (a :class:`verification.studies.seeds.StudyGrid`)."""
     minutes = {(r, m): _run_minutes(data_dir, r, m, grid.lrs[r], grid.seeds)
                for r in grid.regimes for m in grid.methods}
     relative = {}

@@ -11,6 +11,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from proma.testing import per_sequence_grads  # noqa: F401  (the tests' per-sequence gradients)
+
 # Shapes of the tiny Qwen3 models the tests build (``Qwen3Config`` keyword arguments; tied embeddings always).
 # ``method``: the accumulator's tests and the device checks; ``harness``: the RL harness tests (token ids of its
 # synthetic rollouts); ``capture``: the capture test of the real-case pipeline (one layer, smallest case files).
@@ -75,16 +77,6 @@ def rel_err(a, b) -> float:
 def trainable(model) -> list:
     """``[(name, parameter)]`` of the parameters that require a gradient."""
     return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-
-
-def per_sequence_grads(model, logp, params) -> np.ndarray:
-    """(b, P_total) float64 per-sequence gradients of ``logp`` (b,) by one autograd call per sequence."""
-    rows = []
-    for i in range(logp.shape[0]):
-        gs = torch.autograd.grad(logp[i], [p for _, p in params], retain_graph=True, allow_unused=True)
-        rows.append(torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1).double()
-                               for g, (_, p) in zip(gs, params)]))
-    return torch.stack(rows).cpu().numpy()
 
 
 def flat_grad(params) -> np.ndarray:

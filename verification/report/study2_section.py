@@ -31,16 +31,18 @@ def load_study2(data_dir) -> dict | None:
     regimes = sorted({f.parent.name for f in files})
     results = {r: tables.load_results(data_dir, r) for r in regimes}
     accepted, nxt, seen = study2.pilot_state(data_dir)
-    commits = {}
-    for f in files:
-        code = json.loads(f.read_text()).get("code", {})
+    commits, seconds = {}, 0.0
+    for f in files:  # each file read once here for its commit and its cost
+        res = json.loads(f.read_text())
+        code = res.get("code", {})
         key = (code.get("commit") or "none")[:7] + (" (dirty)" if code.get("dirty") else "")
         commits[key] = commits.get(key, 0) + 1
+        seconds += tables.run_wall_seconds(res)
     planned = sum(len(g.runs()) for g in study2.cells(data_dir).values())
     pilot_names = {name for name, _, _ in study2.CANDIDATES} - ({accepted} if accepted else set())
     done = sum(1 for f in files if f.parent.name not in pilot_names)
     return {"results": results, "x": accepted, "pilot_over": nxt is None, "pilot": seen,
-            "run_seconds": sum(tables.run_wall_seconds(json.loads(f.read_text())) for f in files),
+            "run_seconds": seconds,
             "runs": done, "planned": planned, "commits": commits}
 
 

@@ -115,9 +115,9 @@ def line_at(x: np.ndarray, y: np.ndarray, at: float) -> float:
 
 def frontier_deltas(runs: dict, method: str, against: str, *, kl: str = "oos_kl_mean") -> dict:
     """``{seed: Delta_s}``: reward gain at matched log KL (``kl``: the per-run KL column), method minus against."""
-    out = {}
+    out, runs = {}, _with_kl(runs, kl)
     for s in sorted({s for m, _, s in runs if m == method}):
-        a, b = frontier_points(_with_kl(runs, kl), method, s), frontier_points(_with_kl(runs, kl), against, s)
+        a, b = frontier_points(runs, method, s), frontier_points(runs, against, s)
         if a is None or b is None:
             continue
         k_star = float(np.mean(np.concatenate([a[0], b[0]])))

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -272,9 +273,14 @@ def run_study(grid: StudyGrid, data_dir, runs_dir, *, jobs: int = 2, cache_dir=N
     return run_all(todo, jobs=jobs, eval_items=grid.eval_items, log=log)
 
 
-def prepare_regime(grid: StudyGrid, regime: str, data_dir, runs_dir, cache, archive_dir=None, *, log=print) -> Path:
+def prepare_regime(grid: StudyGrid, regime: str, data_dir, runs_dir, cache, archive_dir=None, *, reuse_from=None,
+                   log=print) -> Path:
     """The warm-start of ``regime`` (trained, loaded or taken from the archive), its record in the regime's data
-    folder, and its greedy accuracy on the whole test split (``start_eval-<warm-start id>.json``, once)."""
+    folder, and its greedy accuracy on the whole test split (``start_eval-<warm-start id>.json``, once).
+
+    ``reuse_from``: another regime folder whose score of the same weights (same warm-start id) is copied instead
+    of scoring again.
+    """
     if archive_dir:
         sync_warmstart_archive(cache, archive_dir)
     warm = ensure_warmstart(grid, regime, cache, log=log)
@@ -284,6 +290,10 @@ def prepare_regime(grid: StudyGrid, regime: str, data_dir, runs_dir, cache, arch
     record_warmstart(warm, folder)
     first = run_config(grid, regime, grid.methods[0], grid.lrs[regime][0], 0, warm_dir=warm, runs_dir=runs_dir)
     start = start_eval_path(folder, warmstart_id(warm))
+    earlier = start_eval_path(reuse_from, warmstart_id(warm)) if reuse_from is not None else None
+    if not start.exists() and earlier is not None and earlier.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(earlier, start)
     if not start.exists():
         folder.mkdir(parents=True, exist_ok=True)
         tmp = start.with_name(start.name + f".tmp{os.getpid()}")

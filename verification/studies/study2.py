@@ -21,7 +21,6 @@ left. Both refuse to run cells of *X* before the pilot has accepted a candidate.
 from __future__ import annotations
 
 import json
-import shutil
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -29,8 +28,7 @@ from pathlib import Path
 import numpy as np
 
 from . import stats, tables
-from .seeds import (REGIMES, StudyGrid, ensure_warmstart, prepare_regime, restrict, run_all, run_config,
-                          start_eval_path, sync_warmstart_archive, warmstart_id)
+from .seeds import REGIMES, StudyGrid, prepare_regime, restrict, run_all, run_config
 
 DATA_DIR = "reports/data/study2"
 FIRST_STUDY_DIR = "reports/data/seeds"
@@ -124,16 +122,6 @@ def ordered_runs(grids: dict[str, StudyGrid]) -> list[tuple[str, tuple]]:
     return [(cell, key) for _, _, _, cell, key in sorted(keyed, key=lambda t: t[:3])]
 
 
-def copy_first_study_start_eval(data_dir, regime: str, warm_dir, first_regime: str) -> None:
-    """Reuse the first study's whole-split score of the same warm-start (same weights id) when it exists."""
-    wid = warmstart_id(warm_dir)
-    src = start_eval_path(Path(FIRST_STUDY_DIR) / first_regime, wid)
-    dst = start_eval_path(Path(data_dir) / regime, wid)
-    if src.is_file() and not dst.exists():
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(src, dst)
-
-
 def run(grids: dict[str, StudyGrid], data_dir, runs_dir, *, cache_dir=None, archive_dir=None, log=print) -> list:
     """Run every missing run of ``grids`` in :func:`ordered_runs` order, one at a time in this process."""
     data_dir, runs_dir = Path(data_dir), Path(runs_dir)
@@ -142,21 +130,15 @@ def run(grids: dict[str, StudyGrid], data_dir, runs_dir, *, cache_dir=None, arch
     for grid in grids.values():
         for regime in grid.regimes:
             if regime not in warm:
-                first = "collapse" if regime not in ("learn-240", "learn-240-mb1") else "learn-240"
-                warm_dir = _warm_dir(grid, regime, cache, archive_dir, log)
-                copy_first_study_start_eval(data_dir, regime, warm_dir, first)
-                warm[regime] = prepare_regime(grid, regime, data_dir, runs_dir, cache, archive_dir, log=log)
+                # the first study scored the same warm-starts: its score is reused, not recomputed
+                first = "learn-240" if regime.startswith("learn-240") else "collapse"
+                warm[regime] = prepare_regime(grid, regime, data_dir, runs_dir, cache, archive_dir,
+                                              reuse_from=Path(FIRST_STUDY_DIR) / first, log=log)
     todo = [(run_config(grids[cell], *key, warm_dir=warm[key[0]], runs_dir=runs_dir),
              tables.result_path(data_dir, *key))
             for cell, key in ordered_runs(grids) if not tables.result_path(data_dir, *key).exists()]
     log(f"study2: {len(todo)} runs to do")
     return run_all(todo, jobs=1, eval_items=None, log=log)
-
-
-def _warm_dir(grid, regime, cache, archive_dir, log) -> Path:
-    if archive_dir:
-        sync_warmstart_archive(cache, archive_dir)
-    return ensure_warmstart(grid, regime, cache, log=log)
 
 
 def run_pilot(data_dir, runs_dir, *, cache_dir=None, archive_dir=None, log=print) -> str | None:

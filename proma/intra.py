@@ -5,13 +5,25 @@ Index conventions: o out-features, i in-features, t token rows, r the rank of ea
 ``variant="intra"`` replaces a linear weight's microbatch gradient ``grad = D^T X`` (o, i) by its projection
 away from the dominant directions of its own factors: U (o, r) of D, V (i, r) of X (found by
 :func:`proma.subspace.dominant_subspace`), ``(I - UU^T) grad (I - VV^T)`` (``"two_sided"``) or
-``grad - UU^T grad VV^T`` (``"kron"``). The NumPy definition is :func:`reference.intra_project`.
+``grad - UU^T grad VV^T`` (``"kron"``). The NumPy definition is :func:`reference.intra_project`; only the
+token rows that carry gradient define U and V (:func:`gradient_rows`, as :func:`reference.gradient_rows`).
 """
 from __future__ import annotations
 
 import torch
 
 from .subspace import dominant_subspace
+
+
+def gradient_rows(D: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
+    """Token rows of D (t, o) that carry gradient, (t,) bool: ``max_j |D[t, j]| > o eps max_{t, j} |D[t, j]|``.
+
+    eps is the work dtype's (float32 or float64), as :func:`reference.gradient_rows` with its default cutoff
+    in float64: a row at or below the cutoff is rounding of an exact zero. On the device, no host read.
+    """
+    row_max = D.abs().amax(dim=1).to(work_dtype)
+    cut = max(D.shape[1], 1) * torch.finfo(work_dtype).eps
+    return row_max > cut * row_max.max()
 
 
 def project_factored_(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
@@ -42,7 +54,8 @@ def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank:
     Parameters
     ----------
     grad : (o, i) microbatch weight gradient.
-    X : (t, i) activations, D : (t, o) output gradients of the tokens that carry gradient.
+    X : (t, i) activations, D : (t, o) output gradients; rows that carry no gradient (:func:`gradient_rows`)
+        are left out of both subspaces.
     rank : number of dominant directions on each side; form : "two_sided" or "kron".
 
     Returns
@@ -53,8 +66,9 @@ def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank:
         raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
     if rank == 0 or X.shape[0] == 0:
         return grad.clone()
-    U = dominant_subspace(D, rank).V.to(grad.dtype)
-    V = dominant_subspace(X, rank).V.to(grad.dtype)
+    keep = gradient_rows(D, grad.dtype).to(grad.dtype)
+    U = dominant_subspace(D, rank, row_mask=keep).V.to(grad.dtype)
+    V = dominant_subspace(X, rank, row_mask=keep).V.to(grad.dtype)
     out = grad.clone()
     project_factored_(out, U, V, form)
     return out

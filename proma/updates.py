@@ -24,7 +24,7 @@ from .inventory import Handling
 from .layers import Block
 from .microbatch import IntraFactors
 from .options import NO_SOLVER, AccumulatorOptions
-from .intra import project_factored_
+from .intra import gradient_rows, project_factored_
 from .solvers import solve
 from .subspace import dominant_subspace
 
@@ -126,7 +126,8 @@ class ProjectUpdate:
 class IntraUpdate:
     """Intra: add pg projected against the dominant subspaces of the weight's own activations and gradients.
 
-    Padding tokens (no output gradient) are masked, not removed: removing them would read their count back.
+    Token rows that carry no gradient (:func:`proma.intra.gradient_rows`: padding, and rows whose output gradient
+    is rounding of an exact zero) are masked, not removed: removing them would read their count back.
     """
 
     def __init__(self, rank: int, form: str):
@@ -139,8 +140,7 @@ class IntraUpdate:
         incoming = new.norm().double()
         removed = _zero().to(incoming.device)
         if self.rank > 0 and X.shape[0] > 0:
-            # tokens without output gradient carry nothing (abs().amax: exact, and ~3x cheaper than (D != 0).any)
-            keep = (D.abs().amax(dim=1) > 0).to(block.dtype)
+            keep = gradient_rows(D, block.dtype).to(block.dtype)
             D, X = D.to(block.dtype), X.to(block.dtype)
             U = dominant_subspace(D, self.rank, row_mask=keep).V.to(new.dtype)
             V = dominant_subspace(X, self.rank, row_mask=keep).V.to(new.dtype)

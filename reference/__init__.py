@@ -41,7 +41,7 @@ from .factors import (
     scale_seq_grads,
     seq_index_for,
 )
-from .intra import FORMS, intra_apply, intra_project, intra_subspaces
+from .intra import FORMS, gradient_rows, intra_apply, intra_project, intra_subspaces
 from .policy import categorical_entropy, categorical_kl, group_advantages
 from .projection import default_rcond, project_out, row_space
 
@@ -51,7 +51,7 @@ __all__ = [
     "AccumulationStep",
     "project_out", "row_space", "default_rcond", "normalize_blocks",
     "accumulate", "accumulate_history", "accumulate_step", "removed_component",
-    "intra_apply", "intra_project", "intra_subspaces",
+    "gradient_rows", "intra_apply", "intra_project", "intra_subspaces",
     "linear_seq_grads", "linear_seq_gram", "bias_seq_grads", "scale_seq_grads", "embedding_seq_grads",
     "seq_index_for",
     "group_advantages", "categorical_kl", "categorical_entropy",

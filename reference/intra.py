@@ -15,6 +15,11 @@ microbatch weight gradient ``grad = D^T X`` (o, i) (or any (o, i) matrix):
   vectorised gradient against span{u_a (x) v_b} (the Kronecker-factored subspace).
 
 The projected gradient is then added to the running gradient with no cross-microbatch projection.
+Only the token rows that carry gradient define the subspaces (:func:`gradient_rows`): a row of ``D`` counts
+when its largest entry exceeds ``row_rcond * max |D|`` (default ``o * eps``), so padding and positions whose
+output gradient is zero in exact arithmetic (the first token's query attends to one key only, so its q_proj
+gradient is zero) define no direction even when an implementation's rounding leaves ~1e-17 there; without the
+cutoff such a row's activation would enter V and not U, and where it lands would depend on rounding.
 Only singular vectors whose singular value exceeds ``rcond * s_max`` (default ``max(t, dim) * eps``) are
 used, so r_U = min(rank, numerical rank of D) and likewise for V; a zero D or X removes nothing. When the
 rank-th and (rank+1)-th singular values tie the top-rank subspace is not unique (the SVD picks one).
@@ -24,9 +29,38 @@ from __future__ import annotations
 import numpy as np
 
 from ._validate import as_array, as_int, as_real
-from .projection import default_rcond
+from .projection import EPS, default_rcond
 
 FORMS = ("two_sided", "kron")
+
+
+def default_row_rcond(o: int) -> float:
+    """Default relative cutoff for a token row of output gradients with ``o`` features: ``o * eps``."""
+    return max(o, 1) * EPS
+
+
+def gradient_rows(D, *, row_rcond=None) -> np.ndarray:
+    """Token rows that carry gradient: ``max_j |D[t, j]| > row_rcond * max_{t, j} |D[t, j]|``.
+
+    Parameters
+    ----------
+    D : array_like, shape (t, o)
+        Output gradients.
+    row_rcond : float, optional
+        Relative cutoff (default :func:`default_row_rcond`, ``o * eps``): rows at or below it are rounding of
+        an exact zero (padding, or a position the loss cannot reach through this layer), not data.
+
+    Returns
+    -------
+    ndarray of bool, shape (t,); all False when D is zero.
+    """
+    D = as_array(D, "D", ndim=2)
+    t, o = D.shape
+    if t == 0 or o == 0:
+        return np.zeros(t, dtype=bool)
+    cut = default_row_rcond(o) if row_rcond is None else as_real(row_rcond, "row_rcond", minimum=0.0)
+    row_max = np.abs(D).max(axis=1)
+    return row_max > cut * row_max.max()
 
 
 def _top_right_singular(A: np.ndarray, rank: int, rcond) -> np.ndarray:
@@ -50,8 +84,9 @@ def _flatten_tokens(X, D):
     return X.reshape(-1, X.shape[-1]), D.reshape(-1, D.shape[-1])
 
 
-def intra_subspaces(X, D, *, rank, rcond=None):
-    """Dominant subspaces ``(U, V)`` of the output gradients and the activations.
+def intra_subspaces(X, D, *, rank, rcond=None, row_rcond=None):
+    """Dominant subspaces ``(U, V)`` of the output gradients and the activations, over the token rows that
+    carry gradient (:func:`gradient_rows`).
 
     Parameters
     ----------
@@ -61,7 +96,9 @@ def intra_subspaces(X, D, *, rank, rcond=None):
         Output gradients, same leading dimensions as X.
     rank : int >= 0
     rcond : float, optional
-        Relative singular-value cutoff.
+        Relative singular-value cutoff (default ``max(t, d) * eps``, t the rows that carry gradient).
+    row_rcond : float, optional
+        Relative cutoff of :func:`gradient_rows`.
 
     Returns
     -------
@@ -72,11 +109,13 @@ def intra_subspaces(X, D, *, rank, rcond=None):
     rank = as_int(rank, "rank", minimum=0)
     if rcond is not None:
         rcond = as_real(rcond, "rcond", minimum=0.0)
+    rows = gradient_rows(D, row_rcond=row_rcond)
+    X, D = X[rows], D[rows]
     # left singular vectors of D^T == right singular vectors of D
     return _top_right_singular(D, rank, rcond), _top_right_singular(X, rank, rcond)
 
 
-def intra_project(grad, X, D, *, rank, form="two_sided", rcond=None) -> np.ndarray:
+def intra_project(grad, X, D, *, rank, form="two_sided", rcond=None, row_rcond=None) -> np.ndarray:
     """Project one linear layer's microbatch gradient against dominant factor subspaces.
 
     Parameters
@@ -91,6 +130,8 @@ def intra_project(grad, X, D, *, rank, form="two_sided", rcond=None) -> np.ndarr
         ``"two_sided"``: ``(I - U U^T) grad (I - V V^T)``; ``"kron"``: ``grad - U U^T grad V V^T``.
     rcond : float, optional
         Relative singular-value cutoff for U and V.
+    row_rcond : float, optional
+        Relative cutoff of :func:`gradient_rows` (which token rows define U and V).
 
     Returns
     -------
@@ -99,7 +140,7 @@ def intra_project(grad, X, D, *, rank, form="two_sided", rcond=None) -> np.ndarr
     if form not in FORMS:
         raise ValueError(f"form must be one of {FORMS}; got {form!r}")
     grad = as_array(grad, "grad", ndim=2)
-    U, V = intra_subspaces(X, D, rank=rank, rcond=rcond)
+    U, V = intra_subspaces(X, D, rank=rank, rcond=rcond, row_rcond=row_rcond)
     return intra_apply(grad, U, V, form=form)
 
 

@@ -112,6 +112,29 @@ def test_intra_project_matches_reference(seed, t, d, rank, form):
     assert np.linalg.norm(got - expect) <= FLOAT64_RTOL * np.linalg.norm(grad) * 10
 
 
+@pytest.mark.parametrize("dtype, tiny", [(torch.float64, 1e-17), (torch.float32, 1e-9)])
+@pytest.mark.parametrize("form", ["two_sided", "kron"])
+def test_intra_project_leaves_rounding_zero_rows_out_as_the_reference_does(dtype, tiny, form):
+    # a token row whose output gradient is rounding of an exact zero (relative `tiny`, below o * eps of the work
+    # dtype) defines no direction; the reference's cutoff at that dtype's eps says the same
+    rng = np.random.default_rng(11)
+    X, D = rng.standard_normal((7, 5)), rng.standard_normal((7, 4))
+    X[0] *= 10.0
+    D[0] = tiny * np.abs(D).max()
+    grad = rng.standard_normal((4, 5))
+    t = lambda a: torch.tensor(a, dtype=dtype)  # noqa: E731
+    got = intra_project(t(grad), t(X), t(D), rank=2, form=form).double().numpy()
+    row_rcond = D.shape[1] * float(torch.finfo(dtype).eps)
+    cast = lambda a: t(a).double().numpy()  # noqa: E731
+    expect = reference.intra_project(cast(grad), cast(X), cast(D), rank=2, form=form, row_rcond=row_rcond)
+    left_out = reference.intra_project(cast(grad), cast(X[1:]), cast(D[1:]), rank=2, form=form)
+    rtol = FLOAT64_RTOL * 10 if dtype == torch.float64 else FLOAT32_RTOL
+    assert np.linalg.norm(got - expect) <= rtol * np.linalg.norm(grad)
+    assert np.linalg.norm(expect - left_out) <= rtol * np.linalg.norm(grad)
+    counted = reference.intra_project(cast(grad), cast(X), cast(D), rank=2, form=form, row_rcond=0.0)
+    assert np.linalg.norm(counted - expect) > 1e-2 * np.linalg.norm(grad)
+
+
 def test_top_singular_vectors_span_matches_svd():
     rng = np.random.default_rng(1)
     for t, d in [(20, 5), (5, 20)]:

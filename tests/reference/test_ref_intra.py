@@ -19,6 +19,12 @@ def layers(draw):
     return grad, X, D, draw(st.integers(0, 6))
 
 
+def carrying(D):
+    """The rows of D (t, o) above the definition's cutoff o * eps of the largest entry (independent spelling)."""
+    row = np.abs(D).max(axis=1, initial=0.0)
+    return row > D.shape[1] * np.finfo(np.float64).eps * row.max(initial=0.0)
+
+
 def close(a, b, scale=1.0):
     np.testing.assert_allclose(a, b, rtol=0, atol=REFERENCE_ATOL * max(scale, 1.0))
 
@@ -68,7 +74,8 @@ def test_subspaces_are_the_dominant_singular_subspaces(layer):
     """Ky Fan: ||D U||_F^2 is the sum of the top r eigenvalues of D^T D (holds under ties too)."""
     _, X, D, rank = layer
     U, V = intra_subspaces(X, D, rank=rank)
-    for A, W in [(D, U), (X, V)]:
+    rows = carrying(D)     # the subspaces are those of the token rows that carry gradient
+    for A, W in [(D[rows], U), (X[rows], V)]:
         close(W.T @ W, np.eye(W.shape[1]))
         eig = np.sort(np.linalg.eigvalsh(A.T @ A))[::-1] if A.shape[0] else np.zeros(A.shape[1])
         rank_A = np.linalg.matrix_rank(A) if A.shape[0] else 0
@@ -94,6 +101,7 @@ def test_matches_explicit_kronecker_projector(layer, form):
         assume(r == 0 or w[r - 1] > 1e-8 * w[0])
         return vecs[:, :r]
 
+    X, D = X[carrying(D)], D[carrying(D)]     # the token rows that carry gradient
     U, V = top(D), top(X)
     assume(U.shape[1] == min(rank, np.linalg.matrix_rank(D) if D.shape[0] else 0))
     assume(V.shape[1] == min(rank, np.linalg.matrix_rank(X) if X.shape[0] else 0))
@@ -118,7 +126,7 @@ def test_rank_zero_and_zero_factors_change_nothing(layer, form):
 def test_full_rank_factors_remove_everything(i, o, data):
     t = max(i, o) + data.draw(st.integers(0, 2))
     X, D = data.draw(matrices(t, i)), data.draw(matrices(t, o))
-    assume(np.linalg.matrix_rank(X) == i and np.linalg.matrix_rank(D) == o)
+    assume(np.linalg.matrix_rank(X[carrying(D)]) == i and np.linalg.matrix_rank(D) == o)
     grad = data.draw(matrices(o, i))
     for form in FORMS:
         close(intra_project(grad, X, D, rank=max(i, o), form=form), np.zeros((o, i)), size(grad))
@@ -131,6 +139,35 @@ def test_leading_token_dimensions_are_flattened(layer, b):
     flat = intra_project(grad, Xb, Db, rank=rank)
     close(intra_project(grad, Xb.reshape(b, -1, X.shape[1]), Db.reshape(b, -1, D.shape[1]), rank=rank), flat,
           size(grad))
+
+
+def test_gradient_rows_cut_at_o_eps_of_the_largest_entry():
+    eps = np.finfo(np.float64).eps
+    D = np.array([[0.0, 2.0, 0.0], [1e-17, 0.0, 0.0], [0.0, 0.0, 2.0 * 3 * eps * 1.01], [0.0, 0.0, 0.0],
+                  [-1e-3, 0.0, 0.0]])
+    np.testing.assert_array_equal(reference.gradient_rows(D), [True, False, True, False, True])
+    np.testing.assert_array_equal(reference.gradient_rows(D, row_rcond=1e-2), [True, False, False, False, False])
+    assert not reference.gradient_rows(np.zeros((3, 2))).any()
+    assert reference.gradient_rows(np.zeros((0, 2))).shape == (0,)
+    with pytest.raises(ValueError, match="row_rcond"):
+        reference.gradient_rows(D, row_rcond=-1.0)
+
+
+@pytest.mark.parametrize("form", FORMS)
+def test_a_rounding_zero_row_defines_no_direction(form):
+    """A token whose output gradient is zero in exact arithmetic but rounds to ~1e-17 (the first token's query in
+    a causal model) adds no direction to V: the result is that of the row left out, and far from the row kept."""
+    rng = np.random.default_rng(5)
+    X, D = rng.standard_normal((6, 4)), rng.standard_normal((6, 3))
+    grad = D.T @ X
+    X_extra = np.vstack([X, 10.0 * rng.standard_normal((1, 4))])
+    for tiny in (0.0, 1e-17, -3e-16):
+        D_extra = np.vstack([D, np.array([[tiny, 0.0, tiny]])])
+        got = intra_project(grad, X_extra, D_extra, rank=2, form=form)
+        np.testing.assert_allclose(got, intra_project(grad, X, D, rank=2, form=form), rtol=0, atol=1e-12)
+    # the cutoff is what decides: with the row counted (row_rcond 0) the result moves by O(1)
+    counted = intra_project(grad, X_extra, D_extra, rank=2, form=form, row_rcond=0.0)
+    assert np.abs(counted - intra_project(grad, X, D, rank=2, form=form)).max() > 1e-2 * np.abs(grad).max()
 
 
 def test_hand_computed_rank_one():

@@ -38,16 +38,14 @@ def microbatch_seq_grads(case: Case, m: int) -> np.ndarray:
 
 
 def layer_factors(case: Case, m: int, k: int):
-    """Intra-variant factors of layer k: the tokens of every linear use stacked, ``X`` (t, i), ``D`` (t, o),
-    keeping only tokens whose output gradient is non-zero; None when the layer has a dense use."""
+    """Intra-variant factors of layer k: the tokens of every linear use stacked, ``X`` (t, i), ``D`` (t, o)
+    (the rows that carry gradient are chosen by :func:`reference.gradient_rows`); None when the layer has a
+    dense use."""
     layer = case.layers[k]
     if any(kind != "linear" for kind in layer.uses):
         return None
     uses = [case.use(m, k, u) for u in range(len(layer.uses))]
-    X, D = np.concatenate([a["X"] for a in uses]), np.concatenate([a["D"] for a in uses])
-    # tokens with no output gradient (padding, unscored positions) contribute nothing and define no direction
-    keep = np.any(D != 0, axis=1)
-    return X[keep], D[keep]
+    return np.concatenate([a["X"] for a in uses]), np.concatenate([a["D"] for a in uses])
 
 
 def _split(flat: np.ndarray, layers) -> list:

@@ -223,8 +223,8 @@ def _smallest_rel_sv(g: np.ndarray) -> float:
 
 
 def _intra_subspaces(model64, seq_logp_fn, batch, named, owners, rank: int) -> dict:
-    """Tensor index -> (U, V) of ``reference.intra_subspaces`` for every ``nn.Linear``-only weight, from the
-    tokens with non-zero output gradient; the rank-r subspaces are the first r columns of these."""
+    """Tensor index -> (U, V) of ``reference.intra_subspaces`` for every ``nn.Linear``-only weight (the tokens
+    that carry gradient chosen by ``reference.gradient_rows``); the rank-r subspaces are the first r columns."""
     _, factors = linear_factors(model64, seq_logp_fn, batch, batch["attention_mask"])
     subspaces = {}
     for k, (_, p) in enumerate(named):
@@ -233,8 +233,7 @@ def _intra_subspaces(model64, seq_logp_fn, batch, named, owners, rank: int) -> d
             continue
         X = np.concatenate([c[0] for c in calls])
         D = np.concatenate([c[1] for c in calls])
-        keep = np.any(D != 0, axis=1)
-        subspaces[k] = reference.intra_subspaces(X[keep], D[keep], rank=rank)
+        subspaces[k] = reference.intra_subspaces(X, D, rank=rank)
     return subspaces
 
 

@@ -63,6 +63,51 @@ def _is_real(x) -> bool:
     return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(x)
 
 
+def _integer(minimum: int, msg: str | None = None) -> tuple:
+    """Rule of an integer option: ``(check, message)``."""
+    return (lambda v: _is_int(v, minimum)), msg or f"must be an integer >= {minimum}"
+
+
+def _real(ok=lambda v: True, msg: str = "must be a finite number") -> tuple:
+    """Rule of a real option: finite, and ``ok``."""
+    return (lambda v: _is_real(v) and ok(v)), msg
+
+
+_POSITIVE = "must be a finite number > 0"
+_NON_NEGATIVE = "must be a finite number >= 0"
+_UNIT = "must be in [0, 1)"
+# One rule per field, in field order (TrainConfig.validate checks them in this order after CHOICES, then the
+# combinations of several fields); a new field adds its line here.
+FIELD_RULES = {
+    # run
+    "steps": _integer(1), "num_threads": _integer(0),
+    # policy
+    "vocab_size": _integer(MIN_VOCAB_SIZE, f"must be >= {MIN_VOCAB_SIZE} (2 special tokens + 256 bytes)"),
+    "hidden_size": _integer(1), "intermediate_size": _integer(1), "num_layers": _integer(1),
+    "num_heads": _integer(1), "num_kv_heads": _integer(1), "max_positions": _integer(2),
+    # supervised warm-start
+    "warmstart_steps": _integer(0), "warmstart_batch": _integer(1), "warmstart_lr": _real(lambda v: v > 0, _POSITIVE),
+    # rollout
+    "train_pool": _integer(0), "prompts_per_step": _integer(1),
+    "group_size": _integer(2, "must be >= 2 (group-relative advantages)"), "max_new_tokens": _integer(0),
+    "temperature": _real(lambda v: v > 0, _POSITIVE), "format_reward": _real(),
+    # optimisation
+    "lr": _real(lambda v: v > 0, _POSITIVE),
+    "adam_beta1": _real(lambda v: 0 <= v < 1, _UNIT), "adam_beta2": _real(lambda v: 0 <= v < 1, _UNIT),
+    "weight_decay": _real(lambda v: v >= 0, _NON_NEGATIVE),
+    "grad_clip": _real(lambda v: v >= 0, _NON_NEGATIVE + " (0 = no clipping)"),
+    "warmup_steps": _integer(0), "minibatches": _integer(1), "microbatch_size": _integer(1),
+    # a negative eps flips the sign of the advantages (or divides by ~0): non-negative only
+    "adv_eps": _real(lambda v: v >= 0, _NON_NEGATIVE),
+    "clip_eps": _real(lambda v: 0 < v < 1, "must be in (0, 1)"),
+    # projection methods
+    "intra_rank": _integer(1),
+    # evaluation, checkpoints
+    "eval_every": _integer(1), "eval_size": _integer(1), "ckpt_every": _integer(1),
+    "oos_kl_prompts": _integer(0, "must be an integer >= 0 (0 = off)"),
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     # run
@@ -134,8 +179,8 @@ class TrainConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` naming the first invalid option (``name=value: why (option --name)``).
 
-        One check per field, in field order, so that a new field adds its own line; the combinations of several
-        fields come last.
+        The enumerated options (:data:`CHOICES`), then one rule per field in field order (:data:`FIELD_RULES`,
+        where a new field adds its line), then the combinations of several fields.
         """
         def need(name, ok, msg):
             if not ok:
@@ -144,49 +189,8 @@ class TrainConfig:
 
         for name, choices in CHOICES.items():
             need(name, getattr(self, name) in choices, f"unknown {name} (choose from {', '.join(choices)})")
-        # run
-        need("steps", _is_int(self.steps, 1), "must be an integer >= 1")
-        need("num_threads", _is_int(self.num_threads, 0), "must be an integer >= 0")
-        # policy
-        need("vocab_size", _is_int(self.vocab_size, MIN_VOCAB_SIZE),
-             f"must be >= {MIN_VOCAB_SIZE} (2 special tokens + 256 bytes)")
-        need("hidden_size", _is_int(self.hidden_size, 1), "must be an integer >= 1")
-        need("intermediate_size", _is_int(self.intermediate_size, 1), "must be an integer >= 1")
-        need("num_layers", _is_int(self.num_layers, 1), "must be an integer >= 1")
-        need("num_heads", _is_int(self.num_heads, 1), "must be an integer >= 1")
-        need("num_kv_heads", _is_int(self.num_kv_heads, 1), "must be an integer >= 1")
-        need("max_positions", _is_int(self.max_positions, 2), "must be an integer >= 2")
-        # supervised warm-start
-        need("warmstart_steps", _is_int(self.warmstart_steps, 0), "must be an integer >= 0")
-        need("warmstart_batch", _is_int(self.warmstart_batch, 1), "must be an integer >= 1")
-        need("warmstart_lr", _is_real(self.warmstart_lr) and self.warmstart_lr > 0, "must be a finite number > 0")
-        # rollout
-        need("train_pool", _is_int(self.train_pool, 0), "must be an integer >= 0")
-        need("prompts_per_step", _is_int(self.prompts_per_step, 1), "must be an integer >= 1")
-        need("group_size", _is_int(self.group_size, 2), "must be >= 2 (group-relative advantages)")
-        need("max_new_tokens", _is_int(self.max_new_tokens, 0), "must be an integer >= 0")
-        need("temperature", _is_real(self.temperature) and self.temperature > 0, "must be a finite number > 0")
-        need("format_reward", _is_real(self.format_reward), "must be a finite number")
-        # optimisation
-        need("lr", _is_real(self.lr) and self.lr > 0, "must be a finite number > 0")
-        need("adam_beta1", _is_real(self.adam_beta1) and 0 <= self.adam_beta1 < 1, "must be in [0, 1)")
-        need("adam_beta2", _is_real(self.adam_beta2) and 0 <= self.adam_beta2 < 1, "must be in [0, 1)")
-        need("weight_decay", _is_real(self.weight_decay) and self.weight_decay >= 0, "must be a finite number >= 0")
-        need("grad_clip", _is_real(self.grad_clip) and self.grad_clip >= 0,
-             "must be a finite number >= 0 (0 = no clipping)")
-        need("warmup_steps", _is_int(self.warmup_steps, 0), "must be an integer >= 0")
-        need("minibatches", _is_int(self.minibatches, 1), "must be an integer >= 1")
-        need("microbatch_size", _is_int(self.microbatch_size, 1), "must be an integer >= 1")
-        # a negative eps flips the sign of the advantages (or divides by ~0): non-negative only
-        need("adv_eps", _is_real(self.adv_eps) and self.adv_eps >= 0, "must be a finite number >= 0")
-        need("clip_eps", _is_real(self.clip_eps) and 0 < self.clip_eps < 1, "must be in (0, 1)")
-        # projection methods
-        need("intra_rank", _is_int(self.intra_rank, 1), "must be an integer >= 1")
-        # evaluation, checkpoints
-        need("eval_every", _is_int(self.eval_every, 1), "must be an integer >= 1")
-        need("eval_size", _is_int(self.eval_size, 1), "must be an integer >= 1")
-        need("ckpt_every", _is_int(self.ckpt_every, 1), "must be an integer >= 1")
-        need("oos_kl_prompts", _is_int(self.oos_kl_prompts, 0), "must be an integer >= 0 (0 = off)")
+        for name, (ok, msg) in FIELD_RULES.items():
+            need(name, ok(getattr(self, name)), msg)
         # combinations
         need("train_pool", not 0 < self.train_pool < self.prompts_per_step,
              f"must be 0 (all) or >= prompts_per_step={self.prompts_per_step}")

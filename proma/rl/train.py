@@ -213,6 +213,49 @@ def minibatch_gradient(cfg: TrainConfig, model, rollout: RolloutBatch, rows: lis
             "proj": summarize_stats(summaries), "pre_logp": pre_logp, "pre_tok_logp": pre_tok_logp}
 
 
+def optimizer_step(cfg: TrainConfig, parts, optimizer, acc, ranks, rollout, order, minibatch: int, opt_step: int, *,
+                   shared: dict, rollout_seconds: float, on_microbatch=None) -> dict:
+    """One optimizer step on one minibatch of the rollout (the probe before it, the gradient, the step, the
+    diagnostics of the step taken); returns the global record: the rollout's ``shared`` fields, then the step's."""
+    rows = minibatch_rows(cfg, order, minibatch)
+    lr = lr_at(cfg, opt_step)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    # the out-of-sample probe: fresh held-out completions from the policy before this step
+    probe, probe_seconds = None, 0.0
+    if cfg.oos_kl_prompts:
+        t_probe = time.perf_counter()
+        with paused(acc):
+            probe = sample_probe(cfg, parts.model, parts.tokenizer, parts.heldout_examples, opt_step, parts.device)
+        probe_seconds = time.perf_counter() - t_probe
+    # the micro-step loop: acc.backward per microbatch, the minibatch's gradient left in p.grad
+    t_train = time.perf_counter()
+    optimizer.zero_grad(set_to_none=True)
+    pre_step = minibatch_gradient(cfg, parts.model, rollout, rows, acc, ranks=ranks, on_microbatch=on_microbatch)
+    grad_norm = gradient_norm(parts.model)
+    if cfg.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(parts.model.parameters(), cfg.grad_clip)
+    before = parameter_snapshot(parts.model) if cfg.second_order else None
+    optimizer.step()
+    t_stepped = time.perf_counter()
+    # diagnostics of the step just taken (their forwards are no microbatch: not captured)
+    with paused(acc):
+        diagnostics = step_diagnostics(cfg, parts.model, rollout, rows, pre_step, before)
+        if probe is not None:
+            diagnostics["oos_local_kl"] = probe_kl(parts.model, probe)
+    train_seconds, metrics_seconds = t_stepped - t_train, time.perf_counter() - t_stepped
+    # log: every rank's share -> the global record (token means weighted by the rank's scored tokens)
+    record = {**shared, "opt_step": opt_step + 1, "minibatch": minibatch, "lr": lr, "loss": pre_step["loss"],
+              **diagnostics, "clip_ratio": pre_step["clip_ratio"], "grad_norm": grad_norm, **pre_step["proj"],
+              "time/rollout": rollout_seconds, "time/train": train_seconds, "time/metrics": metrics_seconds,
+              "step_time": rollout_seconds + train_seconds + metrics_seconds + probe_seconds}
+    if probe is not None:
+        record["time/probe"] = probe_seconds
+    return ranks.combine(record, keep=GLOBAL_KEYS, token_keys=TOKEN_MEAN_KEYS,
+                         tokens=float(rollout.n_tokens[rows].sum()))
+    return record
+
+
 def train(cfg: TrainConfig, *, log=print) -> Path:
     """Run ``cfg`` (resuming from its checkpoint, if any) and return its run directory."""
     from tqdm.auto import tqdm
@@ -251,50 +294,12 @@ def train(cfg: TrainConfig, *, log=print) -> Path:
             rollout_seconds = (time.perf_counter() - t_rollout) / cfg.minibatches  # each minibatch's share
             shared = rollout_record(cfg, rollout, step, ranks)
             order = minibatch_order(cfg, step)
-            # 3. per minibatch: one optimizer step
+            # 3. per minibatch: one optimizer step, one record
             for minibatch in range(cfg.minibatches):
-                rows = minibatch_rows(cfg, order, minibatch)
-                # lr
-                lr = lr_at(cfg, opt_step)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                # the out-of-sample probe: fresh held-out completions from the policy before this step
-                probe, probe_seconds = None, 0.0
-                if cfg.oos_kl_prompts:
-                    t_probe = time.perf_counter()
-                    with paused(acc):
-                        probe = sample_probe(cfg, model, parts.tokenizer, parts.heldout_examples, opt_step,
-                                             parts.device)
-                    probe_seconds = time.perf_counter() - t_probe
-                # the micro-step loop: acc.backward per microbatch, the minibatch's gradient left in p.grad
-                t_train = time.perf_counter()
-                optimizer.zero_grad(set_to_none=True)
-                pre_step = minibatch_gradient(cfg, model, rollout, rows, acc, ranks=ranks,
-                                              on_microbatch=save_microbatch if minibatch == 0 else None)
-                # optimizer step
-                grad_norm = gradient_norm(model)
-                if cfg.grad_clip > 0:
-                    torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-                before = parameter_snapshot(model) if cfg.second_order else None
-                optimizer.step()
+                record = optimizer_step(cfg, parts, optimizer, acc, ranks, rollout, order, minibatch, opt_step,
+                                        shared=shared, rollout_seconds=rollout_seconds,
+                                        on_microbatch=save_microbatch if minibatch == 0 else None)
                 opt_step += 1
-                t_stepped = time.perf_counter()
-                # diagnostics of the step just taken (their forwards are no microbatch: not captured)
-                with paused(acc):
-                    diagnostics = step_diagnostics(cfg, model, rollout, rows, pre_step, before)
-                    if probe is not None:
-                        diagnostics["oos_local_kl"] = probe_kl(model, probe)
-                train_seconds, metrics_seconds = t_stepped - t_train, time.perf_counter() - t_stepped
-                # log: every rank's share -> the global record (token means weighted by the rank's scored tokens)
-                record = {**shared, "opt_step": opt_step, "minibatch": minibatch, "lr": lr,
-                          "loss": pre_step["loss"], **diagnostics, "clip_ratio": pre_step["clip_ratio"],
-                          "grad_norm": grad_norm, **pre_step["proj"],
-                          "time/rollout": rollout_seconds, "time/train": train_seconds, "time/metrics": metrics_seconds,
-                          "step_time": rollout_seconds + train_seconds + metrics_seconds + probe_seconds}
-                if probe is not None:
-                    record["time/probe"] = probe_seconds
-                record = ranks.combine(record, keep=GLOBAL_KEYS, token_keys=TOKEN_MEAN_KEYS,
-                                       tokens=float(rollout.n_tokens[rows].sum()))
                 if val_acc is not None and minibatch == 0 and step % cfg.eval_every == 0:
                     record["val/accuracy"] = val_acc
                 write(METRICS_FILE, record)

@@ -34,7 +34,8 @@ RANK_LOCAL_OPTIONS = ("strategy", "max_transient")
 INTRA_FORMS = ("two_sided", "kron")
 
 __all__ = ["VARIANTS", "SOLVERS", "NO_SOLVER", "ACCUMULATOR_SOLVERS", "solver_names", "SYNCS", "INTRA_FORMS", "STRATEGIES",
-           "AccumulatorOptions", "PUBLISHED", "PUBLISHED_NAME", "PUBLISHED_SETTINGS", "published_options"]
+           "AccumulatorOptions", "PUBLISHED", "PUBLISHED_NAME", "PUBLISHED_SETTINGS", "published_options",
+           "options_from_fields"]
 
 
 def _is_int(x, minimum: int) -> bool:
@@ -166,3 +167,28 @@ PUBLISHED = AccumulatorOptions(**PUBLISHED_SETTINGS)
 def published_options(**changes) -> AccumulatorOptions:
     """:data:`PUBLISHED`, with ``changes`` (e.g. ``strategy=``, ``sync=``) applied."""
     return PUBLISHED.replace(**changes) if changes else PUBLISHED
+
+
+def options_from_fields(values: dict, prefix: str) -> AccumulatorOptions:
+    """An integration's ``{option: value}`` (its config's fields ``prefix + option``) checked by
+    :class:`AccumulatorOptions`; ValueError names the field, ``prefix + option``.
+
+    Each option is checked alone first (the others at their defaults), so that the error names the one that is
+    wrong; then all together (options that do not go together, e.g. sync='global' with variant='intra').
+    """
+    exclude = values.get("exclude", ())
+    bad = [x for x in exclude if not isinstance(x, str)]
+    if bad:
+        raise ValueError(f"{prefix}exclude={list(exclude)!r} is invalid: it must be a list of parameter names "
+                         f"(str); got {bad!r}")
+    for name, value in values.items():
+        try:
+            AccumulatorOptions(**{name: value})
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{prefix}{name}={value!r} is invalid: {e}") from None
+    try:
+        return AccumulatorOptions(**values)
+    except (TypeError, ValueError) as e:
+        defaults = AccumulatorOptions()
+        changed = {f"{prefix}{k}": v for k, v in values.items() if k != "exclude" and v != getattr(defaults, k)}
+        raise ValueError(f"the options {changed} do not go together: {e}") from None

@@ -41,7 +41,8 @@ import torch
 from trl import GRPOConfig, GRPOTrainer
 
 from ..accumulator import ProjectedAccumulator
-from ..options import ACCUMULATOR_SOLVERS, INTRA_FORMS, NO_SOLVER, STRATEGIES, SYNCS, VARIANTS, AccumulatorOptions
+from ..options import (ACCUMULATOR_SOLVERS, INTRA_FORMS, NO_SOLVER, STRATEGIES, SYNCS, VARIANTS, AccumulatorOptions,
+                       options_from_fields)
 
 # relative deviation (to the largest coefficient) allowed between TRL's per-token loss coefficients and
 # w_i * mask: they are the same float32 expression per token, so only rounding separates them
@@ -121,26 +122,9 @@ def accumulator_options(args) -> dict:
 
 
 def proma_options(args) -> AccumulatorOptions:
-    """The config's ``proma_*`` fields checked by :class:`AccumulatorOptions`; ValueError names the field.
-
-    Each field is checked alone first (the others at their defaults), so the error names the one that is
-    wrong; then all together (options that do not go together, e.g. sync='global' with variant='intra').
-    """
-    values = accumulator_options(args)
-    bad_names = [x for x in values["exclude"] if not isinstance(x, str)]
-    if bad_names:
-        raise ValueError(f"proma_exclude={list(values['exclude'])!r} is invalid: it must be a list of parameter "
-                         f"names (str); got {bad_names!r}")
-    for name, value in values.items():
-        try:
-            AccumulatorOptions(**{name: value})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"proma_{name}={value!r} is invalid: {e}") from None
-    try:
-        return AccumulatorOptions(**values)
-    except (TypeError, ValueError) as e:
-        changed = {f"proma_{k}": v for k, v in values.items() if v != getattr(_DEFAULTS, k) and k != "exclude"}
-        raise ValueError(f"the options {changed} do not go together: {e}") from None
+    """The config's ``proma_*`` fields checked by :class:`AccumulatorOptions`; ValueError names the field
+    (:func:`proma.options.options_from_fields`)."""
+    return options_from_fields(accumulator_options(args), "proma_")
 
 
 def check_supported(args) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from ..options import AccumulatorOptions
+from ..options import AccumulatorOptions, options_from_fields
 
 # relative deviation (to the largest coefficient) allowed between verl's per-token loss coefficients and
 # w_i * mask: the same float32 expression per token, so only rounding separates them
@@ -28,26 +28,9 @@ def accumulator_options(config) -> dict:
 
 
 def proma_options(config) -> AccumulatorOptions:
-    """The config's ``proma_*`` keys checked by :class:`AccumulatorOptions`; ValueError names the key.
-
-    Each key is checked alone first (the others at their defaults), so the error names the one that is wrong;
-    then all together (options that do not go together, e.g. sync='global' with variant='intra').
-    """
-    values = accumulator_options(config)
-    bad = [x for x in values["exclude"] if not isinstance(x, str)]
-    if bad:
-        raise ValueError(f"actor.proma_exclude={list(values['exclude'])!r} is invalid: it must be a list of "
-                         f"parameter names (str); got {bad!r}")
-    for name, value in values.items():
-        try:
-            AccumulatorOptions(**{name: value})
-        except (TypeError, ValueError) as e:
-            raise ValueError(f"actor.proma_{name}={value!r} is invalid: {e}") from None
-    try:
-        return AccumulatorOptions(**values)
-    except (TypeError, ValueError) as e:
-        changed = {f"actor.proma_{k}": v for k, v in values.items() if k != "exclude" and v != getattr(_DEFAULTS, k)}
-        raise ValueError(f"the options {changed} do not go together: {e}") from None
+    """The config's ``proma_*`` keys checked by :class:`AccumulatorOptions`; ValueError names the key
+    (:func:`proma.options.options_from_fields`)."""
+    return options_from_fields(accumulator_options(config), "actor.proma_")
 
 
 def sequence_weights(coef: torch.Tensor, mask: torch.Tensor, *, rtol: float = WEIGHT_RTOL) -> torch.Tensor:

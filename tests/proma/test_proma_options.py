@@ -83,3 +83,15 @@ def test_the_ranks_agree_on_every_option_but_the_rank_local_ones():
     for name, value in changed.items():
         assert base.replace(**{name: value}).signature_items() != base.signature_items(), name
     assert base.replace(strategy="ghost", max_transient=7).signature_items() == base.signature_items()
+
+
+def test_options_from_fields_names_the_integrations_field():
+    from proma.options import options_from_fields
+
+    assert options_from_fields({"variant": "proma", "solver": "ridge"}, "x.proma_").solver == "ridge"
+    with pytest.raises(ValueError, match=r"^x\.proma_passes=0 is invalid"):
+        options_from_fields({"variant": "proma", "passes": 0}, "x.proma_")
+    with pytest.raises(ValueError, match=r"x\.proma_exclude=\[1\] is invalid: it must be a list of parameter names"):
+        options_from_fields({"exclude": (1,)}, "x.proma_")
+    with pytest.raises(ValueError, match=r"the options \{'x\.proma_variant': 'intra', 'x\.proma_sync': 'global'\}"):
+        options_from_fields({"variant": "intra", "sync": "global"}, "x.proma_")

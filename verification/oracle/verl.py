@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import importlib
 import types
 
 import numpy as np
@@ -40,6 +39,7 @@ from .check import compare_case
 from .format import Case, default_tolerances
 from .settings import Settings
 from .verdicts import CheckResult
+from .verl_env import ensure_process_group, load_class, use_cpu_platform, use_torch_unpad
 
 # the small policy (Qwen3 architecture): big enough for GQA, q/k norms, MLP, biases; small enough for
 # b backward passes per micro-batch in float64
@@ -325,76 +325,6 @@ def candidate_outputs(case: Case, running: list) -> list:
     last = len(running) - 1
     return [[snap.get(layer.name) if snap.get(layer.name) is not None or m < last else np.zeros(layer.shape)
              for layer in case.layers] for m, snap in enumerate(running)]
-
-
-def use_torch_unpad() -> None:
-    """Point verl's remove-padding helpers at its pure-torch versions (needs ``einops``).
-
-    verl 0.7.1 / 0.9.1 import ``flash_attn.bert_padding`` for ``unpad_input`` / ``pad_input`` unless an Ascend NPU
-    is present, so ``use_remove_padding=True`` fails on CPU with ``ModuleNotFoundError: No module named
-    'flash_attn'``; ``verl.utils.npu_flash_attn_utils`` holds the same functions in plain torch.
-    """
-    from verl.utils import attention_utils, npu_flash_attn_utils as torch_impl
-
-    helpers = (torch_impl.index_first_axis, torch_impl.pad_input, torch_impl.rearrange, torch_impl.unpad_input)
-    attention_utils._get_attention_functions = lambda: helpers
-
-
-def use_cpu_platform() -> None:
-    """verl 0.9: make verl's device layer answer "cpu" (its CUDA platform raises on a CPU-only torch).
-
-    verl 0.9.1's ``forward_backward_batch`` moves the token count to ``get_device_id()``, which its CUDA platform
-    (the default) answers with ``torch.cuda.current_device()``: ``AssertionError: Torch not compiled with CUDA
-    enabled``. verl's platform registry is its extension point: this sets a platform whose device is the CPU and
-    whose collective backend is gloo.
-    """
-    from verl.plugin.platform.platform_cuda import PlatformCUDA
-    from verl.plugin.platform.platform_manager import set_platform
-
-    class CPUPlatform(PlatformCUDA):
-        @property
-        def device_name(self):
-            return "cpu"
-
-        def current_device(self):
-            return "cpu"
-
-        def communication_backend_name(self):
-            return "gloo"
-
-        def synchronize(self, device_index=None):
-            return None
-
-        def empty_cache(self):
-            return None
-
-    set_platform(CPUPlatform())
-
-
-def load_class(spec: str):
-    """``package.module:Class`` -> the class (ValueError naming what is missing)."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ValueError(f"--actor must be package.module:Class; got {spec!r}")
-    module = importlib.import_module(module_name)
-    try:
-        return getattr(module, attr)
-    except AttributeError:
-        raise ValueError(f"module {module_name!r} has no attribute {attr!r}") from None
-
-
-def ensure_process_group(dist) -> None:
-    """verl's actor asks for the rank: a one-process gloo group when none is initialised."""
-    if not dist.is_initialized():
-        import os
-        import socket
-
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-        os.environ.setdefault("MASTER_PORT", str(port))
-        dist.init_process_group("gloo", rank=0, world_size=1)
 
 
 __all__ = ["judge_actor", "run_actor", "build_case", "verl_weights", "grpo_batch", "tiny_qwen3", "actor_config",

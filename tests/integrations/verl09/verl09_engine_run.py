@@ -1,0 +1,304 @@
+"""verl 0.9.1's real FSDP engine on CPU (gloo), one or several processes: what ``test_verl09_fsdp_engine.py`` runs.
+
+Each rank builds verl's ``FSDPEngineWithLMHead`` (or :class:`PromaFSDPEngineWithLMHead`) the way verl's
+``TrainingWorker`` does, through ``EngineRegistry.new(...)`` and ``engine.initialize()``: the model is loaded by
+verl from a Hugging Face checkpoint written to a temporary folder, wrapped by verl's own FSDP2 code
+(``apply_fsdp2``: every decoder layer and the root), and given verl's optimizer (AdamW) and LR scheduler. One
+``engine.train_batch(data, ppo_loss)`` (``optimizer_zero_grad``, ``forward_backward_batch``, ``optimizer_step``;
+learning rate 0, no clipping) then leaves the gradient in ``p.grad`` (a ``DTensor`` shard under FSDP2), which
+every rank gathers (``full_tensor()``); rank 0 writes them, with the oracle's expected gradients for the same
+micro-batches, to ``<outdir>/result.pt``.
+
+Launched by ``torchrun`` (``python -m torch.distributed.run --nproc_per_node=W verl09_engine_run.py OUTDIR``) or
+imported. What CPU needs, each in :func:`setup_cpu` and nowhere in the library (docs/verl.md):
+
+- a verl platform whose device is the CPU: verl 0.9.1 ships CUDA, ROCm and NPU platforms only, and its default
+  (CUDA) answers ``get_device_id()`` and ``get_torch_device()`` with ``torch.cuda``
+  (``AssertionError: Torch not compiled with CUDA enabled``). The platform registry (``PlatformRegistry``,
+  ``VERL_PLATFORM``) is verl's extension point; here the platform is set in-process with ``set_platform``;
+- verl's engines are registered for ``device=["cuda", "npu"]``: :func:`proma.integrations.verl_engine.register_engine`
+  registers the PROMA engine for ``"cpu"`` too, and the plain engine is registered here for ``"cpu"`` the same way;
+- float64 (for the 1e-9 comparisons with the reference): verl's ``PrecisionType.to_dtype`` knows fp16, fp32 and
+  bf16 only (``RuntimeError: unexpected precision: fp64``, ``verl/utils/torch_dtypes.py:69``); :func:`allow_float64`
+  adds ``"fp64"`` to it (a test-only patch; verl's float32 path needs none). In float64 every RMSNorm is made to
+  compute in float64 (``full_precision_rmsnorm``, as the judge does): Hugging Face's computes in float32.
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import functools
+import os
+import sys
+import tempfile
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+PLAIN, NONE, EXACT, PUBLISHED = "plain", "none", "exact", "published"
+# learning rate 0 and a clipping bound no gradient reaches: verl's optimizer_step runs but changes nothing
+NO_CLIP = 1e30
+DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+def setup_cpu() -> None:
+    """verl's device layer on the CPU, the plain and PROMA FSDP engines registered for ``"cpu"`` (module docstring)."""
+    from verl.plugin.platform import platform_manager
+    from verl.plugin.platform.platform_cuda import PlatformCUDA
+    from verl.workers.engine.base import EngineRegistry
+    from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
+
+    from proma.integrations.verl_engine import register_engine
+
+    class CPUPlatform(PlatformCUDA):
+        """verl's CUDA platform answering with the CPU and gloo."""
+
+        @property
+        def device_name(self):
+            return "cpu"
+
+        @property
+        def device_module(self):
+            return torch.cpu   # verl's memory logging checks for it and reports zeros
+
+        def current_device(self):
+            return "cpu"
+
+        def communication_backend_name(self):
+            return "gloo"
+
+        def synchronize(self, device_index=None):
+            return None
+
+        def empty_cache(self):
+            return None
+
+    if type(platform_manager._current_platform).__name__ != "CPUPlatform":
+        platform_manager._current_platform = None   # set_platform only warns when one is set; start clean
+        platform_manager.set_platform(CPUPlatform())
+    registry = EngineRegistry._engines["language_model"]["fsdp2"]
+    if "cpu" not in registry:
+        EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"],
+                                device="cpu")(FSDPEngineWithLMHead)
+    if ("cpu", "proma") not in registry:
+        register_engine(devices=("cpu",))
+
+
+def allow_float64() -> None:
+    """Let verl's ``PrecisionType.to_dtype`` map ``"fp64"`` to ``torch.float64`` (test-only; module docstring)."""
+    from verl.utils import torch_dtypes
+
+    original = torch_dtypes.PrecisionType.to_dtype
+    if getattr(original, "allows_fp64", False):
+        return
+
+    def to_dtype(precision):
+        return torch.float64 if precision in ("fp64", "float64", torch.float64) else original(precision)
+
+    to_dtype.allows_fp64 = True
+    torch_dtypes.PrecisionType.to_dtype = staticmethod(to_dtype)
+
+
+def write_checkpoint(path: str, *, tied: bool, bias: bool) -> None:
+    """The judge's tiny Qwen3 (float64) as a Hugging Face checkpoint in ``path`` (config.json, safetensors)."""
+    from verification.oracle import verl as judge
+
+    model = judge.tiny_qwen3(tied=tied, bias=bias)
+    model.config.architectures = ["Qwen3ForCausalLM"]
+    model.save_pretrained(path)
+
+
+def build_engine(path: str, *, dtype: str, vendor: str | None, options=None):
+    """An FSDP2 engine built by verl from the checkpoint in ``path``: ``EngineRegistry.new`` + ``initialize``.
+
+    ``vendor``: None for verl's plain engine, ``"proma"`` for :class:`PromaFSDPEngineWithLMHead` (verl selects it
+    with ``VERL_ENGINE_VENDOR``, as its ``TrainingWorker`` would); ``options``: its ``proma_options``.
+    """
+    from verl.trainer.config import CheckpointConfig
+    from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
+    from verl.workers.engine.base import EngineRegistry
+
+    from verification.oracle import verl as judge
+
+    model_config = HFModelConfig(path=path, load_tokenizer=False, use_remove_padding=False,
+                                 enable_gradient_checkpointing=False,
+                                 override_config={"attn_implementation": "sdpa"})
+    engine_config = FSDPEngineConfig(strategy="fsdp2", model_dtype=dtype, use_torch_compile=False,
+                                     mixed_precision={"param_dtype": dtype, "reduce_dtype": dtype,
+                                                      "buffer_dtype": dtype})
+    optimizer_config = FSDPOptimizerConfig(lr=0.0, clip_grad=NO_CLIP, total_training_steps=1)
+    env = dict(os.environ)
+    try:
+        os.environ.pop("VERL_ENGINE_VENDOR", None)
+        if vendor is not None:
+            os.environ["VERL_ENGINE_VENDOR"] = vendor
+        engine = EngineRegistry.new(model_type="language_model", backend="fsdp2", model_config=model_config,
+                                    engine_config=engine_config, optimizer_config=optimizer_config,
+                                    checkpoint_config=CheckpointConfig())
+    finally:
+        os.environ.clear()
+        os.environ.update(env)
+    if options is not None:
+        engine.proma_options = options
+    engine.initialize()
+    if dtype == "fp64":
+        judge.full_precision_rmsnorm(engine.module)
+    return engine
+
+
+def engine_data(batch, *, global_batch_size: int, micro_batch: int):
+    """verl 0.9's training input (nested, no padding) from a verl ``DataProto`` of left/right-padded sequences."""
+    from verl.utils import tensordict_utils as tu
+    from verl.workers.utils.padding import left_right_2_no_padding
+
+    from verification.oracle import verl as judge
+
+    td = batch.batch.clone()
+    td["prompts"] = td["input_ids"][:, :judge.PROMPT_LEN]
+    td = left_right_2_no_padding(td)
+    tu.assign_non_tensor(td, temperature=1.0, use_remove_padding=False, use_dynamic_bsz=False,
+                         micro_batch_size_per_gpu=micro_batch, use_fused_kernels=False, calculate_entropy=False,
+                         global_batch_size=global_batch_size)
+    return td
+
+
+def recording(loss_fn, weights: list):
+    """verl's loss, recording the per-sequence weights its own backward gives (a hook on its log-probabilities)."""
+    from verl.workers.utils.padding import no_padding_2_padding
+
+    from proma.integrations.verl_common import sequence_weights
+
+    def wrapped(model_output, data, dp_group=None):
+        lp = model_output["log_probs"]
+        mask = data.select("response_mask").to_padded_tensor()["response_mask"]
+
+        def keep(grad):
+            flat = grad.values() if grad.is_nested else grad
+            weights.append(sequence_weights(no_padding_2_padding(flat, data), mask).double().numpy())
+
+        lp.register_hook(keep)
+        return loss_fn(model_output=model_output, data=data, dp_group=dp_group)
+
+    return wrapped
+
+
+def full_grads(engine) -> dict:
+    """{name: full gradient (float64 NumPy)} of every parameter, tied ones under each name (a collective)."""
+    out = {}
+    for name, p in engine.module.named_parameters(remove_duplicate=False):
+        g = p.grad
+        assert g is not None, f"{name}: no gradient after verl's train_batch"
+        g = g.full_tensor() if hasattr(g, "full_tensor") else g
+        out[name] = g.detach().double().numpy().copy()
+    return out
+
+
+def run(outdir: str, *, tied: bool, bias: bool, runs=(PLAIN, NONE, EXACT, PUBLISHED), float32: bool = True,
+        plant: str | None = None) -> dict | None:
+    """Every engine run on this rank's share of the judge's GRPO batch; rank 0 returns (and saves) the results.
+
+    Results: ``{"fp32": {run: grads}, "fp64": {run: grads}, "expected": {settings: {name: array}},
+    "n_params": int, "world": W}``. ``plant``: ``"skip_projection"`` runs the PROMA engines with their
+    projection turned off (variant "none" under the declared name), to show the comparisons can fail.
+    """
+    from verl.workers.config import FSDPActorConfig
+    from verl.workers.utils.losses import ppo_loss
+
+    from proma.options import PUBLISHED as PUBLISHED_OPTIONS
+    from proma.options import AccumulatorOptions
+    from verification.oracle import verl as judge
+    from verification.oracle.settings import Settings
+
+    setup_cpu()
+    allow_float64()
+    rank, world = dist.get_rank(), dist.get_world_size()
+    options = {NONE: AccumulatorOptions(variant="none"),
+               EXACT: AccumulatorOptions(variant="proma", solver="exact", sync="global"),
+               PUBLISHED: dataclasses.replace(PUBLISHED_OPTIONS, sync="global")}
+    settings = {EXACT: Settings(variant="proma", solver="exact"),
+                PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)}
+    if plant == "skip_projection":
+        options.update({EXACT: options[NONE], PUBLISHED: options[NONE]})
+
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "tiny_qwen3")
+        if rank == 0:
+            write_checkpoint(path, tied=tied, bias=bias)
+        parts = [path]
+        dist.broadcast_object_list(parts, src=0)   # every rank reads rank 0's folder (one machine)
+        path = parts[0]
+        dist.barrier()
+
+        batch = judge.grpo_batch()
+        policy = judge.tiny_qwen3(tied=tied, bias=bias)
+        share = len(batch) // world
+        micro = judge.MICRO_BATCH // world
+        config = FSDPActorConfig(strategy="fsdp2", rollout_n=judge.GROUP_SIZE, ppo_mini_batch_size=len(batch),
+                                 ppo_micro_batch_size_per_gpu=micro, use_torch_compile=False)
+
+        results = {"world": world, "fp32": {}, "fp64": {}}
+        weights: list = []
+        for dtype in ("fp32", "fp64") if float32 else ("fp64",):
+            # on-policy old_log_probs in the engine's dtype (verl 0.9's loss always reads them: ratio 1 exactly)
+            batch.batch["old_log_probs"] = judge.response_logp(copy.deepcopy(policy).to(DTYPES[dtype]), batch).double()
+            local = batch[rank * share:(rank + 1) * share]   # rank r's share, as verl's dispatch splits the batch
+            for name in runs if dtype == "fp64" else (PLAIN, NONE):
+                vendor = None if name == PLAIN else "proma"
+                engine = build_engine(path, dtype=dtype, vendor=vendor, options=options.get(name))
+                if dtype == "fp64" and name == PLAIN:
+                    results["n_params"] = sum(1 for _ in engine.module.parameters())
+                loss_fn = functools.partial(ppo_loss, config=config)
+                if dtype == "fp64" and name == PLAIN:
+                    loss_fn = recording(loss_fn, weights)
+                engine.train_batch(engine_data(local, global_batch_size=len(batch), micro_batch=micro), loss_fn)
+                results[dtype][name] = full_grads(engine)
+                del engine
+
+        # the reference case on the union micro-batches (every rank's m-th micro-batch), weights / W
+        keys = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
+        mine = [{k: local.batch[k][s:s + micro] for k in keys} for s in range(0, len(local), micro)]
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (mine, weights))
+        if rank != 0:
+            return None
+        n_micro = len(mine)
+        union = [{k: torch.cat([g[0][m][k] for g in gathered]) for k in keys} for m in range(n_micro)]
+        union_w = [np.concatenate([g[1][m] for g in gathered]) / world for m in range(n_micro)]
+        assert all(len(g[1]) == n_micro for g in gathered), "one recorded weight vector per micro-batch"
+        results["expected"] = {}
+        for name in (EXACT, PUBLISHED):
+            if name not in runs:
+                continue
+            case = judge.build_case(judge.tiny_qwen3(tied=tied, bias=bias), union, union_w, settings[name],
+                                    f"verl09_engine_w{world}", "engine")
+            last = case.n_microbatches - 1
+            results["expected"][name] = {layer.name: case.expected(last, k) for k, layer in enumerate(case.layers)}
+    torch.save(results, os.path.join(outdir, "result.pt"))
+    return results
+
+
+def main(argv: list[str]) -> int:
+    """torchrun entry: ``verl09_engine_run.py OUTDIR [tied|untied] [plant]``; a crash is written to OUTDIR."""
+    import traceback
+
+    outdir = argv[1]
+    tied = (argv[2] if len(argv) > 2 else "tied") == "tied"
+    plant = argv[3] if len(argv) > 3 else None
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo")
+    try:
+        run(outdir, tied=tied, bias=True, plant=plant)
+    except Exception:  # noqa: BLE001  (the test reads it)
+        with open(os.path.join(outdir, f"crash{dist.get_rank()}.txt"), "w") as f:
+            f.write(traceback.format_exc())
+        return 1
+    finally:
+        with contextlib.suppress(Exception):
+            dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))

@@ -37,10 +37,37 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-PLAIN, NONE, EXACT, PUBLISHED = "plain", "none", "exact", "published"
+PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT = "plain", "none", "exact", "published", "worker_exact"
 # learning rate 0 and a clipping bound no gradient reaches: verl's optimizer_step runs but changes nothing
 NO_CLIP = 1e30
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+
+
+class _CpuDeviceModule:
+    """``torch.cpu`` plus what verl's ``TrainingWorker`` reads from its device module for its metrics
+    (``torch.cpu`` has none of it: ``AttributeError: module 'torch.cpu' has no attribute
+    'max_memory_allocated'``, ``verl/workers/engine_workers.py:219``): memory statistics (zeros, as verl's own
+    memory logging reports for the CPU) and a device name."""
+
+    def __getattr__(self, name):
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def _zero(*args, **kwargs):
+        return 0
+
+    memory_allocated = memory_reserved = max_memory_allocated = max_memory_reserved = _zero
+
+    @staticmethod
+    def mem_get_info(*args, **kwargs):
+        return 0, 0
+
+    @staticmethod
+    def get_device_name(*args, **kwargs):
+        return "CPU"   # verl's FLOPs counter (mfu) looks its peak up by this name; unknown: infinite, mfu 0
+
+
+_CPU_DEVICE_MODULE = _CpuDeviceModule()
 
 
 def setup_cpu() -> None:
@@ -61,7 +88,7 @@ def setup_cpu() -> None:
 
         @property
         def device_module(self):
-            return torch.cpu   # verl's memory logging checks for it and reports zeros
+            return _CPU_DEVICE_MODULE
 
         def current_device(self):
             return "cpu"
@@ -110,17 +137,11 @@ def write_checkpoint(path: str, *, tied: bool, bias: bool) -> None:
     model.save_pretrained(path)
 
 
-def build_engine(path: str, *, dtype: str, vendor: str | None, options=None):
-    """An FSDP2 engine built by verl from the checkpoint in ``path``: ``EngineRegistry.new`` + ``initialize``.
-
-    ``vendor``: None for verl's plain engine, ``"proma"`` for :class:`PromaFSDPEngineWithLMHead` (verl selects it
-    with ``VERL_ENGINE_VENDOR``, as its ``TrainingWorker`` would); ``options``: its ``proma_options``.
-    """
+def _configs(path: str, dtype: str):
+    """verl's model, engine, optimizer and checkpoint configs for the checkpoint in ``path`` (FSDP2, no packing,
+    SDPA attention, ``dtype`` everywhere, learning rate 0, no clipping)."""
     from verl.trainer.config import CheckpointConfig
     from verl.workers.config import FSDPEngineConfig, FSDPOptimizerConfig, HFModelConfig
-    from verl.workers.engine.base import EngineRegistry
-
-    from verification.oracle import verl as judge
 
     model_config = HFModelConfig(path=path, load_tokenizer=False, use_remove_padding=False,
                                  enable_gradient_checkpointing=False,
@@ -129,23 +150,97 @@ def build_engine(path: str, *, dtype: str, vendor: str | None, options=None):
                                      mixed_precision={"param_dtype": dtype, "reduce_dtype": dtype,
                                                       "buffer_dtype": dtype})
     optimizer_config = FSDPOptimizerConfig(lr=0.0, clip_grad=NO_CLIP, total_training_steps=1)
-    env = dict(os.environ)
+    return model_config, engine_config, optimizer_config, CheckpointConfig()
+
+
+@contextlib.contextmanager
+def _vendor(vendor: str | None):
+    """``VERL_ENGINE_VENDOR=vendor`` (unset for None) while verl picks the engine class from its registry."""
+    old = os.environ.pop("VERL_ENGINE_VENDOR", None)
+    if vendor is not None:
+        os.environ["VERL_ENGINE_VENDOR"] = vendor
     try:
-        os.environ.pop("VERL_ENGINE_VENDOR", None)
-        if vendor is not None:
-            os.environ["VERL_ENGINE_VENDOR"] = vendor
-        engine = EngineRegistry.new(model_type="language_model", backend="fsdp2", model_config=model_config,
-                                    engine_config=engine_config, optimizer_config=optimizer_config,
-                                    checkpoint_config=CheckpointConfig())
+        yield
     finally:
-        os.environ.clear()
-        os.environ.update(env)
+        os.environ.pop("VERL_ENGINE_VENDOR", None)
+        if old is not None:
+            os.environ["VERL_ENGINE_VENDOR"] = old
+
+
+def _finish(engine, dtype: str, options, sink: dict):
+    """The engine's PROMA options, float64 RMSNorms, and its optimizer step recording the gradients."""
+    from verification.oracle import verl as judge
+
     if options is not None:
         engine.proma_options = options
-    engine.initialize()
     if dtype == "fp64":
         judge.full_precision_rmsnorm(engine.module)
+    step = engine.optimizer.step
+
+    def recording_step(*args, **kwargs):
+        sink.update(full_grads(engine))
+        return step(*args, **kwargs)
+
+    engine.optimizer.step = recording_step
     return engine
+
+
+def build_engine(path: str, *, dtype: str, vendor: str | None, options, sink: dict):
+    """An FSDP2 engine built by verl from the checkpoint in ``path``: ``EngineRegistry.new`` + ``initialize``.
+
+    ``vendor``: None for verl's plain engine, ``"proma"`` for :class:`PromaFSDPEngineWithLMHead` (verl selects it
+    with ``VERL_ENGINE_VENDOR``, as its ``TrainingWorker`` does); ``options``: its ``proma_options``. The
+    gradients at verl's optimizer step land in ``sink``.
+    """
+    from verl.workers.engine.base import EngineRegistry
+
+    model_config, engine_config, optimizer_config, checkpoint_config = _configs(path, dtype)
+    with _vendor(vendor):
+        engine = EngineRegistry.new(model_type="language_model", backend="fsdp2", model_config=model_config,
+                                    engine_config=engine_config, optimizer_config=optimizer_config,
+                                    checkpoint_config=checkpoint_config)
+    engine.initialize()
+    return _finish(engine, dtype, options, sink)
+
+
+def stub_rollout_server_modules() -> list[str]:
+    """Empty ``uvicorn`` and ``fastapi`` modules where they are not installed (returns their names).
+
+    ``verl.workers.engine_workers`` imports verl's checkpoint engine, which imports the rollout server's
+    utilities (``verl/workers/rollout/utils.py:20: import uvicorn``; ``fastapi`` next): ``ModuleNotFoundError:
+    No module named 'uvicorn'``. Training never calls them; the ``verl09`` extra does not install them (a user of
+    verl's workers installs them, as verl's own dependency list does). Test-only.
+    """
+    import importlib.util
+    import types
+
+    stubbed = []
+    for name in ("uvicorn", "fastapi"):
+        if importlib.util.find_spec(name) is None:
+            module = types.ModuleType(name)
+            module.__getattr__ = lambda attr, _n=name: type(attr, (), {})   # any name: an empty class
+            sys.modules[name] = module
+            stubbed.append(name)
+    return stubbed
+
+
+def build_worker(path: str, *, dtype: str, vendor: str | None, options, sink: dict, loss_fn):
+    """verl's ``TrainingWorker`` (the worker that owns the actor's engine; ``ActorRolloutRefWorker.update_actor``
+    is its ``train_mini_batch``), built as ``ActorRolloutRefWorker.init_model`` builds it, without Ray."""
+    stub_rollout_server_modules()
+    from verl.workers.config import TrainingWorkerConfig
+    from verl.workers.engine_workers import TrainingWorker
+
+    model_config, engine_config, optimizer_config, checkpoint_config = _configs(path, dtype)
+    config = TrainingWorkerConfig(model_type="language_model", model_config=model_config,
+                                  engine_config=engine_config, optimizer_config=optimizer_config,
+                                  checkpoint_config=checkpoint_config)
+    with _vendor(vendor):
+        worker = TrainingWorker(config)
+    worker.reset()   # engine.initialize()
+    worker.set_loss_fn(loss_fn)
+    _finish(worker.engine, dtype, options, sink)
+    return worker
 
 
 def engine_data(batch, *, global_batch_size: int, micro_batch: int):
@@ -195,14 +290,18 @@ def full_grads(engine) -> dict:
     return out
 
 
-def run(outdir: str, *, tied: bool, bias: bool, runs=(PLAIN, NONE, EXACT, PUBLISHED), float32: bool = True,
-        plant: str | None = None) -> dict | None:
-    """Every engine run on this rank's share of the judge's GRPO batch; rank 0 returns (and saves) the results.
+def run(outdir: str, *, tied: bool, bias: bool, plant: str | None = None) -> dict | None:
+    """Every run on this rank's share of the judge's GRPO batch; rank 0 returns the results and saves them.
 
-    Results: ``{"fp32": {run: grads}, "fp64": {run: grads}, "expected": {settings: {name: array}},
-    "n_params": int, "world": W}``. ``plant``: ``"skip_projection"`` runs the PROMA engines with their
-    projection turned off (variant "none" under the declared name), to show the comparisons can fail.
+    Runs: float32 (verl's own dtype, no patch): plain verl's engine and the PROMA engine with variant "none";
+    float64: plain (recording the sequence weights its backward gives), "none", exact, published (both
+    ``sync="global"``), and exact through verl's ``TrainingWorker.train_mini_batch`` ("worker_exact").
+    Results: ``{"world": W, "n_params": int, "fp32": {run: grads}, "fp64": {run: grads},
+    "expected": {EXACT: {name: array}, PUBLISHED: {...}}}``, gradients as full float64 arrays under every
+    parameter name. ``plant="skip_projection"``: the PROMA runs declared exact / published run variant "none"
+    (a bug the comparisons with the reference must catch).
     """
+    from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPActorConfig
     from verl.workers.utils.losses import ppo_loss
 
@@ -214,67 +313,68 @@ def run(outdir: str, *, tied: bool, bias: bool, runs=(PLAIN, NONE, EXACT, PUBLIS
     setup_cpu()
     allow_float64()
     rank, world = dist.get_rank(), dist.get_world_size()
-    options = {NONE: AccumulatorOptions(variant="none"),
+    options = {PLAIN: None, NONE: AccumulatorOptions(variant="none"),
                EXACT: AccumulatorOptions(variant="proma", solver="exact", sync="global"),
                PUBLISHED: dataclasses.replace(PUBLISHED_OPTIONS, sync="global")}
-    settings = {EXACT: Settings(variant="proma", solver="exact"),
-                PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)}
     if plant == "skip_projection":
         options.update({EXACT: options[NONE], PUBLISHED: options[NONE]})
+    options[WORKER_EXACT] = options[EXACT]
+    settings = {EXACT: Settings(variant="proma", solver="exact"),
+                PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)}
 
+    batch = judge.grpo_batch()
+    policy = judge.tiny_qwen3(tied=tied, bias=bias)
+    share, micro = len(batch) // world, judge.MICRO_BATCH // world
+    config = FSDPActorConfig(strategy="fsdp2", rollout_n=judge.GROUP_SIZE, ppo_mini_batch_size=len(batch),
+                             ppo_micro_batch_size_per_gpu=micro, use_torch_compile=False)
+    results = {"world": world, "fp32": {}, "fp64": {}}
+    weights: list = []
     with tempfile.TemporaryDirectory() as tmp:
-        path = os.path.join(tmp, "tiny_qwen3")
-        if rank == 0:
-            write_checkpoint(path, tied=tied, bias=bias)
-        parts = [path]
+        parts = [os.path.join(tmp, "tiny_qwen3")]
         dist.broadcast_object_list(parts, src=0)   # every rank reads rank 0's folder (one machine)
         path = parts[0]
+        if rank == 0:
+            write_checkpoint(path, tied=tied, bias=bias)
         dist.barrier()
-
-        batch = judge.grpo_batch()
-        policy = judge.tiny_qwen3(tied=tied, bias=bias)
-        share = len(batch) // world
-        micro = judge.MICRO_BATCH // world
-        config = FSDPActorConfig(strategy="fsdp2", rollout_n=judge.GROUP_SIZE, ppo_mini_batch_size=len(batch),
-                                 ppo_micro_batch_size_per_gpu=micro, use_torch_compile=False)
-
-        results = {"world": world, "fp32": {}, "fp64": {}}
-        weights: list = []
-        for dtype in ("fp32", "fp64") if float32 else ("fp64",):
+        for dtype, names in (("fp32", (PLAIN, NONE)), ("fp64", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT))):
             # on-policy old_log_probs in the engine's dtype (verl 0.9's loss always reads them: ratio 1 exactly)
             batch.batch["old_log_probs"] = judge.response_logp(copy.deepcopy(policy).to(DTYPES[dtype]), batch).double()
             local = batch[rank * share:(rank + 1) * share]   # rank r's share, as verl's dispatch splits the batch
-            for name in runs if dtype == "fp64" else (PLAIN, NONE):
-                vendor = None if name == PLAIN else "proma"
-                engine = build_engine(path, dtype=dtype, vendor=vendor, options=options.get(name))
-                if dtype == "fp64" and name == PLAIN:
-                    results["n_params"] = sum(1 for _ in engine.module.parameters())
+            for name in names:
+                vendor, sink = (None if name == PLAIN else "proma"), {}
                 loss_fn = functools.partial(ppo_loss, config=config)
                 if dtype == "fp64" and name == PLAIN:
                     loss_fn = recording(loss_fn, weights)
-                engine.train_batch(engine_data(local, global_batch_size=len(batch), micro_batch=micro), loss_fn)
-                results[dtype][name] = full_grads(engine)
-                del engine
+                data = engine_data(local, global_batch_size=len(batch), micro_batch=micro)
+                if name == WORKER_EXACT:
+                    worker = build_worker(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink,
+                                          loss_fn=loss_fn)
+                    tu.assign_non_tensor(data, mini_batch_size=len(batch), epochs=1)
+                    worker.train_mini_batch(data)
+                    del worker
+                else:
+                    engine = build_engine(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink)
+                    engine.train_batch(data, loss_fn)
+                    del engine
+                results[dtype][name] = sink
+    results["n_params"] = sum(1 for _ in policy.parameters())
 
-        # the reference case on the union micro-batches (every rank's m-th micro-batch), weights / W
-        keys = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
-        mine = [{k: local.batch[k][s:s + micro] for k in keys} for s in range(0, len(local), micro)]
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (mine, weights))
-        if rank != 0:
-            return None
-        n_micro = len(mine)
-        union = [{k: torch.cat([g[0][m][k] for g in gathered]) for k in keys} for m in range(n_micro)]
-        union_w = [np.concatenate([g[1][m] for g in gathered]) / world for m in range(n_micro)]
-        assert all(len(g[1]) == n_micro for g in gathered), "one recorded weight vector per micro-batch"
-        results["expected"] = {}
-        for name in (EXACT, PUBLISHED):
-            if name not in runs:
-                continue
-            case = judge.build_case(judge.tiny_qwen3(tied=tied, bias=bias), union, union_w, settings[name],
-                                    f"verl09_engine_w{world}", "engine")
-            last = case.n_microbatches - 1
-            results["expected"][name] = {layer.name: case.expected(last, k) for k, layer in enumerate(case.layers)}
+    # the reference case on the union micro-batches (every rank's m-th micro-batch), weights / W
+    keys = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
+    mine = [{k: local.batch[k][s:s + micro] for k in keys} for s in range(0, len(local), micro)]
+    gathered = [None] * world
+    dist.all_gather_object(gathered, (mine, weights))
+    if rank != 0:
+        return None
+    n_micro = len(mine)
+    assert all(len(g[1]) == n_micro for g in gathered), "one recorded weight vector per micro-batch"
+    union = [{k: torch.cat([g[0][m][k] for g in gathered]) for k in keys} for m in range(n_micro)]
+    union_w = [np.concatenate([g[1][m] for g in gathered]) / world for m in range(n_micro)]
+    results["expected"] = {}
+    for name, declared in settings.items():
+        case = judge.build_case(policy, union, union_w, declared, f"verl09_engine_w{world}", "engine")
+        last = case.n_microbatches - 1
+        results["expected"][name] = {layer.name: case.expected(last, k) for k, layer in enumerate(case.layers)}
     torch.save(results, os.path.join(outdir, "result.pt"))
     return results
 

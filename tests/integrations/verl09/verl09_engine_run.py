@@ -290,7 +290,7 @@ def full_grads(engine) -> dict:
     return out
 
 
-def run(outdir: str, *, tied: bool, bias: bool, plant: str | None = None) -> dict | None:
+def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     """Every run on this rank's share of the judge's GRPO batch; rank 0 returns the results and saves them.
 
     Runs: float32 (verl's own dtype, no patch): plain verl's engine and the PROMA engine with variant "none";
@@ -298,8 +298,7 @@ def run(outdir: str, *, tied: bool, bias: bool, plant: str | None = None) -> dic
     ``sync="global"``), and exact through verl's ``TrainingWorker.train_mini_batch`` ("worker_exact").
     Results: ``{"world": W, "n_params": int, "fp32": {run: grads}, "fp64": {run: grads},
     "expected": {EXACT: {name: array}, PUBLISHED: {...}}}``, gradients as full float64 arrays under every
-    parameter name. ``plant="skip_projection"``: the PROMA runs declared exact / published run variant "none"
-    (a bug the comparisons with the reference must catch).
+    parameter name.
     """
     from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPActorConfig
@@ -316,8 +315,6 @@ def run(outdir: str, *, tied: bool, bias: bool, plant: str | None = None) -> dic
     options = {PLAIN: None, NONE: AccumulatorOptions(variant="none"),
                EXACT: AccumulatorOptions(variant="proma", solver="exact", sync="global"),
                PUBLISHED: dataclasses.replace(PUBLISHED_OPTIONS, sync="global")}
-    if plant == "skip_projection":
-        options.update({EXACT: options[NONE], PUBLISHED: options[NONE]})
     options[WORKER_EXACT] = options[EXACT]
     settings = {EXACT: Settings(variant="proma", solver="exact"),
                 PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)}
@@ -380,16 +377,15 @@ def run(outdir: str, *, tied: bool, bias: bool, plant: str | None = None) -> dic
 
 
 def main(argv: list[str]) -> int:
-    """torchrun entry: ``verl09_engine_run.py OUTDIR [tied|untied] [plant]``; a crash is written to OUTDIR."""
+    """torchrun entry: ``verl09_engine_run.py OUTDIR [tied|untied]``; a crash is written to OUTDIR."""
     import traceback
 
     outdir = argv[1]
     tied = (argv[2] if len(argv) > 2 else "tied") == "tied"
-    plant = argv[3] if len(argv) > 3 else None
     torch.set_num_threads(1)
     dist.init_process_group("gloo")
     try:
-        run(outdir, tied=tied, bias=True, plant=plant)
+        run(outdir, tied=tied, bias=True)
     except Exception:  # noqa: BLE001  (the test reads it)
         with open(os.path.join(outdir, f"crash{dist.get_rank()}.txt"), "w") as f:
             f.write(traceback.format_exc())

@@ -13,7 +13,8 @@ for the CPU, the engines registered for "cpu", float64 added to verl's precision
 - exact and the published settings (``sync="global"`` on two ranks) equal the reference on the same (union)
   micro-batches with the weights plain verl's own backward gives each sequence (/ W): <= FLOAT64_RTOL per
   parameter, every parameter judged;
-- the same through verl's ``TrainingWorker.train_mini_batch`` (the worker that owns the actor's engine).
+- exact PROMA through verl's ``ActorRolloutRefWorker`` (role "actor", verl's generated trainer config): ``init_model``
+  then ``update_actor`` (its ``TrainingWorker.train_mini_batch`` -> the engine's ``train_batch``) equals the reference.
 """
 from __future__ import annotations
 

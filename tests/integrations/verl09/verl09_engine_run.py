@@ -1,27 +1,32 @@
-"""verl 0.9.1's real FSDP engine on CPU (gloo), one or several processes: what ``test_verl09_fsdp_engine.py`` runs.
+"""verl 0.9.1's real FSDP engine and actor worker on CPU (gloo), one or several processes: what
+``test_verl09_fsdp_engine.py`` runs.
 
 Each rank builds verl's ``FSDPEngineWithLMHead`` (or :class:`PromaFSDPEngineWithLMHead`) the way verl's
 ``TrainingWorker`` does, through ``EngineRegistry.new(...)`` and ``engine.initialize()``: the model is loaded by
 verl from a Hugging Face checkpoint written to a temporary folder, wrapped by verl's own FSDP2 code
 (``apply_fsdp2``: every decoder layer and the root), and given verl's optimizer (AdamW) and LR scheduler. One
 ``engine.train_batch(data, ppo_loss)`` (``optimizer_zero_grad``, ``forward_backward_batch``, ``optimizer_step``;
-learning rate 0, no clipping) then leaves the gradient in ``p.grad`` (a ``DTensor`` shard under FSDP2), which
-every rank gathers (``full_tensor()``); rank 0 writes them, with the oracle's expected gradients for the same
-micro-batches, to ``<outdir>/result.pt``.
+learning rate 0, no clipping) runs; at verl's optimizer step every rank gathers the gradients from their FSDP2
+shards (``full_tensor()``). One more run goes through verl's ``ActorRolloutRefWorker`` (role ``"actor"``):
+``init_model()`` and ``update_actor(data)``. Rank 0 writes the gradients, with the oracle's expected gradients for
+the same micro-batches, to ``<outdir>/result.pt``.
 
-Launched by ``torchrun`` (``python -m torch.distributed.run --nproc_per_node=W verl09_engine_run.py OUTDIR``) or
-imported. What CPU needs, each in :func:`setup_cpu` and nowhere in the library (docs/verl.md):
+Launched by ``torchrun`` (``python -m torch.distributed.run --nproc_per_node=W verl09_engine_run.py OUTDIR
+[tied|untied]``). What CPU needs, all of it here and none in the library (docs/verl.md):
 
-- a verl platform whose device is the CPU: verl 0.9.1 ships CUDA, ROCm and NPU platforms only, and its default
-  (CUDA) answers ``get_device_id()`` and ``get_torch_device()`` with ``torch.cuda``
+- a verl platform whose device is the CPU (:func:`setup_cpu`): verl 0.9.1 ships CUDA, ROCm and NPU platforms
+  only, and its default (CUDA) answers ``get_device_id()`` and ``get_torch_device()`` with ``torch.cuda``
   (``AssertionError: Torch not compiled with CUDA enabled``). The platform registry (``PlatformRegistry``,
-  ``VERL_PLATFORM``) is verl's extension point; here the platform is set in-process with ``set_platform``;
+  ``VERL_PLATFORM``) is verl's extension point; here the platform is set in-process with ``set_platform``. Its
+  device module is ``torch.cpu`` plus the memory statistics, ``empty_cache`` and device name that verl's workers
+  read (:class:`_CpuDeviceModule`);
 - verl's engines are registered for ``device=["cuda", "npu"]``: :func:`proma.integrations.verl_engine.register_engine`
   registers the PROMA engine for ``"cpu"`` too, and the plain engine is registered here for ``"cpu"`` the same way;
 - float64 (for the 1e-9 comparisons with the reference): verl's ``PrecisionType.to_dtype`` knows fp16, fp32 and
   bf16 only (``RuntimeError: unexpected precision: fp64``, ``verl/utils/torch_dtypes.py:69``); :func:`allow_float64`
   adds ``"fp64"`` to it (a test-only patch; verl's float32 path needs none). In float64 every RMSNorm is made to
-  compute in float64 (``full_precision_rmsnorm``, as the judge does): Hugging Face's computes in float32.
+  compute in float64 (``full_precision_rmsnorm``, as the judge does): Hugging Face's computes in float32;
+- the worker module's import of ``uvicorn`` / ``fastapi`` (:func:`stub_rollout_server_modules`).
 """
 from __future__ import annotations
 
@@ -46,8 +51,9 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 class _CpuDeviceModule:
     """``torch.cpu`` plus what verl's ``TrainingWorker`` reads from its device module for its metrics
     (``torch.cpu`` has none of it: ``AttributeError: module 'torch.cpu' has no attribute
-    'max_memory_allocated'``, ``verl/workers/engine_workers.py:219``): memory statistics (zeros, as verl's own
-    memory logging reports for the CPU) and a device name."""
+    'max_memory_allocated'``, ``verl/workers/engine_workers.py:219``; ``... 'empty_cache'``,
+    ``verl/utils/memory_utils.py:54``): memory statistics (zeros, as verl's own memory logging reports for the
+    CPU), ``empty_cache`` (nothing to free) and a device name."""
 
     def __getattr__(self, name):
         return getattr(torch.cpu, name)
@@ -57,6 +63,10 @@ class _CpuDeviceModule:
         return 0
 
     memory_allocated = memory_reserved = max_memory_allocated = max_memory_reserved = _zero
+
+    @staticmethod
+    def empty_cache():
+        return None   # ActorRolloutRefWorker.init_model ends with aggressive_empty_cache
 
     @staticmethod
     def mem_get_info(*args, **kwargs):
@@ -224,22 +234,34 @@ def stub_rollout_server_modules() -> list[str]:
     return stubbed
 
 
-def build_worker(path: str, *, dtype: str, vendor: str | None, options, sink: dict, loss_fn):
-    """verl's ``TrainingWorker`` (the worker that owns the actor's engine; ``ActorRolloutRefWorker.update_actor``
-    is its ``train_mini_batch``), built as ``ActorRolloutRefWorker.init_model`` builds it, without Ray."""
+def build_worker(path: str, *, dtype: str, vendor: str | None, options, sink: dict, micro_batch: int,
+                 mini_batch: int):
+    """verl's ``ActorRolloutRefWorker`` in the role ``"actor"``, configured from verl's own generated trainer
+    config (``verl/trainer/config/_generated_ppo_trainer.yaml``) with the overrides below, and its
+    ``init_model()`` (which builds the ``TrainingWorker`` that owns the engine, its ``ppo_loss`` and verl's
+    checkpoint engine); without Ray, as one worker process of verl's worker group runs it."""
     stub_rollout_server_modules()
-    from verl.workers.config import TrainingWorkerConfig
-    from verl.workers.engine_workers import TrainingWorker
+    import verl.trainer.config as trainer_configs
+    from omegaconf import OmegaConf
+    from verl.workers.engine_workers import ActorRolloutRefWorker
 
-    model_config, engine_config, optimizer_config, checkpoint_config = _configs(path, dtype)
-    config = TrainingWorkerConfig(model_type="language_model", model_config=model_config,
-                                  engine_config=engine_config, optimizer_config=optimizer_config,
-                                  checkpoint_config=checkpoint_config)
+    from verification.oracle import verl as judge
+
+    trainer = OmegaConf.load(os.path.join(os.path.dirname(trainer_configs.__file__), "_generated_ppo_trainer.yaml"))
+    config = trainer.actor_rollout_ref
+    config.model.update(path=path, load_tokenizer=False, use_remove_padding=False,
+                        enable_gradient_checkpointing=False, override_config={"attn_implementation": "sdpa"})
+    config.actor.update(strategy="fsdp2", use_torch_compile=False, ppo_mini_batch_size=mini_batch,
+                        ppo_micro_batch_size_per_gpu=micro_batch)
+    config.actor.fsdp_config.update(strategy="fsdp2", use_torch_compile=False, model_dtype=dtype,
+                                    mixed_precision={"param_dtype": dtype, "reduce_dtype": dtype,
+                                                     "buffer_dtype": dtype})
+    config.actor.optim.update(lr=0.0, clip_grad=NO_CLIP, total_training_steps=1)
+    config.rollout.update(n=judge.GROUP_SIZE, log_prob_micro_batch_size_per_gpu=micro_batch)
     with _vendor(vendor):
-        worker = TrainingWorker(config)
-    worker.reset()   # engine.initialize()
-    worker.set_loss_fn(loss_fn)
-    _finish(worker.engine, dtype, options, sink)
+        worker = ActorRolloutRefWorker(config, role="actor")
+        worker.init_model()
+    _finish(worker.actor.engine, dtype, options, sink)
     return worker
 
 
@@ -295,7 +317,7 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
 
     Runs: float32 (verl's own dtype, no patch): plain verl's engine and the PROMA engine with variant "none";
     float64: plain (recording the sequence weights its backward gives), "none", exact, published (both
-    ``sync="global"``), and exact through verl's ``TrainingWorker.train_mini_batch`` ("worker_exact").
+    ``sync="global"``), and exact through verl's ``ActorRolloutRefWorker.update_actor`` ("worker_exact").
     Results: ``{"world": W, "n_params": int, "fp32": {run: grads}, "fp64": {run: grads},
     "expected": {EXACT: {name: array}, PUBLISHED: {...}}}``, gradients as full float64 arrays under every
     parameter name.
@@ -343,11 +365,11 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
                 if dtype == "fp64" and name == PLAIN:
                     loss_fn = recording(loss_fn, weights)
                 data = engine_data(local, global_batch_size=len(batch), micro_batch=micro)
-                if name == WORKER_EXACT:
+                if name == WORKER_EXACT:   # verl's own ppo_loss, built by the worker from its actor config
                     worker = build_worker(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink,
-                                          loss_fn=loss_fn)
+                                          micro_batch=micro, mini_batch=len(batch))
                     tu.assign_non_tensor(data, mini_batch_size=len(batch), epochs=1)
-                    worker.train_mini_batch(data)
+                    worker.update_actor(data)
                     del worker
                 else:
                     engine = build_engine(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink)

@@ -402,9 +402,11 @@ def main(argv: list[str]) -> int:
     """torchrun entry: ``verl09_engine_run.py OUTDIR [tied|untied]``; a crash is written to OUTDIR."""
     import traceback
 
+    from verification.testkit import pin_threads
+
     outdir = argv[1]
     tied = (argv[2] if len(argv) > 2 else "tied") == "tied"
-    torch.set_num_threads(1)
+    pin_threads()
     dist.init_process_group("gloo")
     try:
         run(outdir, tied=tied, bias=True)

@@ -8,11 +8,12 @@ untied head (verl's meta-device initialisation path), each rank half the batch. 
 for the CPU, the engines registered for "cpu", float64 added to verl's precision table, empty ``uvicorn`` /
 ``fastapi`` modules for the worker module's import) is in the runner's docstring and docs/verl.md.
 
-- variant "none" equals plain verl's engine: float64 per parameter <= FLOAT64_ATOL (1e-12); float32 (verl's own
-  dtype, no patch) <= 1e-6 on the whole gradient and per parameter relative to the gradient's scale;
+- variant "none" equals plain verl's engine: float64 per parameter <= FLOAT64_ATOL (1e-12), for ``token-mean`` and
+  ``seq-mean-token-mean``; float32 (verl's own dtype, no patch) <= 1e-6 on the whole gradient and per parameter
+  relative to the gradient's scale;
 - exact and the published settings (``sync="global"`` on two ranks) equal the reference on the same (union)
   micro-batches with the weights plain verl's own backward gives each sequence (/ W): <= FLOAT64_RTOL per
-  parameter, every parameter judged;
+  parameter, every parameter judged (exact for both loss_agg_modes);
 - exact PROMA through verl's ``ActorRolloutRefWorker`` (role "actor", verl's generated trainer config): ``init_model``
   then ``update_actor`` (its ``TrainingWorker.train_mini_batch`` -> the engine's ``train_batch``) equals the reference.
 """
@@ -61,27 +62,33 @@ def results(request, tmp_path_factory):
     return launch(world, tmp_path_factory.mktemp(f"verl09_engine{world}"), tied=tied)
 
 
+TOKEN_MEAN, SEQ_MEAN = "token-mean", "seq-mean-token-mean"
+
+
 def test_every_parameter_has_a_gradient_and_a_reference(results):
-    names = set(results["fp64"]["plain"])
-    for dtype in ("fp32", "fp64"):
-        for run, grads in results[dtype].items():
-            assert set(grads) == names, (dtype, run)
-    for settings, expected in results["expected"].items():
-        assert len(expected) == results["n_params"], settings   # every parameter judged (a tied one once)
+    names = set(results["grads"]["fp64", TOKEN_MEAN]["plain"])
+    assert len(results["grads"]) == 3 and len(results["expected"]) == 3
+    for key, runs in results["grads"].items():
+        for run, grads in runs.items():
+            assert set(grads) == names, (key, run)
+    for key, expected in results["expected"].items():
+        assert len(expected) == results["n_params"], key   # every parameter judged (a tied one once)
         assert set(expected) <= names
 
 
-def test_none_equals_plain_verl_float64(results):
-    plain, none = results["fp64"]["plain"], results["fp64"]["none"]
-    for name in plain:
-        assert rel_err(none[name], plain[name]) <= FLOAT64_ATOL, name
+@pytest.mark.parametrize("mode", [TOKEN_MEAN, SEQ_MEAN])
+def test_none_equals_plain_verl_float64(results, mode):
+    runs = results["grads"]["fp64", mode]
+    for name, want in runs["plain"].items():
+        assert rel_err(runs["none"][name], want) <= FLOAT64_ATOL, name
 
 
 def test_none_equals_plain_verl_float32(results):
     """verl's own dtype. Per parameter the bound is relative to the whole gradient: within GRPO groups the
     per-sequence terms cancel, and a few parameters' gradients are 1e-5 of the total, where plain verl's float32
     gradient itself is up to 1e-5 (relative) from its float64 gradient."""
-    plain, none, plain64 = results["fp32"]["plain"], results["fp32"]["none"], results["fp64"]["plain"]
+    runs, plain64 = results["grads"]["fp32", TOKEN_MEAN], results["grads"]["fp64", TOKEN_MEAN]["plain"]
+    plain, none = runs["plain"], runs["none"]
     names = sorted(plain)
 
     def flat(grads):
@@ -92,15 +99,15 @@ def test_none_equals_plain_verl_float32(results):
     for name in names:
         assert np.linalg.norm(none[name] - plain[name]) <= NONE_VS_PLAIN_F32 * scale, name
     # and the float32 runs are float32 roundings of the float64 ones (the comparison is of real gradients)
-    assert rel_err(flat(plain), np.concatenate([plain64[n].ravel() for n in names])) <= NONE_VS_PLAIN_F32
+    assert rel_err(flat(plain), flat(plain64)) <= NONE_VS_PLAIN_F32
 
 
-@pytest.mark.parametrize("run, settings", [("exact", "exact"), ("published", "published"),
-                                           ("worker_exact", "exact")])
-def test_proma_equals_the_reference_on_the_same_microbatches(results, run, settings):
-    ours, plain = results["fp64"][run], results["fp64"]["plain"]
-    expected = results["expected"][settings]
-    for name, want in expected.items():
+@pytest.mark.parametrize("mode, run, settings", [(TOKEN_MEAN, "exact", "exact"), (TOKEN_MEAN, "published", "published"),
+                                                 (TOKEN_MEAN, "worker_exact", "exact"), (SEQ_MEAN, "exact", "exact")])
+def test_proma_equals_the_reference_on_the_same_microbatches(results, mode, run, settings):
+    runs = results["grads"]["fp64", mode]
+    ours, plain = runs[run], runs["plain"]
+    for name, want in results["expected"][mode, settings].items():
         err = rel_err(ours[name], want)
         assert err <= FLOAT64_RTOL, f"{name}: relative error {err:.3g}"
     # PROMA changed the gradient (the comparison is not vacuous)

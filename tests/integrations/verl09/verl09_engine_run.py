@@ -46,6 +46,12 @@ PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT = "plain", "none", "exact", "publish
 # learning rate 0 and a clipping bound no gradient reaches: verl's optimizer_step runs but changes nothing
 NO_CLIP = 1e30
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
+# (dtype, loss_agg_mode, runs): float32 is verl's own dtype (no patch); the float64 plain run records the sequence
+# weights its backward gives (for the reference); a second loss_agg_mode normalises by the global batch size and
+# dp size rather than the token count
+PLAN = (("fp32", "token-mean", (PLAIN, NONE)),
+        ("fp64", "token-mean", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT)),
+        ("fp64", "seq-mean-token-mean", (PLAIN, NONE, EXACT)))
 
 
 class _CpuDeviceModule:
@@ -313,14 +319,13 @@ def full_grads(engine) -> dict:
 
 
 def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
-    """Every run on this rank's share of the judge's GRPO batch; rank 0 returns the results and saves them.
+    """Every run of :data:`PLAN` on this rank's share of the judge's GRPO batch; rank 0 returns the results and
+    saves them.
 
-    Runs: float32 (verl's own dtype, no patch): plain verl's engine and the PROMA engine with variant "none";
-    float64: plain (recording the sequence weights its backward gives), "none", exact, published (both
-    ``sync="global"``), and exact through verl's ``ActorRolloutRefWorker.update_actor`` ("worker_exact").
-    Results: ``{"world": W, "n_params": int, "fp32": {run: grads}, "fp64": {run: grads},
-    "expected": {EXACT: {name: array}, PUBLISHED: {...}}}``, gradients as full float64 arrays under every
-    parameter name.
+    Results: ``{"world": W, "n_params": int, "grads": {(dtype, loss_agg_mode): {run: {name: array}}},
+    "expected": {(loss_agg_mode, EXACT or PUBLISHED): {name: array}}}``, gradients as full float64 arrays under
+    every parameter name; the expected ones from the reference on the union micro-batches with the weights the
+    float64 plain run's backward gave each sequence (/ W).
     """
     from verl.utils import tensordict_utils as tu
     from verl.workers.config import FSDPActorConfig
@@ -344,10 +349,8 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     batch = judge.grpo_batch()
     policy = judge.tiny_qwen3(tied=tied, bias=bias)
     share, micro = len(batch) // world, judge.MICRO_BATCH // world
-    config = FSDPActorConfig(strategy="fsdp2", rollout_n=judge.GROUP_SIZE, ppo_mini_batch_size=len(batch),
-                             ppo_micro_batch_size_per_gpu=micro, use_torch_compile=False)
-    results = {"world": world, "fp32": {}, "fp64": {}}
-    weights: list = []
+    results = {"world": world, "grads": {}, "expected": {}}
+    weights: dict = {}   # loss_agg_mode -> [per micro-batch (b_local,) weights] from the float64 plain run
     with tempfile.TemporaryDirectory() as tmp:
         parts = [os.path.join(tmp, "tiny_qwen3")]
         dist.broadcast_object_list(parts, src=0)   # every rank reads rank 0's folder (one machine)
@@ -355,17 +358,21 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
         if rank == 0:
             write_checkpoint(path, tied=tied, bias=bias)
         dist.barrier()
-        for dtype, names in (("fp32", (PLAIN, NONE)), ("fp64", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT))):
+        for dtype, mode, names in PLAN:
             # on-policy old_log_probs in the engine's dtype (verl 0.9's loss always reads them: ratio 1 exactly)
             batch.batch["old_log_probs"] = judge.response_logp(copy.deepcopy(policy).to(DTYPES[dtype]), batch).double()
             local = batch[rank * share:(rank + 1) * share]   # rank r's share, as verl's dispatch splits the batch
+            config = FSDPActorConfig(strategy="fsdp2", rollout_n=judge.GROUP_SIZE, ppo_mini_batch_size=len(batch),
+                                     ppo_micro_batch_size_per_gpu=micro, use_torch_compile=False, loss_agg_mode=mode)
+            grads = results["grads"].setdefault((dtype, mode), {})
             for name in names:
                 vendor, sink = (None if name == PLAIN else "proma"), {}
                 loss_fn = functools.partial(ppo_loss, config=config)
                 if dtype == "fp64" and name == PLAIN:
-                    loss_fn = recording(loss_fn, weights)
+                    loss_fn = recording(loss_fn, weights.setdefault(mode, []))
                 data = engine_data(local, global_batch_size=len(batch), micro_batch=micro)
-                if name == WORKER_EXACT:   # verl's own ppo_loss, built by the worker from its actor config
+                if name == WORKER_EXACT:   # verl's own ppo_loss (token-mean), built by the worker from its config
+                    assert mode == "token-mean"
                     worker = build_worker(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink,
                                           micro_batch=micro, mini_batch=len(batch))
                     tu.assign_non_tensor(data, mini_batch_size=len(batch), epochs=1)
@@ -375,10 +382,10 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
                     engine = build_engine(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink)
                     engine.train_batch(data, loss_fn)
                     del engine
-                results[dtype][name] = sink
+                grads[name] = sink
     results["n_params"] = sum(1 for _ in policy.parameters())
 
-    # the reference case on the union micro-batches (every rank's m-th micro-batch), weights / W
+    # the reference cases on the union micro-batches (every rank's m-th micro-batch), weights / W
     keys = ("input_ids", "attention_mask", "position_ids", "responses", "response_mask")
     mine = [{k: local.batch[k][s:s + micro] for k in keys} for s in range(0, len(local), micro)]
     gathered = [None] * world
@@ -386,14 +393,15 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     if rank != 0:
         return None
     n_micro = len(mine)
-    assert all(len(g[1]) == n_micro for g in gathered), "one recorded weight vector per micro-batch"
     union = [{k: torch.cat([g[0][m][k] for g in gathered]) for k in keys} for m in range(n_micro)]
-    union_w = [np.concatenate([g[1][m] for g in gathered]) / world for m in range(n_micro)]
-    results["expected"] = {}
-    for name, declared in settings.items():
-        case = judge.build_case(policy, union, union_w, declared, f"verl09_engine_w{world}", "engine")
-        last = case.n_microbatches - 1
-        results["expected"][name] = {layer.name: case.expected(last, k) for k, layer in enumerate(case.layers)}
+    for dtype, mode, names in PLAN:
+        for name in set(names) & set(settings):
+            assert all(len(g[1][mode]) == n_micro for g in gathered), "one weight vector per micro-batch"
+            union_w = [np.concatenate([g[1][mode][m] for g in gathered]) / world for m in range(n_micro)]
+            case = judge.build_case(policy, union, union_w, settings[name], f"verl09_engine_w{world}", mode)
+            last = case.n_microbatches - 1
+            results["expected"][mode, name] = {layer.name: case.expected(last, k)
+                                               for k, layer in enumerate(case.layers)}
     torch.save(results, os.path.join(outdir, "result.pt"))
     return results
 

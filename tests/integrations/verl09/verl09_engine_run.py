@@ -118,7 +118,8 @@ def setup_cpu() -> None:
         def empty_cache(self):
             return None
 
-    if type(platform_manager._current_platform).__name__ != "CPUPlatform":
+    current = platform_manager._current_platform
+    if current is None or current.device_module is not _CPU_DEVICE_MODULE:
         platform_manager._current_platform = None   # set_platform only warns when one is set; start clean
         platform_manager.set_platform(CPUPlatform())
     registry = EngineRegistry._engines["language_model"]["fsdp2"]

@@ -21,10 +21,11 @@ Remove padding: verl 0.9's packed path (``use_remove_padding=True``, its default
 (dim 0 = 1), which PROMA's capture cannot split into sequences; the engine refuses it while PROMA's hooks are
 active. With ``use_remove_padding=False`` verl pads each micro-batch to (b, max_len) and PROMA works.
 
-What this does not do, and why: verl 0.9.1 registers its FSDP engines for ``device=["cuda", "npu"]`` only, so
-building a real engine on a CPU needs ``VERL_ENGINE_DEVICE``/registration for ``"cpu"`` plus verl's device
-plumbing; the tests drive verl's real ``forward_backward_batch`` / ``forward_step`` / ``ppo_loss`` on an engine
-object whose model, optimizer and data-parallel attributes are set by hand (docs/verl.md).
+Where it runs: verl 0.9.1 registers its FSDP engines for ``device=["cuda", "npu"]``; :func:`register_engine`
+registers this one for ``"cpu"`` too. On a CPU-only machine verl also needs a platform whose device is the CPU
+(verl's default CUDA platform asks ``torch.cuda``); the tests set one, and build this engine through verl's
+``EngineRegistry``, ``initialize()`` (verl's model loading, FSDP2 wrapping, optimizer) and verl's
+``ActorRolloutRefWorker`` in one and two processes (docs/verl.md, "verl 0.9.1 on CPU").
 """
 from __future__ import annotations
 

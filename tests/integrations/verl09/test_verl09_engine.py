@@ -1,9 +1,11 @@
 """PROMA in verl 0.9.1's engine API (:mod:`proma.integrations.verl_engine`), one process, float64: verl's real
 ``FSDPEngine.forward_backward_batch`` -> ``FSDPEngineWithLMHead.forward_step`` -> ``ppo_loss`` on an engine object
-whose model, optimizer and data-parallel attributes are set by hand (verl 0.9.1 registers its FSDP engines for
-CUDA and NPU only; docs/verl.md). Variant "none" equals plain verl's gradient; exact PROMA equals the reference
-(the oracle's case on the same micro-batches, with the weights plain verl's own backward gives each sequence).
-Skipped where verl 0.9 is not installed; .ci/run runs it in the verl 0.9.1 environment."""
+whose model, optimizer and data-parallel attributes are set by hand, in this process (no FSDP): the cheap sweep
+over every ``loss_agg_mode`` and the refusals. Variant "none" equals plain verl's gradient; exact PROMA equals the
+reference (the oracle's case on the same micro-batches, with the weights plain verl's own backward gives each
+sequence). The engine as verl builds it (``initialize``, FSDP2, one and two processes, the actor worker):
+``test_verl09_fsdp_engine.py``. Skipped where verl 0.9 is not installed; .ci/run runs it in the verl 0.9.1
+environment."""
 from __future__ import annotations
 
 import contextlib

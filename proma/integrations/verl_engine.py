@@ -14,8 +14,11 @@ over every token of the micro-batch) and calls ``loss_function(model_output, dat
 - :class:`PromaFSDPEngineWithLMHead` (a subclass of verl's ``FSDPEngineWithLMHead``) wraps the loss function in
   ``forward_step``, starts the accumulation in ``optimizer_zero_grad`` and calls ``acc.synchronize()`` at the
   start of ``optimizer_step``. :func:`register_engine` registers it in verl's ``EngineRegistry`` under the
-  vendor ``"proma"``, which verl selects with ``VERL_ENGINE_VENDOR=proma``; the options come from
-  :attr:`PromaFSDPEngineWithLMHead.proma_options` (an :class:`~proma.options.AccumulatorOptions`).
+  vendor ``"proma"``, which verl selects with ``VERL_ENGINE_VENDOR=proma``. verl 0.9 hands the engine no actor
+  config to read ``proma_*`` keys from, so the options come, like the vendor, from the worker's environment:
+  ``PROMA_VERL_OPTIONS``, a JSON object of :class:`~proma.options.AccumulatorOptions` fields
+  (:func:`options_from_env`; e.g. ``{"variant": "proma", "solver": "exact"}``), or from the attribute
+  :attr:`PromaFSDPEngineWithLMHead.proma_options` set in code (not both).
 
 Remove padding: verl 0.9's packed path (``use_remove_padding=True``, its default) runs the model on one row
 (dim 0 = 1), which PROMA's capture cannot split into sequences; the engine refuses it while PROMA's hooks are
@@ -29,15 +32,43 @@ registers this one for ``"cpu"`` too. On a CPU-only machine verl also needs a pl
 """
 from __future__ import annotations
 
+import json
+import os
+
 import torch
 from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 from verl.workers.utils.padding import no_padding_2_padding
 
 from ..accumulator import ProjectedAccumulator
-from ..options import AccumulatorOptions
-from .verl_common import sequence_weights
+from ..options import AccumulatorOptions, options_from_fields
+from .verl_common import ACCUMULATOR_OPTIONS, sequence_weights
 
 ENGINE_VENDOR = "proma"
+# the environment variable that carries the engine's options into verl's worker processes
+OPTIONS_ENV = "PROMA_VERL_OPTIONS"
+
+
+def options_from_env(environ=None) -> AccumulatorOptions | None:
+    """The engine's options from ``PROMA_VERL_OPTIONS`` (None when unset); ValueError names the key at fault.
+
+    The value is a JSON object of :class:`~proma.options.AccumulatorOptions` fields, the others at their
+    defaults, e.g. ``{"variant": "proma", "solver": "gram_schmidt", "passes": 2, "relative_bound": 0.5}``.
+    """
+    raw = (os.environ if environ is None else environ).get(OPTIONS_ENV)
+    if raw is None:
+        return None
+    try:
+        values = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{OPTIONS_ENV}={raw!r} is not JSON: {e}") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{OPTIONS_ENV}={raw!r} must be a JSON object of option: value")
+    unknown = sorted(set(values) - set(ACCUMULATOR_OPTIONS))
+    if unknown:
+        raise ValueError(f"{OPTIONS_ENV} has unknown keys {unknown}; known: {', '.join(ACCUMULATOR_OPTIONS)}")
+    if isinstance(values.get("exclude"), list):
+        values["exclude"] = tuple(values["exclude"])
+    return options_from_fields(values, f"{OPTIONS_ENV}.")
 
 
 def _padded_mask(data) -> torch.Tensor:
@@ -90,9 +121,16 @@ class PromaFSDPEngineWithLMHead(FSDPEngineWithLMHead):
 
     @property
     def accumulator(self) -> ProjectedAccumulator:
-        """The accumulator on the engine's (wrapped) module, built at first use."""
+        """The accumulator on the engine's (wrapped) module, built at first use, with the options of
+        ``PROMA_VERL_OPTIONS`` or of :attr:`proma_options`."""
         if self._proma_acc is None:
-            self._proma_acc = ProjectedAccumulator(self.module, options=self.proma_options)
+            options, from_env = self.proma_options, options_from_env()
+            if from_env is not None:
+                if options != AccumulatorOptions():
+                    raise ValueError(f"PROMA's engine options are set twice: {OPTIONS_ENV} and proma_options="
+                                     f"{options!r}; set one")
+                options = from_env
+            self._proma_acc = ProjectedAccumulator(self.module, options=options)
         return self._proma_acc
 
     def forward_step(self, micro_batch, loss_function, forward_only):
@@ -124,4 +162,5 @@ def register_engine(devices=("cuda", "npu", "cpu")) -> None:
                             vendor=ENGINE_VENDOR)(PromaFSDPEngineWithLMHead)
 
 
-__all__ = ["proma_loss_function", "PromaFSDPEngineWithLMHead", "register_engine", "ENGINE_VENDOR"]
+__all__ = ["proma_loss_function", "PromaFSDPEngineWithLMHead", "register_engine", "options_from_env", "ENGINE_VENDOR",
+           "OPTIONS_ENV"]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 
 import pytest
 import torch
@@ -25,7 +26,7 @@ from verl.workers.utils.losses import ppo_loss  # noqa: E402
 from verl.workers.utils.padding import left_right_2_no_padding, no_padding_2_padding  # noqa: E402
 
 from proma.integrations.verl_common import sequence_weights  # noqa: E402
-from proma.integrations.verl_engine import PromaFSDPEngineWithLMHead  # noqa: E402
+from proma.integrations.verl_engine import OPTIONS_ENV, PromaFSDPEngineWithLMHead, options_from_env  # noqa: E402
 from proma.options import PUBLISHED, AccumulatorOptions  # noqa: E402
 from verification.oracle import verl as judge  # noqa: E402
 from verification.oracle.settings import Settings  # noqa: E402
@@ -160,3 +161,30 @@ def test_an_entropy_bonus_is_refused():
     tu.assign_non_tensor(td, calculate_entropy=True)
     with pytest.raises(ValueError, match="entropy"):
         eng.forward_backward_batch(td, functools.partial(ppo_loss, config=config))
+
+
+def test_options_from_the_worker_environment(monkeypatch):
+    # verl 0.9 gives the engine no actor config: the options travel, as VERL_ENGINE_VENDOR does, in the environment
+    env = {OPTIONS_ENV: json.dumps({"variant": "proma", "solver": "gram_schmidt", "passes": 2,
+                                    "relative_bound": 0.5, "exclude": ["lm_head.weight"]})}
+    assert options_from_env(env) == PUBLISHED.replace(exclude=frozenset({"lm_head.weight"}))
+    assert options_from_env({}) is None
+    for raw, match in [("{variant: proma}", "is not JSON"), ('["proma"]', "must be a JSON object"),
+                       ('{"varaint": "proma"}', r"unknown keys \['varaint'\]"),
+                       ('{"variant": "proma", "passes": 0}', rf"^{OPTIONS_ENV}\.passes=0 is invalid")]:
+        with pytest.raises(ValueError, match=match):
+            options_from_env({OPTIONS_ENV: raw})
+    # the engine builds its accumulator from the variable: the same gradient as the attribute set in code
+    monkeypatch.setenv(OPTIONS_ENV, json.dumps({"variant": "proma", "solver": "gram_schmidt", "passes": 2,
+                                                "relative_bound": 0.5}))
+    from_env, _ = _step(PromaFSDPEngineWithLMHead)
+    monkeypatch.delenv(OPTIONS_ENV)
+    from_code, _ = _step(PromaFSDPEngineWithLMHead, PUBLISHED)
+    default, _ = _step(PromaFSDPEngineWithLMHead)
+    assert all(torch.equal(from_env[n], from_code[n]) for n in from_code)
+    assert max(rel_err(from_env[n].numpy(), default[n].numpy()) for n in default) > 1e-6   # not the defaults
+    # set twice: refused
+    monkeypatch.setenv(OPTIONS_ENV, json.dumps({"variant": "proma"}))
+    eng = _engine(PromaFSDPEngineWithLMHead, judge.tiny_qwen3(tied=True, bias=True), PUBLISHED)
+    with pytest.raises(ValueError, match="set twice"):
+        eng.accumulator

@@ -145,14 +145,14 @@ class Block:
         step = self._chunk_rows()
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            g = None
-            for c in self.contribs:
-                part = c.materialize(r0, r1, self.dtype)
-                if g is None:
-                    # a contribution may hand out a view of its own data: never accumulate into it
-                    g = part.clone() if len(self.contribs) > 1 else part
-                else:
-                    g.add_(part)
+            # the other uses are added into a use's new tensor; a view of a contribution's own data is cloned
+            first = next((c for c in self.contribs if c.materializes_new), self.contribs[0])
+            g = first.materialize(r0, r1, self.dtype)
+            if len(self.contribs) > 1:
+                g = g if first.materializes_new else g.clone()
+                for c in self.contribs:
+                    if c is not first:
+                        c.add_materialized_(g, r0, r1)
             yield r0, r1, g.reshape(self.b, -1)
 
     def _materialize_compact(self) -> torch.Tensor:

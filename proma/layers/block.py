@@ -48,7 +48,7 @@ def _gram_update_(K: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor, Gf: 
         gd = g[:, c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE)
         K.addmm_(gd, gd.T)
         if h is not None:
-            h.addmv_(gd, Gf[c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE))
+            h.addmv_(gd, Gf[c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE))   # a view when Gf is float64 already
 DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
 # Multiply-add equivalents charged per element of materialised per-sequence gradients: the (b, P) tensor is
 # written once and read by the Gram, the inner products and the update, which is memory-bound; calibrated
@@ -187,7 +187,8 @@ class Block:
         Gf = None if Gw is None else Gw.reshape(self.shape[0], -1)
         single = self._chunk_rows() >= self.shape[0]
         for r0, r1, g in self._materialize_chunks():
-            _gram_update_(K, h, g, None if Gf is None else Gf[r0:r1].reshape(-1))
+            # the chunk's rows of G in float64 once (not once per column slice)
+            _gram_update_(K, h, g, None if Gf is None else Gf[r0:r1].reshape(-1).to(GRAM_DTYPE))
             if single:
                 self._g = g
         self._K, self._h = K, h

@@ -21,6 +21,9 @@ Optional, each with a default that is always correct:
 - :meth:`~Contribution.cross_gram` / :meth:`~Contribution.cross_gram_flops`: the b x b cross Gram with
   another use without materialising (the "ghost" route); default ``NotImplemented`` (the block then
   materialises). Double dispatch: a block asks ``u.cross_gram(v)``, then ``v.cross_gram(u)`` transposed.
+- :meth:`~Contribution.add_materialized_` (``out += materialize(r0, r1)``, default exactly that) and
+  ``materializes_new`` (materialize never returns a view of the contribution's own data; default False): a
+  block of several uses adds the others into such a use's new tensor instead of cloning it;
 - :meth:`~Contribution.sparse_rows` / :meth:`~Contribution.materialize_rows`: the rows a use touches (an
   embedding's ids), so that a block of such uses materialises only those; default ``None`` (all rows).
 - :meth:`~Contribution.linear_factors`: the (X, D) token rows of an ``nn.Linear`` weight use, which the intra

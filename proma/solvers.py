@@ -115,7 +115,7 @@ def normalised_gram(K: torch.Tensor, P: int) -> tuple[torch.Tensor, torch.Tensor
     b = K.shape[0]
     norms = K.diagonal().clamp_min(0.0).sqrt()
     keep = (norms > max(b, P, 1) * EPS64 * norms.max()) & (norms > 0)
-    s = torch.where(keep, norms, torch.ones_like(norms))
+    s = torch.where(keep, norms, 1.0)
     mask = keep.to(K.dtype)
     N = K / torch.outer(s, s) * torch.outer(mask, mask)
     return s, mask, N
@@ -146,7 +146,7 @@ def exact_coefficients(K: torch.Tensor, h: torch.Tensor,
     s, mask, N = normalised_gram(K, settings.P)
     lam, Q = torch.linalg.eigh(N)
     use = lam > eigen_cutoff(K.shape[0], settings.P, settings.work_dtype) * lam[-1]
-    inv = torch.where(use, 1.0 / torch.where(use, lam, torch.ones_like(lam)), torch.zeros_like(lam))
+    inv = torch.where(use, 1.0 / torch.where(use, lam, 1.0), 0.0)
     a = Q @ (inv * (Q.T @ (h * mask / s)))
     return a * mask / s, use.sum()
 
@@ -280,16 +280,16 @@ def solve(
             raise ValueError(f"solver {solver!r} is declared (reference.solvers) but has no torch implementation; "
                              "register one with proma.solvers.register or add_solver")
         raise ValueError(f"solver must be one of {tuple(_TORCH_SOLVERS)}; got {solver!r}")
-    K = K.to(torch.float64)
+    K = K if K.dtype == torch.float64 else K.to(torch.float64)
     K = 0.5 * (K + K.T)
-    h, w = h.to(K.device, torch.float64), w.to(K.device, torch.float64)
+    h, w = (v if v.dtype == torch.float64 and v.device == K.device else v.to(K.device, torch.float64)
+            for v in (h, w))
     settings = SolverSettings(P=P, work_dtype=work_dtype, passes=passes, ridge=ridge)
     c, rank = _TORCH_SOLVERS[solver](K, h, settings)
     removed = _quad_norm(K, c)
     incoming = _quad_norm(K, w)
     if relative_bound is not None:
         cap = relative_bound * incoming
-        scale = torch.where(removed > cap, cap / torch.where(removed > 0, removed, torch.ones_like(removed)),
-                            torch.ones_like(removed))
+        scale = torch.where(removed > cap, cap / torch.where(removed > 0, removed, 1.0), 1.0)
         c, removed = c * scale, removed * scale
     return Solution(coef=c, removed_norm=removed, incoming_norm=incoming, rank=rank)

@@ -21,6 +21,9 @@ Optional, each with a default that is always correct:
 - :meth:`~Contribution.cross_gram` / :meth:`~Contribution.cross_gram_flops`: the b x b cross Gram with
   another use without materialising (the "ghost" route); default ``NotImplemented`` (the block then
   materialises). Double dispatch: a block asks ``u.cross_gram(v)``, then ``v.cross_gram(u)`` transposed.
+- :meth:`~Contribution.add_materialized_` (``out += materialize(r0, r1)``, default exactly that) and
+  ``materializes_new`` (materialize never returns a view of the contribution's own data; default False): a
+  block of several uses adds the others into such a use's new tensor instead of cloning it;
 - :meth:`~Contribution.sparse_rows` / :meth:`~Contribution.materialize_rows`: the rows a use touches (an
   embedding's ids), so that a block of such uses materialises only those; default ``None`` (all rows).
 - :meth:`~Contribution.linear_factors`: the (X, D) token rows of an ``nn.Linear`` weight use, which the intra
@@ -43,6 +46,12 @@ import torch
 
 # vocabularies up to this size send their ids as int32
 INT32_IDS_LIMIT = 2 ** 31
+# devices on which an outer-factor use drops its silent token positions before its products (a host read)
+TRIM_DEVICES = ("cpu",)
+# ... when at least this fraction of its positions is silent (below it the copies cost about what they save),
+# judged first on every TRIM_SAMPLE_STRIDE-th position
+TRIM_MIN_SILENT = 0.25
+TRIM_SAMPLE_STRIDE = 8
 # wire name -> kind, for every subclass that declares ``wire_name`` (filled by Contribution.__init_subclass__)
 WIRE_KINDS: dict[str, type] = {}
 
@@ -97,6 +106,14 @@ class Contribution:
         raise NotImplementedError
 
     # -- optional, with correct defaults -------------------------------------------------------------
+    # True when :meth:`materialize` always returns a new tensor (never a view of the contribution's own data),
+    # which a block may then accumulate the other uses into
+    materializes_new: bool = False
+
+    def add_materialized_(self, out: torch.Tensor, r0: int, r1: int) -> None:
+        """``out += materialize(r0, r1)`` in place; ``out`` (b, r1 - r0, *shape[1:]) is in the work dtype."""
+        out.add_(self.materialize(r0, r1, out.dtype))
+
     def cross_gram(self, other: "Contribution", dtype: torch.dtype, max_elems: int):
         """``<g_i^self, g_j^other>`` (b, b) without materialising, or ``NotImplemented`` for this pair."""
         return NotImplemented
@@ -142,6 +159,41 @@ def token_keep(rows_factor: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """
     keep = (rows_factor != 0).any(dim=-1)
     return keep, keep.sum(dim=1)
+
+
+def active_positions(A: torch.Tensor, B: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``A`` (b, n, o) and ``B`` (b, n, i) without the token positions that contribute nothing to any sequence.
+
+    A position is silent when its row of ``A`` is exactly zero in every sequence and its rows of ``B`` are
+    finite (so a NaN or inf that would reach ``A_t^T B_t`` as ``0 * inf`` is kept, and the microbatch's
+    finiteness checks see it). Sums over tokens (``sum_t A_t^T B_t``, ``sum_t A_t . (G B_t)``) are the same
+    without the silent positions up to rounding, at the cost of the others only: a language model's head gets
+    a zero output gradient at every position whose log-probability the loss does not score (a prompt), and so
+    does the token-wise part of the last decoder layer.
+
+    Dropping positions copies the factors, which pays only when many are silent: every
+    :data:`TRIM_SAMPLE_STRIDE`-th position is tested first (a pass over that fraction of ``A``), and the
+    silent ones are looked for and dropped only when at least :data:`TRIM_MIN_SILENT` of the sample is.
+
+    CPU only (:data:`TRIM_DEVICES`): the positions kept are a data-dependent shape (``nonzero``), which on
+    an accelerator would make the host wait for the device; there, and when too few positions are silent,
+    the factors are returned as they are (no copy).
+    """
+    n = A.shape[1]
+    if A.device.type not in TRIM_DEVICES or n < TRIM_SAMPLE_STRIDE:
+        return A, B
+
+    def silent(a: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        # (positions,) bool: A exactly zero in every sequence (a NaN is not), and B finite there
+        return (a.abs().amax(dim=(0, 2)) == 0) & torch.isfinite(x.sum(dim=(0, 2)))
+
+    sample = silent(A[:, ::TRIM_SAMPLE_STRIDE], B[:, ::TRIM_SAMPLE_STRIDE])
+    if sample.nonzero().shape[0] < TRIM_MIN_SILENT * sample.shape[0]:
+        return A, B
+    idx = (~silent(A, B)).nonzero().squeeze(1)
+    if idx.shape[0] > (1.0 - TRIM_MIN_SILENT) * n:
+        return A, B
+    return A.index_select(1, idx), B.index_select(1, idx)
 
 
 def unpack_tokens(counts: torch.Tensor, rows: torch.Tensor, n: int, device) -> torch.Tensor:
@@ -245,6 +297,7 @@ class OuterFactors(_TokenFactored):
     """
 
     wire_name = "factors"
+    materializes_new = True
 
     def __init__(self, A: torch.Tensor, B: torch.Tensor, *, is_linear_weight: bool = False):
         if A.shape[:2] != B.shape[:2]:
@@ -254,19 +307,30 @@ class OuterFactors(_TokenFactored):
         self.shape = torch.Size((A.shape[2], B.shape[2]))
         self.row_width = A.shape[2]
         self.is_linear_weight = is_linear_weight
+        self._active = None
+
+    def active(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) on the positions that contribute (:func:`active_positions`), found once: the factors the
+        sums over tokens run on. The cost model, the token Grams and the wire form see every position."""
+        if self._active is None:
+            self._active = active_positions(self.A, self.B)
+        return self._active
 
     def materialize(self, r0, r1, dtype):
         # (b, o_chunk, n) @ (b, n, i): the b per-sequence outer-product sums in one batched matmul
-        return torch.bmm(self.A[:, :, r0:r1].transpose(1, 2).to(dtype), self.B.to(dtype))
+        A, B = self.active()
+        return torch.bmm(A[:, :, r0:r1].transpose(1, 2).to(dtype), B.to(dtype))
 
     def inner(self, G, dtype):
         # <D_i^T X_i, G> = sum_t D_t . (G X_t): one (b n, i) x (i, o) product
-        Y = self.B.to(dtype) @ G.to(dtype).T
-        return (Y * self.A.to(dtype)).sum(dim=(1, 2))
+        A, B = self.active()
+        Y = B.to(dtype) @ G.to(dtype).T
+        return (Y * A.to(dtype)).sum(dim=(1, 2))
 
     def add_weighted_(self, out, a):
-        A = self.A.to(out.dtype) * a.to(out.dtype)[:, None, None]
-        out.addmm_(A.reshape(-1, A.shape[2]).T, self.B.to(out.dtype).reshape(-1, self.B.shape[2]))
+        A, B = self.active()
+        A = A.to(out.dtype) * a.to(out.dtype)[:, None, None]
+        out.addmm_(A.reshape(-1, A.shape[2]).T, B.to(out.dtype).reshape(-1, B.shape[2]))
 
     def materialize_flops(self):
         return float(self.b * self.n * self.shape[0] * self.shape[1])
@@ -318,6 +382,7 @@ class IdsFactors(_TokenFactored):
 
     wire_name = "ids"
     row_width = 1
+    materializes_new = True
 
     def __init__(self, ids: torch.Tensor, B: torch.Tensor, rows: int):
         if ids.shape != B.shape[:2]:
@@ -327,13 +392,20 @@ class IdsFactors(_TokenFactored):
         self.shape = torch.Size((rows, B.shape[2]))
 
     def materialize(self, r0, r1, dtype):
-        b, n, e = self.B.shape
-        out = torch.zeros(b * (r1 - r0), e, dtype=dtype, device=self.B.device)
+        b, e = self.b, self.shape[1]
+        out = torch.zeros(b, r1 - r0, e, dtype=dtype, device=self.B.device)
+        self.add_materialized_(out, r0, r1)
+        return out
+
+    def add_materialized_(self, out, r0, r1):
+        # scatter-add each token's row into its sequence's row ids_t (no (b, rows, e) intermediate)
+        if not out.is_contiguous():
+            return super().add_materialized_(out, r0, r1)
+        b, n = self.ids.shape
         inside = (self.ids >= r0) & (self.ids < r1)
         seq = torch.arange(b, device=self.ids.device)[:, None].expand(b, n)
         flat = (seq * (r1 - r0) + (self.ids - r0))[inside]
-        out.index_add_(0, flat, self.B[inside].to(dtype))
-        return out.view(b, r1 - r0, e)
+        out.view(b * (r1 - r0), self.shape[1]).index_add_(0, flat, self.B[inside].to(out.dtype))
 
     def inner(self, G, dtype):
         return (G.to(dtype)[self.ids] * self.B.to(dtype)).sum(dim=(1, 2))

@@ -48,7 +48,7 @@ def _gram_update_(K: torch.Tensor, h: torch.Tensor | None, g: torch.Tensor, Gf: 
         gd = g[:, c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE)
         K.addmm_(gd, gd.T)
         if h is not None:
-            h.addmv_(gd, Gf[c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE))
+            h.addmv_(gd, Gf[c0:c0 + GRAM_COLUMNS].to(GRAM_DTYPE))   # a view when Gf is float64 already
 DEFAULT_MAX_TRANSIENT = 1 << 24  # elements of a transient per-sequence gradient chunk (64 MiB in float32)
 # Multiply-add equivalents charged per element of materialised per-sequence gradients: the (b, P) tensor is
 # written once and read by the Gram, the inner products and the update, which is memory-bound; calibrated
@@ -145,14 +145,14 @@ class Block:
         step = self._chunk_rows()
         for r0 in range(0, rows, step):
             r1 = min(rows, r0 + step)
-            g = None
-            for c in self.contribs:
-                part = c.materialize(r0, r1, self.dtype)
-                if g is None:
-                    # a contribution may hand out a view of its own data: never accumulate into it
-                    g = part.clone() if len(self.contribs) > 1 else part
-                else:
-                    g.add_(part)
+            # the other uses are added into a use's new tensor; a view of a contribution's own data is cloned
+            first = next((c for c in self.contribs if c.materializes_new), self.contribs[0])
+            g = first.materialize(r0, r1, self.dtype)
+            if len(self.contribs) > 1:
+                g = g if first.materializes_new else g.clone()
+                for c in self.contribs:
+                    if c is not first:
+                        c.add_materialized_(g, r0, r1)
             yield r0, r1, g.reshape(self.b, -1)
 
     def _materialize_compact(self) -> torch.Tensor:
@@ -187,7 +187,8 @@ class Block:
         Gf = None if Gw is None else Gw.reshape(self.shape[0], -1)
         single = self._chunk_rows() >= self.shape[0]
         for r0, r1, g in self._materialize_chunks():
-            _gram_update_(K, h, g, None if Gf is None else Gf[r0:r1].reshape(-1))
+            # the chunk's rows of G in float64 once (not once per column slice)
+            _gram_update_(K, h, g, None if Gf is None else Gf[r0:r1].reshape(-1).to(GRAM_DTYPE))
             if single:
                 self._g = g
         self._K, self._h = K, h

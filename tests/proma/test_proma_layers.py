@@ -9,8 +9,9 @@ from torch import nn
 
 import reference
 from proma.layers import Block, IdsFactors, OuterFactors, SeqGrads, find_rule, register, unregister
+from proma.layers import base as layer_base
 from proma.layers.norm import NormRule
-from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
+from verification.tolerances import FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
 
 
 def _seq_index(b, n):
@@ -35,6 +36,48 @@ def test_outer_and_ids_materialize_match_reference(seed, b, n, o, i):
     # a row range is the matching slice of the full gradient
     np.testing.assert_allclose(IdsFactors(ids, X, V).materialize(1, V - 1, torch.float64).numpy(), want[:, 1:V - 1],
                                atol=1e-12)
+
+
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), n=st.integers(2 * layer_base.TRIM_SAMPLE_STRIDE, 40),
+       o=st.integers(1, 5), i=st.integers(1, 5), prompt=st.floats(0.5, 0.9), poisoned=st.booleans())
+def test_outer_factors_drop_silent_positions_and_keep_their_sums(seed, b, n, o, i, prompt, poisoned):
+    """A prompt (leading positions) and the last position with zero output gradient in every sequence, as a language
+    model's head sees them: the products run on the other positions, and agree with the reference on all of them; a
+    silent position whose input holds a NaN is kept, so the NaN still reaches the per-sequence gradients."""
+    gen = torch.Generator().manual_seed(seed)
+    D = torch.randn(b, n, o, generator=gen, dtype=torch.float64)
+    X = torch.randn(b, n, i, generator=gen, dtype=torch.float64)
+    silent = int(prompt * n)
+    D[:, :silent] = 0.0
+    D[:, -1] = 0.0
+    if poisoned:
+        X[b - 1, 1, i - 1] = float("nan")
+    G = torch.randn(o, i, generator=gen, dtype=torch.float64)
+    a = torch.randn(b, generator=gen, dtype=torch.float64)
+    u = OuterFactors(D, X)
+    kept, _ = u.active()
+    assert kept.shape[1] == n - silent - 1 + int(poisoned)
+    clean = torch.nan_to_num(X)   # the reference refuses NaN; a silent position's input does not matter to it
+    want = reference.linear_seq_grads(clean.reshape(-1, i).numpy(), D.reshape(-1, o).numpy(), _seq_index(b, n), b)
+    flat = want.reshape(b, -1)
+    got, h, out = u.materialize(0, o, torch.float64).numpy(), u.inner(G, torch.float64).numpy(), G.clone()
+    u.add_weighted_(out, a)
+    if poisoned:   # 0 * NaN: the last sequence's column i - 1, its inner product, the update's column i - 1
+        assert np.isnan(got[b - 1, :, i - 1]).all() and np.isnan(h[b - 1]) and out[:, i - 1].isnan().all()
+        got[b - 1, :, i - 1], h[b - 1] = want[b - 1, :, i - 1], (flat @ G.reshape(-1).numpy())[b - 1]
+        out[:, i - 1] = G[:, i - 1] + torch.from_numpy(a.numpy() @ flat).reshape(o, i)[:, i - 1]
+    np.testing.assert_allclose(got, want, rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(h, flat @ G.reshape(-1).numpy(), rtol=FLOAT64_RTOL, atol=FLOAT64_ATOL)
+    np.testing.assert_allclose(out.numpy(), G.numpy() + (a.numpy() @ flat).reshape(o, i), rtol=FLOAT64_RTOL,
+                               atol=FLOAT64_ATOL)
+
+
+def test_outer_factors_keep_every_position_when_few_are_silent():
+    """Only the last position silent (every other layer of a language model): no copy of the factors."""
+    D, X = torch.randn(2, 16, 3, dtype=torch.float64), torch.randn(2, 16, 4, dtype=torch.float64)
+    D[:, -1] = 0.0
+    kept_D, kept_X = OuterFactors(D, X).active()
+    assert kept_D is D and kept_X is X
 
 
 @st.composite

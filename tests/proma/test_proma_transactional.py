@@ -149,3 +149,30 @@ def test_exclude_must_be_names(value, message):
         AccumulatorOptions(exclude=value)
     assert AccumulatorOptions(exclude=iter(["fc1.bias", "head.bias"])).exclude == {"fc1.bias", "head.bias"}
     assert AccumulatorOptions(exclude="fc1.bias").exclude == {"fc1.bias"}
+
+
+def test_a_finite_running_gradient_whose_sum_overflows_is_committed():
+    """The transaction's quick finiteness test is the sum of each new G; a sum that overflows although every entry
+    is finite must fall back to the entries and commit (and a NaN must still be refused)."""
+    from types import SimpleNamespace
+
+    from proma.microbatch import Transaction
+
+    class Store:
+        def __init__(self):
+            self.stored = {}
+
+        def store(self, param, G):
+            self.stored[id(param)] = G
+
+    big = torch.finfo(torch.float64).max
+    param = torch.zeros(3, dtype=torch.float64)
+    entry = SimpleNamespace(name="w", rule_label="linear", param=param)
+    store, stats = Store(), {}
+    tx = Transaction()
+    tx.add(entry, torch.tensor([big, big, -1.0], dtype=torch.float64), "record")
+    tx.commit(store, stats)
+    assert stats == {"w": ("linear", "record")} and id(param) in store.stored
+    tx.add(entry, torch.tensor([big, float("nan"), 1.0], dtype=torch.float64), "record")
+    with pytest.raises(ValueError, match="parameter 'w'"):
+        tx.commit(Store(), {})

@@ -14,7 +14,8 @@ from dataclasses import dataclass
 
 import torch
 
-from .layers.base import WIRE_KINDS, SeqGrads
+from .layers.base import WIRE_KINDS
+from .layers.kinds import SeqGrads
 
 # -- wire format of contributions ----------------------------------------------------------------------
 

@@ -21,7 +21,8 @@ match or ``None``; :func:`proma.testing.check_rule` tests a rule in one call. Bu
 """
 from __future__ import annotations
 
-from .base import Contribution, IdsFactors, OuterFactors, SeqGrads
+from .base import Contribution
+from .kinds import IdsFactors, OuterFactors, SeqGrads
 from .block import STRATEGIES, Block, work_dtype_for
 from .embedding import EmbeddingRule
 from .linear import LinearRule

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import IdsFactors
+from .kinds import IdsFactors
 
 
 class EmbeddingRule:

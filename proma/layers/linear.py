@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from .base import OuterFactors, SeqGrads
+from .kinds import OuterFactors, SeqGrads
 
 
 class LinearRule:

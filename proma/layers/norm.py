@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .base import SeqGrads
+from .kinds import SeqGrads
 
 
 # How far (in units of the output dtype's eps, relative to the output's size) a module matched as a norm by

@@ -20,7 +20,8 @@ from torch import nn
 import reference
 from proma import ProjectedAccumulator
 from proma.layers import register, unregister
-from proma.layers.base import Contribution, token_keep, unpack_tokens
+from proma.layers.base import Contribution
+from proma.layers.tokens import token_keep, unpack_tokens
 from proma.solvers import add_solver, normalised_gram, remove_solver
 from proma.testing import check_rule
 from verification.tolerances import FLOAT64_RTOL

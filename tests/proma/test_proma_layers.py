@@ -9,7 +9,7 @@ from torch import nn
 
 import reference
 from proma.layers import Block, IdsFactors, OuterFactors, SeqGrads, find_rule, register, unregister
-from proma.layers import base as layer_base
+from proma.layers import tokens as layer_tokens
 from proma.layers.norm import NormRule
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_ATOL, FLOAT64_RTOL
 
@@ -38,7 +38,7 @@ def test_outer_and_ids_materialize_match_reference(seed, b, n, o, i):
                                atol=1e-12)
 
 
-@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), n=st.integers(2 * layer_base.TRIM_SAMPLE_STRIDE, 40),
+@given(seed=st.integers(0, 2**31 - 1), b=st.integers(1, 4), n=st.integers(2 * layer_tokens.TRIM_SAMPLE_STRIDE, 40),
        o=st.integers(1, 5), i=st.integers(1, 5), prompt=st.floats(0.5, 0.9), poisoned=st.booleans())
 def test_outer_factors_drop_silent_positions_and_keep_their_sums(seed, b, n, o, i, prompt, poisoned):
     """A prompt (leading positions) and the last position with zero output gradient in every sequence, as a language

@@ -91,7 +91,7 @@ def test_rule_matches_per_sequence_autograd(make_module, make_inputs):
 def test_harness_catches_a_wrong_rule():
     """A rule whose bias contribution is twice too large fails the harness on that parameter's Gram."""
     from proma.layers import LinearRule, register, unregister
-    from proma.layers.base import SeqGrads
+    from proma.layers.kinds import SeqGrads
 
     class DoubledBias(LinearRule):
         def contributions(self, module, saved, grad_output, names):

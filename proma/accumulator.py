@@ -33,26 +33,8 @@ materialize route and in the work dtype on the ghost route; the b x b solves run
 (:mod:`proma.solvers`). For 16-bit parameters the running gradient lives in a float32 buffer owned by the
 accumulator; after every ``backward`` each ``p.grad`` is set to that buffer rounded to the parameter dtype.
 
-The life of a microbatch, ``acc.backward(seq_logp, w)`` (file: function; one backward pass in all):
-
-1. ``accumulator.py: backward`` checks the inputs (``microbatch.check_microbatch``) and pairs the forward's
-   captured calls with the b sequences (``microbatch.captured_uses``).
-2. ``accumulator.py: _accumulate`` builds a ``microbatch.Collector`` and runs ``capture.Capture.backward``.
-3. ``capture.py: Capture.backward`` first walks the graph (``coverage.check_uses``: no uncaptured use of a
-   covered parameter), then back-propagates ``seq_logp.sum()`` to the hooked outputs only.
-4. As each call's output gradient D arrives, ``microbatch.Collector.receive`` asks the layer rule
-   (``layers/linear.py`` etc., the rule's ``contributions`` method) for that use's contribution
-   (a ``layers/base.py: Contribution``: factors X and D, ids, or per-sequence gradients).
-5. When every use of a parameter has arrived: ``accumulator.py: _apply`` wraps them in a
-   ``layers/block.py: Block`` and calls ``updates.Updates.apply`` (project, intra or plain).
-6. ``updates.ProjectUpdate``: ``Block.gram_and_inner`` gives K and h, ``solvers.solve`` the coefficients
-   (the solver registry), ``Block.add_weighted_`` writes G - s R + pg in one pass; ``IntraUpdate`` uses
-   ``subspace.dominant_subspace`` and ``intra.project_factored_`` instead.
-7. The update ran on a copy of G (``microbatch.Transaction``); the block's factors are released.
-   ``sync="global"`` holds the projected parameters until after the backward and exchanges their
-   contributions (``distributed``) before step 5.
-8. ``microbatch.Transaction.commit``: when every new G is finite, ``grad_store.GradStore.store`` puts each in
-   ``p.grad`` (or the float32 buffer); otherwise a ValueError names the parameter and no ``p.grad`` changes.
+The life of a microbatch, ``acc.backward(seq_logp, w)``, file by file: docs/accumulator.md ("The life of a
+microbatch").
 
 Transactional: a microbatch that fails (bad inputs, a NaN or inf arising in the backward pass, a solver error on
 non-finite factors) raises a ValueError naming the parameter, leaves every ``p.grad`` as it was before it and

@@ -21,21 +21,61 @@ def use_torch_unpad() -> None:
     attention_utils._get_attention_functions = lambda: helpers
 
 
+class _CpuDeviceModule:
+    """``torch.cpu`` plus what verl 0.9's workers read from their device module (``torch.cpu`` has none of it:
+    ``AttributeError: module 'torch.cpu' has no attribute 'max_memory_allocated'``,
+    ``verl/workers/engine_workers.py:219``; ``... 'empty_cache'``, ``verl/utils/memory_utils.py:54``): memory
+    statistics (zeros, as verl's own memory logging reports for the CPU), ``empty_cache`` (nothing to free) and a
+    device name."""
+
+    def __getattr__(self, name):
+        import torch
+
+        return getattr(torch.cpu, name)
+
+    @staticmethod
+    def _zero(*args, **kwargs):
+        return 0
+
+    memory_allocated = memory_reserved = max_memory_allocated = max_memory_reserved = _zero
+
+    @staticmethod
+    def empty_cache():
+        return None   # ActorRolloutRefWorker.init_model ends with aggressive_empty_cache
+
+    @staticmethod
+    def mem_get_info(*args, **kwargs):
+        return 0, 0
+
+    @staticmethod
+    def get_device_name(*args, **kwargs):
+        return "CPU"   # verl's FLOPs counter (mfu) looks its peak up by this name; unknown: infinite, mfu 0
+
+
+CPU_DEVICE_MODULE = _CpuDeviceModule()
+
+
 def use_cpu_platform() -> None:
     """verl 0.9: make verl's device layer answer "cpu" (its CUDA platform raises on a CPU-only torch).
 
     verl 0.9.1's ``forward_backward_batch`` moves the token count to ``get_device_id()``, which its CUDA platform
     (the default) answers with ``torch.cuda.current_device()``: ``AssertionError: Torch not compiled with CUDA
-    enabled``. verl's platform registry is its extension point: this sets a platform whose device is the CPU and
-    whose collective backend is gloo.
+    enabled``; its engine's ``initialize`` calls ``torch.cuda.set_device`` (``AttributeError: module 'torch._C'
+    has no attribute '_cuda_setDevice'``, ``verl/workers/engine/fsdp/utils.py:48``). verl's platform registry is
+    its extension point: this sets a platform whose device is the CPU (device module :data:`CPU_DEVICE_MODULE`)
+    and whose collective backend is gloo. Idempotent.
     """
+    from verl.plugin.platform import platform_manager
     from verl.plugin.platform.platform_cuda import PlatformCUDA
-    from verl.plugin.platform.platform_manager import set_platform
 
     class CPUPlatform(PlatformCUDA):
         @property
         def device_name(self):
             return "cpu"
+
+        @property
+        def device_module(self):
+            return CPU_DEVICE_MODULE
 
         def current_device(self):
             return "cpu"
@@ -49,7 +89,10 @@ def use_cpu_platform() -> None:
         def empty_cache(self):
             return None
 
-    set_platform(CPUPlatform())
+    current = platform_manager._current_platform
+    if current is None or current.device_module is not CPU_DEVICE_MODULE:
+        platform_manager._current_platform = None   # set_platform only warns when one is set: start clean
+        platform_manager.set_platform(CPUPlatform())
 
 
 def load_class(spec: str):

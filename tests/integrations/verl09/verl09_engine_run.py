@@ -19,7 +19,7 @@ Launched by ``torchrun`` (``python -m torch.distributed.run --nproc_per_node=W v
   (``AssertionError: Torch not compiled with CUDA enabled``). The platform registry (``PlatformRegistry``,
   ``VERL_PLATFORM``) is verl's extension point; here the platform is set in-process with ``set_platform``. Its
   device module is ``torch.cpu`` plus the memory statistics, ``empty_cache`` and device name that verl's workers
-  read (:class:`_CpuDeviceModule`);
+  read (:func:`verification.oracle.verl_env.use_cpu_platform`);
 - verl's engines are registered for ``device=["cuda", "npu"]``: :func:`proma.integrations.verl_engine.register_engine`
   registers the PROMA engine for ``"cpu"`` too, and the plain engine is registered here for ``"cpu"`` the same way;
 - float64 (for the 1e-9 comparisons with the reference): verl's ``PrecisionType.to_dtype`` knows fp16, fp32 and
@@ -54,74 +54,15 @@ PLAN = (("fp32", "token-mean", (PLAIN, NONE)),
         ("fp64", "seq-mean-token-mean", (PLAIN, NONE, EXACT)))
 
 
-class _CpuDeviceModule:
-    """``torch.cpu`` plus what verl's ``TrainingWorker`` reads from its device module for its metrics
-    (``torch.cpu`` has none of it: ``AttributeError: module 'torch.cpu' has no attribute
-    'max_memory_allocated'``, ``verl/workers/engine_workers.py:219``; ``... 'empty_cache'``,
-    ``verl/utils/memory_utils.py:54``): memory statistics (zeros, as verl's own memory logging reports for the
-    CPU), ``empty_cache`` (nothing to free) and a device name."""
-
-    def __getattr__(self, name):
-        return getattr(torch.cpu, name)
-
-    @staticmethod
-    def _zero(*args, **kwargs):
-        return 0
-
-    memory_allocated = memory_reserved = max_memory_allocated = max_memory_reserved = _zero
-
-    @staticmethod
-    def empty_cache():
-        return None   # ActorRolloutRefWorker.init_model ends with aggressive_empty_cache
-
-    @staticmethod
-    def mem_get_info(*args, **kwargs):
-        return 0, 0
-
-    @staticmethod
-    def get_device_name(*args, **kwargs):
-        return "CPU"   # verl's FLOPs counter (mfu) looks its peak up by this name; unknown: infinite, mfu 0
-
-
-_CPU_DEVICE_MODULE = _CpuDeviceModule()
-
-
 def setup_cpu() -> None:
     """verl's device layer on the CPU, the plain and PROMA FSDP engines registered for ``"cpu"`` (module docstring)."""
-    from verl.plugin.platform import platform_manager
-    from verl.plugin.platform.platform_cuda import PlatformCUDA
     from verl.workers.engine.base import EngineRegistry
     from verl.workers.engine.fsdp.transformer_impl import FSDPEngineWithLMHead
 
     from proma.integrations.verl_engine import register_engine
+    from verification.oracle.verl_env import use_cpu_platform
 
-    class CPUPlatform(PlatformCUDA):
-        """verl's CUDA platform answering with the CPU and gloo."""
-
-        @property
-        def device_name(self):
-            return "cpu"
-
-        @property
-        def device_module(self):
-            return _CPU_DEVICE_MODULE
-
-        def current_device(self):
-            return "cpu"
-
-        def communication_backend_name(self):
-            return "gloo"
-
-        def synchronize(self, device_index=None):
-            return None
-
-        def empty_cache(self):
-            return None
-
-    current = platform_manager._current_platform
-    if current is None or current.device_module is not _CPU_DEVICE_MODULE:
-        platform_manager._current_platform = None   # set_platform only warns when one is set; start clean
-        platform_manager.set_platform(CPUPlatform())
+    use_cpu_platform()
     registry = EngineRegistry._engines["language_model"]["fsdp2"]
     if "cpu" not in registry:
         EngineRegistry.register(model_type="language_model", backend=["fsdp", "fsdp2"],

@@ -126,7 +126,8 @@ def test_none_equals_plain_verl_engine(mode):
 @pytest.mark.parametrize("options, settings", [
     (AccumulatorOptions(variant="proma", solver="exact"), Settings(variant="proma", solver="exact")),
     (PUBLISHED, Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)),
-], ids=["exact", "published"])
+    (AccumulatorOptions(variant="intra"), Settings(variant="intra")),
+], ids=["exact", "published", "intra"])
 def test_proma_equals_the_reference_on_verl_engine_microbatches(options, settings):
     weights = []
     plain, batch = _step(FSDPEngineWithLMHead, record=weights)

@@ -38,6 +38,12 @@ def main(out: Path, syncs) -> None:
         rank = trainer.accelerator.process_index
         torch.save({n: g for n, g in grads.items() if g is not None}, out / sync / f"grads{rank}.pt")
         torch.save(trainer.state.log_history, out / sync / f"logs{rank}.pt")
+    # tear the process group down before exit (as trl_fsdp's script does): gloo's threads left to the interpreter's
+    # exit can abort a rank ("terminate called without an active exception", seen once in a full run)
+    import torch.distributed as dist
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -66,8 +66,6 @@ def options_from_env(environ=None) -> AccumulatorOptions | None:
     unknown = sorted(set(values) - set(ACCUMULATOR_OPTIONS))
     if unknown:
         raise ValueError(f"{OPTIONS_ENV} has unknown keys {unknown}; known: {', '.join(ACCUMULATOR_OPTIONS)}")
-    if isinstance(values.get("exclude"), list):
-        values["exclude"] = tuple(values["exclude"])
     return options_from_fields(values, f"{OPTIONS_ENV}.")
 
 

@@ -16,6 +16,11 @@ def f(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+def p_value(p: float) -> str:
+    """A p-value: 2 significant digits, scientific below 1e-4."""
+    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+
+
 def pct(x) -> str:
     return "-" if x is None or not math.isfinite(x) else f"{100 * x:.1f}%"
 

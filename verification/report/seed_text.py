@@ -9,7 +9,7 @@ from __future__ import annotations
 from ..studies import claims, secondary, stats
 from ..studies import preregistered as P
 from .seed_evidence import DEFAULT_JOBS as SEED_STUDY_JOBS
-from .markdown import f, table
+from .markdown import f, p_value, table
 
 PREREG = "reports/PREREGISTRATION.md"
 ABSOLUTE_COLLAPSE = claims.COLLAPSE_FRACTION
@@ -160,13 +160,9 @@ def _estimate(o: P.Outcome) -> str:
     return f"{text} (binding: vs {o.binding})" if o.binding else text
 
 
-def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
-
-
 def verdict_table(outcomes: list[P.Outcome]) -> str:
     """| id | claim | regime | seeds | estimate [95% CI] | p | Holm p | verdict | (markdown)."""
-    rows = [(o.hypothesis.id, o.hypothesis.claim, o.hypothesis.regime, o.n, _estimate(o), _p(o.p), _p(o.p_adj),
+    rows = [(o.hypothesis.id, o.hypothesis.claim, o.hypothesis.regime, o.n, _estimate(o), p_value(o.p), p_value(o.p_adj),
              f"**{o.verdict}**") for o in outcomes]
     return table(["id", "claim", "regime", "seeds", "estimate [95% CI]", "p", "Holm p", "verdict"], rows)
 
@@ -198,7 +194,7 @@ def entropy_sentences(outcomes: list[P.Outcome], results: dict) -> list:
         base, mine = claims.absolute_entropy(runs, "grpo"), claims.absolute_entropy(runs, h.method)
         more = "more" if o.estimate["mean"] > 0 else "less"
         line = (f"- {h.id} ({h.regime}): {h.method} on average keeps {more} entropy than GRPO (end/start ratio, paired "
-                f"{stats.format_interval(o.estimate, '+.3f')}, Holm p {_p(o.p_adj)}: {o.verdict})")
+                f"{stats.format_interval(o.estimate, '+.3f')}, Holm p {p_value(o.p_adj)}: {o.verdict})")
         if base and mine:
             line += (f"; by the absolute rule (end/start below {ABSOLUTE_COLLAPSE:g} = collapse) GRPO "
                      f"{base[1]} ({stats.format_interval(base[0])}) and {h.method} {mine[1]} "
@@ -282,24 +278,24 @@ def secondary_section(r) -> list:
         w = secondary.wilcoxon(o)
         loo_txt = (f"{loo['kept']}/{loo['subsets']} (under Holm {loo['kept_holm']}/{loo['subsets']}); estimate "
                    f"{loo['estimate'][0]:.3g} to {loo['estimate'][1]:.3g}" if loo else "-")
-        rows.append((o.hypothesis.id, o.hypothesis.regime, _estimate(n), _p(n.p) if n.estimate else "-",
-                     _p(o.p), "-" if w is None else _p(w), loo_txt))
+        rows.append((o.hypothesis.id, o.hypothesis.regime, _estimate(n), p_value(n.p) if n.estimate else "-",
+                     p_value(o.p), "-" if w is None else p_value(w), loo_txt))
     lines = [f"Seeds {P.NEW_SEEDS[0]}-{P.NEW_SEEDS[-1]} alone (the runs collected after the pre-registration; "
              "unadjusted p), the Wilcoxon signed-rank p beside the paired t p (all seeds), and leave-one-seed-out "
              "(subsets of n - 1 seeds that keep p < 0.05 on the same side, unadjusted and with Holm re-applied "
              "over the family with the other hypotheses' p unchanged, and the range of the estimate):", "",
              table(["id", "regime", f"seeds {P.NEW_SEEDS[0]}-{P.NEW_SEEDS[-1]}: estimate", "p (new seeds)",
                     "p (t, all)", "p (Wilcoxon, all)", "leave-one-out"], rows), ""]
-    kl = [(h.id, h.regime, label, stats.format_interval(iv), _p(p)) for h, label, iv, p in secondary.kl_summaries(results)]
+    kl = [(h.id, h.regime, label, stats.format_interval(iv), p_value(p)) for h, label, iv, p in secondary.kl_summaries(results)]
     lines += ["Other summaries of the per-step local KL (paired log-ratio, 95% t-interval, unadjusted p):", "",
               table(["id", "regime", "summary", "ratio", "p"], kl), ""]
     lines += ["The four comparisons behind VAL (intra minus each method, final greedy validation):", ""]
     val = next(o for o in outcomes if o.hypothesis.kind == "val")
-    parts = [f"- vs {m}: {stats.format_interval(iv, '+.4f')}, p {_p(p)}" for m, (iv, p, _) in (val.parts or {}).items()]
+    parts = [f"- vs {m}: {stats.format_interval(iv, '+.4f')}, p {p_value(p)}" for m, (iv, p, _) in (val.parts or {}).items()]
     lines += parts or [f"- no paired seeds yet in `{val.hypothesis.regime}`"]
     elsewhere = secondary.val_elsewhere(results)
     if elsewhere:
         lines += ["", "VAL's test in the other regimes (secondary: held-out accuracy does not rise there; "
                   "unadjusted p):", ""]
-        lines += [f"- {o.hypothesis.regime} ({o.n} seeds): {_estimate(o)}, p {_p(o.p)}" for o in elsewhere]
+        lines += [f"- {o.hypothesis.regime} ({o.n} seeds): {_estimate(o)}, p {p_value(o.p)}" for o in elsewhere]
     return lines + [""]

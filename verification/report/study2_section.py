@@ -11,8 +11,10 @@ from pathlib import Path
 import numpy as np
 
 from ..studies import preregistered2 as P2
+from ..studies import secondary2 as S2
 from ..studies import stats, study2, tables
-from .markdown import table
+from . import study2_secondary
+from .markdown import p_value, table
 
 PREREG2_COMMIT = "30fc60d"   # the commit that added PREREGISTRATION-2.md, before any run of the second study
 FIGURES = {"forest": "study2_forest.png", "frontier": "study2_frontier.png"}
@@ -21,10 +23,13 @@ KIND_WORDS = {"frontier": ("reward-gain difference at matched KL", "+.4f"), "kl_
               "code_entropy": ("paired difference", "+.3f"), "entropy_abs": ("end/start", ".3f")}
 
 
-def load_study2(data_dir) -> dict | None:
-    """``{"results", "x", "pilot_over", "pilot", "run_seconds", "runs", "planned", "commits"}`` from the study's
-    data folder, or None when it holds no run."""
+def load_study2(data_dir, first_dir=None) -> dict | None:
+    """``{"results", "x", "x_seeds", "x_curves", "reproduction", "pilot_over", "pilot", "run_seconds", "runs",
+    "planned", "commits"}`` from the study's data folder, or None when it holds no run.
+
+    ``first_dir``: the first study's data (default: ``data_dir``'s sibling ``seeds``), for the reproduction check."""
     data_dir = Path(data_dir)
+    first_dir = data_dir.parent / "seeds" if first_dir is None else Path(first_dir)
     files = sorted(data_dir.glob("*/*-lr*-s*.json"))
     if not files:
         return None
@@ -41,25 +46,29 @@ def load_study2(data_dir) -> dict | None:
     planned = sum(len(g.runs()) for g in study2.cells(data_dir).values())
     pilot_names = {name for name, _, _ in study2.CANDIDATES} - ({accepted} if accepted else set())
     done = sum(1 for f in files if f.parent.name not in pilot_names)
-    return {"results": results, "x": accepted, "pilot_over": nxt is None, "pilot": seen,
+    return {"results": results, "x": accepted, "x_seeds": study2.X_SEEDS, "pilot_over": nxt is None, "pilot": seen,
+            "x_curves": S2.rollout_curves(data_dir, accepted) if accepted else {},
+            "reproduction": S2.reproduction(data_dir, first_dir) if first_dir.is_dir() else [],
             "run_seconds": seconds,
             "runs": done, "planned": planned, "commits": commits}
 
 
-def _p(p: float) -> str:
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
-
 
 def _estimate(o: P2.Outcome) -> str:
     if o.estimate is None:
-        return f"{o.n} seeds"
+        return f"waiting ({o.n} of {P2.N_SEEDS[o.hypothesis.family_tag]} seeds)"
     word, fmt = KIND_WORDS[o.hypothesis.kind]
     return f"{word} {stats.format_interval(o.estimate, fmt)}"
 
 
 def verdict_table(outcomes: list) -> str:
-    rows = [(o.hypothesis.id, o.hypothesis.claim, o.hypothesis.regime, o.n, _estimate(o), _p(o.p),
-             "-" if o.p_adj != o.p_adj else _p(o.p_adj), f"**{o.verdict}**") for o in outcomes]
+    def ps(o):  # no p before an interval exists (one seed); Holm's only once it has been applied
+        if o.estimate is None:
+            return "-", "-"
+        return p_value(o.p), "-" if o.p_adj != o.p_adj else p_value(o.p_adj)
+
+    rows = [(o.hypothesis.id, o.hypothesis.claim, o.hypothesis.regime, o.n, _estimate(o), *ps(o), f"**{o.verdict}**")
+            for o in outcomes]
     return table(["id", "claim", "regime", "seeds", "estimate [95% CI]", "p", "Holm p", "verdict"], rows)
 
 
@@ -123,8 +132,12 @@ def figures(study: dict, out) -> dict:
     """Write the study's PNGs into ``out``: ``{key: path}``."""
     outcomes = P2.decide(study["results"], x_regime=study["x"], pilot_over=study["pilot_over"])
     out = Path(out)
-    return {"study2_forest": forest_plot(outcomes, out / FIGURES["forest"]),
+    figs = {"study2_forest": forest_plot(outcomes, out / FIGURES["forest"]),
             "study2_frontier": frontier_plot(study["results"], out / FIGURES["frontier"])}
+    if study.get("x_curves"):
+        figs["study2_x_curves"] = study2_secondary.x_curves_plot(study["x_curves"], out / study2_secondary.X_FIGURE,
+                                                                 seeds=study.get("x_seeds"))
+    return figs
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -160,48 +173,5 @@ def section(study: dict | None) -> list:
             n = P2.seeds_needed(outcomes, o)
             lines.append(f"- {o.hypothesis.id}: " + (f"about {n} seeds" if n else "no feasible number of seeds"))
         lines.append("")
-    lines += secondary(study, outcomes)
-    return lines
-
-
-def secondary(study: dict, outcomes: list) -> list:
-    """PREREGISTRATION-2.md section 7 (as far as the data go): decide nothing."""
-    results = study["results"]
-    lines = [f"![frontier]({FIGURES['frontier']})", "",
-             "Secondary (decides nothing): the frontier with in-sample KL, the issue's form (log out-of-sample KL "
-             "at matched reward gain, with the seeds where the matched gain lies outside a method's own range), "
-             "the out-of-sample / in-sample KL ratio per method at 1x, and leave-one-seed-out under Holm.", ""]
-    rows = []
-    for regime in ("learn-240", "collapse"):
-        runs = results.get(regime, {})
-        for m in ("proma", "proma-paper"):
-            ins = list(P2.frontier_deltas(runs, m, "grpo", kl="local_kl_mean").values())
-            form, outside = P2.logkl_at_matched_gain(runs, m, "grpo")
-            vals = np.array(list(form.values()))
-            rows.append((regime, m, stats.format_interval(stats.t_interval(ins), "+.4f") if len(ins) > 1 else "-",
-                         (stats.format_interval(stats.t_interval(np.exp(vals)), ".3f") if vals.size > 1 else "-")
-                         + f" ({outside} of {vals.size} extrapolated)"))
-    lines += [table(["regime", "method", "gain at matched in-sample KL (vs grpo)",
-                     "out-of-sample KL ratio at matched gain (vs grpo)"], rows), ""]
-    ratio_rows = []
-    for regime, lr in P2.ONE_X.items():
-        runs = results.get(regime, {})
-        for m in ("grpo", "proma", "proma-paper", "proma-code"):
-            seeds = [s for mm, ll, s in runs if mm == m and ll == lr]
-            if len(seeds) > 1:
-                r = [runs[(m, lr, s)]["oos_kl_mean"] / runs[(m, lr, s)]["local_kl_mean"] for s in seeds]
-                ratio_rows.append((regime, m, len(seeds), stats.format_interval(stats.t_interval(r), ".3f")))
-    if ratio_rows:
-        lines += ["Out-of-sample over in-sample local KL at 1x (mean over seeds):", "",
-                  table(["regime", "method", "seeds", "oos / in-sample"], ratio_rows), ""]
-    loo_rows = []
-    for o in outcomes:
-        loo = P2.leave_one_out(outcomes, o)
-        w = stats.wilcoxon_p(o.diffs) if len(o.diffs) >= 2 else None
-        if loo:
-            loo_rows.append((o.hypothesis.id, f"{loo['kept']}/{loo['subsets']}", "-" if w is None else _p(w)))
-    if loo_rows:
-        lines += ["Leave-one-seed-out (subsets whose Holm-adjusted p stays below 0.05 on the same side, the other "
-                  "hypotheses' p unchanged) and the Wilcoxon signed-rank p:", "",
-                  table(["id", "kept under Holm", "Wilcoxon p"], loo_rows), ""]
+    lines += [f"![frontier]({FIGURES['frontier']})", ""] + study2_secondary.section(study, outcomes)
     return lines

@@ -49,6 +49,15 @@ def t_interval(x, *, level: float = LEVEL) -> dict:
     return {"mean": m, "lo": m - half, "hi": m + half, "n": n, "method": f"t ({level:.0%})"}
 
 
+def t_half_widths(a, *, level: float = LEVEL) -> np.ndarray:
+    """Column-wise half widths of the t-interval of the mean: t_{(1+level)/2, n-1} s_j / sqrt(n) for ``a`` (n, S)."""
+    a, level = np.asarray(a, dtype=float), _level(level)
+    if a.ndim != 2 or a.shape[0] < 2:
+        raise ValueError(f"a: need shape (n >= 2, S), got {a.shape}")
+    n = a.shape[0]
+    return sps.t.ppf(0.5 + level / 2, n - 1) * a.std(axis=0, ddof=1) / math.sqrt(n)
+
+
 def bootstrap_interval(x, *, level: float = LEVEL, resamples: int = RESAMPLES, seed: int = BOOT_SEED) -> dict:
     """Percentile bootstrap interval of the mean of ``x``: quantiles (1 -+ level)/2 of resampled means."""
     a, level = _values(x, "x"), _level(level)

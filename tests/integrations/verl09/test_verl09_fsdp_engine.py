@@ -8,12 +8,13 @@ untied head (verl's meta-device initialisation path), each rank half the batch. 
 for the CPU, the engines registered for "cpu", float64 added to verl's precision table, empty ``uvicorn`` /
 ``fastapi`` modules for the worker module's import) is in the runner's docstring and docs/verl.md.
 
-- variant "none" equals plain verl's engine: float64 per parameter <= FLOAT64_ATOL (1e-12), for ``token-mean`` and
-  ``seq-mean-token-mean``; float32 (verl's own dtype, no patch) <= 1e-6 on the whole gradient and per parameter
+- variant "none" equals plain verl's engine: float64 per parameter <= FLOAT64_ATOL (1e-12), for each of verl's four
+  ``loss_agg_mode``s; float32 (verl's own dtype, no patch) <= 1e-6 on the whole gradient and per parameter
   relative to the gradient's scale;
 - exact and the published settings (``sync="global"`` on two ranks) equal the reference on the same (union)
   micro-batches with the weights plain verl's own backward gives each sequence (/ W): <= FLOAT64_RTOL per
-  parameter, every parameter judged (exact for both loss_agg_modes);
+  parameter, every parameter judged (exact for all four loss_agg_modes), and the published settings with their options
+  from every rank's environment (``PROMA_VERL_OPTIONS``, no ``proma_options``) equal the same reference;
 - exact PROMA through verl's ``ActorRolloutRefWorker`` (role "actor", verl's generated trainer config): ``init_model``
   then ``update_actor`` (its ``TrainingWorker.train_mini_batch`` -> the engine's ``train_batch``) equals the reference.
 """
@@ -63,11 +64,13 @@ def results(request, tmp_path_factory):
 
 
 TOKEN_MEAN, SEQ_MEAN = "token-mean", "seq-mean-token-mean"
+SEQ_SUM, SEQ_SUM_NORM = "seq-mean-token-sum", "seq-mean-token-sum-norm"
+FP64_MODES = (TOKEN_MEAN, SEQ_MEAN, SEQ_SUM, SEQ_SUM_NORM)   # verl's four loss_agg_modes
 
 
 def test_every_parameter_has_a_gradient_and_a_reference(results):
     names = set(results["grads"]["fp64", TOKEN_MEAN]["plain"])
-    assert len(results["grads"]) == 3 and len(results["expected"]) == 3
+    assert len(results["grads"]) == 1 + len(FP64_MODES) and len(results["expected"]) == 1 + len(FP64_MODES)
     for key, runs in results["grads"].items():
         for run, grads in runs.items():
             assert set(grads) == names, (key, run)
@@ -76,7 +79,7 @@ def test_every_parameter_has_a_gradient_and_a_reference(results):
         assert set(expected) <= names
 
 
-@pytest.mark.parametrize("mode", [TOKEN_MEAN, SEQ_MEAN])
+@pytest.mark.parametrize("mode", FP64_MODES)
 def test_none_equals_plain_verl_float64(results, mode):
     runs = results["grads"]["fp64", mode]
     for name, want in runs["plain"].items():
@@ -103,7 +106,9 @@ def test_none_equals_plain_verl_float32(results):
 
 
 @pytest.mark.parametrize("mode, run, settings", [(TOKEN_MEAN, "exact", "exact"), (TOKEN_MEAN, "published", "published"),
-                                                 (TOKEN_MEAN, "worker_exact", "exact"), (SEQ_MEAN, "exact", "exact")])
+                                                 (TOKEN_MEAN, "worker_exact", "exact"), (TOKEN_MEAN, "env_published", "published"),
+                                                 (SEQ_MEAN, "exact", "exact"), (SEQ_SUM, "exact", "exact"),
+                                                 (SEQ_SUM_NORM, "exact", "exact")])
 def test_proma_equals_the_reference_on_the_same_microbatches(results, mode, run, settings):
     runs = results["grads"]["fp64", mode]
     ours, plain = runs[run], runs["plain"]

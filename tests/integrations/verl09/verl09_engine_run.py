@@ -34,6 +34,7 @@ import contextlib
 import copy
 import dataclasses
 import functools
+import json
 import os
 import sys
 import tempfile
@@ -43,15 +44,20 @@ import torch
 import torch.distributed as dist
 
 PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT = "plain", "none", "exact", "published", "worker_exact"
+# the published settings with their options from each rank's environment (PROMA_VERL_OPTIONS) instead of
+# ``proma_options`` (not the defaults, so that an ignored variable shows on one rank too)
+ENV_PUBLISHED = "env_published"
 # learning rate 0 and a clipping bound no gradient reaches: verl's optimizer_step runs but changes nothing
 NO_CLIP = 1e30
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # (dtype, loss_agg_mode, runs): float32 is verl's own dtype (no patch); the float64 plain run records the sequence
-# weights its backward gives (for the reference); a second loss_agg_mode normalises by the global batch size and
-# dp size rather than the token count
+# weights its backward gives (for the reference); the other loss_agg_modes normalise by the global batch size and
+# dp size (and, for -norm, the response length) rather than the token count
 PLAN = (("fp32", "token-mean", (PLAIN, NONE)),
-        ("fp64", "token-mean", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT)),
-        ("fp64", "seq-mean-token-mean", (PLAIN, NONE, EXACT)))
+        ("fp64", "token-mean", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT, ENV_PUBLISHED)),
+        ("fp64", "seq-mean-token-mean", (PLAIN, NONE, EXACT)),
+        ("fp64", "seq-mean-token-sum", (PLAIN, NONE, EXACT)),
+        ("fp64", "seq-mean-token-sum-norm", (PLAIN, NONE, EXACT)))
 
 
 def setup_cpu() -> None:
@@ -112,17 +118,17 @@ def _configs(path: str, dtype: str):
 
 
 @contextlib.contextmanager
-def _vendor(vendor: str | None):
-    """``VERL_ENGINE_VENDOR=vendor`` (unset for None) while verl picks the engine class from its registry."""
-    old = os.environ.pop("VERL_ENGINE_VENDOR", None)
-    if vendor is not None:
-        os.environ["VERL_ENGINE_VENDOR"] = vendor
+def _environment(name: str, value: str | None):
+    """``name=value`` in this process's environment (unset for None) for the block, then as it was."""
+    old = os.environ.pop(name, None)
+    if value is not None:
+        os.environ[name] = value
     try:
         yield
     finally:
-        os.environ.pop("VERL_ENGINE_VENDOR", None)
+        os.environ.pop(name, None)
         if old is not None:
-            os.environ["VERL_ENGINE_VENDOR"] = old
+            os.environ[name] = old
 
 
 def _finish(engine, dtype: str, options, sink: dict):
@@ -153,7 +159,7 @@ def build_engine(path: str, *, dtype: str, vendor: str | None, options, sink: di
     from verl.workers.engine.base import EngineRegistry
 
     model_config, engine_config, optimizer_config, checkpoint_config = _configs(path, dtype)
-    with _vendor(vendor):
+    with _environment("VERL_ENGINE_VENDOR", vendor):
         engine = EngineRegistry.new(model_type="language_model", backend="fsdp2", model_config=model_config,
                                     engine_config=engine_config, optimizer_config=optimizer_config,
                                     checkpoint_config=checkpoint_config)
@@ -206,7 +212,7 @@ def build_worker(path: str, *, dtype: str, vendor: str | None, options, sink: di
                                                      "buffer_dtype": dtype})
     config.actor.optim.update(lr=0.0, clip_grad=NO_CLIP, total_training_steps=1)
     config.rollout.update(n=judge.GROUP_SIZE, log_prob_micro_batch_size_per_gpu=micro_batch)
-    with _vendor(vendor):
+    with _environment("VERL_ENGINE_VENDOR", vendor):
         worker = ActorRolloutRefWorker(config, role="actor")
         worker.init_model()
     _finish(worker.actor.engine, dtype, options, sink)
@@ -273,7 +279,9 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     from verl.workers.config import FSDPActorConfig
     from verl.workers.utils.losses import ppo_loss
 
+    from proma.integrations.verl_engine import OPTIONS_ENV
     from proma.options import PUBLISHED as PUBLISHED_OPTIONS
+    from proma.options import PUBLISHED_SETTINGS
     from proma.options import AccumulatorOptions
     from verification.oracle import verl as judge
     from verification.oracle.settings import Settings
@@ -284,7 +292,8 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     options = {PLAIN: None, NONE: AccumulatorOptions(variant="none"),
                EXACT: AccumulatorOptions(variant="proma", solver="exact", sync="global"),
                PUBLISHED: dataclasses.replace(PUBLISHED_OPTIONS, sync="global")}
-    options[WORKER_EXACT] = options[EXACT]
+    options[WORKER_EXACT], options[ENV_PUBLISHED] = options[EXACT], None   # ENV_PUBLISHED: PROMA_VERL_OPTIONS
+    env_options = json.dumps(dict(PUBLISHED_SETTINGS, sync="global"))
     settings = {EXACT: Settings(variant="proma", solver="exact"),
                 PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)}
 
@@ -322,7 +331,8 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
                     del worker
                 else:
                     engine = build_engine(path, dtype=dtype, vendor=vendor, options=options[name], sink=sink)
-                    engine.train_batch(data, loss_fn)
+                    with _environment(OPTIONS_ENV, env_options if name == ENV_PUBLISHED else None):
+                        engine.train_batch(data, loss_fn)
                     del engine
                 grads[name] = sink
     results["n_params"] = sum(1 for _ in policy.parameters())

@@ -23,13 +23,15 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import reference
-from verification.testkit import free_port, per_sequence_grads, pin_threads, qwen_seq_logp, trainable
+from verification.testkit import per_sequence_grads, pin_threads, qwen_seq_logp, trainable
 
 from proma_testkit import intra_microbatch_oracle
 
 WORLD = 2
 # a timeout turns a mismatched collective into an error instead of a hung test run
 COLLECTIVE_TIMEOUT = datetime.timedelta(seconds=60)
+# the gloo rendezvous file each spawned group creates in its test's output folder
+RENDEZVOUS_FILE = "rendezvous"
 
 
 def qwen_batches(seed=1, sizes=((2, 1), (1, 2)), tokens=(6, 8), vocab=50):
@@ -134,13 +136,14 @@ def expect_error(fn):
     return {"raised": None}
 
 
-def _worker(rank, module, port, outdir):
+def _worker(rank, module, outdir):
     """One rank: every scenario of ``module.SCENARIOS`` ({name: fn(rank) -> JSON-able}) in order, a barrier
     after each; results (or the traceback of a crash) go to ``outdir/rank{rank}.json``."""
     pin_threads()
     scenarios = importlib.import_module(module).SCENARIOS  # closures do not pickle: the child looks them up
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD,
-                            timeout=COLLECTIVE_TIMEOUT)
+    # a file rendezvous in the test's own folder: no TCP port to race for with other tests' process groups
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(outdir, RENDEZVOUS_FILE)}", rank=rank,
+                            world_size=WORLD, timeout=COLLECTIVE_TIMEOUT)
     results = {}
     try:
         for name, fn in scenarios.items():
@@ -157,7 +160,7 @@ def _worker(rank, module, port, outdir):
 
 def spawn_scenarios(module, outdir):
     """Run the ``SCENARIOS`` of the test module named ``module`` on W gloo ranks; [rank] = {name: result}."""
-    mp.spawn(_worker, args=(module, free_port(), str(outdir)), nprocs=WORLD, join=True)
+    mp.spawn(_worker, args=(module, str(outdir)), nprocs=WORLD, join=True)
     return [json.loads((outdir / f"rank{r}.json").read_text()) for r in range(WORLD)]
 
 

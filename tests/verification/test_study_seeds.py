@@ -5,6 +5,7 @@ import json
 import numpy as np
 
 import pytest
+import torch
 
 from verification.studies import tables as T
 from verification.studies import seeds as S
@@ -57,6 +58,9 @@ def test_smoke_study_runs_and_resumes(tmp_path, monkeypatch):
     assert res["final_eval"]["n"] == 16 and len(res["final_eval"]["hits"]) == 16
     assert len(res["metrics"]) == 2 * 2  # 2 rollout steps x 2 minibatches
     assert set(res["code"]) == {"commit", "dirty", "root"} and len(res["code"]["commit"]) == 40
+    env = res["environment"]
+    assert env["torch"] == torch.__version__ and env["cpu_capability"] == torch.backends.cpu.get_cpu_capability()
+    assert set(env) == {"python", "torch", "transformers", "numpy", "cpu_capability", "cpu"} and env["cpu"]
     warm = res["warmstart"]["id"]
     assert len(warm) == S.WARMSTART_ID_CHARS and (tmp_path / "data" / "t" / f"start_eval-{warm}.json").is_file()
     assert T.load_results(tmp_path / "data", "t")[("proma", 1e-3, 1)]["val_change"] == pytest.approx(

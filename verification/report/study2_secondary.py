@@ -98,7 +98,9 @@ def reproduction_lines(study: dict) -> list:
     parts = [f"`{r['regime']}` seeds {', '.join(map(str, r['seeds']))}: largest difference of any training record "
              f"{r['max_diff']:.3g} (in `{r['field']}`), of the final accuracy {r['val_diff']:.3g}" for r in rep]
     return ["Reproduction check (GRPO at 1x, seeds 5-9, same warm-start, prompts and samples as the first study; "
-            "wall times and the out-of-sample probe apart): " + "; ".join(parts) + ".", ""]
+            "wall times and the out-of-sample probe apart): " + "; ".join(parts) + ". Not expected to be 0: the "
+            "first study's own code differs from its records at float32 rounding on this study's machine "
+            "(PREREGISTRATION-2.md, record 2), and sampling amplifies it.", ""]
 
 
 def x_curves_plot(curves: dict, path, seeds=None) -> Path:

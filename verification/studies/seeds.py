@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field, replace
@@ -24,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .provenance import code_version, environment
 from .tables import BASELINE, aggregate, load_results, markdown_tables, result_path, run_name, start_eval_path
 
 METHODS = ("reinforce", "grpo", "proma", "proma-paper", "intra")
@@ -157,30 +157,11 @@ def _read_jsonl(path: Path) -> list:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
-def code_version() -> dict:
-    """The code a run executes: ``{"commit", "dirty", "root"}`` of the checkout that holds the loaded ``proma``.
-
-    ``dirty`` is True when tracked files of ``proma/``, ``reference/`` or ``verification/`` differ from the commit
-    (the run then executes code that no commit holds); ``commit`` is None outside a git checkout.
-    """
-    import proma
-
-    root = Path(proma.__file__).resolve().parent.parent
-
-    def git(*args):
-        done = subprocess.run(["git", "-C", str(root), *args], capture_output=True, text=True, check=False)
-        return done.stdout.strip() if done.returncode == 0 else None
-
-    commit = git("rev-parse", "HEAD")
-    dirty = bool(git("status", "--porcelain", "--untracked-files=no", "--", "proma", "reference", "verification"))
-    return {"commit": commit, "dirty": dirty if commit else None, "root": str(root)}
-
-
 def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str:
     """Train one run (resuming its directory), score its final policy on the whole test split, write JSON.
 
-    The JSON records the code it ran (:func:`code_version`, taken before training starts) and the warm-start it
-    started from (:func:`warmstart_provenance`).
+    The JSON records the code it ran (:func:`code_version`, taken before training starts), the machine and
+    libraries (:func:`environment`) and the warm-start it started from (:func:`warmstart_provenance`).
     """
     import torch
 
@@ -198,7 +179,8 @@ def run_one(cfg_dict: dict, out_json: str, eval_items: int | None = None) -> str
     ck = torch.load(Path(run_dir) / "ckpt.pt", map_location="cpu", weights_only=True)
     final = whole_split_eval(cfg_dict, ck["model"], items=eval_items)
     out = {"config": cfg_dict, "metrics": _read_jsonl(Path(run_dir) / "metrics.jsonl"),
-           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final, "code": code, "warmstart": warm,
+           "eval": _read_jsonl(Path(run_dir) / "eval.jsonl"), "final_eval": final, "code": code,
+           "environment": environment(), "warmstart": warm,
            "seconds": {"train": t_train, "total": time.perf_counter() - t0}}
     path = Path(out_json)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -14,16 +14,30 @@ import torch
 
 from .subspace import dominant_subspace
 
+# Below float64, the relative cutoff of a token row in units of the output gradients' eps (:func:`row_cutoff`).
+ROUNDED_ZERO_EPS = 4
 
-def gradient_rows(D: torch.Tensor, work_dtype: torch.dtype) -> torch.Tensor:
-    """Token rows of D (t, o) that carry gradient, (t,) bool: ``max_j |D[t, j]| > o eps max_{t, j} |D[t, j]|``.
 
-    eps is the work dtype's (float32 or float64), as :func:`reference.gradient_rows` with its default cutoff
-    in float64: a row at or below the cutoff is rounding of an exact zero. On the device, no host read.
+def row_cutoff(o: int, dtype: torch.dtype) -> float:
+    """Relative cutoff of :func:`gradient_rows` for output gradients computed in ``dtype`` (o out-features).
+
+    float64: the reference's, ``o * eps64`` (:func:`reference.default_row_rcond`), so that the torch rows equal the
+    reference's rows. Below float64 the rows are already rounded: a row that is zero in exact arithmetic comes out
+    near eps of the largest entry, and rows that the float64 reference keeps can lie little more than ten eps above
+    it, so ``o * eps`` (2.3e-5 relative in float32 for o = 192) would drop real rows; the cut is
+    :data:`ROUNDED_ZERO_EPS` ``* eps`` instead. The measurement behind it: ``reports/intra_rows.md``.
     """
-    row_max = D.abs().amax(dim=1).to(work_dtype)
-    cut = max(D.shape[1], 1) * torch.finfo(work_dtype).eps
-    return row_max > cut * row_max.max()
+    eps = torch.finfo(dtype).eps
+    return max(o, 1) * eps if dtype == torch.float64 else ROUNDED_ZERO_EPS * eps
+
+
+def gradient_rows(D: torch.Tensor) -> torch.Tensor:
+    """Token rows of D (t, o) that carry gradient, (t,) bool: ``max_j |D[t, j]| > c max_{t, j} |D[t, j]|`` with
+    c = :func:`row_cutoff` of D's dtype (the precision the output gradients were computed in, whatever the work
+    dtype). On the device, no host read.
+    """
+    row_max = D.abs().amax(dim=1)
+    return row_max > row_cutoff(D.shape[1], D.dtype) * row_max.max()
 
 
 def project_factored_(grad: torch.Tensor, U: torch.Tensor, V: torch.Tensor, form: str) -> torch.Tensor:
@@ -66,7 +80,7 @@ def intra_project(grad: torch.Tensor, X: torch.Tensor, D: torch.Tensor, *, rank:
         raise ValueError(f"intra_form must be 'two_sided' or 'kron'; got {form!r}")
     if rank == 0 or X.shape[0] == 0:
         return grad.clone()
-    keep = gradient_rows(D, grad.dtype).to(grad.dtype)
+    keep = gradient_rows(D).to(grad.dtype)
     U = dominant_subspace(D, rank, row_mask=keep).V.to(grad.dtype)
     V = dominant_subspace(X, rank, row_mask=keep).V.to(grad.dtype)
     out = grad.clone()

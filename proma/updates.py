@@ -140,7 +140,7 @@ class IntraUpdate:
         incoming = new.norm().double()
         removed = _zero().to(incoming.device)
         if self.rank > 0 and X.shape[0] > 0:
-            keep = gradient_rows(D, block.dtype).to(block.dtype)
+            keep = gradient_rows(D).to(block.dtype)
             D, X = D.to(block.dtype), X.to(block.dtype)
             U = dominant_subspace(D, self.rank, row_mask=keep).V.to(new.dtype)
             V = dominant_subspace(X, self.rank, row_mask=keep).V.to(new.dtype)

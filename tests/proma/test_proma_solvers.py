@@ -8,7 +8,7 @@ from hypothesis import given, strategies as st
 
 import reference
 from proma import subspace
-from proma.intra import intra_project
+from proma.intra import gradient_rows, intra_project, row_cutoff
 from proma.solvers import eigen_cutoff, solve
 from proma.subspace import top_right_singular_vectors
 from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
@@ -16,6 +16,7 @@ from verification.tolerances import FLOAT32_RTOL, FLOAT64_RTOL
 # Residual of the intra subspace search in units of eps_w * lambda_1: the backward error of a dense eigh in the
 # work dtype, which the search must reach (the bound the ARPACK route stopped at before).
 SEARCH_RESIDUAL_EPS = 4.0
+FLOAT32_EPS = float(np.finfo(np.float32).eps)
 
 
 @st.composite
@@ -124,7 +125,7 @@ def test_intra_project_leaves_rounding_zero_rows_out_as_the_reference_does(dtype
     grad = rng.standard_normal((4, 5))
     t = lambda a: torch.tensor(a, dtype=dtype)  # noqa: E731
     got = intra_project(t(grad), t(X), t(D), rank=2, form=form).double().numpy()
-    row_rcond = D.shape[1] * float(torch.finfo(dtype).eps)
+    row_rcond = row_cutoff(D.shape[1], dtype)
     cast = lambda a: t(a).double().numpy()  # noqa: E731
     expect = reference.intra_project(cast(grad), cast(X), cast(D), rank=2, form=form, row_rcond=row_rcond)
     left_out = reference.intra_project(cast(grad), cast(X[1:]), cast(D[1:]), rank=2, form=form)
@@ -133,6 +134,29 @@ def test_intra_project_leaves_rounding_zero_rows_out_as_the_reference_does(dtype
     assert np.linalg.norm(expect - left_out) <= rtol * np.linalg.norm(grad)
     counted = reference.intra_project(cast(grad), cast(X), cast(D), rank=2, form=form, row_rcond=0.0)
     assert np.linalg.norm(counted - expect) > 1e-2 * np.linalg.norm(grad)
+
+
+@pytest.mark.parametrize("relative, kept", [(20 * FLOAT32_EPS, True), (1 * FLOAT32_EPS, False)])
+@pytest.mark.parametrize("form", ["two_sided", "kron"])
+def test_float32_rows_are_classified_as_the_float64_reference_classifies_them(relative, kept, form):
+    # float32 output gradients: a row 20 eps32 below the largest entry is data for the float64 reference (its cut
+    # is o * eps64) and must stay data (o * eps32 = 7.6e-6 for o = 64 would drop it); a row at 1 eps32 is where a
+    # row that is zero in exact arithmetic rounds to, and must be left out
+    rng = np.random.default_rng(12)
+    X, D = rng.standard_normal((7, 5)), rng.standard_normal((7, 64))
+    X[0] *= 10.0   # the row's activation dominates V: keeping it or not changes the projection
+    D[0] = 0.0
+    D[0, 3] = relative * np.abs(D).max()
+    grad = rng.standard_normal((64, 5))
+    f32 = lambda a: torch.tensor(a, dtype=torch.float32)  # noqa: E731
+    got = intra_project(f32(grad), f32(X), f32(D), rank=2, form=form).double().numpy()
+    cast = lambda a: f32(a).double().numpy()  # noqa: E731
+    with_row = reference.intra_project(cast(grad), cast(X), cast(D), rank=2, form=form)
+    without = reference.intra_project(cast(grad), cast(X[1:]), cast(D[1:]), rank=2, form=form)
+    assert np.linalg.norm(with_row - without) > 1e-2 * np.linalg.norm(grad)
+    expect = with_row if kept else without
+    assert np.linalg.norm(got - expect) <= FLOAT32_RTOL * np.linalg.norm(grad)
+    assert bool(gradient_rows(f32(D))[0]) == kept
 
 
 def test_top_singular_vectors_span_matches_svd():

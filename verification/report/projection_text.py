@@ -62,9 +62,10 @@ def _torch_vs_reference(studies) -> list:
         if intra32 and intra32[0]["max_rel_err"] > 1e-4:
             lines += [f"Intra in float32 deviates by {f(intra32[0]['max_rel_err'])} ({intra32[0]['worst']}). Its "
                       "subspaces were taken over the tokens whose output gradient is non-zero (the rule when this "
-                      "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds o eps of D's "
-                      "largest, o output features, eps of the work dtype: the tokens traced below count the same "
-                      "under both). On an earlier run's "
+                      "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds c times D's "
+                      "largest, c = o eps64 for float64 output gradients (the reference's rule, o output features) "
+                      "and 4 eps32 for float32 ones (measured in `intra_rows.md`): the tokens traced below count "
+                      "the same under every rule). On an earlier run's "
                       "layer-0 q_proj we traced such a deviation to a few tokens whose output gradients are "
                       "structurally near zero (about 1e-9 of the largest in the float64 copy) but exactly zero in "
                       "float32: the two models selected different token sets (112 vs 113), and the top singular "

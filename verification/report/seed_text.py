@@ -293,6 +293,11 @@ def secondary_section(r) -> list:
     val = next(o for o in outcomes if o.hypothesis.kind == "val")
     parts = [f"- vs {m}: {stats.format_interval(iv, '+.4f')}, p {p_value(p)}" for m, (iv, p, _) in (val.parts or {}).items()]
     lines += parts or [f"- no paired seeds yet in `{val.hypothesis.regime}`"]
+    lines += ["", "Intra in this study is intra as it ran: its subspaces took every token whose float32 output gradient "
+              "is non-zero (the rule of the time), which keeps tokens whose gradient is zero in exact arithmetic and "
+              "only rounded; today's definition leaves them out, and on real minibatches of the same policy that "
+              "changes some layers' intra result by far more than float32 rounding ([`intra_rows.md`](intra_rows.md)). "
+              "The runs were not repeated."]
     elsewhere = secondary.val_elsewhere(results)
     if elsewhere:
         lines += ["", "VAL's test in the other regimes (secondary: held-out accuracy does not rise there; "

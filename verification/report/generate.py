@@ -247,8 +247,9 @@ def _figures(out: Path, runs: list, summaries: list, studies: dict, *, steps: in
 
 
 def _write_text(out: Path, *, meta, oracle, studies, summaries, figures, seeds, first, runs) -> Path:
-    from . import seed_evidence, study2_section
+    from . import seed_evidence, seed_figures, study2_section
 
+    figures = {**figures, **seed_figures.figures(seeds, out)}
     if seeds.get("study2"):
         figures = {**figures, **study2_section.figures(seeds["study2"], out)}
 

@@ -75,7 +75,8 @@ def load_seeds(mode: str, data_dir) -> dict:
             "equal_kl": {regime: tables.equal_kl(tables.load_curves(data_dir, regime))
                          for regime in grid.regimes},
             "regime_checks": claims.regime_checks(results, mode=mode),
-            "plan": plan.plan(grid, data_dir), "commits": commits, "study2": second}
+            "plan": plan.plan(grid, data_dir), "commits": commits, "study2": second,
+            "data_dir": str(data_dir) if mode == "full" else None}
 
 
 def run_commits(folder) -> dict:

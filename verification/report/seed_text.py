@@ -9,6 +9,7 @@ from __future__ import annotations
 from ..studies import claims, secondary, stats
 from ..studies import preregistered as P
 from .seed_evidence import DEFAULT_JOBS as SEED_STUDY_JOBS
+from . import seed_figures
 from .markdown import f, p_value, table
 
 PREREG = "reports/PREREGISTRATION.md"
@@ -244,12 +245,14 @@ def verdicts_section(r) -> list:
         have = f"{counts[0]}" if counts[0] == counts[-1] else f"{counts[0]}-{counts[-1]}"
         lines += [f"**In progress**: comparisons have {have} of the {P.N_SEEDS} pre-registered "
                   "seeds; the numbers are shown, nothing is decided until every comparison has all of them.", ""]
-    lines += [verdict_table(outcomes), ""]
+    lines += [verdict_table(outcomes), "", f"![forest plot of the verdicts]({seed_figures.FIGURES['forest']})", ""]
     power = power_lines(outcomes)
     if power:
         lines += ["Seeds that would decide each undecided hypothesis (paired t, 80% power):", ""] + power + [""]
     lines += ["Entropy, both readings (the paired endpoint decides; the absolute rule is printed beside it):", ""]
     lines += entropy_sentences(outcomes, results) + [""]
+    lines += ["Local KL, entropy and reward over the run in the family's three regimes, mean over the 15 seeds with "
+              "95% bands:", "", f"![seed-averaged curves]({seed_figures.FIGURES['curves']})", ""]
     lines += ["What each regime tests (conditions on GRPO's runs; they decide nothing): \"GRPO learns\" means "
               "*reward on the training pool rises* (reward-gain interval above 0) while held-out accuracy does "
               "not demonstrably fall; \"held-out accuracy rises\" is GRPO's validation change on the whole test "

@@ -17,9 +17,9 @@ def _result(method, seed, n_steps=30, kl=1e-3):
     return {"config": {"method": method, "lr": 1e-4, "seed": seed}, "metrics": recs}
 
 
-def test_smooth_is_a_trailing_mean_over_what_exists():
+def test_smooth_is_a_trailing_mean_with_the_first_value_before_the_start():
     x = np.array([1.0, 2.0, 3.0, 4.0, 5.0])
-    np.testing.assert_allclose(F._smooth(x, 3), [1.0, 1.5, 2.0, 3.0, 4.0], rtol=FLOAT64_RTOL)
+    np.testing.assert_allclose(F._smooth(x, 3), [1.0, 4 / 3, 2.0, 3.0, 4.0], rtol=FLOAT64_RTOL)
     np.testing.assert_allclose(F._smooth(x, 1), x, rtol=FLOAT64_RTOL)
 
 
@@ -30,7 +30,10 @@ def test_run_curves_take_rollout_numbers_once_per_step_and_the_kl_per_optimizer_
     raw = (2.0 - 0.01 * np.arange(30)) / 2.0
     np.testing.assert_allclose(c["entropy"], F._smooth(raw, k), rtol=FLOAT64_RTOL)
     np.testing.assert_allclose(c["local_kl"][0], np.log(1e-3), rtol=FLOAT64_RTOL)
-    np.testing.assert_allclose(c["local_kl"][1], np.log(1e-3) / 2 + np.log(1.1e-3) / 2, rtol=FLOAT64_RTOL)
+    # the second optimizer step: KL_SMOOTH - 1 copies of the first value (it stands in before the start) and the second
+    k_kl = F.KL_SMOOTH
+    want = ((k_kl - 1) * np.log(1e-3) + np.log(1.1e-3)) / k_kl
+    np.testing.assert_allclose(c["local_kl"][1], want, rtol=FLOAT64_RTOL)
 
 
 def test_figures_are_drawn_from_every_seed_of_the_data_folder(tmp_path):

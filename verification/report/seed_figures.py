@@ -3,7 +3,8 @@
 Both are drawn from the seed study's data (``<report>/data/seeds``), never from one seed's trace. Curves: per regime
 of the family and per method, the mean over seeds at each step with the pointwise 95% t-interval
 (:func:`verification.studies.secondary2.seed_band`); the local KL is averaged on the log scale (a geometric mean,
-as the KL hypotheses compare it). Each run's curve is a trailing moving average before the seed average: over
+as the KL hypotheses compare it). Each run's curve is a trailing moving average before the seed average
+(:func:`verification.report.plots._smooth`, the first value standing in before the start): over
 :data:`KL_SMOOTH` optimizer steps (KL) and :data:`ROLLOUT_SMOOTH` of its rollout steps (entropy, reward).
 """
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import numpy as np
 
 from ..studies import preregistered as P
+from ..studies import tables
 from ..studies.secondary2 import MIN_SEEDS, seed_band
+from .plots import _smooth
 
 FIGURES = {"forest": "seeds_forest.png", "curves": "seeds_curves.png"}
 REGIMES = ("learn-240", "collapse", P.DEFAULT_VALIDATION_REGIME)
@@ -24,26 +27,15 @@ ROLLOUT_SMOOTH = 1 / 30  # rollout-step window of entropy and reward, as a fract
 KL_FLOOR = 1e-12        # a zero local KL (no update) drawn at this value on the log scale
 
 
-def _smooth(x: np.ndarray, k: int) -> np.ndarray:
-    """Trailing moving average over ``k`` steps (the first k - 1 average what exists)."""
-    c = np.cumsum(np.insert(x, 0, 0.0))
-    idx = np.arange(1, x.size + 1)
-    lo = np.maximum(idx - k, 0)
-    return (c[idx] - c[lo]) / (idx - lo)
-
-
 def run_curves(result: dict) -> dict:
     """One run's ``{"local_kl": (opt steps,) smoothed log KL, "entropy": (S,) / first step's, "reward": (S,)}``."""
     recs = result["metrics"]
-    first = {}
-    for r in recs:   # a rollout step's first record holds its rollout numbers
-        first.setdefault(r["step"], r)
-    steps = sorted(first)
-    entropy = np.array([first[s]["entropy"] for s in steps], dtype=float)
+    steps = tables.rollout_records(recs)
+    entropy = np.array([r["entropy"] for r in steps], dtype=float)
     kl = np.log(np.maximum([r["local_kl"] for r in recs], KL_FLOOR))
     k = max(1, int(round(ROLLOUT_SMOOTH * len(steps))))
     return {"local_kl": _smooth(kl, KL_SMOOTH), "entropy": _smooth(entropy / entropy[0], k),
-            "reward": _smooth(np.array([first[s]["reward"] for s in steps], dtype=float), k)}
+            "reward": _smooth(np.array([r["reward"] for r in steps], dtype=float), k)}
 
 
 def load_curves(data_dir, regimes=REGIMES) -> dict:

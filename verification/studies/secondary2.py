@@ -204,10 +204,8 @@ def rollout_curves(data_dir, regime: str, keys=("entropy", "reward")) -> dict:
     for path in sorted((Path(data_dir) / regime).glob("*-lr*-s*.json")):
         res = json.loads(path.read_text())
         c = res["config"]
-        first = {}
-        for r in res["metrics"]:  # a rollout step's first record holds its rollout numbers (tables.run_numbers)
-            first.setdefault(r["step"], r)
-        curves = {k: np.array([float(first[t][k]) for t in sorted(first)]) for k in keys}
+        steps = tables.rollout_records(res["metrics"])
+        curves = {k: np.array([float(r[k]) for r in steps]) for k in keys}
         if "entropy" in curves:
             curves["entropy"] = curves["entropy"] / curves["entropy"][0]
         out[(c["method"], c["lr"], c["seed"])] = curves

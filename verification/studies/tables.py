@@ -33,13 +33,19 @@ def thirds(x: np.ndarray) -> list[np.ndarray]:
     return [x[min(a, n - 1):max(b, min(a, n - 1) + 1)] for a, b in zip(cuts[:-1], cuts[1:])]
 
 
-def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
-    """Per-run scalars of one result JSON (definitions in :data:`COLUMNS`)."""
-    recs = result["metrics"]
+def rollout_records(recs: list) -> list:
+    """The first record of each rollout step, in step order: it holds the step's rollout numbers (reward, entropy),
+    which every minibatch's record of that step repeats."""
     per_step = {}
     for r in recs:
         per_step.setdefault(r["step"], r)
-    steps = [per_step[k] for k in sorted(per_step)]
+    return [per_step[k] for k in sorted(per_step)]
+
+
+def run_numbers(result: dict, start_eval: dict | None = None) -> dict:
+    """Per-run scalars of one result JSON (definitions in :data:`COLUMNS`)."""
+    recs = result["metrics"]
+    steps = rollout_records(recs)
     q = max(1, int(round(GAIN_FRACTION * len(steps))))
     reward = np.array([r["reward"] for r in steps])
     entropy = np.array([r["entropy"] for r in steps])

@@ -37,7 +37,7 @@ PUBLISHED_CODE_NAME = "proma-code"
 METHODS = ("reinforce", "grpo", "proma", PUBLISHED_NAME, "intra", PUBLISHED_CODE_NAME)
 DTYPE_NAMES = ("float32", "float64", "bfloat16")
 # Completion length when max_new_tokens = 0: one calculator step, or a whole GSM8K solution.
-DEFAULT_NEW_TOKENS = {"gsm8k-calc": 10, "gsm8k": 256}
+DEFAULT_NEW_TOKENS = {"gsm8k-calc": 10, "gsm8k-chain": 64, "gsm8k": 256}
 MIN_VOCAB_SIZE = 2 + 256  # the special tokens and the byte alphabet of the BPE tokenizer
 
 # How each method accumulates microbatch gradients: ProjectedAccumulator keyword arguments (None = plain
@@ -112,7 +112,8 @@ FIELD_RULES = {
 class TrainConfig:
     # run
     preset: str = "small"            # base configuration the other options override
-    task: str = "gsm8k-calc"         # gsm8k-calc: one calculator step per prompt; gsm8k: whole solutions
+    task: str = "gsm8k-calc"         # gsm8k-calc: one calculator step per prompt; gsm8k-chain: a whole calculator
+                                     # chain per prompt; gsm8k: whole solutions
     method: str = "reinforce"        # how microbatch gradients are combined: plain sum, GRPO surrogate or a PROMA variant
     steps: int = 200                 # rollout steps (each = `minibatches` optimizer steps)
     out: str = "runs/default"        # run directory (config, metrics.jsonl, eval.jsonl, ckpt.pt)
@@ -141,7 +142,7 @@ class TrainConfig:
     train_pool: int = 1024           # RL prompts come from this fixed subset of the train split (0 = all of it)
     prompts_per_step: int = 16       # prompts per rollout step
     group_size: int = 8              # completions per prompt (the group of group-relative advantages)
-    max_new_tokens: int = 0          # 0 = task default (10 for gsm8k-calc, 256 for gsm8k)
+    max_new_tokens: int = 0          # 0 = task default (10 gsm8k-calc, 64 gsm8k-chain, 256 gsm8k)
     temperature: float = 1.0         # sampling temperature of the rollouts
     format_reward: float = 0.0       # gsm8k: reward for a parsable but wrong "#### N"
     # optimisation

@@ -1,4 +1,4 @@
-"""GSM8K loading and validation, the two tasks (``gsm8k``, ``gsm8k-calc``) and their reward functions.
+"""GSM8K loading and validation, the three tasks (``gsm8k``, ``gsm8k-calc``, ``gsm8k-chain``) and their rewards.
 
 The data is vendored at ``data/gsm8k/`` (train.jsonl, test.jsonl, LICENSE, README.md) and loaded from the
 project tree: nothing here touches the network. ``PROMA_GSM8K_DIR`` (or ``data_dir=``) points elsewhere.
@@ -15,6 +15,13 @@ Tasks
     answer ``"24"``; train examples come from GSM8K train problems and test examples from GSM8K test problems,
     so the two never share a source problem (``Example.problem`` records it). Reward 1 when the completion,
     stripped, is a number equal in value to the answer.
+``gsm8k-chain``
+    a solution's whole calculator chain, for completions of tens of tokens with gsm8k-calc's skill: prompt =
+    the chain's expressions ``"48/2;24+48;72*2\n"``, target = each expression with its result
+    ``"48/2=24;24+48=72;72*2=144"``. Only problems every calculator annotation of which is a kept gsm8k-calc step,
+    with :data:`MIN_CHAIN_STEPS` to :data:`MAX_CHAIN_STEPS` of them. Reward = the fraction of the chain's steps
+    whose item in the completion's first line (split at ``;``) repeats the step's expression and gives a number
+    equal in value to its result; a greedy evaluation hit (:func:`hit`) needs every step.
 
 Reward functions never raise on any model output (tested with Hypothesis on arbitrary text).
 """
@@ -27,7 +34,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 
-TASKS = ("gsm8k", "gsm8k-calc")
+TASKS = ("gsm8k", "gsm8k-calc", "gsm8k-chain")
 
 GSM8K_INSTRUCTION = "Solve the problem step by step, then give the final answer on a line '#### <answer>'."
 
@@ -38,6 +45,9 @@ _NUMBER_RE = re.compile(rf"^{_NUMBER}$")
 _CALC_RE = re.compile(r"<<([^<>]*)>>")
 # Calculator steps kept for gsm8k-calc: arithmetic only (no "%", no words), numeric result.
 _CALC_STEP_RE = re.compile(rf"^([0-9+\-*/(). ]+)=({_NUMBER})$")
+# gsm8k-chain: calculator steps per example, and the separator of its steps in prompt, target and completion.
+MIN_CHAIN_STEPS, MAX_CHAIN_STEPS = 3, 6
+CHAIN_SEP = ";"
 
 
 @dataclass(frozen=True)
@@ -134,13 +144,36 @@ def calc_reward(completion: str, answer: str) -> float:
     return 1.0 if got is not None and got == answer else 0.0
 
 
+def chain_reward(completion: str, answer: str) -> float:
+    """The fraction of the chain's steps (``answer``: ``"expr=result;..."``, results normalised) that the
+    completion's first line gets right, item by item: same expression (spaces ignored), a number equal in value to
+    the result. Never raises."""
+    steps = [item.split("=", 1) for item in answer.split(CHAIN_SEP)]
+    if not isinstance(completion, str) or not steps:
+        return 0.0
+    line = completion.strip().split("\n", 1)[0] if completion.strip() else ""
+    items = line.split(CHAIN_SEP)
+    right = 0
+    for (expr, result), item in zip(steps, items):
+        lhs, eq, rhs = item.partition("=")
+        right += int(bool(eq) and lhs.replace(" ", "") == expr and normalize_number(rhs.strip()) == result)
+    return right / len(steps)
+
+
 def reward(task: str, completion: str, answer: str, *, format_reward: float = 0.0) -> float:
     """The task's reward of one completion."""
     if task == "gsm8k":
         return gsm8k_reward(completion, answer, format_reward=format_reward)
     if task == "gsm8k-calc":
         return calc_reward(completion, answer)
+    if task == "gsm8k-chain":
+        return chain_reward(completion, answer)
     raise ValueError(f"task={task!r}: unknown task (choose from {', '.join(TASKS)})")
+
+
+def hit(task: str, completion: str, answer: str) -> int:
+    """1 when the completion earns the task's full reward (an exact match), else 0: the greedy evaluation's score."""
+    return int(reward(task, completion, answer) == 1.0)
 
 
 def load_gsm8k(split: str, data_dir: str | os.PathLike | None = None) -> list[Problem]:
@@ -224,7 +257,24 @@ def make_examples(
                     continue
                 out.append(Example(expr + "=", result, ans, p.index))
         return out
+    if task == "gsm8k-chain":
+        return [e for e in (chain_example(p, max_prompt_chars, max_answer_chars) for p in problems) if e]
     raise ValueError(f"task={task!r}: unknown task (choose from {', '.join(TASKS)})")
+
+
+def chain_example(problem: Problem, max_prompt_chars: int, max_answer_chars: int) -> Example | None:
+    """The ``gsm8k-chain`` example of one problem, or None when its chain is not whole, too short or too long."""
+    steps = calc_steps(problem)
+    if len(steps) != len(_CALC_RE.findall(problem.answer)) or not MIN_CHAIN_STEPS <= len(steps) <= MAX_CHAIN_STEPS:
+        return None
+    results = [normalize_number(r) for _, r in steps]
+    if any(len(e) + 1 > max_prompt_chars or len(r) > max_answer_chars or n is None
+           for (e, r), n in zip(steps, results)):
+        return None
+    prompt = CHAIN_SEP.join(e for e, _ in steps) + "\n"
+    target = CHAIN_SEP.join(f"{e}={r}" for e, r in steps)
+    answer = CHAIN_SEP.join(f"{e}={n}" for (e, _), n in zip(steps, results))
+    return Example(prompt, target, answer, problem.index)
 
 
 def tokenizer_corpus(data_dir: str | os.PathLike | None = None) -> list[str]:

@@ -25,7 +25,7 @@ def evaluate(parts: RunParts, batch_size: int = EVAL_BATCH_SIZE, ranks: Ranks = 
         chunk = mine[lo: lo + batch_size]
         completions = generate(parts.model, parts.tokenizer, [e.prompt for e in chunk], group_size=1,
                                max_new_tokens=cfg.new_tokens, greedy=True, device=parts.device)
-        hits += [data.reward(cfg.task, t, e.answer) for t, e in zip(completions.texts, chunk)]
+        hits += [data.hit(cfg.task, t, e.answer) for t, e in zip(completions.texts, chunk)]
     acc = ranks.sum([float(sum(hits))])[0] / max(1, len(parts.eval_examples))
     return (acc, np.asarray(hits, dtype=np.int8)) if per_item else acc
 

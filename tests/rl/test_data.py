@@ -6,11 +6,16 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from proma.rl.data import (
+    CHAIN_SEP,
+    MAX_CHAIN_STEPS,
+    MIN_CHAIN_STEPS,
     calc_reward,
+    chain_reward,
     extract_final_answer,
     gsm8k_reward,
     load_gsm8k,
     make_examples,
+    hit,
     normalize_number,
     reward,
 )
@@ -21,6 +26,7 @@ def test_rewards_never_raise_on_arbitrary_text(text):
     assert gsm8k_reward(text, "72") in (0.0, 1.0)
     assert gsm8k_reward(text, "72", format_reward=0.1) in (0.0, 0.1, 1.0)
     assert calc_reward(text, "24") in (0.0, 1.0)
+    assert chain_reward(text, "48/2=24;24+48=72;72*2=144") in (0.0, 1 / 3, 2 / 3, 1.0)
     got = extract_final_answer(text)
     assert got is None or normalize_number(got) == got
 
@@ -120,3 +126,42 @@ def test_validation_error_names_file_and_line(tmp_path, line, message):
 def test_missing_file_is_named(tmp_path):
     with pytest.raises(ValueError, match="test.jsonl"):
         load_gsm8k("test", tmp_path)
+
+
+CHAIN_ANSWER = "48/2=24;24+48=72;72*2=144"
+
+
+@pytest.mark.parametrize("completion, score", [
+    ("48/2=24;24+48=72;72*2=144", 1.0),
+    (" 48/2 = 24.0;24+48=72;72*2=144 \nanything after the line", 1.0),   # spaces, 24.0 == 24, first line only
+    ("48/2=24;24+48=73;72*2=144", 2 / 3),       # one wrong result
+    ("48/2=24;24+48=72", 2 / 3),                # a step missing
+    ("48/2=24;24*48=72;72*2=144", 2 / 3),       # the expression must be the step's own
+    ("24;72;144", 0.0),                         # results without their expressions
+    ("48/2=24\n24+48=72;72*2=144", 1 / 3),      # the chain is one line
+    ("", 0.0),
+])
+def test_chain_reward_counts_the_steps_got_right(completion, score):
+    assert chain_reward(completion, CHAIN_ANSWER) == pytest.approx(score)
+    assert reward("gsm8k-chain", completion, CHAIN_ANSWER) == pytest.approx(score)
+    assert hit("gsm8k-chain", completion, CHAIN_ANSWER) == int(score == 1.0)
+
+
+def test_chain_examples_are_whole_calculator_chains_of_their_own_problem():
+    train, test = load_gsm8k("train"), load_gsm8k("test")
+    tr, te = make_examples("gsm8k-chain", "train"), make_examples("gsm8k-chain", "test")
+    assert len(tr) > 4000 and len(te) > 700
+    for split, examples in ((train, tr[:300]), (test, te[:300])):
+        for e in examples:
+            src = split[e.problem].answer.replace(" ", "")
+            steps = e.target.split(CHAIN_SEP)
+            assert MIN_CHAIN_STEPS <= len(steps) <= MAX_CHAIN_STEPS
+            assert src.count("<<") == len(steps)                     # the whole chain, in order
+            assert all(f"<<{step}>>" in src for step in steps)
+            assert e.prompt == CHAIN_SEP.join(step.split("=")[0] for step in steps) + "\n"
+            assert chain_reward(e.target, e.answer) == 1.0 and hit("gsm8k-chain", e.target, e.answer) == 1
+
+
+def test_the_other_tasks_score_an_evaluation_hit_as_their_reward():
+    assert hit("gsm8k-calc", "24", "24") == 1 and hit("gsm8k-calc", "25", "24") == 0
+    assert hit("gsm8k", "#### 72", "72") == 1 and hit("gsm8k", "#### 7", "72") == 0

@@ -70,6 +70,20 @@ def test_smoke_run_of_every_method(tmp_path, cache, method):
 
 
 @pytest.mark.slow
+def test_smoke_run_of_the_chain_task(tmp_path, cache):
+    from proma.rl.build import build_run
+
+    assert TrainConfig(task="gsm8k-chain").new_tokens == 64   # a chain target runs to tens of tokens
+    cfg = smoke(tmp_path, cache, task="gsm8k-chain")
+    s = build_run(cfg, log=lambda *a, **k: None)
+    assert all(e.prompt.endswith("\n") and e.prompt.count(";") >= 2 for e in s.eval_examples)
+    run_dir = train(cfg)
+    recs = records(run_dir)
+    assert len(recs) == cfg.steps * cfg.minibatches and all(math.isfinite(r["loss"]) for r in recs)
+    assert [e["step"] for e in records(run_dir, "eval.jsonl")] == [0, cfg.steps]
+
+
+@pytest.mark.slow
 def test_same_seed_same_metrics_and_resume(tmp_path, cache):
     full = records(train(smoke(tmp_path, cache, "a", steps=3)))
     again = records(train(smoke(tmp_path, cache, "b", steps=3)))

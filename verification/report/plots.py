@@ -51,6 +51,17 @@ def _positive(y):
     return np.where(np.isfinite(y) & (y > 0), y, np.nan)
 
 
+def forest_panel(ax, items, *, ref: float, log: bool, title: str) -> None:
+    """One panel of a forest plot: ``items`` = [(label, mean, lo, hi, colour)] top to bottom, a line at ``ref``."""
+    for y, (_, mean, lo, hi, color) in enumerate(items):
+        ax.errorbar(mean, y, xerr=[[mean - lo], [hi - mean]], fmt="o", color=color, capsize=3)
+    ax.axvline(ref, color="black", lw=0.8)
+    ax.set_yticks(range(len(items)), [label for label, *_ in items])
+    ax.set_xscale("log" if log else "linear")
+    ax.set_title(title, fontsize=9)
+    ax.invert_yaxis()
+
+
 def metric_curves(runs, key: str, path, *, ylabel: str, log: bool = False, per_rollout_step: bool = False,
                   smooth: int = 1) -> Path:
     """One panel per learning rate, one line per method: ``key`` against the optimizer step."""

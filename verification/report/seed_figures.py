@@ -80,7 +80,7 @@ def curves_plot(curves: dict, path) -> Path:
 def forest_plot(outcomes: list, path) -> Path:
     """Each hypothesis' estimate and unadjusted 95% interval, coloured by its verdict: KL ratios (log axis),
     entropy differences, VAL's binding difference."""
-    from .plots import _save, plt
+    from .plots import _save, forest_panel, plt
 
     panels = (("local KL ratio (method / comparison)", "kl", 1.0), ("entropy end/start, paired difference",
                                                                    "entropy", 0.0),
@@ -88,16 +88,10 @@ def forest_plot(outcomes: list, path) -> Path:
     colors = {P.SUPPORTED: "tab:green", P.CONTRADICTED: "tab:red"}
     fig, axes = plt.subplots(1, 3, figsize=(15, 3.8), gridspec_kw={"width_ratios": [6, 4, 1.6]})
     for ax, (title, kind, ref) in zip(axes, panels):
-        rows = [o for o in outcomes if o.hypothesis.kind == kind and o.estimate is not None]
-        for y, o in enumerate(rows):
-            iv = o.estimate
-            ax.errorbar(iv["mean"], y, xerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o",
-                        color=colors.get(o.verdict, "tab:gray"), capsize=3)
-        ax.axvline(ref, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [o.hypothesis.id for o in rows])
-        ax.set_xscale("log" if kind == "kl" else "linear")
-        ax.set_title(title, fontsize=9)
-        ax.invert_yaxis()
+        items = [(o.hypothesis.id, o.estimate["mean"], o.estimate["lo"], o.estimate["hi"],
+                  colors.get(o.verdict, "tab:gray"))
+                 for o in outcomes if o.hypothesis.kind == kind and o.estimate is not None]
+        forest_panel(ax, items, ref=ref, log=kind == "kl", title=title)
     fig.suptitle("First study: estimates with unadjusted 95% t-intervals over 15 seeds (green supported, "
                  "red contradicted, grey inconclusive; Holm-adjusted verdicts)", fontsize=9)
     return _save(fig, path)

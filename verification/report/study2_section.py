@@ -75,26 +75,22 @@ def verdict_table(outcomes: list) -> str:
 # ---------------------------------------------------------------------------------------------- figures
 def forest_plot(outcomes: list, path) -> Path:
     """One panel per scale (reward gain at matched KL; KL ratios; entropy), each hypothesis' estimate and 95% CI."""
-    from .plots import _save, plt
+    from .plots import _save, forest_panel, plt
 
     panels = (("reward gain at matched out-of-sample KL (method - GRPO)", ("frontier",), 0.0),
               ("out-of-sample local KL ratio", ("kl_ratio", "code_kl"), 1.0),
               ("entropy end/start (difference; AC: level vs 1/2)", ("entropy_diff", "code_entropy", "entropy_abs"), 0.0))
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
     for ax, (title, kinds, ref) in zip(axes, panels):
-        rows = [o for o in outcomes if o.hypothesis.kind in kinds and o.estimate is not None]
-        for y, o in enumerate(rows):
-            iv = o.estimate
+        items = []
+        for o in outcomes:
+            if o.hypothesis.kind not in kinds or o.estimate is None:
+                continue
             shift = 0.5 if o.hypothesis.kind == "entropy_abs" else 0.0  # AC: drawn as a difference from 1/2
             color = "tab:green" if o.verdict in (P2.SUPPORTED,) else "tab:red" if o.verdict == P2.CONTRADICTED else \
                 "tab:purple" if o.verdict.startswith("differs") else "tab:gray"
-            ax.errorbar(iv["mean"] - shift, y, xerr=[[iv["mean"] - iv["lo"]], [iv["hi"] - iv["mean"]]], fmt="o",
-                        color=color, capsize=3)
-        ax.axvline(ref, color="black", lw=0.8)
-        ax.set_yticks(range(len(rows)), [f"{o.hypothesis.id} ({o.n})" for o in rows])
-        ax.set_xscale("log" if ref == 1.0 else "linear")
-        ax.set_title(title, fontsize=9)
-        ax.invert_yaxis()
+            items.append((f"{o.hypothesis.id} ({o.n})", *(o.estimate[k] - shift for k in ("mean", "lo", "hi")), color))
+        forest_panel(ax, items, ref=ref, log=ref == 1.0, title=title)
     fig.suptitle("Second study: estimates with unadjusted 95% t-intervals (green supported, red contradicted, "
                  "purple differs, grey undecided / in progress)", fontsize=9)
     return _save(fig, path)

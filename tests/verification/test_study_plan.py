@@ -33,6 +33,14 @@ def test_plan_counts_done_runs_and_estimates_the_rest(tmp_path):
     # left: a 1 + 1 runs (1 + 3 min), b 2 grpo (4 min) + 3 proma (18 min) = 26 worker-minutes
     assert "| b | proma | 0 / 3 | 6.0 (est.) | 18 |" in text
     assert "Left: 7 runs, about 0.4 worker-hours (0.2 h on 2 workers)." in text
+    # b's proma has no run, so no fastest pace exists for every row: no such total
+    assert "fastest" not in text
+    _write(tmp_path, "a", "grpo", 2, 30.0)              # a's third grpo run, the fastest: 0.5 min
+    _write(tmp_path, "b", "proma", 0, 240.0)            # b's proma: 4 min
+    rows = SP.plan(grid, tmp_path)
+    assert {(r.regime, r.method): r.fastest_minutes for r in rows}[("a", "grpo")] == pytest.approx(0.5)
+    # left at the fastest pace: a proma 1 x 3 min, b grpo 2 x 2 min, b proma 2 x 4 min = 15 worker-minutes
+    assert "about 0.2 worker-hours (0.1 h on 2 workers)." in SP.markdown(rows, workers=2).splitlines()[-1]
 
 
 def test_plan_without_any_run_has_no_estimate(tmp_path):

@@ -4,6 +4,8 @@ For every (regime, method) of a grid: the runs planned, the runs done (result fi
 estimate of the worker-minutes left. A run's cost is its own recorded wall time (``seconds.total`` of its JSON, one
 single-threaded worker). The estimate for a (regime, method) is the mean of its done runs; with none, GRPO's mean in
 that regime times the method's mean cost relative to GRPO in the regimes where both have runs; otherwise unknown.
+Runs that shared their core with other work took longer, so the plan also states the total at the pace of each
+(regime, method)'s fastest done run (``fastest_minutes``): what a machine with nothing else running would need.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ class PlanRow:
     done: int
     minutes_per_run: float | None   # estimated; None when nothing can estimate it
     measured: bool                  # the estimate comes from this (regime, method)'s own runs
+    fastest_minutes: float | None = None   # its fastest done run (None: none done)
 
     @property
     def minutes_left(self) -> float | None:
@@ -59,7 +62,7 @@ def plan(grid, data_dir) -> list[PlanRow]:
                 per, measured = float(np.mean(minutes[(r, BASELINE)])) * relative[m], False
             else:
                 per, measured = None, False
-            rows.append(PlanRow(r, m, planned, done, per, measured))
+            rows.append(PlanRow(r, m, planned, done, per, measured, min(minutes[(r, m)], default=None)))
     return rows
 
 
@@ -76,4 +79,9 @@ def markdown(rows: list[PlanRow], workers: int = 2) -> str:
     lines += ["", f"Left: {sum(row.planned - row.done for row in rows)} runs, about {total:.1f} worker-hours "
                   f"({total / workers:.1f} h on {workers} workers)"
                   + (f"; {unknown} runs without an estimate" if unknown else "") + "."]
+    fast = [row for row in rows if row.fastest_minutes is not None and row.planned > row.done]
+    if fast and len(fast) == sum(1 for row in rows if row.planned > row.done):
+        quiet = sum((row.planned - row.done) * row.fastest_minutes for row in fast) / 60
+        lines.append(f"At each one's fastest done run's pace (a machine running nothing else): about {quiet:.1f} "
+                     f"worker-hours ({quiet / workers:.1f} h on {workers} workers).")
     return "\n".join(lines)

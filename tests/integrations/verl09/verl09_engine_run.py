@@ -47,6 +47,9 @@ PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT = "plain", "none", "exact", "publish
 # the published settings with their options from each rank's environment (PROMA_VERL_OPTIONS) instead of
 # ``proma_options`` (not the defaults, so that an ignored variable shows on one rank too)
 ENV_PUBLISHED = "env_published"
+# intra (rank 1, two-sided) projects each rank's micro-batch on its own (no global sync exists for it), so the
+# reference on the union micro-batch judges it on one process only
+INTRA = "intra"
 # learning rate 0 and a clipping bound no gradient reaches: verl's optimizer_step runs but changes nothing
 NO_CLIP = 1e30
 DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
@@ -54,7 +57,7 @@ DTYPES = {"fp32": torch.float32, "fp64": torch.float64}
 # weights its backward gives (for the reference); the other loss_agg_modes normalise by the global batch size and
 # dp size (and, for -norm, the response length) rather than the token count
 PLAN = (("fp32", "token-mean", (PLAIN, NONE)),
-        ("fp64", "token-mean", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT, ENV_PUBLISHED)),
+        ("fp64", "token-mean", (PLAIN, NONE, EXACT, PUBLISHED, WORKER_EXACT, ENV_PUBLISHED, INTRA)),
         ("fp64", "seq-mean-token-mean", (PLAIN, NONE, EXACT)),
         ("fp64", "seq-mean-token-sum", (PLAIN, NONE, EXACT)),
         ("fp64", "seq-mean-token-sum-norm", (PLAIN, NONE, EXACT)))
@@ -271,7 +274,7 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     saves them.
 
     Results: ``{"world": W, "n_params": int, "grads": {(dtype, loss_agg_mode): {run: {name: array}}},
-    "expected": {(loss_agg_mode, EXACT or PUBLISHED): {name: array}}}``, gradients as full float64 arrays under
+    "expected": {(loss_agg_mode, EXACT, PUBLISHED or INTRA): {name: array}}}``, gradients as full float64 arrays under
     every parameter name; the expected ones from the reference on the union micro-batches with the weights the
     float64 plain run's backward gave each sequence (/ W).
     """
@@ -291,11 +294,14 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
     rank, world = dist.get_rank(), dist.get_world_size()
     options = {PLAIN: None, NONE: AccumulatorOptions(variant="none"),
                EXACT: AccumulatorOptions(variant="proma", solver="exact", sync="global"),
-               PUBLISHED: dataclasses.replace(PUBLISHED_OPTIONS, sync="global")}
+               PUBLISHED: dataclasses.replace(PUBLISHED_OPTIONS, sync="global"),
+               INTRA: AccumulatorOptions(variant="intra", intra_rank=1, intra_form="two_sided")}
     options[WORKER_EXACT], options[ENV_PUBLISHED] = options[EXACT], None   # ENV_PUBLISHED: PROMA_VERL_OPTIONS
     env_options = json.dumps(dict(PUBLISHED_SETTINGS, sync="global"))
     settings = {EXACT: Settings(variant="proma", solver="exact"),
-                PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5)}
+                PUBLISHED: Settings(variant="proma", solver="gram_schmidt", passes=2, relative_bound=0.5),
+                INTRA: Settings(variant="intra", intra_rank=1, intra_form="two_sided")}
+    plan = [(dtype, mode, tuple(n for n in names if world == 1 or n != INTRA)) for dtype, mode, names in PLAN]
 
     batch = judge.grpo_batch()
     policy = judge.tiny_qwen3(tied=tied, bias=bias)
@@ -309,7 +315,7 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
         if rank == 0:
             write_checkpoint(path, tied=tied, bias=bias)
         dist.barrier()
-        for dtype, mode, names in PLAN:
+        for dtype, mode, names in plan:
             # on-policy old_log_probs in the engine's dtype (verl 0.9's loss always reads them: ratio 1 exactly)
             batch.batch["old_log_probs"] = judge.response_logp(copy.deepcopy(policy).to(DTYPES[dtype]), batch).double()
             local = batch[rank * share:(rank + 1) * share]   # rank r's share, as verl's dispatch splits the batch
@@ -346,7 +352,7 @@ def run(outdir: str, *, tied: bool, bias: bool) -> dict | None:
         return None
     n_micro = len(mine)
     union = [{k: torch.cat([g[0][m][k] for g in gathered]) for k in keys} for m in range(n_micro)]
-    for dtype, mode, names in PLAN:
+    for dtype, mode, names in plan:
         for name in set(names) & set(settings):
             assert all(len(g[1][mode]) == n_micro for g in gathered), "one weight vector per micro-batch"
             union_w = [np.concatenate([g[1][mode][m] for g in gathered]) / world for m in range(n_micro)]

@@ -124,6 +124,9 @@ class Recipe:
     random directions (relative singular values ~ span), or with ``dependent`` the rows
     ``U diag(span) V^T`` (nearly dependent sequences: singular values exactly span). float32_inputs: factors and weights rounded to float32
     values (stored as float64), so a float32 implementation reads the very inputs the reference used.
+    planted_rows: relative sizes c_k; in every linear use of every microbatch, token row k's output gradient is
+    rescaled so that its largest entry is c_k times D's largest, and its activation row is multiplied by
+    :data:`PLANTED_X_SCALE` (so whether intra counts the token moves its activation subspace).
     """
 
     id: str
@@ -142,6 +145,7 @@ class Recipe:
     span: tuple = ()
     dependent: bool = False
     float32_inputs: bool = False
+    planted_rows: tuple = ()
 
 
 def _draw_case(recipe: Recipe, seed: int) -> Case:
@@ -192,6 +196,8 @@ def _draw_case(recipe: Recipe, seed: int) -> Case:
                     case.arrays[use_key(m, k, u, "seq_grads")] = np.stack([seqs[m, j][k][u] for j in range(b)])
     if recipe.span:
         _impose_span(case, recipe.span, recipe.dependent, rng)
+    if recipe.planted_rows:
+        _plant_rows(case, recipe.planted_rows)
     _rescale(case, recipe.scale, recipe.float32_inputs)
     return compute_expected(case)
 
@@ -220,6 +226,21 @@ def _impose_span(case: Case, span: tuple, dependent: bool, rng) -> None:
             case.arrays[use_key(m, k, 0, "X")] = np.repeat(rng.standard_normal((1, i)), b, axis=0)
             case.arrays[use_key(m, k, 0, "D")] = D
             case.arrays[use_key(m, k, 0, "seq")] = np.arange(b, dtype=np.int64)
+
+
+def _plant_rows(case: Case, planted: tuple) -> None:
+    """Token rows 0, 1, ... of every linear use: output gradient at ``planted[k]`` of D's largest entry, activation
+    times :data:`PLANTED_X_SCALE` (uses with fewer token rows than ``planted`` are left alone)."""
+    for m in range(case.n_microbatches):
+        for k, layer in enumerate(case.layers):
+            for u, kind in enumerate(layer.uses):
+                X, D = case.arrays.get(use_key(m, k, u, "X")), case.arrays.get(use_key(m, k, u, "D"))
+                if kind != "linear" or X is None or len(D) <= len(planted):
+                    continue
+                top = np.abs(D[len(planted):]).max()
+                for row, c in enumerate(planted):
+                    D[row] *= c * top / np.abs(D[row]).max()
+                    X[row] *= PLANTED_X_SCALE
 
 
 def _rescale(case: Case, scale: float, float32_inputs: bool) -> None:
@@ -297,6 +318,13 @@ STRESS_SPANS = (("1e-3", 1e-3), ("1e-5", 1e-5), ("f32gram", 2.0 ** -12), ("1e-7"
 # nearly dependent sequences: the exact projection itself is ill-conditioned (a relative input change e moves
 # the span by ~e / s), so only moderate conditioning is a fair test of an implementation
 STRESS_DEPENDENT_SPANS = (("1e-3", 1e-3), ("f32gram", 2.0 ** -12))
+# intra's token rows (FORMAT.md, "Float32 implementations and the cutoffs"): a wide layer (o = 64, so o eps32 =
+# 2^-17) whose planted tokens have output gradients at 1e-17 of the largest (rounding of an exact zero: the
+# reference drops it, and so must a float32 implementation that reads it) and at 2^-19 (data, about 16 eps32:
+# the reference keeps it, and a float32 cut at o eps32 would not)
+WIDE_LAYERS = (Layer("wide.weight", (64, 4), ("linear",)),)
+PLANTED_TOKEN_ROWS = (1e-17, 2.0 ** -19)
+PLANTED_X_SCALE = 10.0
 
 
 def _stress_recipes() -> list:
@@ -349,6 +377,11 @@ def _stress_recipes() -> list:
         R("stress_long_sequence", "exact PROMA with one sequence of 200-256 tokens per microbatch",
           exact, sizes=(1, 1, 1), min_tokens=200, max_tokens=256,
           tags=("stress", "long-sequence", "linear-only"), **stress),
+        R("stress_intra_token_rows", "intra, rank 1, two-sided, on a layer with 64 outputs; in every microbatch "
+          "one token's output gradient is 1e-17 of the largest (rounding of an exact zero: no direction) and "
+          "one's is 2^-19 (data: it defines directions), both with large activations",
+          solvers["intra"], sizes=(3, 2, 4), min_tokens=2, planted_rows=PLANTED_TOKEN_ROWS,
+          tags=("stress", "intra", "token-rows", "linear-only"), **dict(stress, layers=WIDE_LAYERS)),
     ]
     return out
 

@@ -171,3 +171,29 @@ def test_the_secondary_section_renders_x_numbers_reproduction_and_the_x_figure(t
     assert f"![X curves]({R.X_FIGURE})" in text
     path = R.x_curves_plot(curves, tmp_path / R.X_FIGURE, seeds=range(15))
     assert path.is_file() and path.stat().st_size > 0
+
+
+def _scipy_geometric(ratios) -> str:
+    logs = np.log(ratios)
+    lo, hi = sps.t.interval(0.95, logs.size - 1, loc=logs.mean(), scale=sps.sem(logs))
+    return f"{math.exp(logs.mean()):.3f} [{math.exp(lo):.3f}, {math.exp(hi):.3f}]"
+
+
+def test_the_reports_kl_ratios_are_geometric_intervals_that_stay_positive():
+    """Widely spread ratios: an arithmetic t-interval of them would reach below zero, which no KL ratio can."""
+    from verification.report import study2_secondary as R
+
+    ratios = np.array([0.05, 0.2, 0.9])
+    gains = np.array([0.01, 0.02, 0.04])
+    runs = {}
+    for s, r in enumerate(ratios):
+        for lr, g in zip((5e-5, 1e-4, 2e-4), gains):
+            runs[("grpo", lr, s)] = _run(1e-3 * math.exp(50 * g), oos=1e-4 * math.exp(50 * g), gain=g)
+            # proma's line of log K_oos on G is grpo's shifted by log r: log-ratio log r at any matched gain
+            runs[("proma", lr, s)] = _run(1e-3 * math.exp(50 * g), oos=r * 1e-4 * math.exp(50 * g), gain=g)
+    expected = _scipy_geometric(ratios)
+    assert "-" not in expected.split("[")[1]
+    forms = "\n".join(R.frontier_forms({"learn-240": runs}))
+    assert f"| learn-240 | proma | +0.0000 [+0.0000, +0.0000] | {expected} (0 of 3 extrapolated) |" in forms
+    over = "\n".join(R.oos_over_in({"learn-240": runs}))
+    assert f"| learn-240 | proma | 3 | {_scipy_geometric(0.1 * ratios)} |" in over

@@ -150,7 +150,7 @@ def frontier_forms(results: dict) -> list:
             form, outside = P2.logkl_at_matched_gain(runs, m, "grpo")
             vals = np.array(list(form.values()))
             rows.append((regime, m, stats.format_interval(stats.t_interval(ins), "+.4f") if len(ins) > 1 else "-",
-                         (stats.format_interval(stats.t_interval(np.exp(vals)), ".3f") if vals.size > 1 else "-")
+                         (stats.format_interval(S2.geometric_interval(np.exp(vals)), ".3f") if vals.size > 1 else "-")
                          + f" ({outside} of {vals.size} extrapolated)"))
     return [table(["regime", "method", "gain at matched in-sample KL (vs grpo)",
                    "out-of-sample KL ratio at matched gain (vs grpo)"], rows), ""]
@@ -164,10 +164,10 @@ def oos_over_in(results: dict) -> list:
             seeds = [s for mm, ll, s in runs if mm == m and ll == lr]
             if len(seeds) > 1:
                 r = [runs[(m, lr, s)]["oos_kl_mean"] / runs[(m, lr, s)]["local_kl_mean"] for s in seeds]
-                rows.append((regime, m, len(seeds), stats.format_interval(stats.t_interval(r), ".3f")))
+                rows.append((regime, m, len(seeds), stats.format_interval(S2.geometric_interval(r), ".3f")))
     if not rows:
         return []
-    return ["Out-of-sample over in-sample local KL at 1x (mean over seeds):", "",
+    return ["Out-of-sample over in-sample local KL at 1x (geometric mean over seeds):", "",
             table(["regime", "method", "seeds", "oos / in-sample"], rows), ""]
 
 

@@ -178,3 +178,16 @@ def test_the_report_section_and_figures_render_from_a_complete_synthetic_study(t
     assert "| learn-240 | grpo | 10 | 0.500 [0.500, 0.500] |" in text
     paths = R.figures(study, tmp_path)
     assert all(p.is_file() and p.stat().st_size > 0 for p in paths.values())
+
+
+def test_the_cost_line_applies_section_6s_overrun_rule_to_the_projected_total():
+    from verification.report import study2_section as R
+
+    # 10 done + 16 left = 26 worker-hours: within 20% of the 25 budgeted
+    within = R.budget_line({"run_seconds": 10 * 3600.0, "hours_left": (16.0, 9.0)})
+    assert "10.0 worker-hours so far, about 16.0 left" in within and "(9.0 at each cell's fastest" in within
+    assert "the projected 26.0 is within 20% of it" in within
+    # 10 + 20.5 = 30.5 > 25 x 1.2 = 30: the rule acts
+    over = R.budget_line({"run_seconds": 10 * 3600.0, "hours_left": (20.5, None)})
+    assert "the projected 30.5 exceeds it by more than 20%" in over and "fastest" not in over
+    assert "frontier cells keep 10 seeds" in over and "item 6" in over

@@ -24,8 +24,8 @@ KIND_WORDS = {"frontier": ("reward-gain difference at matched KL", "+.4f"), "kl_
 
 
 def load_study2(data_dir, first_dir=None) -> dict | None:
-    """``{"results", "x", "x_seeds", "x_curves", "reproduction", "pilot_over", "pilot", "run_seconds", "runs",
-    "planned", "commits"}`` from the study's data folder, or None when it holds no run.
+    """``{"results", "x", "x_seeds", "x_curves", "reproduction", "pilot_over", "pilot", "run_seconds",
+    "hours_left", "runs", "planned", "commits"}`` from the study's data folder, or None when it holds no run.
 
     ``first_dir``: the first study's data (default: ``data_dir``'s sibling ``seeds``), for the reproduction check."""
     data_dir = Path(data_dir)
@@ -49,7 +49,7 @@ def load_study2(data_dir, first_dir=None) -> dict | None:
     return {"results": results, "x": accepted, "x_seeds": study2.X_SEEDS, "pilot_over": nxt is None, "pilot": seen,
             "x_curves": S2.rollout_curves(data_dir, accepted) if accepted else {},
             "reproduction": S2.reproduction(data_dir, first_dir) if first_dir.is_dir() else [],
-            "run_seconds": seconds,
+            "run_seconds": seconds, "hours_left": study2.hours_left(data_dir),
             "runs": done, "planned": planned, "commits": commits}
 
 
@@ -137,6 +137,24 @@ def figures(study: dict, out) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------- text
+def budget_line(study: dict) -> str:
+    """The cost so far and left against section 6's budget, and what its overrun rule does."""
+    done = study["run_seconds"] / 3600
+    mean, fastest = study.get("hours_left", (0.0, None))
+    pace = f"about {mean:.1f} left at the done runs' mean pace" + (
+        f" ({fastest:.1f} at each cell's fastest run's pace; runs that shared their core took longer)"
+        if fastest is not None and mean > 0 else "")
+    limit = study2.BUDGET_WORKER_HOURS * (1 + study2.BUDGET_OVERRUN)
+    over = done + mean > limit
+    rule = (f"the projected {done + mean:.1f} exceeds it by more than {study2.BUDGET_OVERRUN:.0%}, so by that "
+            "section's rule the frontier cells keep 10 seeds and nothing else is cut (no amendment)" if over else
+            f"the projected {done + mean:.1f} is within {study2.BUDGET_OVERRUN:.0%} of it")
+    return (f"Cost: {done:.1f} worker-hours so far, {pace}; section 6 budgeted about "
+            f"{study2.BUDGET_WORKER_HOURS:.0f} worker-hours, and {rule}. For that budget issue 32's item 6 "
+            "(completions of about 24 tokens) was dropped before any run (section 1); its task, `gsm8k-chain`, "
+            "exists but is not piloted.")
+
+
 def section(study: dict | None) -> list:
     """The report's section on the second study (rules, state, verdicts, power, pilot, secondary)."""
     if study is None:
@@ -149,8 +167,7 @@ def section(study: dict | None) -> list:
              "the family at alpha 0.05. Every run logs the out-of-sample local KL: the exact KL between the "
              "policies before and after each optimizer step on fresh completions of 32 held-out (test-split) "
              "prompts sampled from the policy before the step.", "",
-             f"Runs: {study['runs']} of {study['planned']} planned (the pilot's apart); "
-             f"{study['run_seconds'] / 3600:.1f} worker-hours so far.", ""]
+             f"Runs: {study['runs']} of {study['planned']} planned (the pilot's apart). " + budget_line(study), ""]
     pilot = "; ".join(f"`{n}`: GRPO entropy end/start {stats.format_interval(iv)}" if iv else f"`{n}`: not run"
                       for n, iv in study["pilot"])
     state = (f"accepted `{study['x']}`" if study["x"] else

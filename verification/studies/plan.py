@@ -66,6 +66,16 @@ def plan(grid, data_dir) -> list[PlanRow]:
     return rows
 
 
+def hours_left(rows: list[PlanRow]) -> tuple[float, float | None]:
+    """Worker-hours left: at each row's estimated pace (rows without an estimate count 0), and at each row's
+    fastest done run's pace (None unless every row with runs left has a done run)."""
+    mean = sum(row.minutes_left for row in rows if row.minutes_left is not None) / 60
+    left = [row for row in rows if row.planned > row.done]
+    if not left or any(row.fastest_minutes is None for row in left):
+        return mean, None
+    return mean, sum((row.planned - row.done) * row.fastest_minutes for row in left) / 60
+
+
 def markdown(rows: list[PlanRow], workers: int = 2) -> str:
     """The plan as a table, with the total left in worker-hours and in hours on ``workers`` workers."""
     lines = ["| regime | method | done / planned | minutes per run | worker-minutes left |", "|---|---|---|---:|---:|"]
@@ -73,15 +83,12 @@ def markdown(rows: list[PlanRow], workers: int = 2) -> str:
         per = "-" if row.minutes_per_run is None else f"{row.minutes_per_run:.1f}" + ("" if row.measured else " (est.)")
         left = "-" if row.minutes_left is None else f"{row.minutes_left:.0f}"
         lines.append(f"| {row.regime} | {row.method} | {row.done} / {row.planned} | {per} | {left} |")
-    known = [row.minutes_left for row in rows if row.minutes_left is not None]
     unknown = sum(row.planned - row.done for row in rows if row.minutes_left is None)
-    total = sum(known) / 60
+    total, quiet = hours_left(rows)
     lines += ["", f"Left: {sum(row.planned - row.done for row in rows)} runs, about {total:.1f} worker-hours "
                   f"({total / workers:.1f} h on {workers} workers)"
                   + (f"; {unknown} runs without an estimate" if unknown else "") + "."]
-    fast = [row for row in rows if row.fastest_minutes is not None and row.planned > row.done]
-    if fast and len(fast) == sum(1 for row in rows if row.planned > row.done):
-        quiet = sum((row.planned - row.done) * row.fastest_minutes for row in fast) / 60
+    if quiet is not None:
         lines.append(f"At each one's fastest done run's pace (a machine running nothing else): about {quiet:.1f} "
                      f"worker-hours ({quiet / workers:.1f} h on {workers} workers).")
     return "\n".join(lines)

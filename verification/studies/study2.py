@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from . import stats, tables
+from . import plan, stats, tables
 from .seeds import REGIMES, StudyGrid, prepare_regime, restrict, run_all, run_config
 
 DATA_DIR = "reports/data/study2"
@@ -56,6 +56,9 @@ CANDIDATES = (
     ("collapse-lr6e-4", dict(train_pool=64, steps=60, **OOS), 6e-4),
     ("pool16-120", dict(train_pool=16, steps=120, **OOS), 3e-4),
 )
+# Section 6: the planned cost, and the overrun beyond which the frontier cells keep 10 seeds and nothing else is cut
+BUDGET_WORKER_HOURS = 25.0
+BUDGET_OVERRUN = 0.2
 COLLAPSE_FRACTION = 0.5  # a run's entropy end/start below this is a collapse (the first study's absolute rule)
 
 CELLS = {
@@ -190,6 +193,12 @@ def estimate(row, grid: StudyGrid):
     return replace(row, minutes_per_run=per, measured=False)
 
 
+def hours_left(data_dir) -> tuple[float, float | None]:
+    """The whole study's worker-hours left, at the done runs' mean pace and at each cell's fastest
+    (:func:`verification.studies.plan.hours_left`)."""
+    return plan.hours_left([estimate(r, g) for g in cells(data_dir).values() for r in plan.plan(g, data_dir)])
+
+
 def main(argv=None) -> int:
     import argparse
 
@@ -219,10 +228,8 @@ def main(argv=None) -> int:
     if ns.seeds is not None:
         grids = {c: restrict(g, seeds=[s for s in ns.seeds if s in g.seeds]) for c, g in grids.items()}
     if ns.plan:
-        from .plan import markdown, plan
-
-        rows = [estimate(r, g) for g in grids.values() for r in plan(g, ns.data_dir)]
-        print(markdown(rows, workers=ns.workers))
+        rows = [estimate(r, g) for g in grids.values() for r in plan.plan(g, ns.data_dir)]
+        print(plan.markdown(rows, workers=ns.workers))
         return 0
     run(grids, ns.data_dir, ns.runs_dir, **kw)
     return 0

@@ -52,10 +52,13 @@ def _cmd_cases(args) -> int:
 
 def _cmd_report(args) -> int:
     _refuse_without_rl("proma-verify report")
-    from .report.generate import generate_report, rerender_report
+    from .report.generate import generate_report, refresh_oracle, rerender_report
 
     if args.render_only:
         print(f"report written to {rerender_report(args.out)}")
+        return 0
+    if args.refresh_oracle:
+        print(f"report written to {refresh_oracle(args.out, runs_dir=args.runs)}")
         return 0
     mode = "smoke" if args.smoke else "quick" if args.quick else "full"
     lrs = None
@@ -86,6 +89,8 @@ def build_parser() -> argparse.ArgumentParser:
     mode.add_argument("--smoke", action="store_true", help="tiny runs for CI (seconds)")
     mode.add_argument("--render-only", action="store_true",
                       help="rewrite REPORT.md and its figures from OUT/data (a report already run); runs nothing")
+    mode.add_argument("--refresh-oracle", action="store_true",
+                      help="rerun only the oracle phase of a report already run (its mode and seed), then re-render")
     p.add_argument("--runs", type=Path, default=None, help="where training runs are kept (default OUT/runs)")
     p.add_argument("--seed", type=int, default=0, help="seed of every run (default 0)")
     p.add_argument("--steps", type=int, default=None, help="rollout steps per run (overrides the mode's)")

@@ -9,7 +9,7 @@ import pytest
 from verification.report import grid_text, render, seed_text
 from verification.report.inputs import ReportInputs
 from verification.report.render import SECTION_HEADINGS
-from verification.report.generate import generate_report, rerender_report
+from verification.report.generate import generate_report, refresh_oracle, rerender_report
 
 
 @pytest.mark.slow
@@ -44,6 +44,14 @@ def test_smoke_report_end_to_end(tmp_path, realcase_cache):
     # --render-only rebuilds the same text from data/ alone
     (out / "REPORT.md").unlink()
     assert rerender_report(out, log=lambda *a, **k: None).read_text() == text
+    # --refresh-oracle reruns that phase alone, records its commit and changes only the oracle lines
+    (out / "data" / "oracle.json").write_text(json.dumps({**oracle, "results": {}, "n_cases": 0}))
+    refreshed = refresh_oracle(out, realcase_cache=realcase_cache, log=lambda *a, **k: None).read_text()
+    commit = json.loads((out / "data" / "meta.json").read_text())["refreshed"]["oracle"]
+    assert json.loads((out / "data" / "oracle.json").read_text())["n_cases"] == oracle["n_cases"]
+    changed = [b for a, b in zip(text.splitlines(), refreshed.splitlines()) if a != b]
+    assert len(changed) == 2 and all(f"(rerun alone at `{commit}`, after the rest of this report)" in line
+                                     for line in changed)
 
 
 def _summary(method, lr, kl, gain=0.1, val=0.5, entropy=(1.0, 0.9)):
@@ -180,6 +188,8 @@ def test_headline_quotes_seed_study_intervals_and_regime_conditions():
 def test_render_only_names_the_missing_file(tmp_path):
     with pytest.raises(ValueError, match=r"data/meta\.json: missing"):
         rerender_report(tmp_path, log=lambda *a, **k: None)
+    with pytest.raises(ValueError, match=r"data/meta\.json: missing; --refresh-oracle"):
+        refresh_oracle(tmp_path, log=lambda *a, **k: None)
 
 
 def test_resumed_seed_study_states_the_cost_from_scratch():

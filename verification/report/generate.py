@@ -54,9 +54,15 @@ def _jsonable(obj):
     return obj
 
 
-def _write_json(path: Path, obj) -> Path:
+def _write_text_atomic(path: Path, text: str) -> None:
+    from proma.rl.rundir import write_atomic  # the harness's; imported here like every harness module
+
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(_jsonable(obj), indent=1) + "\n")
+    write_atomic(path, text)
+
+
+def _write_json(path: Path, obj) -> Path:
+    _write_text_atomic(path, json.dumps(_jsonable(obj), indent=1) + "\n")
     return path
 
 
@@ -257,7 +263,7 @@ def _write_text(out: Path, *, meta, oracle, studies, summaries, figures, seeds, 
                   figures={k: p.name for k, p in figures.items()}, data_files=_data_files(out, seeds["grid"]),
                   seeds=seeds, first_order=first, kl_bounds=seed_evidence.kl_bounds(runs))
     path = out / "REPORT.md"
-    path.write_text(text)
+    _write_text_atomic(path, text)
     return path
 
 
@@ -295,6 +301,34 @@ def rerender_report(out, *, log=print) -> Path:
     figures = _figures(out, runs, summaries, studies, steps=grid["steps"])
     return _write_text(out, meta=meta, oracle=load("oracle.json"), studies=studies, summaries=summaries,
                        figures=figures, seeds=seeds, first=load("first_order.json"), runs=runs)
+
+
+def refresh_oracle(out, *, runs_dir=None, realcase_cache=None, log=print) -> Path:
+    """Rerun only the oracle phase of a report already run, then re-render it (:func:`rerender_report`).
+
+    For a change of the golden cases or of an implementation that the rest of the report does not depend on: the
+    phase runs with the report's own mode and seed (``data/meta.json``), rewrites ``data/oracle.json`` and records
+    the commit it ran in ``meta["refreshed"]["oracle"]``, which the report's oracle lines name.
+    """
+    from ..studies.provenance import code_version
+
+    out = Path(out)
+    meta_path = out / "data" / "meta.json"
+    if not meta_path.is_file():
+        raise ValueError(f"{meta_path}: missing; --refresh-oracle needs the data/ of a report written by proma-verify report")
+    meta = json.loads(meta_path.read_text())
+    if meta.get("mode") not in MODES:
+        raise ValueError(f"{meta_path}: mode must be one of {tuple(MODES)}; got {meta.get('mode')!r}")
+    runs_dir = Path(runs_dir) if runs_dir else out / "runs"
+    realcase_cache = Path(realcase_cache) if realcase_cache else runs_dir / "cache-realcase"
+    oracle = oracle_phase(runs_dir, real=MODES[meta["mode"]]["real_cases"], seed=meta["grid"]["seed"],
+                          realcase_cache=realcase_cache, log=log)
+    version = code_version()
+    meta.setdefault("refreshed", {})["oracle"] = (version["commit"] or "unknown")[:7] + (
+        " (dirty)" if version["dirty"] else "")
+    _write_json(out / "data" / "oracle.json", oracle)
+    _write_json(meta_path, meta)
+    return rerender_report(out, log=log)
 
 
 def _nan_for_none(obj):

@@ -22,11 +22,13 @@ from .markdown import f, pct, table
 def _headline(meta, oracle, studies, seeds=None) -> list:
     lines = []
     res = oracle["results"]
+    refreshed = meta.get("refreshed", {}).get("oracle")
+    again = f" (rerun alone at `{refreshed}`, after the rest of this report)" if refreshed else ""
     for impl in ("torch", "torch-float32"):
         rows = res.get(impl, [])
         n_pass = sum(r["status"] == "PASS" for r in rows)
         worst = max((r["max_rel_err"] for r in rows if r.get("max_rel_err") is not None), default=math.nan)
-        lines.append(f"- Oracle, `{impl}`: {n_pass}/{len(rows)} golden cases pass; worst relative error {f(worst)}.")
+        lines.append(f"- Oracle, `{impl}`: {n_pass}/{len(rows)} golden cases pass; worst relative error {f(worst)}{again}.")
     for snap, st in studies.items():
         proj64 = [r["max_rel_err"] for r in st["torch_vs_reference"] if r["dtype"] == "float64" and r["setting"] != "none"]
         proj32 = [r["max_rel_err"] for r in st["torch_vs_reference"] if r["dtype"] == "float32"]

@@ -8,7 +8,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from verification.oracle.cases import layer_seq_grads
+from verification.oracle.expected import layer_seq_grads
 from verification.oracle.check import check_callable
 from verification.oracle.format import load_cases
 

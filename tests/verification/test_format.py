@@ -89,7 +89,7 @@ def test_zero_weight_microbatch_under_relative_bound_removes_nothing(cases_dir):
 
 def test_exact_projection_is_orthogonal_to_the_microbatch(cases_dir):
     """G_out - pg is orthogonal to every sequence gradient of the microbatch, layer by layer."""
-    from verification.oracle.cases import layer_seq_grads
+    from verification.oracle.expected import layer_seq_grads
 
     cases, _ = load_cases(cases_dir)
     for case in (c for c in cases if c.settings.variant == "proma" and c.settings.solver == "exact"

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import torch
 
-from verification.oracle.cases import layer_seq_grads
+from verification.oracle.expected import layer_seq_grads
 from verification.oracle.check import check_callable
 from verification.oracle.format import load_cases
 from verification.oracle.impls import build_replay_model, run_reference, run_torch

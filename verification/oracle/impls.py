@@ -24,7 +24,7 @@ import numpy as np
 
 import reference
 
-from .cases import _split, layer_factors, layer_seq_grads, microbatch_seq_grads, reference_history
+from .expected import layer_factors, layer_seq_grads, microbatch_seq_grads, reference_history, split_flat
 from .format import Case
 
 
@@ -49,7 +49,7 @@ def run_reference_step(case: Case, m: int, G_in: list) -> list:
         np.concatenate([np.ravel(G) for G in G_in]), microbatch_seq_grads(case, m), w,
         blocks=[layer.size for layer in layers], solver="none" if s.variant == "none" else s.solver,
         passes=s.passes, ridge=s.ridge, relative_bound=s.relative_bound, shrinkage=s.shrinkage)
-    return _split(step.after, layers)
+    return split_flat(step.after, layers)
 
 
 def _pad_tokens(X: np.ndarray, seq: np.ndarray, b: int):

@@ -40,7 +40,7 @@ from torch import nn
 from transformers import TrainerCallback
 
 from .model_case import capture_case_arrays, linear_weight_owners
-from .cases import compute_expected
+from .expected import compute_expected
 from .format import Case, Settings, save_cases, use_key, weights_key
 
 BYTES_PER_NUMBER = 8   # float64 and int64 arrays

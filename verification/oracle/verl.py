@@ -13,7 +13,7 @@ prompt, group-normalised advantages), and runs one ``update_policy`` with the op
 - the case (FORMAT.md) is written from the same micro-batches by the oracle's own capture (:mod:`.capture`, a
   float64 copy of the policy, no hooks of the candidate's), with the sequence weights verl's loss gives each
   sequence (``d loss / d log p`` of verl's own policy loss at ratio 1, times verl's ``1 / gradient_accumulation``)
-  and the expected running gradients from the reference (:func:`.cases.compute_expected`);
+  and the expected running gradients from the reference (:func:`.expected.compute_expected`);
 - every parameter is judged on its own (``FAIL`` lines name the microbatch and the parameter).
 
 The declared ``settings`` are what the actor claims to implement; they are also handed to it through the actor
@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from .model_case import capture_case_arrays
-from .cases import compute_expected
+from .expected import compute_expected
 from .check import compare_case
 from .format import Case, default_tolerances
 from .settings import Settings

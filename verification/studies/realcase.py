@@ -11,7 +11,7 @@ The factors are captured from a float64 copy of the policy with this package's o
 (:mod:`verification.oracle.model_case`): every ``nn.Linear`` call is a ``"linear"`` use, and every parameter with any
 other owner (the embedding tied to the head, norm weights) gets a ``"dense"`` use holding its per-sequence
 gradients from b backward passes minus what its linear uses contribute. Expected results: the NumPy
-reference (:func:`verification.oracle.cases.compute_expected`).
+reference (:func:`verification.oracle.expected.compute_expected`).
 """
 from __future__ import annotations
 
@@ -24,7 +24,7 @@ import numpy as np
 from proma.options import PUBLISHED_SETTINGS
 
 from ..oracle.model_case import capture_case_arrays  # noqa: F401  (re-exported: the TRL writer imports it here)
-from ..oracle.cases import compute_expected
+from ..oracle.expected import compute_expected
 from ..oracle.format import Case, Settings
 
 # The policy and rollout of the real cases: a shrunk Qwen3 (about 56k parameters) with a short warm-start.

@@ -150,7 +150,7 @@ def frontier_forms(results: dict) -> list:
             form, outside = P2.logkl_at_matched_gain(runs, m, "grpo")
             vals = np.array(list(form.values()))
             rows.append((regime, m, stats.format_interval(stats.t_interval(ins), "+.4f") if len(ins) > 1 else "-",
-                         (stats.format_interval(S2.geometric_interval(np.exp(vals)), ".3f") if vals.size > 1 else "-")
+                         (stats.format_interval(S2.geometric_interval(np.exp(vals)), ".3g") if vals.size > 1 else "-")
                          + f" ({outside} of {vals.size} extrapolated)"))
     return [table(["regime", "method", "gain at matched in-sample KL (vs grpo)",
                    "out-of-sample KL ratio at matched gain (vs grpo)"], rows), ""]

@@ -66,3 +66,24 @@ def test_a_resumed_run_costs_its_step_times_not_its_last_sittings_seconds(tmp_pa
     _write(tmp_path, "a", "grpo", 0, 60.0, step_times=(50.0,))          # 1 min
     _write(tmp_path, "a", "grpo", 1, 60.0, step_times=(100.0, 75.0))    # resumed: 180 s = 3 min
     assert SP.plan(grid, tmp_path)[0].minutes_per_run == pytest.approx(2.0)
+
+
+def test_seed_minutes_cost_each_missing_run_at_its_rows_pace(tmp_path):
+    grid = StudyGrid(regimes={"a": {}}, lrs={"a": (1e-3, 2e-3)}, methods=("grpo", "proma"), seeds=(0, 1))
+    _write(tmp_path, "a", "grpo", 0, 60.0)                   # 1 min a grpo run
+    _write(tmp_path, "a", "proma", 0, 180.0, lr=2e-3)        # 3 min a proma run
+    rows = SP.plan(grid, tmp_path)
+    # seed 0 misses grpo at 2e-3 (1) and proma at 1e-3 (3); seed 1 misses all four (1 + 1 + 3 + 3)
+    assert SP.seed_minutes(grid, tmp_path, rows) == pytest.approx({0: 4.0, 1: 8.0})
+
+
+def test_balanced_seeds_give_the_longest_seed_to_the_least_loaded_worker():
+    minutes = {0: 5.0, 1: 4.0, 2: 3.0, 3: 3.0, 4: 3.0}
+    # seed 0 (5) -> w0, 1 (4) -> w1, 2 (3) -> w1 (7), 3 (3) -> w0 (8), 4 (3) -> w1 (10)
+    assert SP.balanced_seeds(minutes, 2) == [([0, 3], 8.0), ([1, 2, 4], 10.0)]
+    assert SP.balanced_seeds(minutes, 1) == [([0, 1, 2, 3, 4], 18.0)]
+    with pytest.raises(ValueError, match="workers must be >= 1; got 0"):
+        SP.balanced_seeds(minutes, 0)
+    line = SP.split_line({0: 120.0, 1: 60.0}, 3)
+    assert line == ("Seeds left, balanced over 3 workers by the estimate: `--seeds 0` (2.0 worker-hours); "
+                    "`--seeds 1` (1.0 worker-hours).")

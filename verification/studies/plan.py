@@ -66,6 +66,29 @@ def plan(grid, data_dir) -> list[PlanRow]:
     return rows
 
 
+def seed_minutes(grid, data_dir, rows: list[PlanRow]) -> dict[int, float]:
+    """Estimated worker-minutes left per seed of ``grid``: each missing run costs its (regime, method) row's
+    minutes per run (runs without an estimate count 0)."""
+    per = {(row.regime, row.method): row.minutes_per_run or 0.0 for row in rows}
+    out = {}
+    for regime, method, lr, seed in grid.runs():
+        if not result_path(data_dir, regime, method, lr, seed).is_file():
+            out[seed] = out.get(seed, 0.0) + per.get((regime, method), 0.0)
+    return out
+
+
+def balanced_seeds(minutes: dict[int, float], workers: int) -> list[tuple[list[int], float]]:
+    """Seeds split over ``workers`` so that their estimated minutes come out close: the longest seed first, each to
+    the least loaded worker (longest-processing-time first). Returns ``[(sorted seeds, minutes)]`` per worker."""
+    if workers < 1:
+        raise ValueError(f"workers must be >= 1; got {workers}")
+    loads = [([], 0.0) for _ in range(workers)]
+    for seed in sorted(minutes, key=lambda s: (-minutes[s], s)):
+        k = min(range(workers), key=lambda i: loads[i][1])
+        loads[k] = (loads[k][0] + [seed], loads[k][1] + minutes[seed])
+    return [(sorted(seeds), total) for seeds, total in loads]
+
+
 def hours_left(rows: list[PlanRow]) -> tuple[float, float | None]:
     """Worker-hours left: at each row's estimated pace (rows without an estimate count 0), and at each row's
     fastest done run's pace (None unless every row with runs left has a done run)."""
@@ -74,6 +97,13 @@ def hours_left(rows: list[PlanRow]) -> tuple[float, float | None]:
     if not left or any(row.fastest_minutes is None for row in left):
         return mean, None
     return mean, sum((row.planned - row.done) * row.fastest_minutes for row in left) / 60
+
+
+def split_line(minutes: dict[int, float], workers: int) -> str:
+    """One worker's ``--seeds`` per line part, from :func:`balanced_seeds`."""
+    parts = [f"`--seeds {' '.join(map(str, seeds))}` ({total / 60:.1f} worker-hours)"
+             for seeds, total in balanced_seeds(minutes, workers) if seeds]
+    return f"Seeds left, balanced over {workers} workers by the estimate: " + "; ".join(parts) + "."
 
 
 def markdown(rows: list[PlanRow], workers: int = 2) -> str:

@@ -228,8 +228,14 @@ def main(argv=None) -> int:
     if ns.seeds is not None:
         grids = {c: restrict(g, seeds=[s for s in ns.seeds if s in g.seeds]) for c, g in grids.items()}
     if ns.plan:
-        rows = [estimate(r, g) for g in grids.values() for r in plan.plan(g, ns.data_dir)]
-        print(plan.markdown(rows, workers=ns.workers))
+        per_grid = {c: [estimate(r, g) for r in plan.plan(g, ns.data_dir)] for c, g in grids.items()}
+        minutes = {}
+        for c, g in grids.items():  # a seed's runs in every cell: one worker's `--seeds` covers them all
+            for seed, m in plan.seed_minutes(g, ns.data_dir, per_grid[c]).items():
+                minutes[seed] = minutes.get(seed, 0.0) + m
+        print(plan.markdown([r for rows in per_grid.values() for r in rows], workers=ns.workers))
+        if minutes:
+            print(plan.split_line(minutes, ns.workers))
         return 0
     run(grids, ns.data_dir, ns.runs_dir, **kw)
     return 0

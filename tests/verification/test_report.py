@@ -220,3 +220,15 @@ def test_resumed_seed_study_states_the_cost_from_scratch():
                          "times (`python -m verification.studies.seeds --plan`).")
     # a study that ran in this report (its seed_study phase took the runs' time) needs no estimate
     assert seed_text.resumed_seed_study({**meta, "timings_s": {"seed_study": 3600.0}}, seeds) == ""
+
+
+def test_intra_float32_deviation_names_the_token_row_rule_the_study_ran_with():
+    from verification.report.projection_text import _intra32_deviation
+
+    row = {"max_rel_err": 1.33e-3, "worst": "mb1 model.layers.0.self_attn.q_proj.weight"}
+    old = _intra32_deviation(row, None)     # a study before the rule recorded itself: every non-zero row
+    assert old.startswith("Intra in float32 deviates by 0.00133 (mb1 model.layers.0.self_attn.q_proj.weight). ")
+    assert "non-zero (the rule when this study ran" in old and "112 vs 113" in old
+    new = _intra32_deviation(row, 4)
+    assert "largest |D| entry exceeds 4 eps32 of D's largest" in new and "non-zero" not in new
+    assert "112 vs 113" not in new      # the earlier trace concerned the old rule

@@ -60,18 +60,7 @@ def _torch_vs_reference(studies) -> list:
                       f"(smallest relative singular value of any tensor's g_i: {f(cond.get('min_rel_sv'))}).", ""]
         intra32 = [r for r in st["torch_vs_reference"] if r["dtype"] == "float32" and r["setting"].startswith("intra")]
         if intra32 and intra32[0]["max_rel_err"] > 1e-4:
-            lines += [f"Intra in float32 deviates by {f(intra32[0]['max_rel_err'])} ({intra32[0]['worst']}). Its "
-                      "subspaces were taken over the tokens whose output gradient is non-zero (the rule when this "
-                      "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds c times D's "
-                      "largest, c = o eps64 for float64 output gradients (the reference's rule, o output features) "
-                      "and 4 eps32 for float32 ones (measured in `intra_rows.md`): the tokens traced below count "
-                      "the same under every rule). On an earlier run's "
-                      "layer-0 q_proj we traced such a deviation to a few tokens whose output gradients are "
-                      "structurally near zero (about 1e-9 of the largest in the float64 copy) but exactly zero in "
-                      "float32: the two models selected different token sets (112 vs 113), and the top singular "
-                      "directions of X moved; this run's case was not traced separately. On identical factors (the oracle cases above) torch and "
-                      "reference agree to float32 rounding; this is a sensitivity of the intra operator's token "
-                      "selection, not of the arithmetic.", ""]
+            lines += [_intra32_deviation(intra32[0], st.get("intra_row_cut_eps32")), ""]
         none64 = next((r["max_rel_err"] for r in st["torch_vs_reference"]
                        if r["setting"] == "none" and r["dtype"] == "float64"), math.nan)
         proj64 = max((r["max_rel_err"] for r in st["torch_vs_reference"]
@@ -173,3 +162,26 @@ def _study_intro(r: ReportInputs) -> list:
             "running gradient entering a microbatch; `R`: the removed component; overlap: "
             "max_i |g_i . G'| / (‖g_i‖ ‖G'‖) between the projected running gradient G' = G_m - pg_m and the "
             "microbatch's sequence gradients (0 for an exact projection), max over microbatches.", ""]
+
+
+def _intra32_deviation(row: dict, cut_eps32) -> str:
+    """Why intra in float32 can deviate from the float64 reference on real microbatches, by the token-row rule the
+    study ran with (``cut_eps32``: the float32 cut in eps32 of D's largest entry; None for studies before it)."""
+    head = f"Intra in float32 deviates by {f(row['max_rel_err'])} ({row['worst']}). "
+    tail = ("On identical factors (the oracle cases above) torch and reference agree to float32 rounding; this is a "
+            "sensitivity of the intra operator's token selection, not of the arithmetic.")
+    if cut_eps32 is not None:
+        return (head + f"Its token rows were those whose largest |D| entry exceeds {cut_eps32} eps32 of D's largest "
+                "(the float64 reference: o eps64, o output features; `intra_rows.md` measures where the two kinds "
+                "of rows lie); a row on the other side of the cut in float32 than in float64, or top singular "
+                "directions of X that float32 rounding reorders, moves the projection. This run's case was not "
+                "traced. " + tail)
+    return (head + "Its subspaces were taken over the tokens whose output gradient is non-zero (the rule when this "
+            "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds c times D's "
+            "largest, c = o eps64 for float64 output gradients (the reference's rule, o output features) "
+            "and 4 eps32 for float32 ones (measured in `intra_rows.md`): the tokens traced below count "
+            "the same under every rule). On an earlier run's "
+            "layer-0 q_proj we traced such a deviation to a few tokens whose output gradients are "
+            "structurally near zero (about 1e-9 of the largest in the float64 copy) but exactly zero in "
+            "float32: the two models selected different token sets (112 vs 113), and the top singular "
+            "directions of X moved; this run's case was not traced separately. " + tail)

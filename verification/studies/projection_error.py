@@ -29,6 +29,7 @@ import math
 import numpy as np
 
 import reference
+from proma.intra import ROUNDED_ZERO_EPS
 from proma.options import PUBLISHED_SETTINGS
 
 from ..oracle.model_case import linear_factors, linear_weight_owners, per_sequence_grads, trainable_parameters
@@ -271,6 +272,8 @@ def _results(batches, weights, named, P, G, track, G_intra, intra_removed, plain
         "n_microbatches": len(batches), "sequences": [len(w) for w in weights], "n_parameters": P,
         "n_tensors": len(named), "plain_vs_exact_rel_dist": _rel(plain_total, exact),
         "settings": {}, "intra": {}, "torch_vs_reference": [],
+        # the token-row rule intra's float32 run used (reports older than it lack the key: every non-zero row)
+        "intra_row_cut_eps32": ROUNDED_ZERO_EPS,
     }
     for name in REFERENCE_SETTINGS:
         fr = track[name]["removed_frac"]

@@ -1,4 +1,6 @@
 """verification.studies.preregistered2: the second study's family, tested on synthetic runs whose answers are known."""
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -139,6 +141,40 @@ def test_nothing_is_decided_while_runs_are_missing_or_the_pilot_runs():
     assert {o.verdict for o in P2.decide(res, x_regime="collapse-120", pilot_over=True)} == {P2.IN_PROGRESS}
     res = _family_results({"F-G-L": 0.05})
     assert {o.verdict for o in P2.decide(res, x_regime=None, pilot_over=False)} == {P2.IN_PROGRESS}
+
+
+def test_a_settled_verdict_is_the_one_the_completed_family_gets_whatever_the_rest_gives():
+    x = "collapse-120"
+    full = _family_results({"EN-G-X": 0.2}, rng_seed=3)
+    # the same X runs with every other cell at 3 of its 10 seeds: X complete, the family in progress
+    partial = {r: (runs if r == x else {k: v for k, v in runs.items() if k[2] < 3}) for r, runs in full.items()}
+    interim = P2.decide(partial, x_regime=x, pilot_over=True)
+    assert {o.verdict for o in interim} == {P2.IN_PROGRESS}
+    fixed = {o.hypothesis.id: P2.settled(interim, o) for o in interim}
+    # EN-G-X (effect 0.2 over 15 seeds) and AC-P-X (the published settings end at 0.3, far below 1/2) are fixed;
+    # no hypothesis with missing seeds is
+    assert fixed["EN-G-X"] == P2.SUPPORTED and fixed["AC-P-X"] == P2.CONTRADICTED
+    assert all(v is None for k, v in fixed.items() if not k.endswith("-X"))
+    from verification.report.study2_section import settled_lines
+    line = settled_lines(interim)[0]
+    assert "between p and 15 p" in line and "EN-G-X supported" in line and "AC-P-X contradicted" in line
+    assert "F-G-L" not in line
+    # completing the family with strong, null or opposite effects elsewhere never changes a fixed verdict
+    for effects in ({}, {"F-G-L": 0.05, "F-P-C": -0.05, "M-G-L": -0.5, "CODE-K-C": 0.3},
+                    {"F-G-C": 0.012, "M-G-C": 0.03, "CODE-E-L": 0.015}):
+        other = _family_results(effects, rng_seed=7)
+        other[x] = full[x]
+        final = {o.hypothesis.id: o.verdict for o in P2.decide(other, x_regime=x, pilot_over=True)}
+        for k, v in fixed.items():
+            if v is not None:
+                assert final[k] == v, (k, effects)
+    # a p between alpha / m and alpha is not fixed: with m = 15 and p = 0.01 Holm may or may not lift it
+    o = next(o for o in interim if o.hypothesis.id == "EN-G-X")
+    assert P2.settled(interim, replace(o, p=0.01)) is None
+    assert P2.settled(interim, replace(o, p=0.05)) == P2.INCONCLUSIVE
+    assert P2.settled(interim, replace(o, p=0.05 / 15 * 0.99)) == P2.SUPPORTED
+    # a decided outcome is not "settled": it is decided
+    assert P2.settled(interim, replace(o, verdict=P2.SUPPORTED)) is None
 
 
 def test_without_an_accepted_x_its_five_hypotheses_leave_the_family():

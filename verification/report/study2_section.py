@@ -155,6 +155,20 @@ def budget_line(study: dict) -> str:
             "exists but is not piloted.")
 
 
+def settled_lines(outcomes: list) -> list:
+    """A line naming the in-progress hypotheses whose verdict the missing runs can no longer change (P2.settled)."""
+    fixed = [(o, P2.settled(outcomes, o)) for o in outcomes]
+    fixed = [(o, v) for o, v in fixed if v is not None]
+    if not fixed:
+        return []
+    m = sum(1 for o in outcomes if o.verdict != P2.NOT_TESTED)
+    names = "; ".join(f"{o.hypothesis.id} {v} (p {p_value(o.p)})" for o, v in fixed)
+    return [f"Fixed already, though declared only when the family completes: these hypotheses have all their runs, "
+            f"and Holm's adjusted p lies between p and {m} p whatever the runs still missing give, so p below "
+            f"{P2.ALPHA / m:.2g} fixes "
+            f"the claim's verdict and p of {P2.ALPHA} or more fixes the undecided one: {names}.", ""]
+
+
 def section(study: dict | None) -> list:
     """The report's section on the second study (rules, state, verdicts, power, pilot, secondary)."""
     if study is None:
@@ -177,6 +191,7 @@ def section(study: dict | None) -> list:
     if any(o.verdict == P2.IN_PROGRESS for o in outcomes):
         lines += ["**In progress**: nothing is decided until every hypothesis has its planned seeds (10; 15 in X); "
                   "the numbers below are interim.", ""]
+        lines += settled_lines(outcomes)
     lines += [verdict_table(outcomes), "", f"![forest plot]({FIGURES['forest']})", ""]
     undecided = [o for o in outcomes if o.verdict in (P2.INCONCLUSIVE, P2.NO_DIFFERENCE) and o.estimate is not None]
     if undecided:

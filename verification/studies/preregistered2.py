@@ -224,6 +224,28 @@ def decide(results: dict, *, x_regime: str | None, pilot_over: bool, alpha: floa
     return out
 
 
+def settled(outcomes: list[Outcome], o: Outcome, *, alpha: float = ALPHA, n_required: dict | None = None) -> str | None:
+    """The verdict an in-progress ``o`` will get whatever the runs still missing give, or None while it can change.
+
+    Only for ``o`` whose own runs are complete (its ``n_required`` seeds). Holm's adjusted p of ``o`` lies between its
+    p and m p for a family of m tested hypotheses, whatever the others' p (each step multiplies a p no larger than
+    ``o``'s by at most m), so m p < alpha fixes the significant verdict and p >= alpha the undecided one; in between
+    it depends on the rest. This reports a consequence of the rule; the verdicts stay "in progress" until it applies.
+    """
+    need = N_SEEDS if n_required is None else n_required
+    if o.verdict != IN_PROGRESS or o.estimate is None or o.n < need[o.hypothesis.family_tag]:
+        return None
+    m = sum(1 for x in outcomes if x.verdict != NOT_TESTED)
+    h = o.hypothesis
+    if o.p >= alpha:
+        return INCONCLUSIVE if h.directional else NO_DIFFERENCE
+    if m * o.p < alpha:
+        if h.directional:
+            return SUPPORTED if o.supports else CONTRADICTED
+        return DIFFERS_HIGHER if o.supports else DIFFERS_LOWER
+    return None
+
+
 def holm_level(outcomes: list[Outcome], o: Outcome, alpha: float = ALPHA) -> float:
     """The level Holm applies to ``o`` at its rank among the tested hypotheses: alpha / (m - rank + 1)."""
     ps = sorted(x.p for x in outcomes if x.verdict != NOT_TESTED)

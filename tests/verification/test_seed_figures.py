@@ -50,6 +50,27 @@ def test_figures_are_drawn_from_every_seed_of_the_data_folder(tmp_path):
     assert F.figures({"data_dir": None, "results": {}}, tmp_path) == {}
 
 
+def test_the_second_studys_curves_read_the_out_of_sample_kl_of_one_learning_rate(tmp_path):
+    from verification.report import study2_section as R
+
+    for lr, oos in ((1e-4, 2e-4), (2e-4, 9e-4)):  # 1x and 2x of learn-240; only 1x is drawn
+        for s in range(2):
+            res = _result("grpo", s)
+            res["config"]["lr"] = lr
+            for r in res["metrics"]:
+                r["oos_local_kl"] = oos
+            path = tables.result_path(tmp_path, "learn-240", "grpo", lr, s)
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(res))
+    curves = F.load_curves(tmp_path, ("learn-240",), kl_key="oos_local_kl", lrs={"learn-240": 1e-4})
+    runs = curves["learn-240"]["grpo"]
+    assert len(runs) == 2 and "local_kl" not in runs[0]
+    np.testing.assert_allclose(runs[0]["oos_local_kl"], np.log(2e-4), rtol=FLOAT64_RTOL)
+    assert len(F.load_curves(tmp_path, ("learn-240",), kl_key="oos_local_kl")["learn-240"]["grpo"]) == 4
+    png = R.curves_1x_plot(tmp_path, tmp_path / "c1x.png")
+    assert png.is_file() and png.stat().st_size > 0
+
+
 def test_the_forest_plot_draws_every_decided_hypothesis(tmp_path):
     from verification.studies import preregistered as P
 

@@ -17,7 +17,8 @@ from . import study2_secondary
 from .markdown import p_value, table
 
 PREREG2_COMMIT = "30fc60d"   # the commit that added PREREGISTRATION-2.md, before any run of the second study
-FIGURES = {"forest": "study2_forest.png", "frontier": "study2_frontier.png"}
+FIGURES = {"forest": "study2_forest.png", "frontier": "study2_frontier.png", "curves": "study2_curves.png"}
+CURVE_METHODS = ("grpo", "proma", "proma-paper", "proma-code")  # the 1x cells of learn-240 and collapse
 KIND_WORDS = {"frontier": ("reward-gain difference at matched KL", "+.4f"), "kl_ratio": ("ratio", ".3f"),
               "code_kl": ("ratio", ".3f"), "entropy_diff": ("paired difference", "+.3f"),
               "code_entropy": ("paired difference", "+.3f"), "entropy_abs": ("end/start", ".3f")}
@@ -25,7 +26,7 @@ KIND_WORDS = {"frontier": ("reward-gain difference at matched KL", "+.4f"), "kl_
 
 def load_study2(data_dir, first_dir=None) -> dict | None:
     """``{"results", "x", "x_seeds", "x_curves", "reproduction", "pilot_over", "pilot", "run_seconds",
-    "hours_left", "runs", "planned", "commits"}`` from the study's data folder, or None when it holds no run.
+    "hours_left", "runs", "planned", "commits", "data_dir"}`` from the study's data folder, or None when it holds no run.
 
     ``first_dir``: the first study's data (default: ``data_dir``'s sibling ``seeds``), for the reproduction check."""
     data_dir = Path(data_dir)
@@ -50,7 +51,7 @@ def load_study2(data_dir, first_dir=None) -> dict | None:
             "x_curves": S2.rollout_curves(data_dir, accepted) if accepted else {},
             "reproduction": S2.reproduction(data_dir, first_dir) if first_dir.is_dir() else [],
             "run_seconds": seconds, "hours_left": study2.hours_left(data_dir),
-            "runs": done, "planned": planned, "commits": commits}
+            "runs": done, "planned": planned, "commits": commits, "data_dir": data_dir}
 
 
 
@@ -130,10 +131,24 @@ def figures(study: dict, out) -> dict:
     out = Path(out)
     figs = {"study2_forest": forest_plot(outcomes, out / FIGURES["forest"]),
             "study2_frontier": frontier_plot(study["results"], out / FIGURES["frontier"])}
+    if study.get("data_dir") is not None:
+        figs["study2_curves"] = curves_1x_plot(study["data_dir"], out / FIGURES["curves"])
     if study.get("x_curves"):
         figs["study2_x_curves"] = study2_secondary.x_curves_plot(study["x_curves"], out / study2_secondary.X_FIGURE,
                                                                  seeds=study.get("x_seeds"))
     return figs
+
+
+def curves_1x_plot(data_dir, path) -> Path:
+    """learn-240 and collapse at 1x: out-of-sample local KL, entropy and reward per step, seed means with 95% bands."""
+    from . import seed_figures as F
+
+    regimes = tuple(P2.ONE_X)
+    curves = F.load_curves(data_dir, regimes, kl_key="oos_local_kl", lrs=P2.ONE_X)
+    return F.curves_plot(curves, path, regimes=regimes, methods=CURVE_METHODS, kl_key="oos_local_kl",
+                         kl_label="out-of-sample local KL per token (geometric mean)",
+                         title="Second study at 1x: mean over seeds with pointwise 95% t-bands (number of seeds in "
+                               "the legend); each run smoothed by a trailing moving average first")
 
 
 # ---------------------------------------------------------------------------------------------- text
@@ -201,5 +216,9 @@ def section(study: dict | None) -> list:
             n = P2.seeds_needed(outcomes, o)
             lines.append(f"- {o.hypothesis.id}: " + (f"about {n} seeds" if n else "no feasible number of seeds"))
         lines.append("")
-    lines += [f"![frontier]({FIGURES['frontier']})", ""] + study2_secondary.section(study, outcomes)
+    lines += [f"![frontier]({FIGURES['frontier']})", ""]
+    if study.get("data_dir") is not None:
+        lines += ["Out-of-sample local KL, entropy and reward over the run at 1x, mean over the seeds done with 95% "
+                  "bands:", "", f"![1x curves]({FIGURES['curves']})", ""]
+    lines += study2_secondary.section(study, outcomes)
     return lines

@@ -23,9 +23,10 @@ def row_cutoff(o: int, dtype: torch.dtype) -> float:
 
     float64: the reference's, ``o * eps64`` (:func:`reference.default_row_rcond`), so that the torch rows equal the
     reference's rows. Below float64 the rows are already rounded: a row that is zero in exact arithmetic comes out
-    near eps of the largest entry, and rows that the float64 reference keeps can lie little more than ten eps above
-    it, so ``o * eps`` (2.3e-5 relative in float32 for o = 192) would drop real rows; the cut is
-    :data:`ROUNDED_ZERO_EPS` ``* eps`` instead. The measurement behind it: ``reports/intra_rows.md``.
+    near eps of the largest entry, and rows that the float64 reference keeps mostly lie a few times further up, so
+    ``o * eps`` (2.3e-5 relative in float32 for o = 192) would drop real rows; the cut is :data:`ROUNDED_ZERO_EPS`
+    ``* eps`` instead. It is not exact: a real row whose exact gradient is far below eps of the largest entry comes
+    out of float32 at or near zero and is dropped. The measurement behind it: ``reports/intra_rows.md``.
     """
     eps = torch.finfo(dtype).eps
     return max(o, 1) * eps if dtype == torch.float64 else ROUNDED_ZERO_EPS * eps

@@ -232,3 +232,7 @@ def test_intra_float32_deviation_names_the_token_row_rule_the_study_ran_with():
     new = _intra32_deviation(row, 4)
     assert "largest |D| entry exceeds 4 eps32 of D's largest" in new and "non-zero" not in new
     assert "112 vs 113" not in new      # the earlier trace concerned the old rule
+    assert "are not traced" in new and "report grid, start policy" not in new
+    start = _intra32_deviation(row, 4, traced=True)   # the start policy is a case of intra_rows.md
+    assert "`intra_rows.md` measures this policy's rows (its case \"report grid, start policy\")" in start
+    assert "not traced" not in start

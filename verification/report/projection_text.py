@@ -60,7 +60,8 @@ def _torch_vs_reference(studies) -> list:
                       f"(smallest relative singular value of any tensor's g_i: {f(cond.get('min_rel_sv'))}).", ""]
         intra32 = [r for r in st["torch_vs_reference"] if r["dtype"] == "float32" and r["setting"].startswith("intra")]
         if intra32 and intra32[0]["max_rel_err"] > 1e-4:
-            lines += [_intra32_deviation(intra32[0], st.get("intra_row_cut_eps32")), ""]
+            lines += [_intra32_deviation(intra32[0], st.get("intra_row_cut_eps32"),
+                                         traced=st.get("snapshot") == "start"), ""]
         none64 = next((r["max_rel_err"] for r in st["torch_vs_reference"]
                        if r["setting"] == "none" and r["dtype"] == "float64"), math.nan)
         proj64 = max((r["max_rel_err"] for r in st["torch_vs_reference"]
@@ -164,9 +165,13 @@ def _study_intro(r: ReportInputs) -> list:
             "microbatch's sequence gradients (0 for an exact projection), max over microbatches.", ""]
 
 
-def _intra32_deviation(row: dict, cut_eps32) -> str:
+def _intra32_deviation(row: dict, cut_eps32, *, traced: bool = False) -> str:
     """Why intra in float32 can deviate from the float64 reference on real microbatches, by the token-row rule the
-    study ran with (``cut_eps32``: the float32 cut in eps32 of D's largest entry; None for studies before it)."""
+    study ran with (``cut_eps32``: the float32 cut in eps32 of D's largest entry; None for studies before it).
+    ``traced``: the policy is the start policy, whose rows ``intra_rows.md`` measures (its case
+    :data:`verification.studies.intra_rows.REPORT_CASE`)."""
+    from ..studies.intra_rows import REPORT_CASE
+
     head = f"Intra in float32 deviates by {f(row['max_rel_err'])} ({row['worst']}). "
     tail = ("On identical factors (the oracle cases above) torch and reference agree to float32 rounding; this is a "
             "sensitivity of the intra operator's token selection, not of the arithmetic.")
@@ -174,8 +179,12 @@ def _intra32_deviation(row: dict, cut_eps32) -> str:
         return (head + f"Its token rows were those whose largest |D| entry exceeds {cut_eps32} eps32 of D's largest "
                 "(the float64 reference: o eps64, o output features; `intra_rows.md` measures where the two kinds "
                 "of rows lie); a row on the other side of the cut in float32 than in float64, or top singular "
-                "directions of X that float32 rounding reorders, moves the projection. This run's case was not "
-                "traced. " + tail)
+                "directions of X that float32 rounding reorders, moves the projection. " + (
+                    f"`intra_rows.md` measures this policy's rows (its case \"{REPORT_CASE}\"): the float32 rule "
+                    "drops real token rows there, rows the float64 reference keeps whose output gradients float32 "
+                    "computes at or near zero, and that page gives the largest change of intra's result this alone "
+                    "causes. " if traced else "This policy's rows are not traced (`intra_rows.md` traces the start "
+                    "policy's). ") + tail)
     return (head + "Its subspaces were taken over the tokens whose output gradient is non-zero (the rule when this "
             "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds c times D's "
             "largest, c = o eps64 for float64 output gradients (the reference's rule, o output features) "

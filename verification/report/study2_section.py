@@ -176,7 +176,7 @@ def settled_lines(outcomes: list) -> list:
     fixed = [(o, v) for o, v in fixed if v is not None]
     if not fixed:
         return []
-    m = sum(1 for o in outcomes if o.verdict != P2.NOT_TESTED)
+    m = P2.family_size(outcomes)
     names = "; ".join(f"{o.hypothesis.id} {v} (p {p_value(o.p)})" for o, v in fixed)
     return [f"Fixed already, though declared only when the family completes: these hypotheses have all their runs, "
             f"and Holm's adjusted p lies between p and {m} p whatever the runs still missing give, so p below "

@@ -212,16 +212,22 @@ def decide(results: dict, *, x_regime: str | None, pilot_over: bool, alpha: floa
             out.append(replace(o, verdict=NOT_TESTED))
             continue
         pa = adj[o.hypothesis.id]
-        if not complete:
-            verdict = IN_PROGRESS
-        elif pa >= alpha:
-            verdict = INCONCLUSIVE if o.hypothesis.directional else NO_DIFFERENCE
-        elif o.hypothesis.directional:
-            verdict = SUPPORTED if o.supports else CONTRADICTED
-        else:
-            verdict = DIFFERS_HIGHER if o.supports else DIFFERS_LOWER
-        out.append(replace(o, p_adj=pa, verdict=verdict))
+        out.append(replace(o, p_adj=pa, verdict=_verdict(o, pa < alpha) if complete else IN_PROGRESS))
     return out
+
+
+def _verdict(o: Outcome, significant: bool) -> str:
+    """Section 5's verdict of ``o`` given whether its Holm-adjusted p is below alpha."""
+    if not significant:
+        return INCONCLUSIVE if o.hypothesis.directional else NO_DIFFERENCE
+    if o.hypothesis.directional:
+        return SUPPORTED if o.supports else CONTRADICTED
+    return DIFFERS_HIGHER if o.supports else DIFFERS_LOWER
+
+
+def family_size(outcomes: list[Outcome]) -> int:
+    """m, the number of hypotheses Holm runs over (those not dropped with X)."""
+    return sum(1 for x in outcomes if x.verdict != NOT_TESTED)
 
 
 def settled(outcomes: list[Outcome], o: Outcome, *, alpha: float = ALPHA, n_required: dict | None = None) -> str | None:
@@ -235,14 +241,10 @@ def settled(outcomes: list[Outcome], o: Outcome, *, alpha: float = ALPHA, n_requ
     need = N_SEEDS if n_required is None else n_required
     if o.verdict != IN_PROGRESS or o.estimate is None or o.n < need[o.hypothesis.family_tag]:
         return None
-    m = sum(1 for x in outcomes if x.verdict != NOT_TESTED)
-    h = o.hypothesis
     if o.p >= alpha:
-        return INCONCLUSIVE if h.directional else NO_DIFFERENCE
-    if m * o.p < alpha:
-        if h.directional:
-            return SUPPORTED if o.supports else CONTRADICTED
-        return DIFFERS_HIGHER if o.supports else DIFFERS_LOWER
+        return _verdict(o, False)
+    if family_size(outcomes) * o.p < alpha:
+        return _verdict(o, True)
     return None
 
 

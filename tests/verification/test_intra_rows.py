@@ -16,11 +16,13 @@ def test_the_page_states_the_gap_and_every_cut():
 def test_the_page_names_each_case_and_says_when_no_cut_separates_the_rows():
     res = {"uses": 2, "rounding_max": 3.61, "real_min": 0.0,
            "candidates": {k: {"lost": 0, "kept_rounding": 0, "worst": 0.0} for k in [*IR.CANDIDATES, "ours"]},
-           "cases": [{"case": "learn-240 seed 5", "uses": 1, "real_min": 21.1, "lost": 0, "worst": 0.0},
-                     {"case": f"{IR.REPORT_CASE} seed 0", "uses": 1, "real_min": 0.0, "lost": 11, "worst": 0.092}]}
+           "cases": [{"case": "learn-240 seed 5", "uses": 1, "real_min": 21.1, "lost": 0, "worst": 0.0,
+                      "factors": 2e-6},
+                     {"case": f"{IR.REPORT_CASE} seed 0", "uses": 1, "real_min": 0.0, "lost": 11, "worst": 0.092,
+                      "factors": 1.4e-5}]}
     text = IR.markdown(res)
-    assert "| learn-240 seed 5 | 1 | 21.1 | 0 | 0 |" in text
-    assert f"| {IR.REPORT_CASE} seed 0 | 1 | 0 | 11 | 0.092 |" in text
+    assert "| learn-240 seed 5 | 1 | 21.1 | 0 | 0 | 2e-06 |" in text
+    assert f"| {IR.REPORT_CASE} seed 0 | 1 | 0 | 11 | 0.092 | 1.4e-05 |" in text
     assert "No cut separates the two kinds of rows" in text
     # with a gap, the page states its factor instead
     gap = IR.markdown({**res, "real_min": 15.3, "rounding_max": 1.7})

@@ -183,7 +183,7 @@ def _intra32_deviation(row: dict, cut_eps32, *, traced: bool = False) -> str:
                     f"`intra_rows.md` measures this policy's rows (its case \"{REPORT_CASE}\"): the float32 rule "
                     "drops real token rows there, rows the float64 reference keeps whose output gradients float32 "
                     "computes at or near zero, and that page gives the largest change of intra's result this alone "
-                    "causes. " if traced else "This policy's rows are not traced (`intra_rows.md` traces the start "
+                    "causes, beside float32 arithmetic's own part on the same rows. " if traced else "This policy's rows are not traced (`intra_rows.md` traces the start "
                     "policy's). ") + tail)
     return (head + "Its subspaces were taken over the tokens whose output gradient is non-zero (the rule when this "
             "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds c times D's "

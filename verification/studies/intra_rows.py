@@ -63,7 +63,8 @@ def policies(data_dir=FIRST_STUDY_DIR, meta_path=REPORT_META, cache_dir=None):
 
 
 def linear_uses(parts):
-    """Every nn.Linear use of a real minibatch: ``(X, D weighted, D float32 weighted)``, float64 arrays."""
+    """Every nn.Linear use of a real minibatch: ``(X, D weighted, D float32 weighted, X float32)``, float64 arrays
+    (the float32 ones hold the float32 model's values)."""
     from proma.rl.losses import completion_logprobs
     from verification.oracle.model_case import linear_factors
 
@@ -78,15 +79,18 @@ def linear_uses(parts):
         _, f64 = linear_factors(m64, completion_logprobs, batch, batch["attention_mask"])
         _, f32 = linear_factors(m32, completion_logprobs, batch, batch["attention_mask"])
         for name, p in m64.named_parameters():
-            for (X, D, seq), (_, D32, _) in zip(f64.get(id(p), []), f32.get(id(p32[name]), [])):
+            for (X, D, seq), (X32, D32, _) in zip(f64.get(id(p), []), f32.get(id(p32[name]), [])):
                 wt = np.asarray(w, dtype=np.float64)[seq][:, None]
-                yield X, D * wt, (np.asarray(D32, np.float32) * wt.astype(np.float32)).astype(np.float64)
+                yield (X, D * wt, (np.asarray(D32, np.float32) * wt.astype(np.float32)).astype(np.float64),
+                       np.asarray(X32, np.float32).astype(np.float64))
 
 
 def measure(data_dir=FIRST_STUDY_DIR, log=print, cache_dir=None) -> dict:
     """Row ratios and each candidate's effect: ``{"uses", "rounding_max", "real_min", "candidates": {name:
-    {"lost", "kept_rounding", "worst"}}, "ours": {...}}, "cases": [{"case", "uses", "real_min", "lost", "worst"}]}``
-    (ratios in units of eps32; a case's "lost" and "worst": the float32 rule's, :func:`proma.intra.gradient_rows`)."""
+    {"lost", "kept_rounding", "worst"}}, "ours": {...}}, "cases": [{"case", "uses", "real_min", "lost", "worst",
+    "factors"}]}`` (ratios in units of eps32; a case's "lost" and "worst": the float32 rule's,
+    :func:`proma.intra.gradient_rows`; "factors": the largest change of intra's result from the float32 model's X and
+    D against the float64 ones on the same rows, the arithmetic's part)."""
     import torch
 
     import reference
@@ -96,9 +100,10 @@ def measure(data_dir=FIRST_STUDY_DIR, log=print, cache_dir=None) -> dict:
            "candidates": {k: {"lost": 0, "kept_rounding": 0, "worst": 0.0} for k in [*CANDIDATES, "ours"]}}
     out["cases"] = []
     for regime, seed, parts in policies(data_dir, cache_dir=cache_dir):
-        case = {"case": f"{regime} seed {seed}", "uses": 0, "real_min": np.inf, "lost": 0, "worst": 0.0}
+        case = {"case": f"{regime} seed {seed}", "uses": 0, "real_min": np.inf, "lost": 0, "worst": 0.0,
+                "factors": 0.0}
         out["cases"].append(case)
-        for X, D, D32 in linear_uses(parts):
+        for X, D, D32, X32 in linear_uses(parts):
             out["uses"] += 1
             case["uses"] += 1
             ref_rows = reference.gradient_rows(D)
@@ -110,6 +115,13 @@ def measure(data_dir=FIRST_STUDY_DIR, log=print, cache_dir=None) -> dict:
                 case["real_min"] = min(case["real_min"], float(r32[ref_rows].min()) / EPS32)
                 out["real_min"] = min(out["real_min"], case["real_min"])
             exact = reference.intra_project(D.T @ X, X, D, rank=1)
+            # float32 arithmetic alone: the float32 model's factors against the float64 ones on the same rows (the
+            # reference's rows that float32 does not round to exact zero, which would drop them from either)
+            same = ref_rows & (r32 > 0)
+            if same.any():
+                a64, a32 = (reference.intra_project(D.T @ X, x[same], d[same], rank=1, row_rcond=0.0)
+                            for x, d in ((X, D), (X32, D32)))
+                case["factors"] = max(case["factors"], float(np.linalg.norm(a32 - a64) / np.linalg.norm(a64)))
             cuts = {k: r32 > cut(D.shape[1]) for k, cut in CANDIDATES.items()}
             cuts["ours"] = gradient_rows(torch.tensor(D32, dtype=torch.float32)).numpy()
             for k, rows in cuts.items():
@@ -142,12 +154,15 @@ def _closing(res: dict) -> str:
 def markdown(res: dict) -> str:
     from proma.intra import ROUNDED_ZERO_EPS
 
-    per_case = "\n".join(f"| {c['case']} | {c['uses']} | {c['real_min']:.3g} | {c['lost']} | {c['worst']:.3g} |"
-                          for c in res.get("cases", []))
+    per_case = "\n".join(f"| {c['case']} | {c['uses']} | {c['real_min']:.3g} | {c['lost']} | {c['worst']:.3g} | "
+                          f"{c['factors']:.3g} |" for c in res.get("cases", []))
     if per_case:
         per_case = (f"Per case, under the float32 rule ({ROUNDED_ZERO_EPS} eps32): the smallest real row in float32 "
-                    "(eps32), the real rows lost, and the largest change of intra's result.\n\n| case | uses | smallest "
-                    "real row (eps32) | real rows lost | largest change of intra's result |\n|---|---|---|---|---|\n"
+                    "(eps32), the real rows lost, and the largest change of intra's result; beside them the largest change from the "
+                    "float32 model's X and D against the float64 ones on the same rows (float32 arithmetic alone: the "
+                    "reference's rows less those float32 rounds to exactly zero).\n\n| case | uses | "
+                    "smallest real row (eps32) | real rows lost | largest change of intra's result | float32 factors, "
+                    "same rows |\n|---|---|---|---|---|---|\n"
                     + per_case + "\n\n")
     rows = "\n".join(f"| {k if k != 'ours' else f'proma (float32: {ROUNDED_ZERO_EPS} eps32)'} | {v['lost']} | "
                      f"{v['kept_rounding']} | {v['worst']:.3g} |" for k, v in res["candidates"].items())

@@ -180,11 +180,11 @@ def _intra32_deviation(row: dict, cut_eps32, *, traced: bool = False) -> str:
                 "(the float64 reference: o eps64, o output features; `intra_rows.md` measures where the two kinds "
                 "of rows lie); a row on the other side of the cut in float32 than in float64, or top singular "
                 "directions of X that float32 rounding reorders, moves the projection. " + (
-                    f"`intra_rows.md` measures this policy's rows (its case \"{REPORT_CASE}\"): the float32 rule "
-                    "drops real token rows there, rows the float64 reference keeps whose output gradients float32 "
-                    "computes at or near zero, and that page gives the largest change of intra's result this alone "
-                    "causes, beside float32 arithmetic's own part on the same rows. " if traced else "This policy's rows are not traced (`intra_rows.md` traces the start "
-                    "policy's). ") + tail)
+                    f"`intra_rows.md` measures this policy's rows (its case \"{REPORT_CASE}\"): the real rows the "
+                    "float32 rule loses there, the largest change of intra's result that alone causes, and float32 "
+                    "arithmetic's own part on the same rows. " if traced else
+                    "This policy's rows are not traced (`intra_rows.md` traces the start policy of the committed "
+                    "report's grid). ") + tail)
     return (head + "Its subspaces were taken over the tokens whose output gradient is non-zero (the rule when this "
             "study ran; since 2026-12-07 a token counts when its largest |D| entry exceeds c times D's "
             "largest, c = o eps64 for float64 output gradients (the reference's rule, o output features) "

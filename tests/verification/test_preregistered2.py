@@ -177,6 +177,26 @@ def test_a_settled_verdict_is_the_one_the_completed_family_gets_whatever_the_res
     assert P2.settled(interim, replace(o, verdict=P2.SUPPORTED)) is None
 
 
+def test_settled_is_none_exactly_where_the_other_hypotheses_can_still_decide_it():
+    """At p just above alpha / m, whether Holm rejects depends on the others' p (ranked first: adjusted m p; ranked
+    last: p), so ``settled`` must say nothing; just below alpha / m, and at alpha, no completion can change it."""
+    res = _family_results({"EN-G-X": 0.2}, rng_seed=3)
+    partial = {r: (runs if r == "collapse-120" else {k: v for k, v in runs.items() if k[2] < 3}) for r, runs in res.items()}
+    interim = P2.decide(partial, x_regime="collapse-120", pilot_over=True)
+    o = next(x for x in interim if x.hypothesis.id == "EN-G-X")
+    m = P2.family_size(interim)
+    assert m == 15
+    for factor, want in ((1.01, None), (0.99, P2.SUPPORTED)):
+        p = factor * P2.ALPHA / m
+        ranked_first, ranked_last = stats.holm([p] + [1.0] * (m - 1))[0], stats.holm([p] + [1e-12] * (m - 1))[0]
+        assert ranked_last < P2.ALPHA      # every completion where the rest is small rejects it
+        assert (ranked_first < P2.ALPHA) == (want is not None)   # and the worst completion rejects it only below a/m
+        assert P2.settled(interim, replace(o, p=p)) == want
+    # while the pilot runs, X stays in the family (m = 15, conservative: m can only fall to 10 without X)
+    running = P2.decide(partial, x_regime=None, pilot_over=False)
+    assert P2.family_size(running) == 15
+
+
 def test_without_an_accepted_x_its_five_hypotheses_leave_the_family():
     res = _family_results({"F-G-L": 0.05})
     out = P2.decide(res, x_regime=None, pilot_over=True)

@@ -84,3 +84,22 @@ def test_misaligned_or_nonpositive_pairs_raise():
         stats.paired_ratio_t([1.0, -2.0], [1.0, 2.0])
     with pytest.raises(ValueError, match="level"):
         stats.t_interval(X, level=1.5)
+
+
+def test_holm_equals_the_step_down_procedure_and_lies_between_p_and_m_p():
+    """Holm's adjusted p against the step-down rule by brute force (reject H_(i) iff p_(j) <= alpha / (m - j + 1)
+    for every j <= i), on random families with ties and p = 0 or 1; and the bound p <= adj <= min(1, m p) that
+    ``preregistered2.settled`` relies on."""
+    rng = np.random.default_rng(0)
+    for _ in range(2000):
+        m = int(rng.integers(1, 16))
+        pool = np.concatenate([rng.uniform(0, 0.2, size=4), [0.0, 1.0, 0.01]])  # few values: ties are common
+        p = rng.choice(pool, size=m)
+        adj = np.array(stats.holm(p))
+        assert np.all(p <= adj) and np.all(adj <= np.minimum(1.0, m * p) * (1 + FLOAT64_RTOL))
+        alpha = float(rng.uniform(0.001, 0.2))
+        order = np.argsort(p, kind="stable")
+        passes = np.cumprod([p[order[j]] <= alpha / (m - j) for j in range(m)]).astype(bool)
+        rejected = np.empty(m, dtype=bool)
+        rejected[order] = passes
+        assert np.array_equal(rejected, adj <= alpha), (p, alpha)

@@ -61,7 +61,8 @@ def _torch_vs_reference(studies) -> list:
         intra32 = [r for r in st["torch_vs_reference"] if r["dtype"] == "float32" and r["setting"].startswith("intra")]
         if intra32 and intra32[0]["max_rel_err"] > 1e-4:
             lines += [_intra32_deviation(intra32[0], st.get("intra_row_cut_eps32"),
-                                         traced=st.get("snapshot") == "start"), ""]
+                                         traced=st.get("snapshot") == "start"
+                                         and not st.get("policy", "").startswith("FALLBACK")), ""]
         none64 = next((r["max_rel_err"] for r in st["torch_vs_reference"]
                        if r["setting"] == "none" and r["dtype"] == "float64"), math.nan)
         proj64 = max((r["max_rel_err"] for r in st["torch_vs_reference"]

@@ -180,8 +180,8 @@ def settled_lines(outcomes: list) -> list:
     names = "; ".join(f"{o.hypothesis.id} {v} (p {p_value(o.p)})" for o, v in fixed)
     return [f"Fixed already, though declared only when the family completes: these hypotheses have all their runs, "
             f"and Holm's adjusted p lies between p and {m} p whatever the runs still missing give, so p below "
-            f"{P2.ALPHA / m:.2g} fixes "
-            f"the claim's verdict and p of {P2.ALPHA} or more fixes the undecided one: {names}.", ""]
+            f"{P2.ALPHA / m:.2g} fixes a significant verdict (supported or contradicted; for CODE, differs) and p of "
+            f"{P2.ALPHA} or more the undecided one: {names}.", ""]
 
 
 def section(study: dict | None) -> list:

@@ -90,7 +90,7 @@ def measure(data_dir=FIRST_STUDY_DIR, log=print, cache_dir=None) -> dict:
     {"lost", "kept_rounding", "worst"}}, "ours": {...}}, "cases": [{"case", "uses", "real_min", "lost", "worst",
     "factors"}]}`` (ratios in units of eps32; a case's "lost" and "worst": the float32 rule's,
     :func:`proma.intra.gradient_rows`; "factors": the largest change of intra's result from the float32 model's X and
-    D against the float64 ones on the same rows, the arithmetic's part)."""
+    D against the float64 ones on the same rows, projected in float64: the factors' rounding, row selection apart)."""
     import torch
 
     import reference
@@ -115,8 +115,9 @@ def measure(data_dir=FIRST_STUDY_DIR, log=print, cache_dir=None) -> dict:
                 case["real_min"] = min(case["real_min"], float(r32[ref_rows].min()) / EPS32)
                 out["real_min"] = min(out["real_min"], case["real_min"])
             exact = reference.intra_project(D.T @ X, X, D, rank=1)
-            # float32 arithmetic alone: the float32 model's factors against the float64 ones on the same rows (the
-            # reference's rows that float32 does not round to exact zero, which would drop them from either)
+            # the float32 model's factors against the float64 ones on the same rows (the reference's rows that
+            # float32 does not round to exact zero, which would drop them from either), the projection in float64:
+            # what the model's float32 forward and backward change, row selection apart
             same = ref_rows & (r32 > 0)
             if same.any():
                 a64, a32 = (reference.intra_project(D.T @ X, x[same], d[same], rank=1, row_rcond=0.0)
@@ -159,10 +160,11 @@ def markdown(res: dict) -> str:
     if per_case:
         per_case = (f"Per case, under the float32 rule ({ROUNDED_ZERO_EPS} eps32): the smallest real row in float32 "
                     "(eps32), the real rows lost, and the largest change of intra's result; beside them the largest change from the "
-                    "float32 model's X and D against the float64 ones on the same rows (float32 arithmetic alone: the "
-                    "reference's rows less those float32 rounds to exactly zero).\n\n| case | uses | "
-                    "smallest real row (eps32) | real rows lost | largest change of intra's result | float32 factors, "
-                    "same rows |\n|---|---|---|---|---|---|\n"
+                    "float32 model's X and D against the float64 ones on the same rows (the reference's rows less those "
+                    "float32 rounds to exactly zero), the projection computed in float64 for both: the float32 model's "
+                    "rounding of the factors, row selection apart.\n\n| case | uses | "
+                    "smallest real row (eps32) | real rows lost | largest change of intra's result | float32 model's factors, "
+                    "same rows (projection in float64) |\n|---|---|---|---|---|---|\n"
                     + per_case + "\n\n")
     rows = "\n".join(f"| {k if k != 'ours' else f'proma (float32: {ROUNDED_ZERO_EPS} eps32)'} | {v['lost']} | "
                      f"{v['kept_rounding']} | {v['worst']:.3g} |" for k, v in res["candidates"].items())

@@ -236,3 +236,20 @@ def test_intra_float32_deviation_names_the_token_row_rule_the_study_ran_with():
     start = _intra32_deviation(row, 4, traced=True)   # the start policy is a case of intra_rows.md
     assert "`intra_rows.md` measures this policy's rows (its case \"report grid, start policy\")" in start
     assert "not traced" not in start
+
+
+def test_the_float32_intra_paragraph_points_at_intra_rows_only_for_the_traced_start_policy():
+    from verification.report.projection_text import _torch_vs_reference
+
+    rows = [{"setting": "intra (two_sided, rank 1)", "dtype": "float32", "max_rel_err": 0.0888,
+             "worst": "mb2 model.layers.1.self_attn.q_proj.weight"}]
+
+    def study(snapshot, policy):
+        return {snapshot: {"snapshot": snapshot, "policy": policy, "rollout_step": 0, "sequences": [16],
+                           "nonzero_weights": [4], "torch_vs_reference": rows, "intra_row_cut_eps32": 4}}
+
+    start = "\n".join(_torch_vs_reference(study("start", "warm-start")))
+    assert "`intra_rows.md` measures this policy's rows" in start and "not traced" not in start
+    for snapshot, policy in (("end", "proma lr=0.0001 after 80 steps"), ("start", "FALLBACK: the real-case policy")):
+        text = "\n".join(_torch_vs_reference(study(snapshot, policy)))
+        assert "This policy's rows are not traced" in text and "measures this policy's rows" not in text

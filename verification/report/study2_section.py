@@ -46,7 +46,8 @@ def load_study2(data_dir, first_dir=None) -> dict | None:
         seconds += tables.run_wall_seconds(res)
     planned = sum(len(g.runs()) for g in study2.cells(data_dir).values())
     pilot_names = {name for name, _, _ in study2.CANDIDATES} - ({accepted} if accepted else set())
-    done = sum(1 for f in files if f.parent.name not in pilot_names)
+    pilot_runs = tuple(f"-s{seed}" for seed in study2.PILOT_SEEDS)  # the accepted candidate's pilot runs too
+    done = sum(1 for f in files if f.parent.name not in pilot_names and not f.stem.endswith(pilot_runs))
     return {"results": results, "x": accepted, "x_seeds": study2.X_SEEDS, "pilot_over": nxt is None, "pilot": seen,
             "x_curves": S2.rollout_curves(data_dir, accepted) if accepted else {},
             "reproduction": S2.reproduction(data_dir, first_dir) if first_dir.is_dir() else [],

@@ -16,9 +16,20 @@ def f(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
+# Both studies test at this level; a p-value that rounds onto it is printed with more digits.
+TEST_LEVEL = 0.05
+P_MAX_DIGITS = 6
+
+
 def p_value(p: float) -> str:
-    """A p-value: 2 significant digits, scientific below 1e-4."""
-    return f"{p:.2g}" if p >= 1e-4 else f"{p:.1e}"
+    """A p-value: 2 significant digits, scientific below 1e-4; more digits (up to :data:`P_MAX_DIGITS`) where 2
+    would round it onto :data:`TEST_LEVEL`, so the side of the level it lies on stays readable (0.0502, not 0.05)."""
+    if p < 1e-4:
+        return f"{p:.1e}"
+    digits = 2
+    while digits < P_MAX_DIGITS and p != TEST_LEVEL and float(f"{p:.{digits}g}") == TEST_LEVEL:
+        digits += 1
+    return f"{p:.{digits}g}"
 
 
 def pct(x) -> str:

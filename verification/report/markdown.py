@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import math
 
+from ..studies.preregistered import ALPHA as TEST_LEVEL  # both studies' level (preregistered2.ALPHA is the same)
+
 
 def f(x, digits: int = 3) -> str:
     """Compact number: 3 significant digits, scientific when small or large, '-' for missing."""
@@ -16,8 +18,7 @@ def f(x, digits: int = 3) -> str:
     return f"{x:.{digits}g}"
 
 
-# Both studies test at this level; a p-value that rounds onto it is printed with more digits.
-TEST_LEVEL = 0.05
+# A p-value that rounds onto the test level at 2 digits gets more digits, up to this many.
 P_MAX_DIGITS = 6
 
 

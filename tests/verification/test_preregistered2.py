@@ -247,3 +247,37 @@ def test_the_cost_line_applies_section_6s_overrun_rule_to_the_projected_total():
     over = R.budget_line({"run_seconds": 10 * 3600.0, "hours_left": (20.5, None)})
     assert "the projected 30.5 exceeds it by more than 20%" in over and "fastest" not in over
     assert "frontier cells keep 10 seeds" in over and "item 6" in over
+
+
+def test_power_lines_name_each_undecided_hypothesis_its_seeds_side_and_holm_level():
+    from verification.report import study2_section as R
+
+    h = {x.id: x for x in P2.family()}
+    iv = {"mean": 0.0, "lo": -1.0, "hi": 1.0}
+    rng = np.random.default_rng(0)
+    spread = rng.standard_normal(10)
+    spread = (spread - spread.mean()) / spread.std(ddof=1)   # mean 0 (to rounding), sd 1
+    outcomes = [
+        # decided: no power line
+        P2.Outcome(h["M-G-L"], 10, iv, 1e-6, True, tuple(-1.0 + 0.1 * spread), 3e-6, P2.SUPPORTED),
+        # undecided, against the claim: mean -0.5, sd 1, third smallest p of three -> Holm level 0.05 / 2
+        P2.Outcome(h["F-G-L"], 10, iv, 0.2, False, tuple(-0.5 + spread), 0.4, P2.INCONCLUSIVE),
+        # undecided CODE (two-sided): observed side "lower"; largest p -> Holm level 0.05 / 1
+        P2.Outcome(h["CODE-E-L"], 10, iv, 0.9, False, tuple(0.0 + spread), 0.9, P2.NO_DIFFERENCE),
+    ]
+    lines = R.power_lines(outcomes)
+    assert len(lines) == 2
+    n = stats.seeds_for_power(-0.5 + spread, 0.025)
+    assert 38 <= n <= 44   # (z_.9875 + z_.8)^2 / 0.5^2 = 38 by the normal approximation; t adds a few
+    assert lines[0] == (f"- F-G-L: about {n} seeds (10 now), to decide it on the observed side (against the claim) "
+                        "at its Holm level 0.025.")
+    assert lines[1] == ("- CODE-E-L: more than 10,000 seeds (10 now; the observed effect is near 0 against its "
+                        "spread), to decide it on the observed side (lower) at its Holm level 0.05.")
+
+
+def test_the_cost_line_of_a_finished_study_gives_the_total_not_a_projection():
+    from verification.report import study2_section as R
+
+    done = R.budget_line({"run_seconds": 31.8 * 3600.0, "hours_left": (0.0, None)})
+    assert done.startswith("Cost: 31.8 worker-hours, every planned run done;")
+    assert "the total 31.8 exceeds it by more than 20%" in done and "left" not in done

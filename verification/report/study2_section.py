@@ -157,18 +157,40 @@ def budget_line(study: dict) -> str:
     """The cost so far and left against section 6's budget, and what its overrun rule does."""
     done = study["run_seconds"] / 3600
     mean, fastest = study.get("hours_left", (0.0, None))
-    pace = f"about {mean:.1f} left at the done runs' mean pace" + (
-        f" ({fastest:.1f} at each cell's fastest run's pace; runs that shared their core took longer)"
-        if fastest is not None and mean > 0 else "")
     limit = study2.BUDGET_WORKER_HOURS * (1 + study2.BUDGET_OVERRUN)
     over = done + mean > limit
-    rule = (f"the projected {done + mean:.1f} exceeds it by more than {study2.BUDGET_OVERRUN:.0%}, so by that "
-            "section's rule the frontier cells keep 10 seeds and nothing else is cut (no amendment)" if over else
-            f"the projected {done + mean:.1f} is within {study2.BUDGET_OVERRUN:.0%} of it")
-    return (f"Cost: {done:.1f} worker-hours so far, {pace}; section 6 budgeted about "
-            f"{study2.BUDGET_WORKER_HOURS:.0f} worker-hours, and {rule}. For that budget issue 32's item 6 "
-            "(completions of about 24 tokens) was dropped before any run (section 1); its task, `gsm8k-chain`, "
-            "exists but is not piloted.")
+    if mean > 0:
+        cost = f"Cost: {done:.1f} worker-hours so far, about {mean:.1f} left at the done runs' mean pace" + (
+            f" ({fastest:.1f} at each cell's fastest run's pace; runs that shared their core took longer)"
+            if fastest is not None else "")
+        total = f"the projected {done + mean:.1f}"
+    else:
+        cost, total = f"Cost: {done:.1f} worker-hours, every planned run done", f"the total {done:.1f}"
+    rule = (f"{total} exceeds it by more than {study2.BUDGET_OVERRUN:.0%}, so by that section's rule the frontier "
+            "cells keep 10 seeds and nothing else is cut (no amendment)" if over else
+            f"{total} is within {study2.BUDGET_OVERRUN:.0%} of it")
+    return (f"{cost}; section 6 budgeted about {study2.BUDGET_WORKER_HOURS:.0f} worker-hours, and {rule}. For that "
+            "budget issue 32's item 6 (completions of about 24 tokens) was dropped before any run (section 1); its "
+            "task, `gsm8k-chain`, exists but is not piloted.")
+
+
+def power_lines(outcomes: list) -> list:
+    """One line per undecided hypothesis: the seeds that give a paired t-test 80% power at its observed effect and
+    spread, at the level Holm applies to it (P2.holm_level), and the side that effect lies on."""
+    out = []
+    for o in outcomes:
+        if o.verdict not in (P2.INCONCLUSIVE, P2.NO_DIFFERENCE) or o.estimate is None:
+            continue
+        n = P2.seeds_needed(outcomes, o)
+        need = (f"about {n} seeds ({o.n} now)" if n else f"more than {stats.MAX_POWER_SEEDS:,} seeds ({o.n} now; the "
+                "observed effect is near 0 against its spread)")
+        if o.hypothesis.directional:
+            side = "for the claim" if o.supports else "against the claim"
+        else:
+            side = "higher" if o.supports else "lower"
+        out.append(f"- {o.hypothesis.id}: {need}, to decide it on the observed side ({side}) at its "
+                   f"Holm level {P2.holm_level(outcomes, o):.3g}.")
+    return out
 
 
 def settled_lines(outcomes: list) -> list:
@@ -209,14 +231,10 @@ def section(study: dict | None) -> list:
                   "the numbers below are interim.", ""]
         lines += settled_lines(outcomes)
     lines += [verdict_table(outcomes), "", f"![forest plot]({FIGURES['forest']})", ""]
-    undecided = [o for o in outcomes if o.verdict in (P2.INCONCLUSIVE, P2.NO_DIFFERENCE) and o.estimate is not None]
-    if undecided:
-        lines += ["Seeds that would decide each undecided hypothesis (80% power at the observed effect and spread, "
-                  "at its Holm level):", ""]
-        for o in undecided:
-            n = P2.seeds_needed(outcomes, o)
-            lines.append(f"- {o.hypothesis.id}: " + (f"about {n} seeds" if n else "no feasible number of seeds"))
-        lines.append("")
+    power = power_lines(outcomes)
+    if power:
+        lines += ["Seeds that would decide each undecided hypothesis (paired t, 80% power at the observed effect and "
+                  "spread):", "", *power, ""]
     lines += [f"![frontier]({FIGURES['frontier']})", ""]
     if study.get("data_dir") is not None:
         lines += ["Out-of-sample local KL, entropy and reward over the run at 1x, mean over the seeds done with 95% "

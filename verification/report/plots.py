@@ -13,6 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.ticker import FuncFormatter, LogLocator, MaxNLocator, NullFormatter  # noqa: E402
 
 from proma.rl.summary import per_rollout, series  # noqa: E402
 
@@ -21,6 +22,9 @@ METHOD_COLORS = {"reinforce": "tab:gray", "grpo": "tab:red", "proma": "tab:blue"
 FIGURE_DPI = 110
 # Smallest value drawn on a log axis: an exact zero (a distance or overlap at rounding) sits at the bottom.
 LOG_FLOOR = 1e-17
+FOREST_TICKS = 4            # at most this many labelled ticks on a linear forest axis (narrow panels)
+FOREST_LOG_SUBS = (1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0)  # minor ticks per decade on a log forest axis
+MINOR_LABELS_WITHIN = 10.0  # a log forest axis spanning less than this factor labels its minor ticks (0.6, 0.7, ...)
 
 
 def _color(method):
@@ -58,6 +62,14 @@ def forest_panel(ax, items, *, ref: float, log: bool, title: str) -> None:
     ax.axvline(ref, color="black", lw=0.8)
     ax.set_yticks(range(len(items)), [label for label, *_ in items])
     ax.set_xscale("log" if log else "linear")
+    if log:  # plain numbers (0.7, not 7 x 10^-1); minor ticks labelled only where they cannot crowd
+        plain = FuncFormatter(lambda v, _: f"{v:g}")
+        ends = [ref] + [x for _, _, lo, hi, _ in items for x in (lo, hi)]
+        ax.xaxis.set_major_formatter(plain)
+        ax.xaxis.set_minor_locator(LogLocator(subs=FOREST_LOG_SUBS))
+        ax.xaxis.set_minor_formatter(plain if max(ends) / min(ends) < MINOR_LABELS_WITHIN else NullFormatter())
+    else:
+        ax.xaxis.set_major_locator(MaxNLocator(FOREST_TICKS))
     ax.set_title(title, fontsize=9)
     ax.invert_yaxis()
 
